@@ -1,0 +1,3 @@
+from medctl.cli.app import main
+
+main()

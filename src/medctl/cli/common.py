@@ -1,0 +1,72 @@
+"""What every command shares: the config option, trailing overrides, the console and error mapping."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from medctl.config import Config, load_config
+from medctl.errors import MedctlError
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (may `extends` another).", show_default=False),
+]
+OverridesArgument = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides as key=value, parsed as TOML: train.lr_head=1e-4", show_default=False),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("MEDCTL_DEBUG", "").lower() in {"1", "true", "yes"}
+
+
+def handle_errors(fn: F) -> F:
+    """Map medctl errors to one red line and their exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedctlError as exc:
+            if debug_enabled():
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; finished results are kept")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug or an unexpected failure: exit 1, traceback on request
+            if debug_enabled():
+                err_console.print_exception()
+            else:
+                err_console.print(
+                    f"[bold red]failed:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                    highlight=False,
+                )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_config(config: Path | None, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides or [])
+
+
+def command_line() -> str:
+    return " ".join(["medctl", *sys.argv[1:]])

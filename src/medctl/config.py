@@ -1,0 +1,392 @@
+"""Typed configuration: pydantic models, TOML files with ``extends``, env and ``key=value`` overrides.
+
+Precedence, lowest first: the defaults in these models -> the file chain (a file may say
+``extends = "base.toml"``, relative to itself) -> environment ``MEDCTL_<SECTION>__<KEY>`` -> command
+line ``key=value``. Values from the environment and the command line are parsed as TOML values, so
+``train.lr_head=1e-4`` is a float and ``data.preprocess.spatial_size=[8,16,16]`` a list.
+
+Every problem in a config is reported at once in one :class:`~medctl.errors.ConfigError`. Defaults
+live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medctl.errors import ConfigError
+
+ENV_PREFIX = "MEDCTL_"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = ""  # runs/<name>/; empty: a timestamp
+    root: str = "runs"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+
+
+# ---------------------------------------------------------------------------------------------- data
+class SourceConfig(Section):
+    root: str = ""  # local folder or s3://bucket/prefix/
+    pattern: str = "{id}.nrrd"  # key template under root; {<id_column>} and {id} both name the id
+    endpoint_url: str = ""  # else S3_ENDPOINT_URL; credentials never live in config
+    mask_root: str = ""  # optional ground-truth masks (same pattern), used to score saliency
+    retries: int = Field(default=3, ge=0)
+
+
+class TargetConfig(Section):
+    name: str
+    column: str = ""  # defaults to name
+    kind: Literal["binary", "multiclass", "multilabel"] = "multiclass"
+    classes: list[str] = []  # class order; empty: the sorted distinct values
+    columns: list[str] = []  # multilabel: one 0/1 column per label
+    weight: float = Field(default=1.0, ge=0)  # weight of this target's loss in the sum
+
+    @model_validator(mode="after")
+    def _fill_column(self) -> TargetConfig:
+        if not self.column and self.kind != "multilabel":
+            object.__setattr__(self, "column", self.name)
+        if self.kind == "multilabel" and not self.columns:
+            raise ValueError("a multilabel target needs `columns`, one 0/1 column per label")
+        return self
+
+
+class PreprocessConfig(Section):
+    spatial_size: list[int] = [32, 64, 64]  # resize target, (D, H, W) or (H, W); [] keeps the size
+    spacing: list[float] = []  # resample to this spacing first (mm); [] skips resampling
+    orientation: str = ""  # e.g. "RAS"; "" keeps the stored orientation
+    intensity: Literal["zscore", "percentile", "minmax", "none"] = "zscore"
+    percentiles: list[float] = [0.5, 99.5]  # clip range for "percentile" (then scaled to [0, 1])
+    unsharp: bool = False
+    unsharp_sigma: float = Field(default=1.0, gt=0)
+    unsharp_amount: float = Field(default=1.0, ge=0)
+    slices: Literal["", "axial", "coronal", "sagittal"] = ""  # cut 2D slices from volumes
+    slice_count: int = Field(default=1, ge=1)  # slices per volume, evenly spaced around the centre
+    workers: int = Field(default=2, ge=1)
+    dtype: Literal["float16", "float32"] = "float32"
+
+
+class DataConfig(Section):
+    table: str = ""  # local path or s3://bucket/key; .tsv, .csv or .parquet
+    id_column: str = "participant_id"
+    filter: str = ""  # e.g. "retinal_oct == True"
+    split_column: str = ""  # absent: splits are generated with split_ratios / group_column
+    split_ratios: list[float] = [0.7, 0.15, 0.15]  # train, val, test
+    group_column: str = ""  # one subject never spans two splits
+    cache_dir: str = ".medctl/cache"
+    download_dir: str = ".medctl/downloads"
+    batch_size: int = Field(default=2, ge=1)
+    num_workers: int = Field(default=0, ge=0)  # DataLoader workers; 0 is fastest for small caches
+    source: SourceConfig = SourceConfig()
+    targets: list[TargetConfig] = []
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios_sum_to_one(cls, value: list[float]) -> list[float]:
+        if len(value) != 3 or any(r < 0 for r in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("split_ratios needs three non-negative numbers (train, val, test) summing to 1")
+        return value
+
+
+# --------------------------------------------------------------------------------------------- model
+class HeadConfig(Section):
+    kind: Literal["linear", "mlp", "attentive"] = "linear"
+    hidden: int = Field(default=0, ge=0)  # MLP width; 0 means linear
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
+class ModelConfig(Section):
+    encoder: str = "mt3_tiny"  # `medctl list models`
+    encoder_args: dict[str, Any] = {}  # passed to the builder, e.g. {pos_embed = "rope"}
+    in_channels: int = Field(default=1, ge=1)
+    checkpoint: str = ""  # "" is random initialisation
+    checkpoint_key: str = ""  # "" picks target_encoder, encoder, state_dict, model in that order
+    allow_partial_load: bool = False
+    freeze_encoder: bool = True
+    unfreeze_at_epoch: int = -1  # -1: linear probe only
+    head: HeadConfig = HeadConfig()
+
+
+# --------------------------------------------------------------------------------------------- train
+class AugmentConfig(Section):
+    enabled: bool = False
+    flip_axes: list[int] = []  # spatial axes to flip at random, e.g. [0, 1, 2]
+    flip_prob: float = Field(default=0.5, ge=0, le=1)
+    rotate_degrees: float = Field(default=0.0, ge=0)  # small rotations, uniform in [-deg, deg]
+    rotate_prob: float = Field(default=0.5, ge=0, le=1)
+    intensity_jitter: float = Field(default=0.0, ge=0)  # scale and shift by up to this fraction
+    noise_std: float = Field(default=0.0, ge=0)
+    blur_sigma: float = Field(default=0.0, ge=0)  # 0 disables Gaussian blur
+    crop_scale: float = Field(default=1.0, gt=0, le=1)  # random crop of this share, resized back
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=50, ge=1)
+    lr_head: float = Field(default=1e-3, gt=0)
+    lr_encoder: float = Field(default=3e-5, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: int = Field(default=2, ge=0)
+    loss: Literal["cross_entropy", "focal", "bce"] = "cross_entropy"
+    class_weights: Literal["auto", "none"] | list[float] = "auto"
+    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_alpha: Literal["dynamic", "none"] | float | list[float] = "dynamic"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA only
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
+    monitor: str = "balanced_accuracy"  # a validation metric; higher is better unless it is a loss
+    patience: int = Field(default=10, ge=0)  # 0 disables early stopping
+    feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
+    augment: AugmentConfig = AugmentConfig()
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+class PretrainConfig(Section):
+    method: Literal["byol", "mim_contrastive", "jepa"] = "byol"
+    epochs: int = Field(default=100, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: int = Field(default=2, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float = Field(default=1.0, ge=0)
+    ema_momentum: float = Field(default=0.99, ge=0, le=1)  # start of the cosine momentum schedule
+    ema_momentum_end: float = Field(default=1.0, ge=0, le=1)
+    projector_dim: int = Field(default=128, ge=1)
+    projector_hidden: int = Field(default=512, ge=1)
+    # byol auxiliary heads; a weight of 0 switches the head off
+    reconstruction_weight: float = Field(default=1.0, ge=0)
+    rotation_weight: float = Field(default=0.5, ge=0)
+    jigsaw_weight: float = Field(default=0.5, ge=0)
+    jigsaw_permutations: int = Field(default=24, ge=2)
+    # mim_contrastive
+    patch_size: int = Field(default=16, ge=1)
+    mask_ratio: float = Field(default=0.35, gt=0, lt=1)
+    temperature: float = Field(default=0.2, gt=0)
+    contrastive_weight: float = Field(default=1.0, ge=0)
+    mim_weight: float = Field(default=1.0, ge=0)
+    # jepa
+    predictor_dim: int = Field(default=96, ge=1)
+    predictor_depth: int = Field(default=2, ge=1)
+    mask_blocks: int = Field(default=4, ge=1)
+    mask_block_scale: list[float] = [0.1, 0.2]  # share of the token grid each target block covers
+    # monitoring: every N epochs (0 disables)
+    monitor_every: int = Field(default=1, ge=0)
+    tsne_every: int = Field(default=0, ge=0)
+    knn_every: int = Field(default=1, ge=0)
+    subset: str = ""  # pretrain on a subset: "fraction:0.5" or "column:value"
+
+
+# --------------------------------------------------------------------------------------------- sweep
+class SweepConfig(Section):
+    checkpoints: list[str] = []
+    checkpoint_dir: str = ""
+    checkpoint_glob: str = "*.pt*"  # files in checkpoint_dir (.pt, .pth, .ckpt via "*")
+    mode: Literal["linear_probe", "finetune", "both"] = "linear_probe"
+    random_baseline: bool = True
+    jobs: int = Field(default=1, ge=1)
+    finetune_top: int = Field(default=1, ge=0)  # "both": fine-tune this many of the probe leaders
+    bootstrap: int = Field(default=1000, ge=0)
+
+
+# ------------------------------------------------------------------------------------------ saliency
+class SaliencyConfig(Section):
+    methods: list[str] = ["integrated_gradients", "gradcam"]
+    split: str = "test"
+    target: str = "pred"  # pred | true | a class name
+    max_samples: int = Field(default=8, ge=1)
+    ig_steps: int = Field(default=32, ge=2)
+    occlusion_window: list[int] = [4, 8, 8]
+    occlusion_stride: list[int] = [4, 8, 8]
+    randomisation_check: bool = True
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
+
+    def to_toml(self) -> str:
+        return dump_toml(self.model_dump(mode="json"))
+
+
+# -------------------------------------------------------------------------------------------- layers
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve defaults < file chain < env < ``key=value`` overrides into one validated Config."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    layered: dict[str, Any] = read_toml_chain(Path(path)) if path else {}
+    source = str(path) if path else "config"
+    for dotted, value in env_overrides(env, problems):
+        set_dotted(layered, dotted, value)
+    for dotted, value in parse_overrides(overrides, problems):
+        set_dotted(layered, dotted, value)
+    problems += unknown_key_problems(layered, Config)
+    try:
+        config = Config.model_validate(layered)
+    except ValidationError as exc:
+        problems += describe_validation_errors(exc)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and every file it ``extends``, the child's values winning."""
+    path = path.expanduser().resolve()
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise ConfigError([f"`extends` makes a cycle: {chain}; remove one of the links"], str(path))
+    if not path.is_file():
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise ConfigError([f"config file not found{where}; check the path"], str(path))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(["`extends` must be a path string relative to this file"], str(path))
+    base = read_toml_chain(path.parent / parent, (*seen, path))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``1e-4``, ``true``, ``[1, 2]``, ``"x"``); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: Iterable[str], problems: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override `{item}` is not key=value (e.g. train.lr_head=1e-4)")
+            continue
+        parsed.append((key.strip(), parse_value(value.strip())))
+    return parsed
+
+
+def env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, Any]]:
+    """``MEDCTL_TRAIN__LR_HEAD=1e-4`` -> ``("train.lr_head", 1e-4)``; MEDCTL_DEBUG is not config."""
+    sections = set(Config.model_fields)
+    parsed = []
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if dotted.split(".")[0] not in sections:
+            problems.append(f"environment {name}: unknown section; use MEDCTL_<SECTION>__<KEY>")
+            continue
+        parsed.append((dotted, parse_value(value)))
+    return parsed
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def unknown_key_problems(tree: Mapping[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Name every unknown key with the closest known one; recurse into sections and tables."""
+    problems = []
+    fields = model.model_fields
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known: {', '.join(fields)}"
+            problems.append(f"unknown key `{dotted}`{hint}")
+            continue
+        sub = _section_model(fields[key].annotation)
+        if sub is None:
+            continue
+        if isinstance(value, Mapping):
+            problems += unknown_key_problems(value, sub, f"{dotted}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    problems += unknown_key_problems(item, sub, f"{dotted}[{i}].")
+    return problems
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def describe_validation_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":  # reported with a suggestion by unknown_key_problems
+            continue
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        key = key.replace(".[", "[")
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "a table"
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"`{key}` = {shown}: {message}")
+    return _unique(problems)
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def dump_toml(tree: Mapping[str, Any]) -> str:
+    return tomli_w.dumps(_drop_none(tree))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value

@@ -1,0 +1,92 @@
+"""Run directories: ``runs/<name>/`` with the resolved ``config.toml`` and a secret-free ``env.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from medctl import __version__
+from medctl.config import Config
+
+SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
+
+
+def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
+    """Make ``<run.root>/<name>`` and write the resolved config and the environment into it."""
+    name = name or config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.root) / name
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.toml", config.to_toml())
+    env = environment_info(Path(config.run.root))
+    env.update(command=redact(command), seed=config.run.seed)
+    write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    return run_dir
+
+
+def environment_info(run_root: Path | None = None) -> dict[str, Any]:
+    """Versions, devices, git state and host; never environment variables or credentials."""
+    import monai
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    info: dict[str, Any] = {
+        "medctl": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "device": torch.cuda.get_device_name(0) if cuda else ("mps" if mps else "cpu"),
+        "cuda_devices": torch.cuda.device_count() if cuda else 0,
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        **git_state(),
+    }
+    if run_root is not None:
+        probe = run_root if run_root.exists() else Path.cwd()
+        info["free_disk_gb"] = round(shutil.disk_usage(probe).free / 1e9, 1)
+    return info
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain") if sha else None
+    return {"git_sha": sha, "git_dirty": bool(dirty) if dirty is not None else None}
+
+
+def redact(command: str) -> str:
+    """Hide values of key=value words whose key looks secret (a password passed as an override)."""
+    words = []
+    for word in command.split():
+        key, sep, _ = word.partition("=")
+        words.append(f"{key}=***" if sep and SECRET_PATTERN.search(key) else word)
+    return " ".join(words)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, flush + fsync, then ``os.replace``: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
