@@ -8,6 +8,7 @@ import typer
 
 from medctl import __version__
 from medctl.cli import check, config_cmd
+from medctl.cli.common import show_library_messages
 
 app = typer.Typer(
     name="medctl",
@@ -36,6 +37,7 @@ def root(
 ) -> None:
     if debug:
         os.environ["MEDCTL_DEBUG"] = "1"
+    show_library_messages()
 
 
 app.add_typer(config_cmd.app, name="config")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from medctl.config import Config, load_config
 from medctl.errors import MedctlError
@@ -28,6 +30,16 @@ OverridesArgument = Annotated[
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def show_library_messages() -> None:
+    """Route the library's ``medctl`` logger to stderr through rich, once."""
+    logger = logging.getLogger("medctl")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
+    logger.propagate = False
 
 
 def debug_enabled() -> bool:
