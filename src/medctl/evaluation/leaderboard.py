@@ -1,0 +1,224 @@
+"""The sweep leaderboard: entries ranked on a validation metric, test numbers with CIs, failures last.
+
+A row is a plain dict (build it with :func:`leaderboard_row` from two :func:`evaluate_predictions`
+summaries, or by hand):
+
+- ``entry`` (name shown), ``checkpoint`` (path or "" for random init), ``status`` ("ok" or anything
+  else, e.g. "failed"), ``reason`` (why it failed), ``epochs``, ``wall_time_s``, ``p_vs_leader``;
+- per split and metric ``<split>_<metric>`` (float) with its interval either as
+  ``<split>_<metric>_ci`` = ``[low, high]`` or as ``<split>_<metric>_low`` / ``_high``, for split in
+  val, test and metric in accuracy, balanced_accuracy, macro_f1, auroc. Any other key is kept as a column.
+
+``p_vs_leader`` is the paired bootstrap p-value that an entry and the leader differ on the same test
+samples (:func:`p_values_vs_leader`); the leader is rank 1 after sorting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medctl.errors import DataError
+from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
+from medctl.runs import write_text_atomic
+
+SPLITS = ("val", "test")
+METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+SHOWN = (("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"), ("auroc", "AUROC"))
+FRONT = ["rank", "entry", "checkpoint", "status", "reason"]
+BACK = ["epochs", "wall_time_s", "p_vs_leader"]
+
+
+def leaderboard_row(
+    entry: str,
+    checkpoint: str = "",
+    *,
+    val: Mapping[str, Any] | None = None,
+    test: Mapping[str, Any] | None = None,
+    epochs: int | None = None,
+    wall_time_s: float | None = None,
+    status: str = "ok",
+    reason: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    """One row from the ``summary`` dicts that :func:`evaluate_predictions` returns for val and test."""
+    row: dict[str, Any] = {
+        "entry": entry,
+        "checkpoint": checkpoint,
+        "status": status,
+        "reason": reason,
+        "epochs": epochs,
+        "wall_time_s": wall_time_s,
+        **extra,
+    }
+    for split, summary in (("val", val), ("test", test)):
+        for metric in METRICS:
+            if summary and metric in summary:
+                row[f"{split}_{metric}"] = summary[metric]
+                row[f"{split}_{metric}_ci"] = summary.get(f"{metric}_ci")
+    return row
+
+
+def _number(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
+    if not row.get("entry"):
+        raise DataError(f"leaderboard row without an `entry` name: {dict(row)}")
+    flat: dict[str, Any] = {"status": "ok", "reason": "", "checkpoint": ""}
+    for key, value in row.items():
+        if key.endswith("_ci"):
+            low, high = value if isinstance(value, Sequence) and len(value) == 2 else (None, None)
+            flat[f"{key[:-3]}_low"], flat[f"{key[:-3]}_high"] = _number(low), _number(high)
+        else:
+            flat[key] = value
+    return flat
+
+
+def higher_is_better(metric: str) -> bool:
+    """Every leaderboard metric is better when higher, except losses and errors."""
+    return not any(word in metric for word in ("loss", "error"))
+
+
+def leaderboard(rows: Sequence[Mapping[str, Any]], sort_by: str = "val_balanced_accuracy") -> pd.DataFrame:
+    """Rows ranked by ``sort_by`` (higher first unless it is a loss); failed rows last, unranked.
+
+    Entries that succeeded but lack a value for ``sort_by`` come after the ranked ones. ``rank`` is
+    1..k over the ranked entries (nullable Int64, empty for the rest); CIs become ``_low``/``_high``.
+    """
+    frame = pd.DataFrame([_flatten(r) for r in rows])
+    if frame.empty:
+        return pd.DataFrame(columns=FRONT + BACK)
+    ok = frame["status"].astype(str).eq("ok")
+    if sort_by not in frame.columns:
+        if ok.any():
+            known = ", ".join(
+                c for c in frame.columns if c.startswith(SPLITS) and not c.endswith(("_low", "_high"))
+            )
+            raise DataError(f"leaderboard sort_by {sort_by!r} is not a column; known: {known or 'none'}")
+        frame[sort_by] = math.nan
+    value = frame[sort_by].map(_number)
+    ranked = ok & value.notna()
+    frame["_group"] = np.where(ranked, 0, np.where(ok, 1, 2))  # ranked, ok without a value, failed
+    frame["_key"] = -value if higher_is_better(sort_by) else value
+    frame = frame.sort_values(["_group", "_key"], kind="mergesort").reset_index(drop=True)
+    is_ranked = frame["_group"].eq(0)
+    frame["rank"] = pd.array(is_ranked.cumsum().where(is_ranked), dtype="Int64")
+    for column in BACK:
+        if column not in frame.columns:
+            frame[column] = None
+    metric_columns = [
+        f"{split}_{metric}{suffix}"
+        for split in SPLITS
+        for metric in METRICS
+        for suffix in ("", "_low", "_high")
+        if f"{split}_{metric}{suffix}" in frame.columns
+    ]
+    rest = [c for c in frame.columns if c not in {*FRONT, *BACK, *metric_columns, "_group", "_key"}]
+    return frame[FRONT + metric_columns + BACK + rest].reset_index(drop=True)
+
+
+def p_values_vs_leader(
+    y_true: Any,
+    probs_by_entry: Mapping[str, Any],
+    leader: str,
+    metric: Metric | MetricFn,
+    n: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap p-value of every entry against ``leader`` on the same samples (leader excluded)."""
+    if leader not in probs_by_entry:
+        raise DataError(f"leader {leader!r} has no predictions; known entries: {', '.join(probs_by_entry)}")
+    return {
+        entry: paired_bootstrap_pvalue(metric, y_true, probs, probs_by_entry[leader], n=n, seed=seed)
+        for entry, probs in probs_by_entry.items()
+        if entry != leader
+    }
+
+
+# ------------------------------------------------------------------------------------------ markdown
+def format_ci(value: Any, low: Any = None, high: Any = None) -> str:
+    """``0.812 [0.75, 0.87]``; the value alone without an interval; an em dash when missing."""
+    value, low, high = _number(value), _number(low), _number(high)
+    if math.isnan(value):
+        return "—"
+    if math.isnan(low) or math.isnan(high):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def format_duration(seconds: Any) -> str:
+    seconds = _number(seconds)
+    if math.isnan(seconds):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+
+
+def format_p(p: Any) -> str:
+    p = _number(p)
+    if math.isnan(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def leaderboard_markdown(df: pd.DataFrame) -> str:
+    """A pipe table: rank, entry, checkpoint, status, val/test balanced accuracy, macro-F1 and AUROC
+    as ``0.812 [0.75, 0.87]``, epochs, wall time, p vs leader; failed rows show their reason."""
+    header = ["rank", "entry", "checkpoint", "status"]
+    header += [f"{split} {label}" for split in SPLITS for _, label in SHOWN]
+    header += ["epochs", "wall time", "p vs leader"]
+    align = ["---:", "---", "---", "---"] + ["---:"] * (len(SPLITS) * len(SHOWN) + 3)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for _, row in df.iterrows():
+        ok = str(row.get("status", "ok")) == "ok"
+        rank = row.get("rank")
+        is_leader = ok and not pd.isna(rank) and int(rank) == 1
+        status = "ok" if ok else f"{row.get('status')}: {row.get('reason') or 'no reason recorded'}"
+        cells = [
+            "—" if pd.isna(rank) else str(int(rank)),
+            _cell(row["entry"]),
+            _cell(row.get("checkpoint") or "— (random init)"),
+            _cell(status),
+        ]
+        for split in SPLITS:
+            for metric, _ in SHOWN:
+                key = f"{split}_{metric}"
+                cells.append(format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")))
+        epochs = _number(row.get("epochs"))
+        cells.append("—" if math.isnan(epochs) else str(int(epochs)))
+        cells.append(format_duration(row.get("wall_time_s")))
+        cells.append("leader" if is_leader else format_p(row.get("p_vs_leader")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(df: pd.DataFrame, out_dir: str | Path, title: str = "Leaderboard") -> tuple[Path, Path]:
+    """``leaderboard.csv`` (every column) and ``leaderboard.md`` (the formatted table) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    csv_path, md_path = out_dir / "leaderboard.csv", out_dir / "leaderboard.md"
+    write_text_atomic(csv_path, df.to_csv(index=False))
+    note = (
+        "Ranked on validation; test values with 95% bootstrap intervals; p vs leader: paired bootstrap "
+        "on the test samples, two-sided."
+    )
+    write_text_atomic(md_path, f"# {title}\n\n{note}\n\n{leaderboard_markdown(df)}")
+    return csv_path, md_path
