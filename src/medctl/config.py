@@ -46,7 +46,8 @@ class SourceConfig(Section):
     pattern: str = "{id}.nrrd"  # key template under root; {<id_column>} and {id} both name the id
     endpoint_url: str = ""  # else S3_ENDPOINT_URL; credentials never live in config
     mask_root: str = ""  # optional ground-truth masks (same pattern), used to score saliency
-    retries: int = Field(default=3, ge=0)
+    mask_pattern: str = ""  # key template under mask_root; "" uses `pattern`
+    retries: int = Field(default=3, ge=0)  # transient S3 failures, with exponential backoff (not 403/404)
 
 
 class TargetConfig(Section):
@@ -63,6 +64,10 @@ class TargetConfig(Section):
             object.__setattr__(self, "column", self.name)
         if self.kind == "multilabel" and not self.columns:
             raise ValueError("a multilabel target needs `columns`, one 0/1 column per label")
+        if self.kind == "binary" and self.classes and len(self.classes) != 2:
+            raise ValueError("a binary target lists two classes, [negative, positive]; use kind = \"multiclass\"")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("`classes` lists a class twice")
         return self
 
 
@@ -80,6 +85,28 @@ class PreprocessConfig(Section):
     workers: int = Field(default=2, ge=1)
     dtype: Literal["float16", "float32"] = "float32"
 
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessConfig:
+        problems = []
+        if self.spatial_size and (len(self.spatial_size) not in (2, 3) or min(self.spatial_size) < 1):
+            problems.append("spatial_size needs 2 (H, W) or 3 (D, H, W) positive sizes, or [] to keep the size")
+        if self.spacing and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
+            problems.append("spacing needs 2 or 3 positive values (mm), or [] to keep the spacing")
+        if self.slices and self.spatial_size and len(self.spatial_size) != 2:
+            problems.append(
+                "with `slices` set, spatial_size is the size of each slice: give (H, W), e.g. spatial_size=[64, 64]"
+            )
+        if self.slices and self.spacing and len(self.spacing) != 3:
+            problems.append("with `slices` set, spacing resamples the volume first: give 3 values (D, H, W)")
+        if not self.slices and self.spacing and self.spatial_size and len(self.spacing) != len(self.spatial_size):
+            problems.append("spacing and spatial_size need the same number of axes")
+        low, high = (self.percentiles + [0.0, 0.0])[:2]
+        if len(self.percentiles) != 2 or not 0 <= low < high <= 100:
+            problems.append("percentiles needs [low, high] with 0 <= low < high <= 100, e.g. [0.5, 99.5]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class DataConfig(Section):
     table: str = ""  # local path or s3://bucket/key; .tsv, .csv or .parquet
@@ -88,6 +115,7 @@ class DataConfig(Section):
     split_column: str = ""  # absent: splits are generated with split_ratios / group_column
     split_ratios: list[float] = [0.7, 0.15, 0.15]  # train, val, test
     group_column: str = ""  # one subject never spans two splits
+    split_seed: int = 0  # seed of generated splits; they are frozen into the cache manifest
     cache_dir: str = ".medctl/cache"
     download_dir: str = ".medctl/downloads"
     batch_size: int = Field(default=2, ge=1)
@@ -142,6 +170,7 @@ class TrainConfig(Section):
     lr_encoder: float = Field(default=3e-5, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_epochs: int = Field(default=2, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
     loss: Literal["cross_entropy", "focal", "bce"] = "cross_entropy"
     class_weights: Literal["auto", "none"] | list[float] = "auto"
     focal_gamma: float = Field(default=2.0, ge=0)
@@ -152,6 +181,7 @@ class TrainConfig(Section):
     monitor: str = "balanced_accuracy"  # a validation metric; higher is better unless it is a loss
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
+    log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -162,8 +192,10 @@ class PretrainConfig(Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_epochs: int = Field(default=2, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_clip: float = Field(default=1.0, ge=0)
+    log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
     ema_momentum: float = Field(default=0.99, ge=0, le=1)  # start of the cosine momentum schedule
     ema_momentum_end: float = Field(default=1.0, ge=0, le=1)
     projector_dim: int = Field(default=128, ge=1)
@@ -172,23 +204,53 @@ class PretrainConfig(Section):
     reconstruction_weight: float = Field(default=1.0, ge=0)
     rotation_weight: float = Field(default=0.5, ge=0)
     jigsaw_weight: float = Field(default=0.5, ge=0)
-    jigsaw_permutations: int = Field(default=24, ge=2)
+    jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
+    # byol views: random crop-resize, flips, then photometric jitter, blur and noise
+    view_crop_scale: list[float] = [0.5, 1.0]  # share of the volume a crop keeps before resizing back
+    view_flip_prob: float = Field(default=0.5, ge=0, le=1)  # per spatial axis
+    view_intensity_jitter: float = Field(default=0.2, ge=0)  # scale in [1-j, 1+j], shift in [-j, j] (z-scored)
+    view_noise_std: float = Field(default=0.05, ge=0)
+    view_blur_prob: float = Field(default=0.2, ge=0, le=1)
+    view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
     # mim_contrastive
     patch_size: int = Field(default=16, ge=1)
     mask_ratio: float = Field(default=0.35, gt=0, lt=1)
     temperature: float = Field(default=0.2, gt=0)
     contrastive_weight: float = Field(default=1.0, ge=0)
     mim_weight: float = Field(default=1.0, ge=0)
+    # mim_contrastive halves: unsharp mask on the whole slice, then photometric-only jitter per half
+    halves_unsharp_amount: float = Field(default=0.0, ge=0)  # 0 disables
+    halves_unsharp_sigma: float = Field(default=1.0, gt=0)
+    halves_intensity_jitter: float = Field(default=0.1, ge=0)
+    halves_noise_std: float = Field(default=0.02, ge=0)
+    halves_blur_prob: float = Field(default=0.1, ge=0, le=1)
+    halves_blur_sigma: float = Field(default=0.5, ge=0)
     # jepa
     predictor_dim: int = Field(default=96, ge=1)
     predictor_depth: int = Field(default=2, ge=1)
     mask_blocks: int = Field(default=4, ge=1)
     mask_block_scale: list[float] = [0.1, 0.2]  # share of the token grid each target block covers
+    mask_aspect_ratio: list[float] = [0.75, 1.5]  # h / w of a target block, log-uniform in this range
+    mask_depth_scale: list[float] = [1.0, 1.0]  # share of the depth (T) a block spans; V-JEPA: all of it
     # monitoring: every N epochs (0 disables)
     monitor_every: int = Field(default=1, ge=0)
     tsne_every: int = Field(default=0, ge=0)
     knn_every: int = Field(default=1, ge=0)
     subset: str = ""  # pretrain on a subset: "fraction:0.5" or "column:value"
+
+    @field_validator("view_crop_scale", "mask_block_scale", "mask_depth_scale")
+    @classmethod
+    def _share_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("needs [low, high] with 0 < low <= high <= 1")
+        return value
+
+    @field_validator("mask_aspect_ratio")
+    @classmethod
+    def _positive_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 < value[0] <= value[1]:
+            raise ValueError("needs [low, high] with 0 < low <= high, e.g. [0.75, 1.5]")
+        return value
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -213,6 +275,9 @@ class SaliencyConfig(Section):
     occlusion_window: list[int] = [4, 8, 8]
     occlusion_stride: list[int] = [4, 8, 8]
     randomisation_check: bool = True
+    pointing_tolerance: int = Field(default=0, ge=0)  # voxels the pointing-game mask is grown by
+    internal_batch_size: int = Field(default=0, ge=0)  # IG/occlusion batch; 0 sizes it to fit memory
+    memory_budget_gb: float = Field(default=0.0, ge=0)  # for that sizing; 0: 80% of free CUDA, 2 GiB CPU
 
 
 class Config(Section):
