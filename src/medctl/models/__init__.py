@@ -1,0 +1,1 @@
+"""Encoders, heads, the classifier, the encoder registry and checkpoints."""

@@ -1,0 +1,79 @@
+"""``medctl check checkpoint``: will this checkpoint load into the configured encoder, and does it run?"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medctl.config import Config
+from medctl.models.checkpoints import LoadReport, plan_encoder_load, refusal
+from medctl.models.registry import build_encoder, get_spec
+
+
+@dataclass
+class CheckpointReport:
+    """The load report, and (when the load may go ahead) one forward pass at the configured size."""
+
+    path: str
+    encoder: str
+    load: LoadReport
+    refused: str = ""  # why the load was refused; "" when it went ahead
+    input_shape: tuple[int, ...] = ()
+    embedding_shape: tuple[int, ...] = ()
+    feature_shape: tuple[int, ...] = ()
+    parameters: int = 0
+    seconds: float = 0.0  # one forward pass, batch 1
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device``: "auto" is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_checkpoint(path: str | Path, config: Config) -> CheckpointReport:
+    """Build ``model.encoder`` for ``data.preprocess.spatial_size``, plan the load of ``path``, and unless
+    refused load it and time one forward pass of a (1, model.in_channels, *spatial_size) tensor.
+
+    Unreadable files (unsafe pickles, truncated files) raise CheckpointError; a partial load that
+    ``model.allow_partial_load`` does not allow comes back as ``report.refused``.
+    """
+    model = config.model
+    notes = []
+    input_size = tuple(config.data.preprocess.spatial_size)
+    if not input_size:
+        input_size = get_spec(model.encoder).default_input_size
+        notes.append(f"data.preprocess.spatial_size is empty (sizes kept); checked at {list(input_size)}")
+    encoder = build_encoder(model.encoder, in_channels=model.in_channels, input_size=input_size, **model.encoder_args)
+    load, to_load = plan_encoder_load(encoder, path, key=model.checkpoint_key)
+    report = CheckpointReport(str(path), model.encoder, load, refusal(load, model.allow_partial_load), notes=notes)
+    report.parameters = sum(p.numel() for p in encoder.parameters())
+    if report.refused:
+        return report
+    encoder.load_state_dict(to_load, strict=False)
+
+    device = resolve_device(config.run.device)
+    encoder = encoder.to(device).eval()
+    x = torch.randn(1, model.in_channels, *input_size, device=device)  # (1, C, *spatial)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        features = encoder.forward_features(x)
+        embedding = encoder(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        report.seconds = (time.perf_counter() - start) / 2
+    if not torch.isfinite(embedding).all():
+        report.notes.append("the embedding has NaN or Inf values: the weights or the input scale are off")
+    report.input_shape, report.device = tuple(x.shape), str(device)
+    report.embedding_shape, report.feature_shape = tuple(embedding.shape), tuple(features.shape)
+    return report

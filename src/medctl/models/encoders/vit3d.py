@@ -1,0 +1,400 @@
+"""3D Vision Transformer whose state dict is interchangeable with V-JEPA 2's video ViT.
+
+Papers: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021); Bardes et al., "Revisiting
+Feature Prediction for Learning Visual Representations from Video" (V-JEPA, 2024); Assran et al.,
+"V-JEPA 2: Self-Supervised Video Models Enable Understanding, Prediction and Planning" (2025); Su et
+al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021).
+
+A volume ``(B, C, D, H, W)`` is cut into tubelets of ``tubelet_size x patch_size x patch_size``
+(depth plays the role of video time) by a Conv3d, giving ``N = D/t * H/p * W/p`` tokens in (d, h, w)
+order. There is no class token; the pooled embedding is the mean of the normalised tokens.
+
+Parameter names and shapes follow V-JEPA 2 (``patch_embed.proj``, ``pos_embed``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``; LayerNorm eps 1e-6, qkv bias),
+so its checkpoints load without renaming and give the same features. Two position schemes:
+
+- ``pos_embed="sincos"``: a fixed 3D sin-cos table ``pos_embed`` (1, N, C) added to the tokens; it is
+  a persistent buffer (same state-dict key as V-JEPA 2's frozen parameter, but never trainable, even
+  after ``requires_grad_(True)``). Another input size uses V-JEPA 2's rule: the same (h, w) grid with
+  fewer depth steps takes the first rows, anything else is resized trilinearly.
+- ``pos_embed="rope"``: rotary positions inside attention. Each head's first ``3 * 2*((head_dim//3)//2)``
+  channels are split into depth, height and width parts rotated by the token's integer grid position;
+  the rest pass through. As in V-JEPA 2 the cos/sin tables are built by *tiling* the ``dim/2``
+  frequencies (``[f0..fn, f0..fn]``) while channels are rotated in *adjacent* pairs ``(x0, x1)``, so
+  a pair's two channels use different frequencies. This is V-JEPA 2's documented quirk (its
+  ``rotate_queries_or_keys``); it is kept so that released weights give the same features. The tables
+  are computed in the dtype of the queries, as there.
+
+Head counts: V-JEPA 2's released ViT-g uses 22 heads (``vit_giant_xformers`` there), so ``vit3d_giant``
+has 22 heads and ``vit3d_giant_h16`` the 16-head variant (``vit_giant``). The head count changes no
+parameter shape, only how channels are split, so pick the one your checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import DropPath
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from medctl.errors import ConfigError
+from medctl.models.encoders.base import Encoder, check_input_size
+
+Grid = tuple[int, int, int]
+
+
+# ------------------------------------------------------------------------------ position embeddings
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``[sin(p * w_k), cos(p * w_k)]`` with ``w_k = 10000^(-k / (dim/2))``: (M,) -> (M, dim), float64."""
+    omega = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_3d_at(ids: torch.Tensor, grid: Grid, embed_dim: int, uniform_power: bool = False) -> torch.Tensor:
+    """V-JEPA's 3D sin-cos rows for token indices ``ids`` of a (t, h, w) grid: (M,) -> (M, embed_dim).
+
+    Channels are [depth | height | width]: halves and quarters of ``embed_dim``, or three equal parts
+    of ``2 * ceil(embed_dim / 6)`` (cut back to ``embed_dim``) with ``uniform_power``.
+    """
+    _, h, w = grid
+    d_pos, rest = ids // (h * w), ids % (h * w)
+    h_pos, w_pos = rest // w, rest % w
+    if uniform_power:
+        d_dim = h_dim = w_dim = int(math.ceil(embed_dim / 6) * 2)
+    else:
+        d_dim, h_dim, w_dim = embed_dim // 2, embed_dim // 4, embed_dim // 4
+    table = torch.cat([sincos_1d(d_dim, d_pos), sincos_1d(h_dim, h_pos), sincos_1d(w_dim, w_pos)], dim=1)
+    return table[:, :embed_dim].float()
+
+
+def sincos_3d(grid: Grid, embed_dim: int, uniform_power: bool = False) -> torch.Tensor:
+    """The full table for a (t, h, w) grid: (1, t*h*w, embed_dim), on the CPU (also under a meta device)."""
+    ids = torch.arange(math.prod(grid), device="cpu")
+    return sincos_3d_at(ids, grid, embed_dim, uniform_power)[None]
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """Resize a (1, N, C) table from grid ``src`` to ``dst`` with V-JEPA 2's rule (see module doc)."""
+    if tuple(src) == tuple(dst):
+        return pos_embed
+    if tuple(src[1:]) == tuple(dst[1:]) and dst[0] < src[0]:
+        return pos_embed[:, : math.prod(dst)]  # fewer depth steps: the first rows
+    dim = pos_embed.shape[-1]
+    volume = pos_embed.reshape(1, *src, dim).permute(0, 4, 1, 2, 3)  # (1, C, t, h, w)
+    scale = tuple(d / s for d, s in zip(dst, src, strict=True))
+    resized = F.interpolate(volume, scale_factor=scale, mode="trilinear")
+    if tuple(resized.shape[2:]) != tuple(dst):  # floor(s * d/s) fell one short
+        resized = F.interpolate(volume, size=tuple(dst), mode="trilinear")
+    return resized.permute(0, 2, 3, 4, 1).reshape(1, -1, dim)
+
+
+class RotaryPositions:
+    """Integer (depth, height, width) positions of the tokens a forward pass keeps, shared by all blocks.
+
+    ``ids`` are token indices into the (t, h, w) grid: (N,) for all tokens or (B, K) after masking.
+    Rotation tables are built once per dtype and reused by every block.
+    """
+
+    def __init__(self, ids: torch.Tensor, grid: Grid):
+        _, h, w = grid
+        rest = ids % (h * w)
+        self.positions = (ids // (h * w), rest // w, rest % w)  # each (N,) or (B, K)
+        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def tables(self, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, sin) per axis, each broadcastable to (B, heads, N, dim)."""
+        key = (dim, dtype)
+        if key not in self._tables:
+            omega = torch.arange(dim // 2, dtype=dtype, device=self.positions[0].device)
+            omega = 1.0 / 10000 ** (omega / (dim / 2.0))  # (dim/2,)
+            out = []
+            for pos in self.positions:
+                freqs = pos.to(dtype)[..., None] * omega  # (..., N, dim/2)
+                freqs = torch.cat([freqs, freqs], dim=-1)  # tiled, not interleaved: V-JEPA 2's quirk
+                if freqs.ndim == 3:  # masked: (B, K, dim) -> (B, 1, K, dim)
+                    freqs = freqs[:, None]
+                out += [freqs.cos(), freqs.sin()]
+            self._tables[key] = tuple(out)
+        return self._tables[key]
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): a quarter turn of each adjacent pair."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., dim/2, 2)
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, rope: RotaryPositions, axis_dim: int) -> torch.Tensor:
+    """Rotate the depth, height and width parts of q or k (B, heads, N, head_dim); keep the rest."""
+    cos_d, sin_d, cos_h, sin_h, cos_w, sin_w = rope.tables(axis_dim, x.dtype)
+    parts = []
+    for i, (cos, sin) in enumerate(((cos_d, sin_d), (cos_h, sin_h), (cos_w, sin_w))):
+        part = x[..., i * axis_dim : (i + 1) * axis_dim]
+        parts.append(part * cos + rotate_pairs(part) * sin)
+    parts.append(x[..., 3 * axis_dim :])
+    return torch.cat(parts, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- blocks
+class PatchEmbed3D(nn.Module):
+    """Tubelets of t x p x p voxels -> tokens: (B, C, D, H, W) -> (B, N, embed_dim)."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, tubelet_size: int):
+        super().__init__()
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through PyTorch SDPA, with optional 3D RoPE on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError([f"embed_dim {dim} is not divisible by num_heads {num_heads}; change one"], "model.encoder_args")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.rope_dim = 2 * ((self.head_dim // 3) // 2)  # channels per axis that RoPE rotates
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: RotaryPositions | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope, self.rope_dim), apply_rope(k, rope, self.rope_dim)
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, heads, N, head_dim)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, rope: RotaryPositions | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), rope))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ------------------------------------------------------------------------------------------ model
+class VisionTransformer3D(Encoder):
+    """ViT over 3D tubelets; ``forward_features(x, masks)`` -> normalised tokens (B, N, C)."""
+
+    feature_layout = "tokens"
+    spatial_dims = 3
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        input_size: Sequence[int] = (16, 224, 224),
+        patch_size: int = 16,
+        tubelet_size: int = 2,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_embed: Literal["sincos", "rope"] = "sincos",
+        uniform_power: bool = False,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        init_std: float = 0.02,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if pos_embed not in ("sincos", "rope"):
+            raise ConfigError([f"pos_embed = {pos_embed!r}: use \"sincos\" or \"rope\""], "model.encoder_args")
+        if pos_embed == "sincos" and embed_dim % 8:
+            raise ConfigError([f"sincos positions need embed_dim divisible by 8, got {embed_dim}"], "model.encoder_args")
+        self.in_channels, self.embed_dim, self.num_heads = in_channels, embed_dim, num_heads
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.input_size = check_input_size("vit3d", input_size, 3, (tubelet_size, patch_size, patch_size))
+        self.grid: Grid = self.token_grid(self.input_size)
+        self.pos_embed_kind, self.uniform_power = pos_embed, uniform_power
+        self.activation_checkpointing = activation_checkpointing
+
+        self.patch_embed = PatchEmbed3D(in_channels, embed_dim, patch_size, tubelet_size)
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_3d(self.grid, embed_dim, uniform_power))  # (1, N, C)
+        else:
+            self.pos_embed = None
+        drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dp) for dp in drop_paths
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights(init_std)
+
+    def _init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Conv3d):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():  # residual branches shrink with depth, as in V-JEPA 2
+            for layer_id, block in enumerate(self.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def token_grid(self, spatial_size: Sequence[int]) -> Grid:
+        d, h, w = spatial_size
+        return (d // self.tubelet_size, h // self.patch_size, w // self.patch_size)
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        return self.norm
+
+    def forward_features(
+        self, x: torch.Tensor, masks: torch.Tensor | list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Normalised tokens (B, N, C); with ``masks`` only the given token indices are kept.
+
+        ``masks``: a LongTensor (B, K) of token indices to keep, or a list of them with one K; as in
+        V-JEPA each mask selects from every sample and the results are concatenated along the batch,
+        giving (B * len(masks), K, C) (call once per K for masks of different sizes). Positions are
+        added (sincos) or taken (RoPE) before tokens are dropped.
+        """
+        grid = self.token_grid(x.shape[2:])
+        unit = (self.tubelet_size, self.patch_size, self.patch_size)
+        if any(s % m for s, m in zip(x.shape[2:], unit, strict=True)):
+            tubelet = "x".join(map(str, unit))
+            raise ConfigError(
+                [f"input {list(x.shape[2:])} is not a multiple of the {tubelet} tubelet; change data.preprocess.spatial_size"],
+                "data.preprocess.spatial_size",
+            )
+        tokens = self.patch_embed(x)  # (B, N, C)
+        if self.pos_embed is not None:
+            # added in the wider dtype, then cast back (what V-JEPA 2's in-place add does under autocast)
+            tokens = (tokens + resize_pos_embed(self.pos_embed, self.grid, grid)).to(tokens.dtype)
+        ids = torch.arange(tokens.shape[1], device=x.device)  # (N,)
+        if masks is not None:
+            masks = masks if isinstance(masks, list | tuple) else [masks]
+            if len({m.shape for m in masks}) > 1:
+                raise ValueError(f"masks in one call must all be (B, K) of one K, got {[tuple(m.shape) for m in masks]}")
+            tokens = torch.cat([keep_tokens(tokens, m) for m in masks], dim=0)  # (B * M, K, C)
+            ids = torch.cat(list(masks), dim=0)  # (B * M, K)
+        rope = RotaryPositions(ids, grid) if self.pos_embed_kind == "rope" else None
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, rope)
+        return self.norm(tokens)
+
+    # --------------------------------------------------------------------------- weight adaptation
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Resize a checkpoint's ``pos_embed`` to this model's grid in place; returns notes for the report."""
+        table = state_dict.get("pos_embed")
+        if table is None:
+            return []
+        if self.pos_embed is None:
+            del state_dict["pos_embed"]
+            return ["pos_embed not used: this model uses RoPE (V-JEPA 2's released RoPE files still carry one)"]
+        if table.shape == self.pos_embed.shape:
+            return []
+        if table.ndim != 3 or table.shape[-1] != self.embed_dim:
+            return []  # left as a mis-shaped key
+        src = infer_pos_embed_grid(table, self.grid)
+        if src is None:
+            return [f"pos_embed: cannot tell the grid of {table.shape[1]} positions; left unloaded"]
+        state_dict["pos_embed"] = resize_pos_embed(table.float(), src, self.grid).to(table.dtype)
+        return [f"pos_embed resized from grid {list(src)} to {list(self.grid)}"]
+
+
+def keep_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) and (B, K) indices -> (B, K, C)."""
+    return torch.gather(tokens, 1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def infer_pos_embed_grid(table: torch.Tensor, model_grid: Grid) -> Grid | None:
+    """The (t, h, w) grid a (1, N, C) sincos table was made for, by regenerating sampled rows.
+
+    Candidates are square grids (as V-JEPA builds them) and grids with this model's (h, w); a table
+    that is not sincos (learned) falls back to the model's (h, w) when N allows it.
+    """
+    n, dim = table.shape[1], table.shape[2]
+    candidates: list[Grid] = []
+    if n % (model_grid[1] * model_grid[2]) == 0:
+        candidates.append((n // (model_grid[1] * model_grid[2]), model_grid[1], model_grid[2]))
+    candidates += [(n // (s * s), s, s) for s in range(1, math.isqrt(n) + 1) if n % (s * s) == 0]
+    ids = torch.unique(torch.linspace(0, n - 1, 97).long())
+    rows = table[0, ids].double()
+    for grid in candidates:
+        for uniform in (False, True):
+            if torch.allclose(sincos_3d_at(ids, grid, dim, uniform).double(), rows, atol=1e-4):
+                return grid
+    return candidates[0] if candidates and candidates[0][1:] == model_grid[1:] else None
+
+
+# ----------------------------------------------------------------------------------------- builders
+def vit3d_test(**kwargs) -> VisionTransformer3D:
+    """64 wide, 2 deep, 2 heads, 2x8x8 tubelets: for tests."""
+    return VisionTransformer3D(**{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, **kwargs})
+
+
+def vit3d_tiny(**kwargs) -> VisionTransformer3D:
+    return VisionTransformer3D(embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+def vit3d_small(**kwargs) -> VisionTransformer3D:
+    return VisionTransformer3D(embed_dim=384, depth=12, num_heads=6, **kwargs)
+
+
+def vit3d_base(**kwargs) -> VisionTransformer3D:
+    return VisionTransformer3D(embed_dim=768, depth=12, num_heads=12, **kwargs)
+
+
+def vit3d_large(**kwargs) -> VisionTransformer3D:
+    return VisionTransformer3D(embed_dim=1024, depth=24, num_heads=16, **kwargs)
+
+
+def vit3d_huge(**kwargs) -> VisionTransformer3D:
+    return VisionTransformer3D(embed_dim=1280, depth=32, num_heads=16, **kwargs)
+
+
+def vit3d_giant(**kwargs) -> VisionTransformer3D:
+    """V-JEPA 2's released ViT-g: 1408 wide, 40 deep, 22 heads, MLP ratio 48/11."""
+    return VisionTransformer3D(embed_dim=1408, depth=40, num_heads=22, mlp_ratio=48 / 11, **kwargs)
+
+
+def vit3d_giant_h16(**kwargs) -> VisionTransformer3D:
+    """ViT-g with 16 heads (V-JEPA 2's ``vit_giant``); same parameter shapes as ``vit3d_giant``."""
+    return VisionTransformer3D(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11, **kwargs)

@@ -1,0 +1,115 @@
+"""Classification heads: linear, MLP, and an attentive pooler for token encoders.
+
+The attentive probe follows V-JEPA's evaluation protocol (Bardes et al., 2024): a learned query
+cross-attends over all tokens (a pre-norm cross-attention block with an MLP), and a linear layer reads
+the attended query. Linear and MLP heads take pooled embeddings (B, D); the attentive head takes
+tokens (B, N, D) (or a feature map flattened to tokens by the classifier).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medctl.errors import ConfigError
+
+HeadKind = Literal["linear", "mlp", "attentive"]
+HEAD_KINDS = ("linear", "mlp", "attentive")
+
+
+class LinearHead(nn.Module):
+    """Dropout then Linear: (B, D) -> (B, K)."""
+
+    def __init__(self, embed_dim: int, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(embed_dim, num_outputs)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(z))
+
+
+class MLPHead(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear: (B, D) -> (B, K)."""
+
+    def __init__(self, embed_dim: int, num_outputs: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_outputs)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(z))))
+
+
+class AttentiveHead(nn.Module):
+    """A learned query attends over the tokens, then Linear: (B, N, D) -> (B, K).
+
+    ``q = query + xattn(query, norm1(tokens)); q = q + mlp(norm2(q)); logits = linear(dropout(q))``.
+    """
+
+    def __init__(self, embed_dim: int, num_outputs: int, *, num_heads: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        num_heads = num_heads or default_num_heads(embed_dim)
+        if embed_dim % num_heads:
+            raise ConfigError([f"attentive head: embed_dim {embed_dim} is not divisible by num_heads {num_heads}"], "model.head")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.q = nn.Linear(embed_dim, embed_dim)
+        self.kv = nn.Linear(embed_dim, 2 * embed_dim)
+        self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
+        hidden = int(embed_dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(embed_dim, num_outputs)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> the attended query (B, D)."""
+        B, N, D = tokens.shape
+        heads, head_dim = self.num_heads, D // self.num_heads
+        query = self.query.expand(B, -1, -1)  # (B, 1, D)
+        q = self.q(query).view(B, 1, heads, head_dim).transpose(1, 2)  # (B, h, 1, d)
+        k, v = self.kv(self.norm1(tokens)).view(B, N, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        pooled = query + attended
+        pooled = pooled + self.mlp(self.norm2(pooled))
+        return pooled[:, 0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 3:
+            raise ValueError(f"the attentive head takes tokens (B, N, D), got shape {tuple(tokens.shape)}")
+        return self.fc(self.drop(self.pool(tokens)))
+
+
+def default_num_heads(embed_dim: int) -> int:
+    """The largest of 16, 12, 8, 6, 4, 3, 2, 1 that divides ``embed_dim`` (64-wide heads or so)."""
+    return next(h for h in (16, 12, 8, 6, 4, 3, 2, 1) if embed_dim % h == 0 and embed_dim // h >= 8 or h == 1)
+
+
+def num_outputs(kind: str, classes: list[str]) -> int:
+    """Logits per target: 1 for binary, one per class (multiclass) or label (multilabel)."""
+    return 1 if kind == "binary" else len(classes)
+
+
+def build_head(
+    kind: str, embed_dim: int, num_outputs: int, *, hidden: int = 0, dropout: float = 0.0, num_heads: int = 0
+) -> nn.Module:
+    """A head mapping embeddings (linear, mlp) or tokens (attentive) to ``num_outputs`` logits.
+
+    ``mlp`` with ``hidden == 0`` is a linear head (the config's "0 means linear").
+    """
+    if num_outputs < 1:
+        raise ConfigError([f"a head needs at least one output, got {num_outputs}; check the target's classes"], "data.targets")
+    if kind == "linear" or (kind == "mlp" and hidden == 0):
+        return LinearHead(embed_dim, num_outputs, dropout)
+    if kind == "mlp":
+        return MLPHead(embed_dim, num_outputs, hidden, dropout)
+    if kind == "attentive":
+        return AttentiveHead(embed_dim, num_outputs, num_heads=num_heads, dropout=dropout)
+    raise ConfigError([f"unknown head kind `{kind}`; use one of {', '.join(HEAD_KINDS)}"], "model.head.kind")
