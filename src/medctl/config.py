@@ -153,15 +153,21 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------------------------- train
 class AugmentConfig(Section):
+    """On-the-fly MONAI array transforms of the cached training images (never val/test); 0 disables each."""
+
     enabled: bool = False
-    flip_axes: list[int] = []  # spatial axes to flip at random, e.g. [0, 1, 2]
-    flip_prob: float = Field(default=0.5, ge=0, le=1)
-    rotate_degrees: float = Field(default=0.0, ge=0)  # small rotations, uniform in [-deg, deg]
+    flip_axes: list[int] = []  # spatial axes to flip at random, e.g. [0, 1, 2] ((D, H, W)) or [0, 1] ((H, W))
+    flip_prob: float = Field(default=0.5, ge=0, le=1)  # per listed axis
+    rotate_degrees: float = Field(default=0.0, ge=0)  # small rotations, uniform in [-deg, deg] about each axis
     rotate_prob: float = Field(default=0.5, ge=0, le=1)
-    intensity_jitter: float = Field(default=0.0, ge=0)  # scale and shift by up to this fraction
-    noise_std: float = Field(default=0.0, ge=0)
-    blur_sigma: float = Field(default=0.0, ge=0)  # 0 disables Gaussian blur
-    crop_scale: float = Field(default=1.0, gt=0, le=1)  # random crop of this share, resized back
+    intensity_jitter: float = Field(default=0.0, ge=0)  # scale by 1 + U(-j, j), shift by U(-j, j) (z-scored units)
+    intensity_prob: float = Field(default=0.5, ge=0, le=1)
+    noise_std: float = Field(default=0.0, ge=0)  # Gaussian noise, std drawn in [0, noise_std]
+    noise_prob: float = Field(default=0.5, ge=0, le=1)
+    blur_sigma: float = Field(default=0.0, ge=0)  # Gaussian blur, sigma drawn in [sigma / 2, sigma] voxels
+    blur_prob: float = Field(default=0.2, ge=0, le=1)
+    crop_scale: float = Field(default=1.0, gt=0, le=1)  # random crop keeping >= this share per axis, resized back
+    crop_prob: float = Field(default=0.5, ge=0, le=1)
 
 
 class TrainConfig(Section):
@@ -178,10 +184,13 @@ class TrainConfig(Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA only
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
-    monitor: str = "balanced_accuracy"  # a validation metric; higher is better unless it is a loss
+    # a validation metric: accuracy, balanced_accuracy, macro_f1, auroc or loss (with several targets these are
+    # means over targets, and <target>_<metric> names one); higher is better unless it is a loss
+    monitor: str = "balanced_accuracy"
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
     log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
+    bootstrap: int = Field(default=1000, ge=0)  # `medctl evaluate`: resamples for the 95% CIs; 0 skips them
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -205,6 +214,7 @@ class PretrainConfig(Section):
     rotation_weight: float = Field(default=0.5, ge=0)
     jigsaw_weight: float = Field(default=0.5, ge=0)
     jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
+    rotation_plane: Literal["axial", "coronal", "sagittal"] = "axial"  # 2D inputs rotate in their only plane
     # byol views: random crop-resize, flips, then photometric jitter, blur and noise
     view_crop_scale: list[float] = [0.5, 1.0]  # share of the volume a crop keeps before resizing back
     view_flip_prob: float = Field(default=0.5, ge=0, le=1)  # per spatial axis
@@ -228,6 +238,7 @@ class PretrainConfig(Section):
     # jepa
     predictor_dim: int = Field(default=96, ge=1)
     predictor_depth: int = Field(default=2, ge=1)
+    predictor_heads: int = Field(default=3, ge=1)  # attention heads of the predictor; divide predictor_dim
     mask_blocks: int = Field(default=4, ge=1)
     mask_block_scale: list[float] = [0.1, 0.2]  # share of the token grid each target block covers
     mask_aspect_ratio: list[float] = [0.75, 1.5]  # h / w of a target block, log-uniform in this range
@@ -236,7 +247,8 @@ class PretrainConfig(Section):
     monitor_every: int = Field(default=1, ge=0)
     tsne_every: int = Field(default=0, ge=0)
     knn_every: int = Field(default=1, ge=0)
-    subset: str = ""  # pretrain on a subset: "fraction:0.5" or "column:value"
+    monitor_samples: int = Field(default=256, ge=2)  # per split: a fixed, seeded subset keeps monitoring cheap
+    subset: str = ""  # pretrain on a subset of train: "fraction:0.5" (seeded) or "column:value" (manifest column)
 
     @field_validator("view_crop_scale", "mask_block_scale", "mask_depth_scale")
     @classmethod
@@ -262,7 +274,12 @@ class SweepConfig(Section):
     random_baseline: bool = True
     jobs: int = Field(default=1, ge=1)
     finetune_top: int = Field(default=1, ge=0)  # "both": fine-tune this many of the probe leaders
-    bootstrap: int = Field(default=1000, ge=0)
+    bootstrap: int = Field(default=1000, ge=0)  # resamples for the CIs and the p-values vs the leader; 0 skips them
+    # fine-tune entries (<stem>_ft): the heads train alone in epochs 0 .. k-1 (0-based), the encoder joins at k
+    finetune_unfreeze_at_epoch: int = Field(default=0, ge=0)
+    # key=value items for fine-tune entries only (e.g. "train.epochs=30", "train.augment.enabled=true");
+    # data.* and run.* are refused: every entry reads the same cache
+    finetune_overrides: list[str] = []
 
 
 # ------------------------------------------------------------------------------------------ saliency

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
+from medctl.errors import CheckpointError
 from medctl.runs import environment_info
 
 app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or a checkpoint.", no_args_is_help=True)
@@ -34,3 +35,79 @@ def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free 
     for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@app.command("checkpoint")
+@handle_errors
+def check_checkpoint_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (.pt, .pth, .ckpt) to load into model.encoder."),
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Load a checkpoint into the configured encoder: keys loaded, missing, mis-shaped; one forward pass.
+
+    Example: medctl check checkpoint -c my.toml --ckpt ckpts/best_checkpoint_multi_domain.pt
+    """
+    from medctl.models.checks import check_checkpoint  # torch and MONAI load only when this command runs
+
+    report = check_checkpoint(ckpt, resolve_config(config, overrides))
+    console.print(f"[bold]{report.path}[/] into [bold]{report.encoder}[/] ({report.parameters:,} parameters)", highlight=False)
+    for line in report.load.lines():
+        console.print(f"  {line}", highlight=False, markup=False)
+    for note in report.notes:
+        console.print(f"  [yellow]note:[/] {note}", highlight=False)
+    if report.refused:
+        raise CheckpointError(report.refused)
+    console.print(
+        f"[green]✓[/] {report.load.loaded_share:.1%} of the encoder loaded; input {list(report.input_shape)} -> "
+        f"features {list(report.feature_shape)}, embedding {list(report.embedding_shape)} "
+        f"in {report.seconds * 1000:.0f} ms on {report.device}",
+        highlight=False,
+    )
+
+
+@app.command("bucket")
+@handle_errors
+def check_bucket_command(
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+    ids: int = typer.Option(5, "--ids", min=1, help="How many sample ids to resolve to keys."),
+) -> None:
+    """Endpoint, credentials (never shown), listing, keys for N ids, one volume read; exit 2 on a ✗.
+
+    Example: medctl check bucket -c my.toml --ids 5
+    """
+    from medctl.data.checks import check_bucket  # pandas, s3fs and the readers load only when this runs
+
+    rows = check_bucket(resolve_config(config, overrides).data, n_ids=ids)
+    _print_rows(rows)
+    if not all(row.ok for row in rows):
+        raise typer.Exit(2)
+
+
+@app.command("data")
+@handle_errors
+def check_data_command(
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+    reads: int = typer.Option(50, "--reads", min=0, help="Headers to read, spread over the table."),
+) -> None:
+    """Columns, class values, duplicate ids, splits and leakage, missing/unreadable files, class counts.
+
+    Example: medctl check data -c my.toml
+    """
+    from medctl.cli.preprocess import print_class_counts
+    from medctl.data.checks import check_data
+
+    report = check_data(resolve_config(config, overrides).data, max_reads=reads)
+    _print_rows(report.rows)
+    print_class_counts(report.counts)
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+def _print_rows(rows) -> None:
+    for row in rows:
+        mark = "[green]✓[/]" if row.ok else "[red]✗[/]"
+        console.print(f"{mark} [bold]{row.name}[/]: ", end="", highlight=False)
+        console.print(row.detail, highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,126 @@
+"""Datasets over a preprocessed cache: ``np.load`` of one ``.npy`` per item, nothing else.
+
+Example::
+
+    cache = ensure_cache(config.data)                    # or preprocess(config.data).cache_dir
+    train = CacheDataset(cache, "train", with_mask=False)
+    item = train[0]   # {"image": (C, *spatial) float32, "id": str, "<target>": label tensor}
+    specs = target_specs(cache)                          # [TargetSpec(name, kind, classes)]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from medctl.data.preprocess import read_manifest
+from medctl.data.splits import SPLITS
+from medctl.data.tables import TargetSpec
+from medctl.errors import DataError
+
+__all__ = ["CacheDataset", "TargetSpec", "read_summary", "target_specs"]
+
+
+def read_summary(cache_dir: str | Path) -> dict[str, Any]:
+    """The cache's ``summary.json`` (spatial_dims, in_channels, spatial_size, targets, counts, ...)."""
+    path = Path(cache_dir) / "summary.json"
+    if not path.is_file():
+        raise DataError(f"no summary.json in {cache_dir}: run `medctl preprocess -c <config>` first")
+    return json.loads(path.read_text())
+
+
+def target_specs(cache_dir: str | Path) -> list[TargetSpec]:
+    return [TargetSpec.from_dict(t) for t in read_summary(cache_dir)["targets"]]
+
+
+class CacheDataset(Dataset):
+    """Items of one split (or all, ``split=None``) of a cache; only samples with status ok.
+
+    Item: ``{"image": FloatTensor (C, *spatial), "id": str, "<target>": LongTensor () for binary and
+    multiclass or FloatTensor (L,) for multilabel, "mask": FloatTensor (1, *spatial) if with_mask}``.
+    ``transform`` receives the item dict and returns it, so MONAI dictionary transforms
+    (``RandFlipd(keys=["image", "mask"])``) apply to image and mask alike.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str | None,
+        targets: list[str] | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        with_mask: bool = False,
+    ):
+        if split is not None and split not in SPLITS:
+            raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        self.cache_dir = Path(cache_dir)
+        self.summary = read_summary(self.cache_dir)
+        all_specs = [TargetSpec.from_dict(t) for t in self.summary["targets"]]
+        known = {s.name: s for s in all_specs}
+        unknown = [t for t in targets or [] if t not in known]
+        if unknown:
+            raise DataError(
+                f"target {unknown[0]!r} is not in the cache {cache_dir}; it has: {', '.join(known) or 'none'}"
+            )
+        self.targets: list[TargetSpec] = [known[t] for t in targets] if targets is not None else all_specs
+        manifest = read_manifest(self.cache_dir)
+        keep = manifest.status == "ok"
+        if split is not None:
+            keep &= manifest.split == split
+        self.manifest: pd.DataFrame = manifest[keep].reset_index(drop=True)
+        self.split = split
+        self.transform = transform
+        self.with_mask = with_mask
+        self.ids: list[str] = self.manifest["id"].astype(str).tolist()
+        if with_mask and not self.manifest["has_mask"].all():
+            missing = self.manifest.loc[~self.manifest["has_mask"].astype(bool), "id"].tolist()
+            raise DataError(
+                f"{len(missing)} sample(s) of {cache_dir} have no mask (e.g. {missing[0]}); "
+                "set data.source.mask_root and rerun `medctl preprocess`, or use with_mask=False"
+            )
+        self._images = [str(self.cache_dir / "images" / f"{i}.npy") for i in self.ids]
+        self._masks = [str(self.cache_dir / "masks" / f"{i}.npy") for i in self.ids]
+        self._labels = {spec.name: self._label_tensor(spec) for spec in self.targets}
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.summary["spatial_dims"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.summary["in_channels"])
+
+    def labels(self, target: str) -> np.ndarray:
+        """(N,) class indices or (N, L) 0/1 labels of one target, in item order (class weights, sampling)."""
+        return self._labels[target].numpy()
+
+    def _label_tensor(self, spec: TargetSpec) -> torch.Tensor:
+        values = self.manifest[spec.name].tolist()
+        if spec.kind == "multilabel":
+            return torch.tensor(
+                np.asarray([list(v) for v in values], dtype=np.float32).reshape(-1, len(spec.classes))
+            )
+        return torch.tensor(np.asarray(values, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = torch.from_numpy(np.load(self._images[index]))  # (C, *spatial)
+        item: dict[str, Any] = {
+            "image": image.float() if image.dtype != torch.float32 else image,
+            "id": self.ids[index],
+        }
+        for name, labels in self._labels.items():
+            item[name] = labels[index]
+        if self.with_mask:
+            item["mask"] = torch.from_numpy(np.load(self._masks[index])).float()  # (1, *spatial)
+        if self.transform is not None:
+            item = self.transform(item)
+        return item

@@ -1,0 +1,99 @@
+"""Synthetic datasets: files, table, seeding, lesions under the masks, classes a probe can separate."""
+
+from __future__ import annotations
+
+import nrrd
+import numpy as np
+import pandas as pd
+from PIL import Image as PILImage
+from scipy.ndimage import gaussian_filter
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+
+from medctl.config import load_config
+from medctl.data.readers import read_image
+from medctl.data.synthetic import make_synthetic_dataset
+
+
+def test_files_table_and_config_overrides(synthetic_3d):
+    ds = synthetic_3d
+    table = pd.read_csv(ds.table, sep="\t", dtype=str)
+    assert list(table.columns) == [
+        "participant_id",
+        "label",
+        "recommended_split",
+        "retinal_oct",
+        "subject_id",
+    ]
+    assert len(table) == 24 and (table.retinal_oct == "FALSE").sum() == 2
+    kept = table[table.retinal_oct == "TRUE"]
+    for split in ("train", "val", "test"):  # every class in every split
+        assert set(kept.loc[kept.recommended_split == split, "label"]) == {"healthy", "edema"}
+    assert (table.groupby("subject_id")[["label", "recommended_split"]].nunique() == 1).all().all()
+    data, header = nrrd.read(str(ds.image_root / "sub-001.nrrd"))
+    assert data.dtype == np.int16 and header["encoding"] == "gzip"
+    image = read_image(ds.image_root / "sub-001.nrrd")
+    assert image.array.shape == (1, 16, 32, 32) and image.spacing == (2.0, 1.0, 1.0)
+    config = load_config(None, ds.config_overrides(), env={})
+    assert (
+        config.data.source.pattern == "{participant_id}.nrrd" and config.data.filter == "retinal_oct == True"
+    )
+    assert config.data.targets[0].kind == "binary" and config.data.targets[0].classes == ["healthy", "edema"]
+    assert config.data.preprocess.spatial_size == [16, 32, 32] and config.data.cache_dir == str(
+        ds.root / "cache"
+    )
+
+
+def test_seeded(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", n=6, seed=7)
+    b = make_synthetic_dataset(tmp_path / "b", n=6, seed=7)
+    c = make_synthetic_dataset(tmp_path / "c", n=6, seed=8)
+    first = read_image(a.image_root / "sub-002.nrrd").array
+    np.testing.assert_array_equal(first, read_image(b.image_root / "sub-002.nrrd").array)
+    assert not np.array_equal(first, read_image(c.image_root / "sub-002.nrrd").array)
+    assert a.table.read_text() == b.table.read_text()
+
+
+def test_lesions_grow_with_the_class_and_sit_under_the_masks(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "three", n=30, n_classes=3, seed=1)
+    assert ds.classes == ["healthy", "mild", "severe"]
+    table = pd.read_csv(ds.table, sep="\t")
+    volume_by_class: dict[str, list[int]] = {c: [] for c in ds.classes}
+    for row in table.itertuples():
+        image = read_image(ds.image_root / f"{row.participant_id}.nrrd").array[0].astype(float)
+        mask = read_image(ds.mask_root / f"{row.participant_id}.nrrd").array[0] > 0
+        volume_by_class[row.label].append(int(mask.sum()))
+        if mask.any():  # lesions are brighter than the organ around them
+            ring = (gaussian_filter(mask.astype(float), 1.5) > 0.05) & ~mask
+            assert image[mask].mean() > 1.4 * image[ring].mean()
+    assert max(volume_by_class["healthy"]) == 0
+    assert 0 < np.mean(volume_by_class["mild"]) < np.mean(volume_by_class["severe"])
+
+
+def test_a_linear_probe_on_local_features_separates_the_classes(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "probe", n=40, seed=4)
+    table = pd.read_csv(ds.table, sep="\t")
+    local, global_mean = [], []
+    for id_ in table.participant_id:
+        volume = read_image(ds.image_root / f"{id_}.nrrd").array[0].astype(float)
+        z = (volume - volume.mean()) / volume.std()
+        smooth = gaussian_filter(z, 1.0)  # a blob detector: what a decent encoder's filters pick up
+        local.append([smooth.max(), np.percentile(smooth, 99.5)])
+        global_mean.append([volume.mean()])
+    labels = (table.label == "edema").to_numpy()
+    probe = cross_val_score(LogisticRegression(), np.asarray(local), labels, cv=4).mean()
+    assert probe >= 0.9
+    mean_only = cross_val_score(LogisticRegression(), np.asarray(global_mean), labels, cv=4).mean()
+    assert mean_only < probe  # the class is not in the global intensity
+
+
+def test_2d_png_variant_and_png_slices_of_volumes(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "png16", n=8, dims=2, size=(48, 40), png_bits=16)
+    with PILImage.open(ds.image_root / "sub-001.png") as img:
+        assert img.size == (40, 48) and np.asarray(img).dtype == np.uint16
+    mask = np.asarray(PILImage.open(ds.mask_root / "sub-001.png"))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert ds.pattern == "{participant_id}.png" and ds.dims == 2
+    vol = make_synthetic_dataset(tmp_path / "vol", n=4, slices_png=True)
+    assert sorted(p.name for p in vol.png_root.iterdir()) == [f"sub-00{i}.png" for i in range(1, 5)]
+    assert np.asarray(PILImage.open(vol.png_mask_root / "sub-002.png")).shape == (32, 32)
