@@ -1,0 +1,124 @@
+"""`medctl sweep`: one probe / fine-tune recipe over several checkpoints, into a leaderboard."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from medctl.cli.common import (
+    ConfigOption,
+    OverridesArgument,
+    command_line,
+    console,
+    handle_errors,
+    resolve_config,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class Mode(StrEnum):
+    linear_probe = "linear_probe"
+    finetune = "finetune"
+    both = "both"
+
+
+@handle_errors
+def sweep_command(
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+    all_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--all-checkpoints/--listed-only",
+            help="Sweep sweep.checkpoints and every sweep.checkpoint_glob file in sweep.checkpoint_dir "
+            "(--listed-only: sweep.checkpoints alone).",
+        ),
+    ] = True,
+    mode: Annotated[
+        Mode | None,
+        typer.Option(
+            "--mode", help="linear_probe, finetune, or both (default sweep.mode).", show_default=False
+        ),
+    ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", "-j", min=1, help="Entries run in parallel (default sweep.jobs).", show_default=False
+        ),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Rerun every entry, including finished ones.")
+    ] = False,
+) -> None:
+    """Probe (and fine-tune) every checkpoint on one frozen split; leaderboard.csv / leaderboard.md.
+
+    Each entry is a run directory runs/<name>/<entry>/ evaluated on val and test; a rerun skips finished
+    entries and retries failed ones.
+
+    Example: medctl sweep -c config/sweep.toml --all-checkpoints --mode both
+    """
+    from medctl.sweep import run_sweep  # torch and MONAI load only when this command runs
+
+    result = run_sweep(
+        resolve_config(config, overrides),
+        command=command_line(),
+        all_checkpoints=all_checkpoints,
+        mode=mode.value if mode else None,
+        jobs=jobs,
+        fresh=fresh,
+    )
+    print_leaderboard(result.leaderboard, f"sweep {result.sweep_dir.name} ({result.mode})")
+    skipped = sum(o.status == "skipped" for o in result.outcomes)
+    console.print(
+        f"[green]✓[/] {len(result.outcomes)} entries ({skipped} already finished, {len(result.failed)} failed) "
+        f"in {result.wall_time_s:.1f} s; split manifest {result.split_manifest_hash}",
+        highlight=False,
+    )
+    console.print(f"  {result.leaderboard_md}", soft_wrap=True, highlight=False)
+
+
+def print_leaderboard(board: pd.DataFrame, title: str) -> None:
+    """The ranked entries as a rich table; failed entries below it, one line each with the reason."""
+    import pandas as pd
+
+    from medctl.evaluation.leaderboard import format_ci, format_duration, format_p
+
+    table = Table(title=title)
+    table.add_column("rank", justify="right")
+    table.add_column("entry", no_wrap=True)
+    table.add_column("mode")
+    for column in (
+        "val bal. acc.",
+        "test bal. acc.",
+        "test macro-F1",
+        "test AUROC",
+        "epochs",
+        "time",
+        "p vs leader",
+    ):
+        table.add_column(column, justify="right")
+    failed = []
+    for _, row in board.iterrows():
+        if row["status"] != "ok":
+            failed.append(row)
+            continue
+        rank = "—" if pd.isna(row["rank"]) else str(int(row["rank"]))
+        cells = [rank, str(row["entry"]), str(row.get("mode", ""))]
+        cells.append(format_ci(row.get("val_balanced_accuracy")))
+        for metric in ("balanced_accuracy", "macro_f1", "auroc"):
+            key = f"test_{metric}"
+            cells.append(format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")))
+        epochs = row.get("epochs")
+        cells += ["—" if pd.isna(epochs) else str(int(epochs)), format_duration(row.get("wall_time_s"))]
+        cells.append("leader" if rank == "1" else format_p(row.get("p_vs_leader")))
+        table.add_row(*cells)
+    console.print(table)
+    for row in failed:
+        console.print(
+            f"[red]✗[/] {row['entry']} failed: {row.get('reason', '')}", highlight=False, soft_wrap=True
+        )

@@ -1,0 +1,156 @@
+"""What a sweep runs: the checkpoints it finds, one named entry per (checkpoint, kind), and each entry's config.
+
+An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
+
+- ``<stem>``: the linear probe of a checkpoint (names from file stems, deduplicated ``<stem>_2``, ...);
+- ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``);
+- ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
+  ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from medctl.config import (
+    Config,
+    describe_validation_errors,
+    parse_overrides,
+    set_dotted,
+    unknown_key_problems,
+)
+from medctl.errors import ConfigError, DataError
+
+PROBE, FINETUNE = "linear_probe", "finetune"
+RANDOM_INIT = "random_init"
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    """One run of the sweep: ``checkpoint`` is "" for the random-initialisation baseline."""
+
+    name: str
+    checkpoint: str
+    kind: str  # "linear_probe" | "finetune"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> SweepEntry:
+        return cls(str(value["name"]), str(value["checkpoint"]), str(value["kind"]))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def find_checkpoints(config: Config, *, all_checkpoints: bool = True) -> list[str]:
+    """``sweep.checkpoints`` in their order, then (with ``all_checkpoints``) the sorted files of
+    ``sweep.checkpoint_dir`` matching ``sweep.checkpoint_glob``; one path once.
+
+    Listed files are kept even when missing (their entry fails with the reason; the others run).
+    Nothing found is a DataError naming both keys.
+    """
+    sweep = config.sweep
+    found = list(sweep.checkpoints)
+    if all_checkpoints and sweep.checkpoint_dir:
+        folder = Path(sweep.checkpoint_dir).expanduser()
+        if not folder.is_dir():
+            raise DataError(
+                f"sweep.checkpoint_dir = {sweep.checkpoint_dir!r} is not a folder; point it at the folder holding "
+                "the checkpoints (or list them in sweep.checkpoints)"
+            )
+        found += [str(p) for p in sorted(folder.glob(sweep.checkpoint_glob)) if p.is_file()]
+    unique: dict[Path, str] = {}
+    for path in found:
+        unique.setdefault(Path(path).expanduser().resolve(), path)
+    if not unique:
+        where = (
+            f"no file matches {sweep.checkpoint_glob!r} in sweep.checkpoint_dir = {sweep.checkpoint_dir!r}"
+            if all_checkpoints and sweep.checkpoint_dir
+            else "sweep.checkpoints is empty and sweep.checkpoint_dir is not set"
+        )
+        hint = "" if all_checkpoints else " (the folder is read with --all-checkpoints)"
+        raise DataError(
+            f"no checkpoints to sweep: {where}; list files in sweep.checkpoints or set sweep.checkpoint_dir"
+            f" (and sweep.checkpoint_glob){hint}"
+        )
+    return list(unique.values())
+
+
+def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_INIT,)) -> list[str]:
+    """A file-safe, unique name per checkpoint from its stem: ``a/best.pt``, ``b/best.pt`` -> best, best_2."""
+    taken = set(reserved)
+    names = []
+    for path in checkpoints:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("_.") or "checkpoint"
+        name, i = stem, 2
+        while name in taken:
+            name, i = f"{stem}_{i}", i + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
+    """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``."""
+    suffix = "_ft" if kind == FINETUNE else ""
+    entries = [
+        SweepEntry(f"{name}{suffix}", path, kind)
+        for name, path in zip(entry_names(checkpoints), checkpoints, strict=True)
+    ]
+    if config.sweep.random_baseline:
+        entries.append(SweepEntry(f"{RANDOM_INIT}{suffix}", "", kind))
+    return entries
+
+
+def finetune_of(entry: SweepEntry) -> SweepEntry:
+    """The fine-tune entry of a probe entry: ``<name>_ft`` on the same checkpoint."""
+    return SweepEntry(f"{entry.name}_ft", entry.checkpoint, FINETUNE)
+
+
+# ------------------------------------------------------------------------------------------ configs
+def entry_config(config: Config, entry: SweepEntry) -> Config:
+    """The sweep's config with this entry's checkpoint and kind (probe: frozen encoder throughout).
+
+    Fine-tunes: ``model.unfreeze_at_epoch = sweep.finetune_unfreeze_at_epoch`` then
+    ``sweep.finetune_overrides``. Every problem is one ConfigError naming the sweep key.
+    """
+    tree = config.model_dump(mode="json")
+    set_dotted(tree, "model.checkpoint", entry.checkpoint)
+    set_dotted(tree, "model.freeze_encoder", True)
+    problems: list[str] = []
+    if entry.kind == FINETUNE:
+        set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)
+        for dotted, value in parse_overrides(config.sweep.finetune_overrides, problems):
+            if dotted.split(".")[0] in ("data", "run", "sweep"):
+                problems.append(
+                    f"`{dotted}`: fine-tune overrides may not change data.*, run.* or sweep.* (every entry reads "
+                    "the same cache); set it for the whole sweep instead"
+                )
+                continue
+            set_dotted(tree, dotted, value)
+    else:
+        set_dotted(tree, "model.unfreeze_at_epoch", -1)
+    problems += unknown_key_problems(tree, Config)
+    resolved = None
+    try:
+        resolved = Config.model_validate(tree)
+    except ValidationError as exc:
+        problems += describe_validation_errors(exc)
+    if (
+        resolved is not None
+        and entry.kind == FINETUNE
+        and resolved.model.unfreeze_at_epoch >= resolved.train.epochs
+    ):
+        problems.append(
+            f"sweep.finetune_unfreeze_at_epoch = {resolved.model.unfreeze_at_epoch} is not before the last epoch "
+            f"({resolved.train.epochs - 1}, 0-based), so the encoder would never train; lower it or raise train.epochs"
+        )
+    if problems or resolved is None:
+        raise ConfigError(problems, "sweep.finetune_overrides" if entry.kind == FINETUNE else "sweep")
+    return resolved

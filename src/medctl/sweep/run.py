@@ -1,0 +1,414 @@
+"""``medctl sweep``: the same probe (and fine-tune) over several checkpoints, on one frozen split, into a leaderboard.
+
+The recipe, top to bottom:
+
+1. the checkpoints (``sweep.checkpoints``, and with ``all_checkpoints`` every ``sweep.checkpoint_glob`` file
+   of ``sweep.checkpoint_dir``) and the entries (:mod:`medctl.sweep.entries`); every entry's config is
+   resolved before anything runs, so a bad ``sweep.finetune_overrides`` stops the sweep at once;
+2. the data, preprocessed once; the hash of its split manifest is the sweep's, and every entry's
+   ``results.json`` must carry it (otherwise the entry's row fails);
+3. the entries, each a normal run directory ``<run.root>/<run.name>/<entry>/`` made by
+   :func:`medctl.finetune.run_finetune` and then evaluated on val and test by
+   :func:`medctl.evaluation.stage.run_evaluate` (``eval_val/``, ``eval_test/``); a finished entry
+   (``done.json``) is skipped, a failed one retried, an interrupted one resumed from its ``last.ckpt``.
+   One failing entry never stops the others: its row says why. ``jobs > 1`` runs entries in spawned
+   processes, each pinned to one GPU (round-robin) or, on CPU, to its share of the cores;
+4. mode ``both``: the probes first, then fine-tunes of the ``sweep.finetune_top`` pretrained checkpoints
+   with the best validation balanced accuracy;
+5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`) and ``sweep_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medctl.config import Config
+from medctl.data.preprocess import preprocess
+from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
+from medctl.evaluation.stage import run_evaluate
+from medctl.finetune import run_finetune
+from medctl.finetune.features import split_manifest_hash
+from medctl.progress import log, progress_bar
+from medctl.runs import environment_info, redact, write_text_atomic
+from medctl.sweep.board import SORT_BY, build_leaderboard, entry_row, failed_row
+from medctl.sweep.entries import (
+    FINETUNE,
+    PROBE,
+    SweepEntry,
+    entry_config,
+    find_checkpoints,
+    finetune_of,
+    plan_entries,
+)
+from medctl.sweep.state import DONE_FILE, SweepState, finished, write_done
+
+MODES = ("linear_probe", "finetune", "both")
+
+
+@dataclass
+class EntryOutcome:
+    """How one entry went in this sweep: ``status`` is done (ran now), skipped (finished before) or failed."""
+
+    entry: SweepEntry
+    run_dir: Path
+    status: str
+    reason: str = ""
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced; ``leaderboard`` is what ``leaderboard.csv`` holds (ranked, failures last)."""
+
+    sweep_dir: Path
+    leaderboard: pd.DataFrame
+    leaderboard_csv: Path
+    leaderboard_md: Path
+    outcomes: list[EntryOutcome]
+    split_manifest_hash: str
+    cache_dir: Path
+    mode: str
+    wall_time_s: float
+    state_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state_path = self.sweep_dir / "sweep_state.json"
+
+    @property
+    def leader(self) -> str | None:
+        ranked = self.leaderboard[self.leaderboard["rank"].notna()]
+        return None if ranked.empty else str(ranked.iloc[0]["entry"])
+
+    @property
+    def failed(self) -> list[EntryOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def run_sweep(
+    config: Config,
+    *,
+    command: str = "",
+    all_checkpoints: bool = True,
+    mode: str | None = None,
+    jobs: int | None = None,
+    fresh: bool = False,
+) -> SweepResult:
+    """Run the sweep ``config`` describes (see the module docstring); ``mode``/``jobs`` override ``[sweep]``.
+
+    ``fresh`` reruns every entry, finished or not. Ctrl-C stops the sweep; what finished is kept and a
+    rerun goes on from there.
+    """
+    start = time.perf_counter()
+    mode = mode or config.sweep.mode
+    if mode not in MODES:
+        raise ConfigError(
+            [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(MODES)}"], "sweep.mode"
+        )
+    jobs = jobs or config.sweep.jobs
+    sweep_dir = Path(config.run.root) / (config.run.name or "sweep")
+
+    # 1. checkpoints and entries, every entry's config resolved up front
+    checkpoints = find_checkpoints(config, all_checkpoints=all_checkpoints)
+    first = plan_entries(config, checkpoints, FINETUNE if mode == FINETUNE else PROBE)
+    for entry in first + ([finetune_of(first[0])] if mode == "both" else []):
+        entry_config(config, entry)
+    log(f"sweep: {len(checkpoints)} checkpoint(s), mode {mode}, {len(first)} entries first -> {sweep_dir}")
+
+    # 2. the data, once; its split manifest is the sweep's
+    cache = preprocess(config.data).cache_dir
+    manifest_hash = split_manifest_hash(cache)
+    log(f"sweep: cache {cache}, split manifest {manifest_hash}")
+    write_sweep_files(config, sweep_dir, command)
+    state = SweepState.load(sweep_dir, manifest_hash, mode)
+
+    # 3. the first round (probes, or fine-tunes in mode finetune)
+    runner = EntryRunner(config, sweep_dir, manifest_hash, state, command=command, jobs=jobs, fresh=fresh)
+    outcomes = runner.run(first)
+
+    # 4. mode both: fine-tune the best pretrained probes
+    if mode == "both":
+        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top)
+        log(
+            f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'} (top {config.sweep.finetune_top} by {SORT_BY})"
+        )
+        outcomes += runner.run([finetune_of(e) for e in chosen])
+
+    # 5. the leaderboard
+    rows, run_dirs = [], {}
+    for outcome in outcomes:
+        run_dirs[outcome.entry.name] = outcome.run_dir
+        if outcome.status == "failed":
+            rows.append(failed_row(outcome.entry, outcome.run_dir, outcome.reason))
+        else:
+            rows.append(entry_row(outcome.entry, outcome.run_dir, manifest_hash))
+    state.entries = {
+        o.entry.name: state.entries.get(o.entry.name, {}) for o in outcomes
+    }  # only this sweep's entries
+    state.save()
+    board, csv_path, md_path = build_leaderboard(
+        rows,
+        run_dirs,
+        sweep_dir,
+        n_bootstrap=config.sweep.bootstrap,
+        seed=config.run.seed,
+        title=f"Sweep {sweep_dir.name}: {mode}, split manifest {manifest_hash}",
+    )
+    log(f"sweep: leaderboard -> {md_path}")
+    return SweepResult(
+        sweep_dir, board, csv_path, md_path, outcomes, manifest_hash, cache, mode, time.perf_counter() - start
+    )
+
+
+def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
+    """The sweep folder's resolved ``config.toml`` and secret-free ``env.json``."""
+    write_text_atomic(sweep_dir / "config.toml", config.to_toml())
+    env = environment_info(Path(config.run.root)) | {"command": redact(command), "seed": config.run.seed}
+    write_text_atomic(sweep_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+def top_pretrained(
+    outcomes: Sequence[EntryOutcome], sweep_dir: Path, manifest_hash: str, k: int
+) -> list[SweepEntry]:
+    """The ``k`` finished entries with a checkpoint (not the random baseline), best validation score first."""
+    scored = []
+    for outcome in outcomes:
+        if outcome.status == "failed" or not outcome.entry.checkpoint:
+            continue
+        row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
+        value = row.get(SORT_BY)
+        if row["status"] == "ok" and value is not None:
+            scored.append((-float(value), len(scored), outcome.entry))
+    return [entry for _, _, entry in sorted(scored)[:k]]
+
+
+# ------------------------------------------------------------------------------------------- entries
+class EntryRunner:
+    """Runs entries in order (or ``jobs`` at a time in spawned processes), skipping finished ones."""
+
+    def __init__(
+        self,
+        config: Config,
+        sweep_dir: Path,
+        manifest_hash: str,
+        state: SweepState,
+        *,
+        command: str,
+        jobs: int,
+        fresh: bool,
+    ):
+        self.config, self.sweep_dir, self.manifest_hash, self.state = config, sweep_dir, manifest_hash, state
+        self.command, self.jobs, self.fresh = command, jobs, fresh
+
+    def run(self, entries: Sequence[SweepEntry]) -> list[EntryOutcome]:
+        outcomes: dict[str, EntryOutcome] = {}
+        todo = []
+        for entry in entries:
+            run_dir = self.sweep_dir / entry.name
+            if self.fresh:
+                (run_dir / DONE_FILE).unlink(missing_ok=True)
+            if finished(run_dir, entry, self.manifest_hash):
+                log(f"sweep: {entry.name} already finished, skipped ({run_dir})")
+                outcomes[entry.name] = EntryOutcome(entry, run_dir, "skipped")
+                self.state.mark(entry, "done")
+            else:
+                todo.append(entry)
+        with progress_bar("sweep", total=len(todo)) as bar:
+            run = self._in_processes if self.jobs > 1 and len(todo) > 1 else self._in_order
+            for outcome in run(todo):
+                outcomes[outcome.entry.name] = outcome
+                bar.advance(1, info=f"{outcome.entry.name} {outcome.status}")
+        return [outcomes[e.name] for e in entries]
+
+    def _job_args(self, entry: SweepEntry) -> dict[str, Any]:
+        run_dir = self.sweep_dir / entry.name
+        resume = (
+            not self.fresh
+            and self.state.status(entry.name) in ("running", "interrupted")
+            and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        )
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "entry": entry.to_dict(),
+            "run_dir": str(run_dir),
+            "manifest_hash": self.manifest_hash,
+            "command": self.command,
+            "resume": resume,
+        }
+
+    def _record(self, entry: SweepEntry, result: dict[str, Any]) -> EntryOutcome:
+        outcome = EntryOutcome(
+            entry,
+            self.sweep_dir / entry.name,
+            result["status"],
+            result.get("reason", ""),
+            result["wall_time_s"],
+        )
+        if outcome.status == "failed":
+            log(f"sweep: {entry.name} failed: {outcome.reason}")
+            self.state.mark(entry, "failed", reason=outcome.reason, wall_time_s=round(outcome.wall_time_s, 3))
+        else:
+            log(f"sweep: {entry.name} finished in {outcome.wall_time_s:.1f} s")
+            self.state.mark(entry, "done", wall_time_s=round(outcome.wall_time_s, 3))
+        return outcome
+
+    def _in_order(self, entries: Sequence[SweepEntry]):
+        for entry in entries:
+            args = self._job_args(entry)
+            log(
+                f"sweep: {entry.name} ({entry.kind}, {entry.checkpoint or 'random init'})"
+                + (", resuming" if args["resume"] else "")
+            )
+            self.state.mark(entry, "running", started=now_s())
+            try:
+                result = run_entry_job(**args)
+            except KeyboardInterrupt:
+                self.state.mark(entry, "interrupted")
+                raise
+            yield self._record(entry, result)
+
+    def _in_processes(self, entries: Sequence[SweepEntry]):
+        context = multiprocessing.get_context("spawn")
+        slots = context.Queue()
+        for slot in range(self.jobs):
+            slots.put(slot)
+        devices = visible_gpus()
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        log(
+            f"sweep: {self.jobs} parallel jobs, "
+            + (f"GPUs {', '.join(devices)} round-robin" if devices else f"{threads} CPU thread(s) each")
+        )
+        executor = ProcessPoolExecutor(
+            self.jobs, mp_context=context, initializer=init_worker, initargs=(slots, devices, threads)
+        )
+        running: dict[Future, SweepEntry] = {}
+        try:
+            for entry in entries:
+                self.state.mark(entry, "running", started=now_s())
+                running[executor.submit(run_entry_job, **self._job_args(entry))] = entry
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    entry = running.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # the worker process died (out of memory, killed): a failed row
+                        result = {
+                            "status": "failed",
+                            "reason": f"worker died: {type(exc).__name__}: {exc}",
+                            "wall_time_s": 0.0,
+                        }
+                    yield self._record(entry, result)
+        except KeyboardInterrupt:
+            for entry in running.values():
+                self.state.mark(entry, "interrupted")
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        executor.shutdown(wait=True)
+
+
+def now_s() -> float:
+    return round(time.time(), 3)
+
+
+def visible_gpus() -> list[str]:
+    """The GPU indices workers are pinned to, one each round-robin (none on a CPU-only machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
+    return ids or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def init_worker(slots: Any, devices: list[str], threads: int) -> None:
+    """In each spawned worker, before any CUDA call: pin one GPU, or limit torch to its share of the cores."""
+    slot = slots.get()
+    os.environ["MEDCTL_NO_PROGRESS"] = "1"  # one progress bar, the sweep's
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run_entry_job(
+    *,
+    config: dict[str, Any],
+    entry: dict[str, Any],
+    run_dir: str,
+    manifest_hash: str,
+    command: str,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train and evaluate one entry; returns ``{"status", "reason", "wall_time_s"}`` and never raises a
+    medctl error or a failure of the run (KeyboardInterrupt passes). Picklable arguments: runs in workers."""
+    start = time.perf_counter()
+    the_entry = SweepEntry.from_dict(entry)
+    try:
+        train_and_evaluate(
+            Config.model_validate(config), the_entry, Path(run_dir), manifest_hash, command, resume
+        )
+    except MedctlError as exc:
+        return {
+            "status": "failed",
+            "reason": first_line(str(exc)),
+            "wall_time_s": time.perf_counter() - start,
+        }
+    except Exception as exc:  # a failure inside one entry's run becomes its row; the others go on
+        return {
+            "status": "failed",
+            "reason": first_line(f"{type(exc).__name__}: {exc}"),
+            "wall_time_s": time.perf_counter() - start,
+        }
+    return {"status": "done", "reason": "", "wall_time_s": time.perf_counter() - start}
+
+
+def train_and_evaluate(
+    config: Config, entry: SweepEntry, run_dir: Path, manifest_hash: str, command: str, resume: bool
+) -> None:
+    """run_finetune into ``run_dir``, the manifest check, run_evaluate on val and test, then ``done.json``."""
+    if entry.checkpoint and not Path(entry.checkpoint).expanduser().is_file():
+        raise CheckpointError(f"{entry.checkpoint}: no such file; fix the path in sweep.checkpoints")
+    (run_dir / DONE_FILE).unlink(missing_ok=True)
+    resolved = entry_config(config, entry)
+    result = run_finetune(resolved, command=command, resume=resume, run_dir=run_dir)
+    recorded = json.loads(result.results_path.read_text()).get("split_manifest_hash")
+    if recorded != manifest_hash:
+        raise RunFailure(
+            f"{result.results_path}: trained on split manifest {recorded}, not the sweep's {manifest_hash} "
+            "(the data changed during the sweep); rerun the sweep"
+        )
+    evaluated = {}
+    for split in ("val", "test"):
+        evaluated[split] = run_evaluate(
+            result.best_checkpoint,
+            split=split,
+            config_overrides=resolved,
+            out_dir=run_dir / f"eval_{split}",
+            n_bootstrap=config.sweep.bootstrap,
+        )
+    write_done(
+        run_dir,
+        entry,
+        manifest_hash,
+        epochs_run=result.epochs_run,
+        train_wall_time_s=round(result.wall_time_s, 3),
+        n_test=evaluated["test"].n_samples,
+    )
+
+
+def first_line(text: str) -> str:
+    """A message on one line (a multi-problem ConfigError's lines joined)."""
+    return " ".join(line.strip() for line in text.strip().splitlines()) or "no reason given"

@@ -1,0 +1,107 @@
+"""What a sweep remembers between runs: ``sweep_state.json`` and each finished entry's ``done.json``.
+
+``sweep_state.json`` (written atomically by the sweep process after every change) records, per entry,
+its checkpoint, kind, status (``pending``, ``running``, ``done``, ``failed``, ``interrupted``), the
+one-line reason of a failure and timings. ``<entry>/done.json`` is written last, after training and
+evaluation, so its presence (with ``results.json`` and both evaluations) means "finished": a rerun skips
+the entry unless the split manifest, the checkpoint file or the entry's kind changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from medctl.runs import write_text_atomic
+from medctl.sweep.entries import SweepEntry
+
+STATE_FILE = "sweep_state.json"
+DONE_FILE = "done.json"
+FINISHED_FILES = ("results.json", "checkpoints/best.ckpt", "eval_val/metrics.json", "eval_test/metrics.json")
+
+
+def now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def checkpoint_stat(path: str) -> dict[str, int] | None:
+    """Size and mtime of a checkpoint file (None for the random baseline or a missing file)."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    stat = p.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+@dataclass
+class SweepState:
+    """The sweep's own record; ``entries`` maps an entry name to its status dict."""
+
+    path: Path
+    split_manifest_hash: str
+    mode: str
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, sweep_dir: Path, split_manifest_hash: str, mode: str) -> SweepState:
+        """The previous state when there is one (its entries keep their statuses), else an empty one."""
+        path = sweep_dir / STATE_FILE
+        entries: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            try:
+                entries = dict(json.loads(path.read_text()).get("entries", {}))
+            except (json.JSONDecodeError, AttributeError):
+                entries = {}  # a damaged record: the done markers still say what finished
+        return cls(path, split_manifest_hash, mode, entries)
+
+    def status(self, name: str) -> str:
+        return str(self.entries.get(name, {}).get("status", "pending"))
+
+    def mark(self, entry: SweepEntry, status: str, **fields: Any) -> None:
+        record = self.entries.setdefault(entry.name, {})
+        record.update(entry.to_dict(), status=status, updated=now(), **fields)
+        if status in ("running", "done") and "reason" not in fields:
+            record.pop("reason", None)
+        self.save()
+
+    def save(self) -> None:
+        payload = {
+            "split_manifest_hash": self.split_manifest_hash,
+            "mode": self.mode,
+            "updated": now(),
+            "entries": self.entries,
+        }
+        write_text_atomic(self.path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_done(run_dir: Path, entry: SweepEntry, split_manifest_hash: str, **fields: Any) -> None:
+    payload = {
+        **entry.to_dict(),
+        "checkpoint_stat": checkpoint_stat(entry.checkpoint),
+        "split_manifest_hash": split_manifest_hash,
+        "finished": now(),
+        **fields,
+    }
+    write_text_atomic(run_dir / DONE_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def finished(run_dir: Path, entry: SweepEntry, split_manifest_hash: str) -> bool:
+    """A done marker for this very entry (same kind, checkpoint file and split manifest) and its files."""
+    marker = run_dir / DONE_FILE
+    if not marker.is_file() or not all((run_dir / name).is_file() for name in FINISHED_FILES):
+        return False
+    try:
+        done = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (
+        done.get("kind") == entry.kind
+        and done.get("checkpoint") == entry.checkpoint
+        and done.get("checkpoint_stat") == checkpoint_stat(entry.checkpoint)
+        and done.get("split_manifest_hash") == split_manifest_hash
+    )

@@ -1,0 +1,179 @@
+"""`medctl sweep` end to end through the CLI on the synthetic volumes: leaderboard, resume, failures, jobs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import medctl.sweep.run as sweep_run
+from medctl.cli.app import app
+from medctl.models.checkpoints import encoder_payload, save_checkpoint
+from medctl.models.registry import build_encoder
+
+runner = CliRunner()
+ENCODER = "vit3d_test"
+SIZE = [16, 32, 32]
+# minmax intensity makes the synthetic task learnable from pooled features of any encoder (see test_finetune_cli)
+EASY = ['data.preprocess.intensity="minmax"', "data.preprocess.workers=1", 'run.device="cpu"']
+ENTRIES = ["byol_a", "byol_b", "corrupt", "random_init"]
+FINISHED = (
+    "results.json",
+    "checkpoints/best.ckpt",
+    "eval_val/metrics.json",
+    "eval_test/metrics.json",
+    "done.json",
+)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """Two 'pretrained' encoders (different seeds, one perturbed) and a truncated file."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    for name, seed in (("byol_a", 1), ("byol_b", 2)):
+        torch.manual_seed(seed)
+        encoder = build_encoder(ENCODER, input_size=SIZE)
+        with torch.no_grad():
+            for param in encoder.parameters():
+                param.add_(0.05 * seed * torch.randn_like(param))
+        save_checkpoint(
+            folder / f"{name}.pt", encoder_payload(encoder, name=ENCODER, args=encoder.build_args)
+        )
+    whole = (folder / "byol_a.pt").read_bytes()
+    (folder / "corrupt.pt").write_bytes(whole[: len(whole) // 3])
+    return folder
+
+
+def sweep_args(synthetic_3d, checkpoint_dir: Path, root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "sweep", "-c", "config/sweep.toml", "--all-checkpoints", *extra, *synthetic_3d.config_overrides(), *EASY,
+        f'model.encoder="{ENCODER}"', "data.batch_size=4", "train.epochs=15", "train.lr_head=0.05", "train.patience=0",
+        "train.warmup_epochs=0", "train.log_every=0", "sweep.bootstrap=50",
+        f"sweep.checkpoint_dir={json.dumps(str(checkpoint_dir))}",
+        f"run.root={json.dumps(str(root))}", f'run.name="{name}"',
+    ]  # fmt: skip
+
+
+def stamps(run_dir: Path) -> dict[str, int]:
+    return {name: (run_dir / name).stat().st_mtime_ns for name in FINISHED}
+
+
+def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
+    synthetic_3d, checkpoint_dir, tmp_path, monkeypatch
+):
+    args = sweep_args(synthetic_3d, checkpoint_dir, tmp_path / "runs", "sw")
+    sweep_dir = tmp_path / "runs" / "sw"
+
+    # 1. killed midway: the second entry is interrupted; the first one is finished and kept
+    original = sweep_run.run_finetune
+    calls = []
+
+    def interrupt_second(config, **kwargs):
+        calls.append(config.model.checkpoint)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(config, **kwargs)
+
+    monkeypatch.setattr(sweep_run, "run_finetune", interrupt_second)
+    result = invoke(*args)
+    assert result.exit_code == 130, result.output
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())["entries"]
+    assert state["byol_a"]["status"] == "done" and state["byol_b"]["status"] == "interrupted"
+    assert not (sweep_dir / "leaderboard.csv").exists()
+    first = stamps(sweep_dir / "byol_a")
+
+    # 2. the rerun finishes only the missing entries; the corrupt checkpoint fails alone, with the reason
+    monkeypatch.setattr(sweep_run, "run_finetune", original)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "byol_a already finished, skipped" in result.output
+    assert stamps(sweep_dir / "byol_a") == first
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    assert sorted(board["entry"]) == sorted(ENTRIES)
+    failed = board[board["status"] != "ok"]
+    assert failed["entry"].tolist() == ["corrupt"] and failed["status"].tolist() == ["failed"]
+    assert "corrupt.pt" in failed["reason"].iloc[0] and pd.isna(failed["rank"].iloc[0])
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())["entries"]
+    assert {k: v["status"] for k, v in state.items()} == {
+        "byol_a": "done", "byol_b": "done", "corrupt": "failed", "random_init": "done",
+    }  # fmt: skip
+    assert "corrupt.pt" in state["corrupt"]["reason"]
+
+    # sorted by validation balanced accuracy; every number is the entry's own
+    ok = board[board["status"] == "ok"].reset_index(drop=True)
+    assert ok["rank"].tolist() == [1, 2, 3]
+    assert ok["val_balanced_accuracy"].is_monotonic_decreasing
+    hashes = set()
+    for _, row in ok.iterrows():
+        run_dir = sweep_dir / row["entry"]
+        results = json.loads((run_dir / "results.json").read_text())
+        hashes.add(results["split_manifest_hash"])
+        assert row["epochs"] == results["epochs_run"] and row["wall_time_s"] == pytest.approx(
+            results["wall_time_s"]
+        )
+        assert row["checkpoint"] == (
+            str(checkpoint_dir / f"{row['entry']}.pt") if row["entry"] != "random_init" else ""
+        ) or (row["entry"] == "random_init" and pd.isna(row["checkpoint"]))
+        for split in ("val", "test"):
+            summary = json.loads((run_dir / f"eval_{split}" / "metrics.json").read_text())["summary"]
+            for metric in ("balanced_accuracy", "macro_f1", "auroc"):
+                assert row[f"{split}_{metric}"] == pytest.approx(summary[metric])
+                assert [row[f"{split}_{metric}_low"], row[f"{split}_{metric}_high"]] == pytest.approx(
+                    summary[f"{metric}_ci"]
+                )
+        assert row["val_balanced_accuracy"] == pytest.approx(results["metrics"]["balanced_accuracy"])
+    assert hashes == {ok["split_manifest_hash"].iloc[0]}
+    assert json.loads((sweep_dir / "sweep_state.json").read_text())["split_manifest_hash"] in hashes
+    assert math.isnan(ok["p_vs_leader"].iloc[0])
+    assert all(0 <= p <= 1 for p in ok["p_vs_leader"].iloc[1:])
+    md = (sweep_dir / "leaderboard.md").read_text()
+    assert "| 1 | " + ok["entry"].iloc[0] in md and "leader" in md and "failed: " in md
+    assert "leader" in result.output and ok["entry"].iloc[0] in result.output
+    assert "corrupt failed: " in " ".join(result.output.split())
+
+    # 3. a third run has nothing to do: every finished entry is untouched, the corrupt one is retried
+    before = {name: stamps(sweep_dir / name) for name in ok["entry"]}
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert {name: stamps(sweep_dir / name) for name in ok["entry"]} == before
+    assert "3 already finished, 1 failed" in result.output
+
+
+def test_no_checkpoint_found_is_one_line_naming_the_keys(synthetic_3d, tmp_path):
+    empty = tmp_path / "none"
+    empty.mkdir()
+    result = invoke(*sweep_args(synthetic_3d, empty, tmp_path / "runs", "x"))
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "sweep.checkpoints" in message and "sweep.checkpoint_dir" in message
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_jobs_two_and_mode_both_fine_tune_the_probe_leader(synthetic_3d, checkpoint_dir, tmp_path):
+    args = sweep_args(
+        synthetic_3d, checkpoint_dir, tmp_path / "runs", "par", "--jobs", "2", "--mode", "both",
+        "sweep.random_baseline=false", 'sweep.finetune_overrides=["train.epochs=2"]',
+    )  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    sweep_dir = tmp_path / "runs" / "par"
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    probes = board[(board["mode"] == "linear_probe") & (board["status"] == "ok")]
+    leader_probe = probes.sort_values("val_balanced_accuracy", ascending=False, kind="mergesort")[
+        "entry"
+    ].iloc[0]
+    tuned = board[board["mode"] == "finetune"]
+    assert tuned["entry"].tolist() == [f"{leader_probe}_ft"] and tuned["status"].tolist() == ["ok"]
+    results = json.loads((sweep_dir / f"{leader_probe}_ft" / "results.json").read_text())
+    assert results["mode"] == "finetune" and results["epochs_run"] == 2
+    assert board.loc[board["entry"] == "corrupt", "status"].tolist() == ["failed"]
