@@ -1,0 +1,397 @@
+"""Attribution maps through Captum: integrated gradients, gradients, guided backprop, Grad-CAM, occlusion.
+
+Every method in :data:`METHODS` has one signature, ``method(scores, x, target, settings)``: ``scores`` is a
+:class:`ClassScores` (the classifier reduced to one target's per-class scores), ``x`` one input
+``(1, C, *S)`` on the model's device, ``target`` a class index, and the result a float32 numpy map of
+shape ``S`` (2D or 3D). Channels are summed (signed methods) or max-reduced (gradient magnitude).
+
+- Integrated gradients (Sundararajan et al. 2017, Captum ``IntegratedGradients``): zero baseline,
+  ``settings.ig_steps`` steps; ``internal_batch_size`` is chosen to fit memory (see
+  :func:`auto_internal_batch_size`).
+- Gradients (Simonyan et al. 2014, Captum ``Saliency``): ``|d score / d x|``, max over channels.
+- Guided backprop (Springenberg et al. 2015, Captum ``GuidedBackprop``): it overrides the backward pass
+  of ``nn.ReLU`` modules only; a model whose non-linearities are GELU (ViTs) or functional ``F.relu``
+  gets plain gradients, and a line in the log says so.
+- Grad-CAM (Selvaraju et al. 2017) on ``encoder.gradcam_layer``, read as ``encoder.gradcam_layout``
+  (default ``feature_layout``): Captum ``LayerGradCam`` for feature maps ``(B, C, *s)``, upsampled
+  (bi/trilinear) to the input; for token layers the tokens ``(B, N, C)``
+  are reshaped to ``(B, C, *encoder.token_grid(S))`` after dropping leading extra tokens (class or
+  register tokens) and the gradient-times-activation CAM is computed here, since Captum's layer methods
+  assume channels on dimension 1. Both are ReLU'd, as in the paper.
+- Occlusion (Zeiler & Fergus 2014, Captum ``Occlusion``): zero patches of ``settings.occlusion_window``
+  moved by ``settings.occlusion_stride`` (clamped to the input size), every channel at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from captum.attr import (
+    GuidedBackprop,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    Occlusion,
+    Saliency,
+)
+from torch import nn
+
+from medctl.errors import ConfigError, RunFailure, UserError
+from medctl.progress import log
+
+TargetKind = Literal["binary", "multiclass", "multilabel"]
+
+# Memory an attribution batch may use when saliency.memory_budget_gb is 0 ("auto"): on CUDA this share
+# of the free device memory, on CPU a fixed budget (CPU memory is shared with the data and the OS, and
+# the process cannot tell how much of it is really free).
+CUDA_FREE_SHARE = 0.8
+CPU_BUDGET_BYTES = 2 * 1024**3
+MAX_PERTURBATIONS_PER_EVAL = 64  # occlusion: forward passes batched together at most
+
+
+# ------------------------------------------------------------------------------------ class scores
+class ClassScores(nn.Module):
+    """One target's per-class scores ``(B, K)`` from a medctl classifier returning ``{target: logits}``.
+
+    Binary heads have one logit ``l``; the scores are ``[-l, l]`` so class 1 (positive) is explained by
+    the logit and class 0 (negative) by its negation. Multiclass and multilabel heads keep their logits.
+    """
+
+    def __init__(self, classifier: nn.Module, target_name: str, kind: TargetKind):
+        super().__init__()
+        if kind not in ("binary", "multiclass", "multilabel"):
+            raise UserError(f"target kind {kind!r} is not binary, multiclass or multilabel")
+        self.classifier = classifier
+        self.target_name = target_name
+        self.kind = kind
+        self.train(classifier.training)  # a wrapper, not a layer: keep the classifier's mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.classifier(x)
+        if self.target_name not in outputs:
+            known = ", ".join(sorted(outputs))
+            raise UserError(f"the classifier has no head `{self.target_name}`; its heads are: {known}")
+        logits = outputs[self.target_name]  # (B, K)
+        if self.kind == "binary":
+            if logits.shape[-1] != 1:
+                raise UserError(
+                    f"target `{self.target_name}` is binary but its head gives {logits.shape[-1]} logits; "
+                    "a binary head has one logit (or declare the target multiclass)"
+                )
+            return torch.cat([-logits, logits], dim=1)  # (B, 2)
+        return logits
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` probabilities: sigmoid of the logit for binary (as [1-p, p]) and multilabel, else softmax."""
+        if self.kind == "binary":
+            positive = torch.sigmoid(scores[:, 1:])  # (B, 1)
+            return torch.cat([1 - positive, positive], dim=1)
+        if self.kind == "multilabel":
+            return torch.sigmoid(scores)
+        return torch.softmax(scores, dim=1)
+
+
+# ---------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class AttributionSettings:
+    """What the methods need beyond the model and the input (values from ``[saliency]``).
+
+    ``internal_batch_size`` 0 chooses it automatically; ``memory_budget_bytes`` 0 means the automatic
+    budget (:data:`CUDA_FREE_SHARE` of free CUDA memory, :data:`CPU_BUDGET_BYTES` on CPU).
+    """
+
+    ig_steps: int
+    occlusion_window: tuple[int, ...]
+    occlusion_stride: tuple[int, ...]
+    internal_batch_size: int = 0
+    memory_budget_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.ig_steps < 2:
+            problems.append(
+                f"`saliency.ig_steps` = {self.ig_steps}: integrated gradients needs at least 2 steps"
+            )
+        for key, values in (
+            ("occlusion_window", self.occlusion_window),
+            ("occlusion_stride", self.occlusion_stride),
+        ):
+            if not values or any(int(v) < 1 for v in values):
+                problems.append(
+                    f"`saliency.{key}` = {list(values)}: give one positive size per spatial axis, e.g. [4, 8, 8]"
+                )
+        if self.internal_batch_size < 0:
+            problems.append(
+                f"`saliency.internal_batch_size` = {self.internal_batch_size}: use 0 (automatic) or a positive size"
+            )
+        if self.memory_budget_bytes < 0:
+            problems.append("`saliency.memory_budget_gb` must be 0 (automatic) or positive")
+        if problems:
+            raise ConfigError(problems)
+
+
+def spatial_window(values: Sequence[int], spatial_shape: Sequence[int], key: str) -> tuple[int, ...]:
+    """A window/stride for this input: one entry per spatial axis, clamped to the axis size.
+
+    A 3-entry setting used on 2D inputs keeps its last two entries (the in-plane ones), so one config
+    serves both; fewer entries than spatial axes is an error naming the key.
+    """
+    n = len(spatial_shape)
+    if len(values) < n:
+        raise ConfigError(
+            [f"`saliency.{key}` = {list(values)} has {len(values)} entries; the input has {n} spatial axes"]
+        )
+    return tuple(min(int(v), int(s)) for v, s in zip(list(values)[-n:], spatial_shape, strict=True))
+
+
+# ------------------------------------------------------------------------------------ batch sizing
+def measure_sample_bytes(scores: ClassScores, x: torch.Tensor, target: int) -> int:
+    """Memory one sample's forward + backward needs.
+
+    CUDA: the allocator's peak above what was allocated before (``torch.cuda.max_memory_allocated``).
+    Elsewhere: twice the bytes autograd saves for the backward pass (activations, not parameters), found
+    with ``saved_tensors_hooks`` -- the saved activations plus about as much again for their gradients.
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        _forward_backward(scores, x, target)
+        torch.cuda.synchronize(x.device)
+        return max(1, torch.cuda.max_memory_allocated(x.device) - before)
+
+    parameters = {p.data_ptr() for p in scores.parameters()}
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() not in parameters:
+            saved[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _forward_backward(scores, x, target)
+    return max(1, 2 * sum(saved.values()) + x.numel() * x.element_size())
+
+
+def _forward_backward(scores: ClassScores, x: torch.Tensor, target: int) -> None:
+    with torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(scores(x)[:, target].sum(), x)
+    del grad
+
+
+def memory_budget(device: torch.device, budget_bytes: int = 0) -> int:
+    """The bytes one attribution batch may use: the given budget, else the automatic one."""
+    if budget_bytes > 0:
+        return budget_bytes
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(CUDA_FREE_SHARE * free)
+    return CPU_BUDGET_BYTES
+
+
+def auto_internal_batch_size(
+    scores: ClassScores, x: torch.Tensor, target: int, *, limit: int, budget_bytes: int = 0
+) -> int:
+    """How many scaled inputs fit one batch: memory budget // one sample's measured cost, in [1, limit].
+
+    The cost is measured once per model, input shape and device (a run's samples share them) and
+    remembered for as long as the model lives.
+    """
+    measured = _MEASURED.setdefault(scores.classifier, {})
+    key = (tuple(x.shape), x.dtype, str(x.device))
+    if key not in measured:
+        measured[key] = measure_sample_bytes(scores, x, target)
+    fits = memory_budget(x.device, budget_bytes) // measured[key]
+    return int(max(1, min(limit, fits)))
+
+
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------- methods
+def integrated_gradients_attribution(
+    scores: ClassScores, x: torch.Tensor, target: int, *, n_steps: int, internal_batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captum IG from a zero baseline: attributions ``(1, C, *S)`` and the completeness error ``(1,)``
+    (sum of attributions minus ``F(x) - F(0)``)."""
+    attributions, delta = IntegratedGradients(scores).attribute(
+        x,
+        baselines=torch.zeros_like(x),
+        target=target,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=True,
+    )
+    return attributions, delta
+
+
+def integrated_gradients(
+    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+) -> np.ndarray:
+    batch = settings.internal_batch_size or auto_internal_batch_size(
+        scores, x, target, limit=settings.ig_steps, budget_bytes=settings.memory_budget_bytes
+    )
+    attributions, _delta = integrated_gradients_attribution(
+        scores, x, target, n_steps=settings.ig_steps, internal_batch_size=batch
+    )
+    return _to_map(attributions.sum(dim=1))
+
+
+def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    attributions = Saliency(scores).attribute(x, target=target, abs=True)  # (1, C, *S)
+    return _to_map(attributions.amax(dim=1))
+
+
+def guided_backprop(
+    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+) -> np.ndarray:
+    if not any(isinstance(m, nn.ReLU) for m in scores.modules()):
+        log("guided_backprop: the model has no nn.ReLU modules, so its maps equal plain gradients")
+    attributions = GuidedBackprop(scores).attribute(x, target=target)  # (1, C, *S)
+    return _to_map(attributions.sum(dim=1))
+
+
+def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    encoder = scores.classifier.encoder
+    layer = encoder.gradcam_layer
+    spatial = tuple(x.shape[2:])
+    layout = getattr(encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map"))
+    if layout == "tokens":
+        cam = token_gradcam(scores, layer, tuple(encoder.token_grid(spatial)), x, target)  # (1, 1, *grid)
+    else:
+        cam = LayerGradCam(scores, layer).attribute(x, target=target, relu_attributions=True)  # (1, 1, *s)
+        if cam.ndim != x.ndim:
+            raise RunFailure(
+                f"gradcam: encoder.gradcam_layer gives {tuple(cam.shape)}, not a feature map (B, C, *spatial) "
+                "for this input; token encoders need feature_layout = 'tokens'"
+            )
+    mode = "trilinear" if len(spatial) == 3 else "bilinear"
+    return _to_map(LayerAttribution.interpolate(cam.float(), spatial, interpolate_mode=mode)[:, 0])
+
+
+def token_gradcam(
+    scores: ClassScores, layer: nn.Module, grid: tuple[int, ...], x: torch.Tensor, target: int
+) -> torch.Tensor:
+    """Grad-CAM on tokens ``(B, N, C)``: ``relu(sum_c mean_n(dS/dA) * A)`` on the token grid ``(B, 1, *grid)``.
+
+    Tokens are assumed in row-major grid order after ``N - prod(grid)`` leading extra tokens (class or
+    register tokens), which are dropped.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep_output(_module: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = layer.register_forward_hook(keep_output)
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            score = scores(x)[:, target].sum()
+            tokens = captured[-1]  # (B, N, C)
+            (grads,) = torch.autograd.grad(score, tokens)
+    finally:
+        handle.remove()
+    n_grid = math.prod(grid)
+    if tokens.ndim != 3 or tokens.shape[1] < n_grid:
+        raise RunFailure(
+            f"gradcam: encoder.gradcam_layer gives {tuple(tokens.shape)}, not tokens (B, N, C) with at least "
+            f"{n_grid} tokens for the grid {grid}"
+        )
+    tokens, grads = tokens[:, -n_grid:].detach(), grads[:, -n_grid:]  # (B, N', C)
+    weights = grads.mean(dim=1, keepdim=True)  # (B, 1, C)
+    cam = torch.relu((weights * tokens).sum(dim=-1))  # (B, N')
+    return cam.reshape(cam.shape[0], 1, *grid)  # (B, 1, *grid)
+
+
+def occlusion(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    spatial = tuple(x.shape[2:])
+    window = spatial_window(settings.occlusion_window, spatial, "occlusion_window")
+    stride = spatial_window(settings.occlusion_stride, spatial, "occlusion_stride")
+    n_windows = math.prod((s - w) // t + 1 for s, w, t in zip(spatial, window, stride, strict=True))
+    per_eval = settings.internal_batch_size or auto_internal_batch_size(
+        scores,
+        x,
+        target,
+        limit=min(n_windows, MAX_PERTURBATIONS_PER_EVAL),
+        budget_bytes=settings.memory_budget_bytes,
+    )
+    channels = x.shape[1]
+    attributions = Occlusion(scores).attribute(
+        x,
+        sliding_window_shapes=(channels, *window),
+        strides=(channels, *stride),
+        baselines=0.0,
+        target=target,
+        perturbations_per_eval=per_eval,
+    )  # (1, C, *S)
+    return _to_map(attributions.sum(dim=1))
+
+
+def _to_map(attribution: torch.Tensor) -> np.ndarray:
+    """``(1, *S)`` -> float32 numpy ``(*S)``."""
+    return attribution[0].detach().float().cpu().numpy().astype(np.float32, copy=False)
+
+
+MethodFn = Callable[[ClassScores, torch.Tensor, int, AttributionSettings], np.ndarray]
+
+METHODS: dict[str, MethodFn] = {
+    "integrated_gradients": integrated_gradients,
+    "gradients": gradients,
+    "guided_backprop": guided_backprop,
+    "gradcam": gradcam,
+    "occlusion": occlusion,
+}
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Check ``saliency.methods`` against :data:`METHODS`; every unknown name is reported at once."""
+    problems = [f"`saliency.methods` has unknown method {n!r}" for n in names if n not in METHODS]
+    if not names:
+        problems = ["`saliency.methods` is empty"]
+    if problems:
+        known = ", ".join(METHODS)
+        raise ConfigError([f"{p}; known methods: {known}" for p in problems])
+    return list(dict.fromkeys(names))
+
+
+def compute_map(
+    method: str, scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+) -> np.ndarray:
+    """One method's map ``(*S)`` for input ``x`` ``(1, C, *S)`` and class ``target``.
+
+    The model runs in eval mode with gradients on (even inside ``torch.no_grad``) and in-place
+    activations switched off for the call (Captum's backward hooks cannot follow in-place ReLUs).
+    """
+    (name,) = resolve_methods([method])
+    if x.ndim not in (4, 5) or x.shape[0] != 1:
+        raise UserError(f"saliency needs one input (1, C, H, W) or (1, C, D, H, W), got {tuple(x.shape)}")
+    x = x.detach().clone().requires_grad_(True)
+    with _attribution_mode(scores), torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
+        return METHODS[name](scores, x, target, settings)
+
+
+@contextlib.contextmanager
+def _attribution_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no in-place activations for the call; every module's own setting restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    model.eval()
+    for module in inplace:
+        module.inplace = False
+    try:
+        yield
+    finally:
+        for module in inplace:
+            module.inplace = True
+        for module, training in modes:
+            module.training = training

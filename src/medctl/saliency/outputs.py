@@ -1,0 +1,185 @@
+"""Files a saliency run leaves: NRRD maps (preprocessed and original grid), PNG panels, ``index.csv``.
+
+NRRDs are written with pynrrd in C order (``index_order="C"``, the file's fastest axis is the array's
+last), the layout :mod:`medctl.data.readers` reads and writes, with ``space directions`` and ``space
+origin`` from :class:`~medctl.saliency.geometry.Geometry`; 3D files declare
+``space: left-posterior-superior`` and open in 3D Slicer on top of the source scan. Figures are drawn with matplotlib's object API (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from medctl.saliency.geometry import Geometry
+
+INDEX_COLUMNS = [
+    "id",
+    "label",
+    "prediction",
+    "probability",
+    "target_class",
+    "target_probability",
+    "method",
+    "map_nrrd",
+    "map_original_nrrd",
+    "panel_png",
+    "pointing_hit",
+    "pointing_chance",
+    "mass_in_mask",
+    "mask_share",
+    "randomisation_spearman",
+    "seconds",
+]
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a sample id or class name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "sample"
+
+
+def write_nrrd(path: Path, volume: np.ndarray, geometry: Geometry | None) -> Path:
+    """``volume`` ``(*S)`` as gzip NRRD (float32), placed in world space by ``geometry`` when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"encoding": "gzip"}
+    if geometry is not None:
+        if tuple(geometry.shape) != tuple(volume.shape):
+            raise ValueError(f"geometry shape {geometry.shape} does not match the volume {volume.shape}")
+        header.update(geometry.nrrd_header())
+    tmp = path.with_name(f".{path.name}.tmp")
+    nrrd.write(str(tmp), np.ascontiguousarray(volume, dtype=np.float32), header, index_order="C")
+    tmp.replace(path)
+    return path
+
+
+def write_index(path: Path, rows: Sequence[dict]) -> pd.DataFrame:
+    """``index.csv``: one row per sample and method (columns :data:`INDEX_COLUMNS`)."""
+    frame = pd.DataFrame(list(rows), columns=INDEX_COLUMNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return frame
+
+
+# -------------------------------------------------------------------------------------------- panels
+def save_panel(
+    path: Path,
+    image: np.ndarray,
+    attribution: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    title: str = "",
+) -> Path:
+    """A PNG of the map over the image, with the mask's contour when given.
+
+    ``image`` and ``attribution`` are ``(*S)``. 3D: the three orthogonal slices through the peak of
+    ``|map|`` and a maximum intensity projection along axis 0. 2D: the image and the overlay.
+    """
+    if image.shape != attribution.shape or (mask is not None and mask.shape != attribution.shape):
+        raise ValueError(
+            f"panel shapes differ: image {image.shape}, map {attribution.shape}, mask {np.shape(mask)}"
+        )
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * attribution.ndim
+    signed = bool((attribution < 0).any())
+    vmax = float(np.abs(attribution).max()) or 1.0
+    views = (
+        _views_3d(image, attribution, mask, spacing)
+        if attribution.ndim == 3
+        else _views_2d(image, attribution, mask, spacing)
+    )
+
+    width = 3.2 * len(views) + 0.8
+    figure = Figure(figsize=(width, 3.6))  # fixed layout: constrained layout costs a second per panel
+    FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.01, right=1 - 0.7 / width, bottom=0.02, top=0.86, wspace=0.04)
+    axes = figure.subplots(1, len(views), squeeze=False)[0]
+    for ax, (name, img, amap, contour, aspect) in zip(axes, views, strict=True):
+        ax.imshow(_normalise_image(img), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        if amap is not None:
+            ax.imshow(_overlay(amap, vmax, signed), aspect=aspect, interpolation="nearest")
+        if contour is not None and contour.any() and not contour.all():
+            ax.contour(contour.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    cmap = "RdBu_r" if signed else "inferno"
+    scale = ScalarMappable(Normalize(-vmax if signed else 0.0, vmax), cmap=cmap)
+    colorbar_axes = figure.add_axes((1 - 0.55 / width, 0.12, 0.12 / width, 0.66))
+    figure.colorbar(scale, cax=colorbar_axes)
+    colorbar_axes.tick_params(labelsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+View = tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None, float]  # title, image, map, mask, aspect
+
+
+def _views_3d(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
+) -> list[View]:
+    peak = np.unravel_index(int(np.argmax(np.abs(amap))), amap.shape)
+    views = []
+    for axis in range(3):
+        index = [slice(None)] * 3
+        index[axis] = peak[axis]
+        rows, cols = [a for a in range(3) if a != axis]
+        view = tuple(index)
+        views.append(
+            (
+                f"axis {axis} = {peak[axis]}",
+                image[view],
+                amap[view],
+                None if mask is None else mask[view] > 0,
+                spacing[rows] / spacing[cols],
+            )
+        )
+    views.append(
+        (
+            "max projection (axis 0)",
+            image.max(axis=0),
+            np.abs(amap).max(axis=0),
+            None if mask is None else (mask > 0).any(axis=0),
+            spacing[1] / spacing[2],
+        )
+    )
+    return views
+
+
+def _views_2d(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
+) -> list[View]:
+    contour = None if mask is None else mask > 0
+    aspect = spacing[0] / spacing[1]
+    return [("image", image, None, contour, aspect), ("attribution", image, amap, contour, aspect)]
+
+
+def _normalise_image(image: np.ndarray) -> np.ndarray:
+    """Grey levels in [0, 1] between the 1st and 99th percentile."""
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    if high <= low:
+        high = low + 1.0
+    return np.clip((image - low) / (high - low), 0, 1)
+
+
+def _overlay(amap: np.ndarray, vmax: float, signed: bool) -> np.ndarray:
+    """RGBA ``(*S, 4)``: colour by value, opacity by magnitude, so zero attribution stays transparent."""
+    if signed:
+        rgba = colormaps["RdBu_r"](np.clip(0.5 + 0.5 * amap / vmax, 0, 1))
+    else:
+        rgba = colormaps["inferno"](np.clip(amap / vmax, 0, 1))
+    rgba[..., 3] = 0.85 * np.clip(np.abs(amap) / vmax, 0, 1) ** 0.5
+    return rgba

@@ -1,0 +1,413 @@
+"""``run_saliency``: every requested map for every sample, written to disk, scored and indexed.
+
+The stage reads like a recipe: check the settings -> wrap the classifier into one target's class scores
+(and a randomised copy for the sanity check) -> for each sample: predict, pick the class to explain,
+compute each method's map, write NRRDs and a panel, score against the mask -> per-class mean maps ->
+``index.csv`` and ``scores.json``. It needs nothing but a classifier and samples, so the CLI stage is
+"load checkpoint + cache, call this".
+
+Layout of ``out_dir``::
+
+    index.csv                       one row per sample and method (outputs.INDEX_COLUMNS)
+    scores.json                     per-method summary, settings, what the randomisation reset
+    maps/<id>/image.nrrd            the preprocessed input (channel mean) on the preprocessed grid
+    maps/<id>/<method>.nrrd         the map on the preprocessed grid
+    maps/<id>/<method>_original.nrrd  the map resampled onto the source scan's grid (geometry known)
+    maps/<id>/<method>.png          panel: slices through the peak + projection, mask contour
+    class_means/<method>_<class>.{nrrd,png}  mean of max-normalised maps per explained class
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medctl.errors import ConfigError, DataError, UserError
+from medctl.progress import log, progress_bar
+from medctl.runs import write_text_atomic
+from medctl.saliency.attribution import (
+    AttributionSettings,
+    ClassScores,
+    TargetKind,
+    compute_map,
+    resolve_methods,
+)
+from medctl.saliency.geometry import (
+    Geometry,
+    cache_geometry,
+    resample_to_grid,
+    resample_to_shape,
+    source_geometry,
+)
+from medctl.saliency.outputs import safe_name, save_panel, write_index, write_nrrd
+from medctl.saliency.scoring import (
+    mask_share,
+    mass_in_mask,
+    pointing_chance,
+    pointing_game,
+    randomised_copy,
+    rank_correlation,
+    summarise,
+)
+
+
+@dataclass
+class SaliencyResult:
+    """What a run produced: the index rows, per-method scores and where the files are."""
+
+    out_dir: Path
+    index: pd.DataFrame  # one row per sample and method
+    scores: dict[str, dict[str, float]]  # method -> summary (scoring.summarise)
+    class_means: list[dict[str, Any]] = field(default_factory=list)  # method, class, n, nrrd, png
+    randomised_modules: list[str] = field(default_factory=list)
+
+    @property
+    def index_path(self) -> Path:
+        return self.out_dir / "index.csv"
+
+    @property
+    def scores_path(self) -> Path:
+        return self.out_dir / "scores.json"
+
+
+def run_saliency(
+    classifier: nn.Module,
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    classes: Sequence[str],
+    target_name: str,
+    methods: Sequence[str],
+    out_dir: str | Path,
+    target: str = "pred",
+    ig_steps: int,
+    occlusion_window: Sequence[int],
+    occlusion_stride: Sequence[int],
+    randomisation_check: bool,
+    device: str | torch.device,
+    kind: TargetKind | None = None,
+    pointing_tolerance: int = 0,
+    internal_batch_size: int = 0,
+    memory_budget_gb: float = 0.0,
+) -> SaliencyResult:
+    """Explain ``classifier``'s ``target_name`` head on each sample with each method.
+
+    ``samples`` yields dicts with ``image`` ``(C, *S)``, ``id``, and optionally ``label`` (class index,
+    or a multi-hot vector for multilabel; ``<target_name>`` is read when ``label`` is absent, so
+    :class:`CacheDataset` items work as they are), ``mask`` ``(1, *S)`` and ``geometry`` (the manifest
+    row's ``spacing``, ``origin``, ``direction``, ``orig_shape`` and ``cache_affine``; see
+    :mod:`medctl.saliency.geometry`).
+    ``target``: ``pred`` (the predicted class), ``true`` (the label) or a class name. ``kind`` None
+    infers binary from a one-logit head and multiclass otherwise; pass ``multilabel`` explicitly.
+    ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing.
+    """
+    out_dir = Path(out_dir)
+    names = resolve_methods(methods)
+    classes = list(classes)
+    if target not in ("pred", "true") and target not in classes:
+        raise ConfigError(
+            [
+                f"`saliency.target` = {target!r}: use pred, true or a class of `{target_name}`: {', '.join(classes)}"
+            ]
+        )
+    settings = AttributionSettings(
+        ig_steps=ig_steps,
+        occlusion_window=tuple(occlusion_window),
+        occlusion_stride=tuple(occlusion_stride),
+        internal_batch_size=internal_batch_size,
+        memory_budget_bytes=int(memory_budget_gb * 1024**3),
+    )
+    device = resolve_device(device)
+    classifier = classifier.to(device).eval()
+    spatial_dims = getattr(classifier.encoder, "spatial_dims", None)
+
+    scores: ClassScores | None = None
+    randomised: ClassScores | None = None
+    reset: list[str] = []
+    rows: list[dict[str, Any]] = []
+    means = _ClassMeans()
+    total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
+    with progress_bar("saliency", total) as bar:
+        for sample in samples:
+            if "image" not in sample or "id" not in sample:
+                raise DataError(f"saliency samples need `image` and `id`; got keys {sorted(sample)}")
+            sample_id = str(sample["id"])
+            image = _image(sample, spatial_dims)  # (C, *S)
+            x = image[None].to(device)  # (1, C, *S)
+            if scores is None:
+                scores = ClassScores(
+                    classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind)
+                )
+                if randomisation_check:
+                    random_model, reset = randomised_copy(classifier, example=x)
+                    randomised = ClassScores(random_model, target_name, scores.kind)
+            with torch.no_grad():
+                probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
+            predicted = int(probabilities.argmax())
+            label = _label(sample, target_name, scores.kind)
+            target_index = _choose_target(target, predicted, label, classes, sample_id)
+            spatial = tuple(image.shape[1:])
+            mask = _mask(sample, spatial, sample_id)  # (*S) or None
+            record = sample.get("geometry")
+            source = source_geometry(record, len(spatial))  # the scan's grid, None when unknown
+            grid = cache_geometry(record, spatial, source)  # the cached array's grid
+            display = image.float().mean(dim=0).numpy()  # (*S)
+
+            folder = out_dir / "maps" / safe_name(sample_id)
+            write_nrrd(folder / "image.nrrd", display, grid)
+            for method in names:
+                started = time.perf_counter()
+                amap = compute_map(method, scores, x, target_index, settings)  # (*S)
+                seconds = time.perf_counter() - started
+                if not np.all(np.isfinite(amap)):
+                    log(
+                        f"saliency: {method} gave non-finite values for {sample_id}; they are kept in the files"
+                    )
+                row = {
+                    "id": sample_id,
+                    "label": _label_text(label, classes),
+                    "prediction": classes[predicted],
+                    "probability": float(probabilities[predicted]),
+                    "target_class": classes[target_index],
+                    "target_probability": float(probabilities[target_index]),
+                    "method": method,
+                    "seconds": seconds,
+                }
+                row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row))
+                if mask is not None:
+                    row["pointing_hit"] = pointing_game(amap, mask, tolerance=pointing_tolerance)
+                    row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
+                    row["mass_in_mask"] = mass_in_mask(amap, mask)
+                    row["mask_share"] = mask_share(mask)
+                if randomised is not None:
+                    random_map = compute_map(method, randomised, x, target_index, settings)
+                    row["randomisation_spearman"] = rank_correlation(amap, random_map)
+                rows.append(row)
+                means.add(method, target_index, amap, display, grid)
+            bar.advance(1)
+
+    if scores is None:
+        raise DataError(f"saliency: no samples to explain for target `{target_name}`; check saliency.split")
+    class_means = means.write(out_dir / "class_means", classes)
+    index = write_index(out_dir / "index.csv", rows)
+    summary = summarise(rows)
+    report = {
+        "target_name": target_name,
+        "kind": scores.kind,
+        "classes": classes,
+        "target": target,
+        "methods": names,
+        "settings": {
+            "ig_steps": ig_steps,
+            "occlusion_window": list(occlusion_window),
+            "occlusion_stride": list(occlusion_stride),
+            "pointing_tolerance": pointing_tolerance,
+            "internal_batch_size": internal_batch_size,
+            "memory_budget_gb": memory_budget_gb,
+            "randomisation_check": randomisation_check,
+        },
+        "scores": summary,
+        "randomised_modules": reset,
+        "class_means": class_means,
+    }
+    write_text_atomic(out_dir / "scores.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
+    return SaliencyResult(out_dir, index, summary, class_means, reset)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when there is one, else CPU; anything else as torch spells it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _write_map(
+    out_dir: Path,
+    folder: Path,
+    method: str,
+    amap: np.ndarray,
+    display: np.ndarray,
+    mask: np.ndarray | None,
+    grid: Geometry | None,
+    source: Geometry | None,
+    row: Mapping[str, Any],
+) -> dict[str, str]:
+    """The map as NRRD (preprocessed grid, and the source grid when known) and as a PNG panel."""
+    files = {"map_nrrd": write_nrrd(folder / f"{method}.nrrd", amap, grid)}
+    if source is not None and grid is not None:
+        original = resample_to_grid(amap, grid, source)  # (*orig_shape)
+        files["map_original_nrrd"] = write_nrrd(folder / f"{method}_original.nrrd", original, source)
+    title = (
+        f"{row['id']} | {method} | explains {row['target_class']} (p={row['target_probability']:.2f}) | "
+        f"pred {row['prediction']}" + (f" | label {row['label']}" if row["label"] else "")
+    )
+    spacing = grid.spacing if grid is not None else None
+    files["panel_png"] = save_panel(
+        folder / f"{method}.png", display, amap, mask=mask, spacing=spacing, title=title
+    )
+    return {key: path.relative_to(out_dir).as_posix() for key, path in files.items()}
+
+
+class _ClassMeans:
+    """Running sums of max-normalised maps (and images) per method and explained class."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def add(
+        self, method: str, class_index: int, amap: np.ndarray, image: np.ndarray, grid: Geometry | None
+    ) -> None:
+        scale = float(np.nanmax(np.abs(amap))) if amap.size else 0.0
+        normalised = np.nan_to_num(amap / scale if scale > 0 else amap).astype(np.float64)
+        entry = self.sums.get((method, class_index))
+        if entry is None:
+            self.sums[(method, class_index)] = {
+                "map": normalised,
+                "image": image.astype(np.float64),
+                "n": 1,
+                "grid": grid,
+            }
+            return
+        shape = entry["map"].shape
+        entry["map"] += resample_to_shape(normalised, shape)
+        entry["image"] += resample_to_shape(image, shape)
+        entry["n"] += 1
+        if entry["grid"] != grid:
+            entry["grid"] = None  # samples on different grids: the mean has no single world placement
+
+    def write(self, folder: Path, classes: Sequence[str]) -> list[dict[str, Any]]:
+        written = []
+        for (method, class_index), entry in sorted(self.sums.items()):
+            name = f"{method}_{safe_name(classes[class_index])}"
+            mean_map = (entry["map"] / entry["n"]).astype(np.float32)
+            mean_image = (entry["image"] / entry["n"]).astype(np.float32)
+            grid = entry["grid"]
+            nrrd_path = write_nrrd(folder / f"{name}.nrrd", mean_map, grid)
+            png_path = save_panel(
+                folder / f"{name}.png",
+                mean_image,
+                mean_map,
+                spacing=grid.spacing if grid is not None else None,
+                title=f"{method} | mean over {entry['n']} maps explaining {classes[class_index]}",
+            )
+            written.append(
+                {
+                    "method": method,
+                    "class": classes[class_index],
+                    "n": entry["n"],
+                    "nrrd": nrrd_path.relative_to(folder.parent).as_posix(),
+                    "png": png_path.relative_to(folder.parent).as_posix(),
+                }
+            )
+        return written
+
+
+def _image(sample: Mapping[str, Any], spatial_dims: int | None) -> torch.Tensor:
+    image = torch.as_tensor(sample["image"]).float()
+    if image.ndim not in (3, 4) or (spatial_dims is not None and image.ndim != spatial_dims + 1):
+        expected = (
+            f"(C, *S) with {spatial_dims} spatial axes" if spatial_dims else "(C, H, W) or (C, D, H, W)"
+        )
+        raise DataError(
+            f"sample {sample['id']}: image has shape {tuple(image.shape)}; the model needs {expected}"
+        )
+    return image
+
+
+def _mask(sample: Mapping[str, Any], spatial: tuple[int, ...], sample_id: str) -> np.ndarray | None:
+    mask = sample.get("mask")
+    if mask is None:
+        return None
+    mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
+    if mask.ndim == len(spatial) + 1:
+        mask = mask[0]  # (1, *S) -> (*S)
+    if mask.shape != spatial:
+        raise DataError(f"sample {sample_id}: mask shape {mask.shape} does not match the image's {spatial}")
+    return mask > 0
+
+
+def _infer_kind(
+    classifier: nn.Module, target_name: str, x: torch.Tensor, classes: Sequence[str], kind: TargetKind | None
+) -> TargetKind:
+    """The target's kind, checked against the head's width and the class list."""
+    with torch.no_grad():
+        outputs = classifier(x)
+    if target_name not in outputs:
+        raise UserError(
+            f"the classifier has no head `{target_name}`; its heads are: {', '.join(sorted(outputs))}"
+        )
+    width = int(outputs[target_name].shape[-1])
+    kind = kind or ("binary" if width == 1 else "multiclass")
+    expected = 1 if kind == "binary" else len(classes)
+    if kind == "binary" and len(classes) != 2:
+        raise UserError(
+            f"target `{target_name}` is binary: give its two class names (negative, positive), got {classes}"
+        )
+    if width != expected:
+        raise UserError(
+            f"target `{target_name}`: the head gives {width} logits but {len(classes)} classes were given "
+            f"({kind}); the classes must come from the same checkpoint"
+        )
+    return kind
+
+
+def _label(sample: Mapping[str, Any], target_name: str, kind: str) -> int | list[int] | None:
+    """The true class index (multilabel: indices of positive labels), or None when unlabelled."""
+    value = sample.get("label", sample.get(target_name))
+    if value is None:
+        return None
+    array = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
+    if kind == "multilabel":
+        return [int(i) for i in np.flatnonzero(array.ravel() > 0.5)]
+    if array.size != 1 or (isinstance(array.item(), float) and math.isnan(array.item())):
+        return None
+    index = int(array.item())
+    return index if index >= 0 else None
+
+
+def _choose_target(
+    target: str, predicted: int, label: int | list[int] | None, classes: Sequence[str], sample_id: str
+) -> int:
+    if target == "pred":
+        return predicted
+    if target == "true":
+        if isinstance(label, list):  # multilabel: the first positive label
+            label = label[0] if label else None
+        if label is None:
+            raise DataError(
+                f"sample {sample_id} has no label; saliency.target = 'true' needs labels (use 'pred')"
+            )
+        if not 0 <= label < len(classes):
+            raise DataError(f"sample {sample_id}: label {label} is not a class index below {len(classes)}")
+        return label
+    return list(classes).index(target)
+
+
+def _label_text(label: int | list[int] | None, classes: Sequence[str]) -> str:
+    if label is None:
+        return ""
+    if isinstance(label, list):
+        return ";".join(classes[i] for i in label if i < len(classes))
+    return classes[label] if 0 <= label < len(classes) else str(label)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

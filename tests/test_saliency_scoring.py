@@ -1,0 +1,170 @@
+"""Pointing game, mass in mask and the model-randomisation check, on hand-built maps and a trained model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medctl.saliency import (
+    AttributionSettings,
+    ClassScores,
+    compute_map,
+    mask_share,
+    mass_in_mask,
+    pointing_chance,
+    pointing_game,
+    randomised_copy,
+    rank_correlation,
+)
+from medctl.saliency.scoring import last_block, summarise
+from test_saliency_support import ball, blob_batch, make_model, train_blob_classifier
+
+
+def test_pointing_game_on_hand_built_maps():
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1:3, 2:4, 2:4] = True
+    amap = np.zeros((4, 8, 8), np.float32)
+    amap[2, 3, 3] = 1.0
+    assert pointing_game(amap, mask) is True
+    amap[0, 7, 7] = -2.0  # the peak of |map| counts, whatever its sign
+    assert pointing_game(amap, mask) is False
+    amap[0, 7, 7] = 0.0
+    amap[3, 4, 4] = 5.0  # one voxel diagonally outside the mask
+    assert pointing_game(amap, mask) is False
+    assert pointing_game(amap, mask, tolerance=1) is True
+    assert pointing_game(amap, np.zeros_like(mask)) is None  # nothing to point at
+    assert pointing_game(np.zeros_like(amap), mask) is None  # no peak
+
+
+def test_mass_in_mask_counts_positive_attribution_only():
+    mask = np.array([[1, 1, 0, 0]], bool)
+    amap = np.array([[3.0, 1.0, 4.0, -10.0]])
+    assert mass_in_mask(amap, mask) == pytest.approx(4.0 / 8.0)
+    assert math.isnan(mass_in_mask(-np.abs(amap), mask))
+    assert mask_share(mask) == 0.5
+    with pytest.raises(ValueError, match="shapes differ"):
+        mass_in_mask(amap, mask[:, :2])
+
+
+def test_pointing_chance_grows_with_the_tolerance():
+    mask = np.zeros((5, 5, 5), bool)
+    mask[2, 2, 2] = True
+    assert pointing_chance(mask) == pytest.approx(1 / 125)
+    assert pointing_chance(mask, tolerance=1) == pytest.approx(27 / 125)  # a 3x3x3 cube
+
+
+def test_rank_correlation_is_spearman_of_magnitudes():
+    a = np.array([1.0, -2.0, 3.0, 4.0])
+    assert rank_correlation(a, np.array([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
+    assert rank_correlation(a, np.array([4.0, 3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert math.isnan(rank_correlation(a, np.zeros(4)))
+
+
+def test_randomised_copy_resets_heads_and_last_block_only(seed):
+    model = make_model("tokens", 3, {"grade": 3}, (8, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy, reset = randomised_copy(model)
+    after = copy.state_dict()
+    assert "heads.grade" in reset and any(name.startswith("encoder.gradcam_layer") for name in reset)
+    assert not torch.equal(after["heads.grade.weight"], before["heads.grade.weight"])
+    assert not torch.equal(after["encoder.blocks.1.qkv.weight"], before["encoder.blocks.1.qkv.weight"])
+    assert torch.equal(after["encoder.blocks.0.qkv.weight"], before["encoder.blocks.0.qkv.weight"])
+    assert torch.equal(after["encoder.patch_embed.weight"], before["encoder.patch_embed.weight"])
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, before[key])
+    state = torch.random.get_rng_state()
+    randomised_copy(model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global randomness untouched
+
+
+def test_last_block_is_the_one_that_runs_last(seed):
+    model = make_model("tokens", 3, {"grade": 3}, (8, 16, 16))
+    # a decoder registered after the blocks but unused for classification (like a UNet's)
+    model.encoder.decoder = torch.nn.ModuleList([torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)])
+    assert last_block(model)[0] == "encoder.decoder.1"  # without an example: the last registered
+    name, block = last_block(model, torch.randn(1, 1, 8, 16, 16))
+    assert name == "encoder.blocks.1" and block is model.encoder.blocks[1]
+    _, reset = randomised_copy(model, example=torch.randn(1, 1, 8, 16, 16))
+    assert not any("decoder" in r for r in reset)
+    assert last_block(make_model("cnn", 3, {"grade": 3}, (8, 16, 16))) is None  # CNN: no block list
+
+
+def test_summary_reports_rates_and_chance_levels():
+    rows = [
+        {
+            "method": "m",
+            "pointing_hit": True,
+            "pointing_chance": 0.1,
+            "mass_in_mask": 0.5,
+            "mask_share": 0.1,
+            "seconds": 1,
+        },
+        {
+            "method": "m",
+            "pointing_hit": False,
+            "pointing_chance": 0.3,
+            "mass_in_mask": 0.3,
+            "mask_share": 0.3,
+            "seconds": 3,
+        },
+        {"method": "m", "pointing_hit": None, "seconds": 2},  # no mask: not scored
+    ]
+    summary = summarise(rows)["m"]
+    assert summary["n"] == 3 and summary["n_scored"] == 2
+    assert summary["pointing_hit_rate"] == 0.5
+    assert summary["pointing_chance"] == pytest.approx(0.2)
+    assert summary["mass_in_mask"] == pytest.approx(0.4)
+    assert summary["seconds"] == pytest.approx(2.0)
+    assert math.isnan(summary["randomisation_spearman"])
+
+
+@pytest.fixture(scope="module")
+def blob_model():
+    """A TinyCNN trained for a few dozen steps to tell noise from noise with a bright ball in it."""
+    return train_blob_classifier()
+
+
+def test_trained_model_points_at_the_ball_far_above_chance(blob_model):
+    images, labels, masks = blob_batch(32, np.random.default_rng(123))
+    with torch.no_grad():
+        predicted = (blob_model(torch.from_numpy(images))["blob"][:, 0] > 0).numpy()
+    assert (predicted == labels).mean() >= 0.9  # the model did learn the task
+
+    scores = ClassScores(blob_model, "blob", "binary")
+    random_model, _ = randomised_copy(blob_model)
+    randomised = ClassScores(random_model, "blob", "binary")
+    settings = AttributionSettings(ig_steps=16, occlusion_window=(2, 4, 4), occlusion_stride=(2, 4, 4))
+    # Grad-CAM lives on the half-resolution feature map: one voxel of tolerance, and the matching chance
+    tolerance = {"integrated_gradients": 0, "gradcam": 1}
+    results = {method: {"hit": [], "chance": [], "mass": [], "share": [], "rho": []} for method in tolerance}
+    for i in np.flatnonzero(labels)[:8]:
+        x = torch.from_numpy(images[i : i + 1])  # (1, 1, D, H, W)
+        for method, grow in tolerance.items():
+            amap = compute_map(method, scores, x, 1, settings)
+            result = results[method]
+            result["hit"].append(pointing_game(amap, masks[i], tolerance=grow))
+            result["chance"].append(pointing_chance(masks[i], tolerance=grow))
+            result["mass"].append(mass_in_mask(amap, masks[i]))
+            result["share"].append(mask_share(masks[i]))
+            result["rho"].append(rank_correlation(amap, compute_map(method, randomised, x, 1, settings)))
+
+    ig, cam = results["integrated_gradients"], results["gradcam"]
+    assert np.mean(ig["share"]) < 0.02  # a ball of ~17 voxels in 2048: chance is below 2%
+    assert np.mean(ig["hit"]) >= 0.8
+    assert np.mean(ig["mass"]) > 10 * np.mean(ig["share"])
+    assert np.mean(cam["chance"]) < 0.1
+    assert np.mean(cam["hit"]) >= 0.5
+    assert np.mean(cam["hit"]) > 5 * np.mean(cam["chance"])
+    assert np.mean(cam["mass"]) > 3 * np.mean(cam["share"])
+
+    # model randomisation: maps of the re-initialised model no longer match the trained model's
+    assert np.mean(ig["rho"]) < 0.9
+    assert np.mean(cam["rho"]) < 0.5
+
+
+def test_ball_helper_makes_the_expected_mask():
+    mask = ball((8, 16, 16), (4, 8, 8), 1.6)
+    assert mask.sum() == 19 and mask[4, 8, 8]
