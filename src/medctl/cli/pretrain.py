@@ -1,0 +1,47 @@
+"""`medctl pretrain`: self-supervised pretraining (byol, mim_contrastive, jepa) -> checkpoints/encoder.ckpt."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from medctl.cli.common import (
+    ConfigOption,
+    OverridesArgument,
+    command_line,
+    console,
+    handle_errors,
+    resolve_config,
+)
+
+
+@handle_errors
+def pretrain_command(
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue runs/<run.name> from its checkpoints/last.ckpt.")
+    ] = False,
+) -> None:
+    """Pretrain an encoder without labels; finetune takes runs/<name>/checkpoints/encoder.ckpt directly.
+
+    Example: medctl pretrain -c config/pretrain/byol.toml pretrain.epochs=20 run.name=byol_short
+    """
+    from medctl.pretrain.run import run_pretrain  # torch loads only when this command runs
+
+    result = run_pretrain(resolve_config(config, overrides), command=command_line(), resume=resume)
+    console.print(f"[green]✓[/] run {result.run_dir}", soft_wrap=True, highlight=False)
+    table = Table(title="pretraining")
+    for column in ("epochs", "final loss", "k-NN accuracy", "samples/s", "encoder.ckpt"):
+        table.add_column(column, justify="left" if column == "encoder.ckpt" else "right")
+    knn = "-" if result.knn_accuracy is None else f"{result.knn_accuracy:.3f}"
+    table.add_row(
+        str(result.epochs_run),
+        f"{result.final_loss:.4f}",
+        knn,
+        f"{result.samples_per_s:.1f}",
+        str(result.encoder_checkpoint),
+    )
+    console.print(table)

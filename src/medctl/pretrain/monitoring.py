@@ -1,0 +1,404 @@
+"""Is pretraining learning anything? Collapse checks, online k-NN, t-SNE, reconstruction panels, loss curve.
+
+Everything runs on fixed, seeded subsets of the train and val splits (``pretrain.monitor_samples``
+each), embedded with the method's online encoder in eval mode without gradients:
+
+- collapse: the per-dimension standard deviation of the L2-normalised embeddings, mean and min. Spread
+  out unit vectors in D dimensions have a std near ``1 / sqrt(D)`` per dimension; a collapsed encoder
+  (every input mapped to one point) drives it to 0. A warning is logged below ``0.1 / sqrt(D)``.
+- k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
+  embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
+  Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.
+- t-SNE (van der Maaten and Hinton, JMLR 2008; sklearn) of the train and val subsets coloured by label,
+  perplexity adapted to small N.
+- reconstruction panels (original, mask, reconstruction, residual) for methods that reconstruct.
+- the loss curve at the end, from ``fit``'s history.
+
+Figures are PNGs drawn into their own matplotlib ``Figure`` (no pyplot, no global state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+from sklearn.neighbors import KNeighborsClassifier
+from torch import nn
+
+from medctl.data.tables import TargetSpec
+from medctl.evaluation.plots import plot_training_curves
+from medctl.progress import log
+from medctl.training.precision import autocast_context
+
+COLLAPSE_FACTOR = 0.1  # warn when the mean std falls below COLLAPSE_FACTOR / sqrt(D)
+PANEL_ROWS = 4
+DPI = 110
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of some items of a dataset, with their labels (binary/multiclass targets only)."""
+
+    vectors: np.ndarray  # (N, D) float32
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # target -> (N,) class indices
+    ids: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------- embeddings
+def fixed_subset(n: int, limit: int, seed: int) -> list[int]:
+    """At most ``limit`` of ``range(n)``, drawn once with ``seed`` (sorted), so every epoch sees the same items."""
+    if n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def stack_items(dataset: Any, indices: Sequence[int]) -> dict[str, Any]:
+    """Items ``indices`` of a map-style dataset collated by hand (no DataLoader, so no RNG is drawn)."""
+    items = [dataset[i] for i in indices]
+    batch: dict[str, Any] = {"ids": [item["id"] for item in items]}
+    for key in items[0]:
+        if isinstance(items[0][key], torch.Tensor):
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
+@torch.no_grad()
+def embed_items(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Any,
+    indices: Sequence[int],
+    targets: Sequence[TargetSpec],
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> Embeddings:
+    """``embed`` (B, C, *S) -> (B, D) over ``dataset[indices]`` in batches; labels of class targets kept."""
+    vectors, ids = [], []
+    labels: dict[str, list[np.ndarray]] = {t.name: [] for t in targets if t.kind != "multilabel"}
+    for start in range(0, len(indices), batch_size):
+        batch = stack_items(dataset, indices[start : start + batch_size])
+        vectors.append(embed(batch["image"].to(device)).float().cpu().numpy())  # (b, D)
+        ids += batch["ids"]
+        for name in labels:
+            labels[name].append(batch[name].numpy().reshape(-1))
+    dim = vectors[0].shape[1] if vectors else 0
+    return Embeddings(
+        np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+        {name: np.concatenate(parts) for name, parts in labels.items() if parts},
+        ids,
+    )
+
+
+# --------------------------------------------------------------------------------------- collapse
+def collapse_stats(vectors: np.ndarray) -> dict[str, float]:
+    """Per-dimension std of L2-normalised embeddings (N, D): its mean and min, and 1/sqrt(D) for scale."""
+    if len(vectors) < 2:
+        raise ValueError("the collapse check needs at least 2 embeddings")
+    unit = F.normalize(torch.as_tensor(vectors, dtype=torch.float64), dim=1)  # (N, D)
+    std = unit.std(dim=0)  # (D,)
+    return {
+        "embed_std_mean": float(std.mean()),
+        "embed_std_min": float(std.min()),
+        "embed_std_reference": 1.0 / math.sqrt(unit.shape[1]),
+    }
+
+
+def collapse_warning(stats: dict[str, float], previous: float | None) -> str:
+    """A warning line when the embeddings are collapsing, "" otherwise.
+
+    Collapsing means falling toward zero: below ``0.1 / sqrt(D)`` and lower than at the ``previous``
+    check. A fresh encoder can sit below the threshold (a transformer's mean-pooled tokens are dominated
+    by position embeddings at initialisation), so a low first value alone is not a warning.
+    """
+    threshold = COLLAPSE_FACTOR * stats["embed_std_reference"]
+    value = stats["embed_std_mean"]
+    if value >= threshold or previous is None or value >= previous:
+        return ""
+    return (
+        f"embeddings are collapsing: mean per-dimension std {value:.2e} < {threshold:.2e} (0.1/sqrt(D)) and falling "
+        f"(was {previous:.2e}); lower pretrain.lr, raise pretrain.ema_momentum, or check the augmentations"
+    )
+
+
+# -------------------------------------------------------------------------------------------- k-NN
+def knn_accuracy(
+    train_vectors: np.ndarray,
+    train_labels: np.ndarray,
+    query_vectors: np.ndarray,
+    query_labels: np.ndarray,
+    k: int = 5,
+) -> float:
+    """Accuracy of a cosine k-NN vote (``k = min(k, N_train)``) of the queries against the train embeddings."""
+    if len(train_vectors) == 0 or len(query_vectors) == 0:
+        raise ValueError("k-NN needs train and query embeddings")
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(train_vectors)), metric="cosine", algorithm="brute")
+    knn.fit(train_vectors, train_labels)
+    return float((knn.predict(query_vectors) == query_labels).mean())
+
+
+def knn_metrics(train: Embeddings, val: Embeddings, k: int = 5) -> dict[str, float]:
+    """``knn_accuracy`` (mean over class targets) and ``knn_accuracy_<target>`` when there are several."""
+    names = [name for name in train.labels if name in val.labels]
+    if not names or len(train.vectors) == 0 or len(val.vectors) == 0:
+        return {}
+    per_target = {
+        name: knn_accuracy(train.vectors, train.labels[name], val.vectors, val.labels[name], k)
+        for name in names
+    }
+    out = {"knn_accuracy": float(np.mean(list(per_target.values())))}
+    if len(per_target) > 1:
+        out |= {f"knn_accuracy_{name}": value for name, value in per_target.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ figures
+def tsne_perplexity(n: int) -> float:
+    """sklearn's default of 30 for large N; about N/3 for small N (it must stay below N)."""
+    return float(max(1.0, min(30.0, (n - 1) / 3.0)))
+
+
+def plot_tsne(
+    vectors: np.ndarray,
+    labels: np.ndarray | None,
+    classes: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    groups: np.ndarray | None = None,
+    seed: int = 0,
+) -> Path | None:
+    """A 2D t-SNE of (N, D) embeddings coloured by class (markers by ``groups``); None when N < 4."""
+    n = len(vectors)
+    if n < 4:
+        return None
+    points = TSNE(
+        n_components=2, perplexity=tsne_perplexity(n), init="pca", learning_rate="auto", random_state=seed
+    ).fit_transform(np.asarray(vectors, dtype=np.float64))  # (N, 2)
+    fig = Figure(figsize=(5.0, 4.2))
+    ax = fig.subplots()
+    groups = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
+    markers = dict(zip(sorted(set(groups.tolist())), "o^sDvP*", strict=False))
+    labels = np.zeros(n, dtype=int) if labels is None else np.asarray(labels)
+    colours = {c: f"C{i % 10}" for i, c in enumerate(sorted(set(labels.tolist())))}
+    for group, marker in markers.items():
+        for label, colour in colours.items():
+            chosen = (groups == group) & (labels == label)
+            if chosen.any():
+                name = classes[label] if 0 <= label < len(classes) else str(label)
+                legend = f"{name}" + (f" ({group})" if len(markers) > 1 else "")
+                ax.scatter(points[chosen, 0], points[chosen, 1], s=18, c=colour, marker=marker, label=legend)
+    ax.set_title(title or "t-SNE of embeddings")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def centre_slice(x: torch.Tensor) -> np.ndarray:
+    """(C, *S) -> the first channel's 2D image; volumes give their centre axial slice."""
+    image = x[0]
+    if image.ndim == 3:
+        image = image[image.shape[0] // 2]
+    return image.detach().float().cpu().numpy()
+
+
+def plot_reconstruction(
+    original: torch.Tensor,
+    mask: torch.Tensor,
+    reconstruction: torch.Tensor,
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Rows of samples, columns original | mask | reconstruction | residual; (B, C, *S) tensors, mask (B, 1, *S)."""
+    rows = min(PANEL_ROWS, original.shape[0])
+    fig = Figure(figsize=(8.4, 2.2 * rows))
+    axes = fig.subplots(rows, 4, squeeze=False)
+    for r in range(rows):
+        image, recon = centre_slice(original[r]), centre_slice(reconstruction[r])
+        low, high = float(np.percentile(image, 1)), float(np.percentile(image, 99))
+        panels = [
+            ("original", image, dict(cmap="gray", vmin=low, vmax=high)),
+            (
+                "mask" if mask.any() else "mask (none)",
+                centre_slice(mask[r]),
+                dict(cmap="magma", vmin=0, vmax=1),
+            ),
+            ("reconstruction", recon, dict(cmap="gray", vmin=low, vmax=high)),
+            ("|residual|", np.abs(image - recon), dict(cmap="inferno", vmin=0)),
+        ]
+        for c, (name, data, style) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(data, **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The training loss and its parts per epoch (and the k-NN accuracy when it was measured)."""
+    keys = ["loss"] + sorted(
+        {k[len("train_") :] for row in history for k in row if k.startswith("train_loss_")}
+    )
+    if any("val_knn_accuracy" in row for row in history):
+        keys.append("knn_accuracy")
+    return plot_training_curves(list(history), path, keys)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def warn_if_collapsing(stats: dict[str, float], previous: float | None) -> None:
+    message = collapse_warning(stats, previous)
+    if message:
+        log(f"warning: {message}")
+
+
+# ------------------------------------------------------------------------------------- during a run
+@dataclass
+class Monitor:
+    """What a run monitors on: fixed subsets of the train and val splits, the embedding, where figures go."""
+
+    train: Any  # a CacheDataset (items with "image", "id" and labels)
+    train_indices: list[int]
+    val: Any
+    val_indices: list[int]
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, C, *S) -> (B, D), eval mode, no gradient
+    figures: Path
+    batch_size: int
+    device: torch.device
+    previous_std: float | None = None  # the last collapse check, to tell a falling value
+
+
+def make_monitor(
+    method: nn.Module,
+    train: Any,
+    val: Any,
+    *,
+    limit: int,
+    seed: int,
+    figures: Path,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> Monitor:
+    """Fixed subsets of at most ``limit`` items per split, and ``method.embed`` under the run's autocast."""
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        method.eval()
+        with torch.no_grad(), autocast_context(device, precision):
+            return method.embed(x)
+
+    train_indices, val_indices = (
+        fixed_subset(len(train), limit, seed),
+        fixed_subset(len(val), limit, seed + 1),
+    )
+    return Monitor(train, train_indices, val, val_indices, embed, Path(figures), batch_size, device)
+
+
+def due(epoch: int, every: int, epochs: int) -> bool:
+    """Every ``every`` epochs (0: never), and always at the last epoch when enabled."""
+    return every > 0 and ((epoch + 1) % every == 0 or epoch == epochs - 1)
+
+
+def embed_splits(monitor: Monitor) -> tuple[Embeddings, Embeddings]:
+    """Embeddings of the fixed train and val subsets."""
+    targets, size, device = monitor.train.targets, monitor.batch_size, monitor.device
+    train = embed_items(
+        monitor.embed, monitor.train, monitor.train_indices, targets, batch_size=size, device=device
+    )
+    val = embed_items(
+        monitor.embed, monitor.val, monitor.val_indices, targets, batch_size=size, device=device
+    )
+    return train, val
+
+
+def monitor_epoch(
+    method: nn.Module,
+    monitor: Monitor,
+    epoch: int,
+    epochs: int,
+    *,
+    monitor_every: int,
+    knn_every: int,
+    tsne_every: int,
+) -> dict[str, float]:
+    """Collapse stats + reconstruction panel, k-NN accuracy and t-SNE, each when it is due this epoch."""
+    check, knn = due(epoch, monitor_every, epochs), due(epoch, knn_every, epochs)
+    tsne = tsne_every > 0 and (epoch + 1) % tsne_every == 0
+    if not (check or knn or tsne):
+        return {}
+    train, val = embed_splits(monitor)
+    metrics: dict[str, float] = {}
+    tag = f"epoch{epoch + 1:03d}"
+    if check:
+        stats = collapse_stats(val.vectors if len(val.vectors) >= 2 else train.vectors)
+        warn_if_collapsing(stats, monitor.previous_std)
+        monitor.previous_std = stats["embed_std_mean"]
+        metrics |= stats
+        draw_panel(method, monitor, monitor.figures / f"reconstruction_{tag}.png", f"epoch {epoch + 1}")
+    if knn:
+        metrics |= knn_metrics(train, val)
+    if tsne:
+        draw_tsne(
+            train, val, monitor.train.targets, monitor.figures / f"tsne_{tag}.png", f"epoch {epoch + 1}"
+        )
+    return metrics
+
+
+def draw_panel(method: nn.Module, monitor: Monitor, path: Path, title: str) -> Path | None:
+    """Reconstruction panel of the first val items (train when val is empty); None if the method has none."""
+    use_val = bool(monitor.val_indices)
+    dataset = monitor.val if use_val else monitor.train
+    indices = (monitor.val_indices if use_val else monitor.train_indices)[:PANEL_ROWS]
+    batch = stack_items(dataset, indices)
+    method.eval()
+    with torch.no_grad():
+        shown = method.reconstruct(batch["image"].to(monitor.device))
+    if shown is None:
+        return None
+    return plot_reconstruction(shown["original"], shown["mask"], shown["reconstruction"], path, title=title)
+
+
+def draw_tsne(
+    train: Embeddings, val: Embeddings, targets: Sequence[TargetSpec], path: Path, title: str, seed: int = 0
+) -> Path | None:
+    """t-SNE of train and val embeddings, coloured by the first class target's label."""
+    vectors = np.concatenate([train.vectors, val.vectors])
+    groups = np.array(["train"] * len(train.vectors) + ["val"] * len(val.vectors), dtype=object)
+    spec = next((t for t in targets if t.name in train.labels and t.name in val.labels), None)
+    labels = np.concatenate([train.labels[spec.name], val.labels[spec.name]]) if spec is not None else None
+    classes = spec.classes if spec is not None else []
+    return plot_tsne(vectors, labels, classes, path, title=title, groups=groups, seed=seed)
+
+
+def final_figures(
+    method: nn.Module, monitor: Monitor, history: Sequence[dict[str, Any]], *, seed: int
+) -> list[Path]:
+    """The final t-SNE, reconstruction panel and loss curve (those that apply)."""
+    train, val = embed_splits(monitor)
+    drawn = [
+        draw_tsne(
+            train, val, monitor.train.targets, monitor.figures / "tsne_final.png", "final embeddings", seed
+        ),
+        draw_panel(method, monitor, monitor.figures / "reconstruction_final.png", "final"),
+        plot_loss_curve(history, monitor.figures / "loss_curve.png") if history else None,
+    ]
+    return [path for path in drawn if path is not None]

@@ -1,0 +1,386 @@
+"""``medctl pretrain``: self-supervised pretraining of an encoder, read top to bottom like a recipe.
+
+1. the preprocessed cache (built once, reused after), the train split (optionally a subset) and val;
+2. the encoder (optionally initialised from ``model.checkpoint``) inside the method module
+   (``METHODS[pretrain.method]``, built from plain ``[pretrain]`` values);
+3. AdamW + cosine schedule with warmup, the EMA momentum schedule for target networks;
+4. :func:`medctl.training.fit.fit`: bf16 on CUDA, gradient clipping, ``last.ckpt`` every epoch,
+   ``--resume``; monitoring (collapse, k-NN, t-SNE, reconstruction panels) as its ``evaluate``;
+5. exports: ``checkpoints/encoder.ckpt`` (the ONLINE encoder as a medctl encoder checkpoint, every
+   epoch and at the end, so ``medctl finetune model.checkpoint=runs/<name>/checkpoints/encoder.ckpt``
+   takes it as is), ``figures/*.png`` and ``results.json`` (history, throughput, final monitoring).
+
+``pretrain.subset`` trains on part of the train split: ``"fraction:0.25"`` keeps a seeded random quarter
+(``run.seed``); ``"<column>:<value>"`` keeps the rows of the cache manifest whose ``column`` equals
+``value`` (e.g. ``"label:healthy"`` - a target column accepts the class name -, ``"group:sub-003"``).
+Monitoring always uses the whole train and val splits (fixed subsets of ``pretrain.monitor_samples``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from medctl.config import Config, DataConfig
+from medctl.data.dataset import CacheDataset, read_summary
+from medctl.data.preprocess import preprocess
+from medctl.errors import ConfigError, DataError
+from medctl.models.checkpoints import encoder_payload, load_encoder_weights, save_checkpoint
+from medctl.models.registry import build_encoder
+from medctl.pretrain import METHODS, build_method
+from medctl.pretrain import monitoring as mon
+from medctl.progress import log
+from medctl.runs import create_run_dir, write_text_atomic
+from medctl.training.distributed import (
+    barrier,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    is_rank0,
+    make_loader,
+    rank,
+    unwrap,
+    world_size,
+    wrap_ddp,
+)
+from medctl.training.fit import fit
+from medctl.training.optim import build_optimizer, build_scheduler, momentum_schedule, param_groups_with_decay
+from medctl.training.precision import resolve_device
+from medctl.training.seed import set_seed
+
+MIN_BATCH = {"byol": 2, "mim_contrastive": 2, "jepa": 1}  # BatchNorm and InfoNCE negatives need 2
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    encoder_checkpoint: Path
+    epochs_run: int
+    final_loss: float
+    samples_per_s: float  # median over epochs of fit's samples/s
+    knn_accuracy: float | None  # last measured; None without labels or val samples
+    monitoring: dict[str, float] = field(default_factory=dict)  # last epoch's collapse/k-NN figures
+    history: list[dict[str, float]] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> PretrainResult:
+    """Pretrain ``config.model.encoder`` with ``config.pretrain.method``; see the module docstring."""
+    settings, joined = config.pretrain, init_distributed()
+    try:
+        # 1. device, and the run directory's name (an earlier run there is never overwritten)
+        device = resolve_device(config.run.device)
+        run_dir = run_dir_for(config, resume)
+        start = time.perf_counter()
+
+        # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
+        cache = prepare_cache(config.data)
+        summary = read_summary(cache)
+        input_size = summary_input_size(summary, cache)
+        train_full = CacheDataset(cache, "train")
+        train_set = select_subset(train_full, settings.subset, seed=config.run.seed)
+        val_set = CacheDataset(cache, "val")
+        batch_size = check_batch_size(settings.method, config.data.batch_size, len(train_set))
+        loader = make_loader(
+            train_set,
+            batch_size,
+            shuffle=True,
+            num_workers=config.data.num_workers,
+            seed=config.run.seed,
+            drop_last=True,
+        )
+        log(
+            f"pretrain {settings.method}: {len(train_set)} training samples of {list(input_size)}, {len(loader)} steps/epoch"
+        )
+
+        # 3. the encoder, optionally from a checkpoint, inside the method module; seeded right here, so
+        #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
+        set_seed(config.run.seed)
+        encoder = build_encoder(
+            config.model.encoder,
+            in_channels=int(summary["in_channels"]),
+            input_size=input_size,
+            **config.model.encoder_args,
+        )
+        if config.model.checkpoint:
+            report = load_encoder_weights(
+                encoder,
+                config.model.checkpoint,
+                key=config.model.checkpoint_key,
+                allow_partial=config.model.allow_partial_load,
+            )
+            log(f"encoder initialised from {config.model.checkpoint}: " + "; ".join(report.lines()))
+        method = build_method(settings.method, encoder, settings).to(device)
+        model = wrap_ddp(method, find_unused_parameters=True)
+        if world_size() > 1:
+            set_seed(config.run.seed + rank())
+
+        # 4. optimizer over the online parts only, cosine schedule, EMA momentum per step
+        steps_per_epoch = len(loader)
+        total_steps = settings.epochs * steps_per_epoch
+        groups = param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
+        optimizer = build_optimizer(groups, settings.weight_decay)
+        scheduler = build_scheduler(
+            optimizer,
+            warmup_steps=settings.warmup_epochs * steps_per_epoch,
+            total_steps=total_steps,
+            min_lr_ratio=settings.min_lr_ratio,
+        )
+
+        def train_step(model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+            return model(batch["image"])  # (B, C, *S) -> {"loss", ...}
+
+        def after_step(step: int) -> None:
+            momentum = momentum_schedule(step, total_steps, settings.ema_momentum, settings.ema_momentum_end)
+            unwrap(model).update_target(momentum)
+
+        # 5. the run directory (config.toml, env.json), monitoring and exports
+        if is_rank0():
+            create_run_dir(config, command, name=run_dir.name)
+        barrier()
+        encoder_path = run_dir / "checkpoints" / "encoder.ckpt"
+        preprocessing = preprocessing_info(summary)
+        monitor = mon.make_monitor(
+            method,
+            train_full,
+            val_set,
+            limit=settings.monitor_samples,
+            seed=config.run.seed,
+            figures=run_dir / "figures",
+            batch_size=batch_size,
+            device=device,
+            precision=settings.precision,
+        )
+
+        def evaluate(epoch: int) -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            if is_rank0():
+                metrics = mon.monitor_epoch(
+                    method,
+                    monitor,
+                    epoch,
+                    settings.epochs,
+                    monitor_every=settings.monitor_every,
+                    knn_every=settings.knn_every,
+                    tsne_every=settings.tsne_every,
+                )
+            return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
+
+        def export_last(epoch: int, record: dict[str, float]) -> None:
+            export_encoder(encoder_path, method.encoder, config, preprocessing, record)
+
+        # 6. train
+        result = fit(
+            model=model,
+            train_step=train_step,
+            train_loader=loader,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epochs=settings.epochs,
+            run_dir=run_dir,
+            device=device,
+            precision=settings.precision,
+            grad_clip=settings.grad_clip,
+            evaluate=evaluate,
+            after_step=after_step,
+            export_last=export_last,
+            resume=resume,
+            log_every=settings.log_every,
+        )
+
+        # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
+        history = result.history
+        final = (
+            {k[len("val_") :]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+        )
+        throughput = statistics.median(row["samples_per_s"] for row in history) if history else 0.0
+        final_loss = float(history[-1]["train_loss"]) if history else float("nan")
+        drawn: list[Path] = []
+        if is_rank0():
+            summary_metrics = {
+                "loss": final_loss,
+                "samples_per_s": throughput,
+                "epochs": result.epochs_run,
+                **final,
+            }
+            export_encoder(encoder_path, method.encoder, config, preprocessing, summary_metrics)
+            drawn = mon.final_figures(method, monitor, history, seed=config.run.seed)
+            results = {
+                "method": settings.method,
+                "encoder": config.model.encoder,
+                "epochs_run": result.epochs_run,
+                "train_samples": len(train_set),
+                "input_size": list(input_size),
+                "device": str(device),
+                "precision": settings.precision,
+                "final_loss": final_loss,
+                "samples_per_s": throughput,
+                "final_monitoring": final,
+                "encoder_checkpoint": str(encoder_path),
+                "figures": [str(p) for p in drawn],
+                "wall_time_s": time.perf_counter() - start,
+                "history": history,
+            }
+            write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+        barrier()
+        return PretrainResult(
+            run_dir=run_dir,
+            encoder_checkpoint=encoder_path,
+            epochs_run=result.epochs_run,
+            final_loss=final_loss,
+            samples_per_s=throughput,
+            knn_accuracy=last_value(history, "val_knn_accuracy"),
+            monitoring=final,
+            history=history,
+            figures=drawn,
+        )
+    finally:
+        if joined:
+            cleanup_distributed()
+
+
+# -------------------------------------------------------------------------------------------- data
+def prepare_cache(data: DataConfig) -> Path:
+    """Preprocess (rank 0; a rerun skips what is done) and return the cache every rank reads."""
+    cache = preprocess(data).cache_dir if is_rank0() else None
+    return Path(gather_objects(str(cache))[0])
+
+
+def summary_input_size(summary: dict[str, Any], cache: Path) -> tuple[int, ...]:
+    size = summary.get("spatial_size")
+    if not size:
+        raise DataError(
+            f"{cache}: its samples have different sizes; pretraining needs one input size: "
+            "set data.preprocess.spatial_size, e.g. [32, 64, 64]"
+        )
+    return tuple(int(s) for s in size)
+
+
+def select_subset(dataset: CacheDataset, subset: str, *, seed: int) -> Dataset:
+    """The items of ``dataset`` that ``pretrain.subset`` keeps (all when it is "")."""
+    if not subset:
+        return dataset
+    key, sep, value = subset.partition(":")
+    if not sep or not key or not value:
+        raise ConfigError(
+            [f'`pretrain.subset` = "{subset}": use "fraction:0.5" or "<column>:<value>"'], "pretrain"
+        )
+    n = len(dataset)
+    if key == "fraction":
+        try:
+            share = float(value)
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ConfigError(
+                [f'`pretrain.subset` = "{subset}": the fraction must be in (0, 1], e.g. "fraction:0.5"'],
+                "pretrain",
+            )
+        keep = max(1, round(share * n))
+        indices = sorted(np.random.default_rng(seed).choice(n, size=keep, replace=False).tolist())
+    else:
+        manifest = dataset.manifest
+        if key not in manifest.columns:
+            known = ", ".join(
+                c for c in manifest.columns if c not in ("fingerprint", "cache_affine", "direction")
+            )
+            raise ConfigError(
+                [
+                    f'`pretrain.subset` = "{subset}": no column `{key}` in the cache manifest; use one of: {known}'
+                ],
+                "pretrain",
+            )
+        wanted = value
+        spec = next((t for t in dataset.targets if t.name == key and t.kind != "multilabel"), None)
+        if spec is not None and value in spec.classes:
+            wanted = str(spec.classes.index(value))  # target columns hold class indices
+        indices = [i for i, cell in enumerate(manifest[key].astype(str)) if cell == wanted]
+    if not indices:
+        raise ConfigError(
+            [f'`pretrain.subset` = "{subset}" keeps none of the {n} training samples'], "pretrain"
+        )
+    log(f"pretrain.subset {subset}: {len(indices)} of {n} training samples")
+    return Subset(dataset, indices)
+
+
+def check_batch_size(method: str, batch_size: int, n_train: int) -> int:
+    if n_train == 0:
+        raise DataError(
+            "the train split is empty: pretraining needs training samples (check data.split_column)"
+        )
+    if batch_size < MIN_BATCH[method]:
+        raise ConfigError(
+            [f"`data.batch_size` = {batch_size}: {method} needs at least {MIN_BATCH[method]} samples per batch "
+             "(BatchNorm in the projector, negatives for InfoNCE)"],
+            "data.batch_size",
+        )  # fmt: skip
+    if n_train < batch_size:
+        raise ConfigError(
+            [f"`data.batch_size` = {batch_size} is larger than the {n_train} training samples; lower it"],
+            "data.batch_size",
+        )
+    return batch_size
+
+
+# ---------------------------------------------------------------------------------------- run dir
+def run_dir_for(config: Config, resume: bool) -> Path:
+    """``<run.root>/<run.name>`` (a timestamp when unnamed); refuses to overwrite an earlier run."""
+    if resume and not config.run.name:
+        raise ConfigError(
+            ["--resume needs run.name: the name of the run to continue (runs/<name>/)"], "run.name"
+        )
+    name = gather_objects(config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's clock
+    run_dir = Path(config.run.root) / name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not resume and last.exists():
+        raise ConfigError(
+            [f"{run_dir} already holds a run ({last}); continue it with --resume or choose another run.name"],
+            "run.name",
+        )
+    return run_dir
+
+
+def preprocessing_info(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a later stage needs to feed the encoder the same inputs: sizes, channels, the cache settings."""
+    return {
+        "spatial_dims": summary["spatial_dims"],
+        "in_channels": summary["in_channels"],
+        "spatial_size": summary["spatial_size"],
+        "preprocess": summary["settings"]["preprocess"],
+        "cache_fingerprint": summary["fingerprint"],
+    }
+
+
+def export_encoder(
+    path: Path, encoder: nn.Module, config: Config, preprocessing: dict[str, Any], metrics: dict
+) -> Path:
+    """The online encoder as a medctl encoder checkpoint (atomic), loadable by ``model.checkpoint``."""
+    payload = encoder_payload(
+        encoder,
+        name=config.model.encoder,
+        args=encoder.build_args,
+        config_text=config.to_toml(),
+        metrics=metrics,
+    )
+    payload["preprocessing"] = preprocessing
+    return save_checkpoint(path, payload)
+
+
+def last_value(history: list[dict[str, float]], key: str) -> float | None:
+    for row in reversed(history):
+        if key in row:
+            return float(row[key])
+    return None
+
+
+__all__ = ["METHODS", "PretrainResult", "run_pretrain"]

@@ -1,0 +1,224 @@
+"""`medctl pretrain` end to end on synthetic data: every method, its files, resume, subsets, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import medctl.pretrain.run as run_module
+from medctl.cli.app import app
+from medctl.config import load_config
+from medctl.data.dataset import CacheDataset
+from medctl.data.preprocess import preprocess
+from medctl.errors import ConfigError
+from medctl.models.checkpoints import load_encoder_weights, read_checkpoint
+from medctl.models.registry import build_encoder
+from medctl.pretrain.run import select_subset
+
+runner = CliRunner()
+
+SMALL_3D = ["data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8"]
+SMALL_2D = ["data.batch_size=4", "pretrain.monitor_samples=8"]
+TINY_MT3 = "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}"
+METHOD_SETTINGS = {
+    "byol": [
+        'model.encoder="mt3_tiny"', TINY_MT3, "pretrain.projector_dim=16", "pretrain.projector_hidden=32",
+        "pretrain.jigsaw_permutations=4",
+    ],
+    "mim_contrastive": [
+        'model.encoder="unet2d_tiny"', "pretrain.patch_size=8", "pretrain.projector_dim=16", "pretrain.projector_hidden=32",
+        "pretrain.halves_unsharp_amount=0.5",
+    ],
+    "jepa": [
+        'model.encoder="vit3d_test"', "pretrain.predictor_dim=32", "pretrain.predictor_heads=2", "pretrain.predictor_depth=1",
+        "pretrain.mask_blocks=2",
+    ],
+}  # fmt: skip
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["pretrain", *args], catch_exceptions=False)
+
+
+def overrides(dataset, tmp_path: Path, method: str, name: str, *extra: str) -> list[str]:
+    size = SMALL_2D if dataset.dims == 2 else SMALL_3D
+    return [
+        *dataset.config_overrides(), *size, f'run.root="{tmp_path / "runs"}"', f'run.name="{name}"',
+        f'pretrain.method="{method}"', *METHOD_SETTINGS[method], "pretrain.warmup_epochs=0", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["byol", "mim_contrastive", "jepa"])
+def method_run(request, synthetic_3d, synthetic_2d, tmp_path_factory):
+    """One 2-epoch run per method, shared by the tests of this module."""
+    method = request.param
+    dataset = synthetic_2d if method == "mim_contrastive" else synthetic_3d
+    root = tmp_path_factory.mktemp(f"pretrain_{method}")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("MEDCTL_")]:
+            patch.delenv(name)
+        patch.setenv("MEDCTL_NO_PROGRESS", "1")
+        result = invoke(
+            *overrides(dataset, root, method, method, "pretrain.epochs=2", "pretrain.tsne_every=2")
+        )
+    assert result.exit_code == 0, result.output
+    return method, root / "runs" / method, result.output
+
+
+def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
+    method, run_dir, output = method_run
+    assert f"run {run_dir}" in output and "k-NN accuracy" in output and "samples/s" in output
+    for name in (
+        "config.toml",
+        "env.json",
+        "metrics.jsonl",
+        "results.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/encoder.ckpt",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").iterdir())
+    figures = {p.name for p in (run_dir / "figures").iterdir()}
+    assert {"loss_curve.png", "tsne_final.png", "tsne_epoch002.png"} <= figures
+    reconstructs = method != "jepa"
+    assert ("reconstruction_final.png" in figures) == reconstructs
+    assert ("reconstruction_epoch001.png" in figures) == reconstructs
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == method and results["epochs_run"] == 2 and len(results["history"]) == 2
+    assert results["samples_per_s"] > 0 and results["final_loss"] == results["history"][-1]["train_loss"]
+    final = results["final_monitoring"]
+    assert (
+        0 <= final["knn_accuracy"] <= 1
+        and final["embed_std_mean"] > 0
+        and final["embed_std_min"] <= final["embed_std_mean"]
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if r["phase"] == "val"]
+    assert [r["epoch"] for r in val_rows] == [0, 1] and all(
+        "embed_std_mean" in r and "knn_accuracy" in r for r in val_rows
+    )
+
+    # encoder.ckpt: a medctl encoder checkpoint of the ONLINE encoder that loads strictly into a fresh one
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "encoder.ckpt")
+    assert ckpt["medctl"]["kind"] == "encoder" and ckpt["preprocessing"]["in_channels"] == 1
+    assert (
+        ckpt["metrics"]["epochs"] == 2
+        and "knn_accuracy" in ckpt["metrics"]
+        and "[pretrain]" in ckpt["config"]
+    )
+    args = dict(ckpt["model"]["args"])
+    fresh = build_encoder(
+        ckpt["model"]["name"], in_channels=args.pop("in_channels"), input_size=args.pop("input_size"), **args
+    )
+    report = load_encoder_weights(fresh, run_dir / "checkpoints" / "encoder.ckpt")
+    assert report.complete and not report.unexpected and report.loaded_share == 1.0
+    state = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[f"encoder.{key}"]), key
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(synthetic_3d, tmp_path, monkeypatch):
+    args = overrides(
+        synthetic_3d, tmp_path, "byol", "{name}", "pretrain.epochs=3", 'pretrain.subset="fraction:0.6"'
+    )
+
+    def named(name: str) -> list[str]:
+        return [a.replace("{name}", name) for a in args]
+
+    assert invoke(*named("whole")).exit_code == 0
+
+    schedule = run_module.momentum_schedule
+
+    def interrupt_in_epoch_two(step: int, *rest):
+        if step == 2 * 2 + 1:  # 2 steps per epoch (8 samples, batch 4): the third epoch's second step
+            raise KeyboardInterrupt
+        return schedule(step, *rest)
+
+    monkeypatch.setattr(run_module, "momentum_schedule", interrupt_in_epoch_two)
+    interrupted = invoke(*named("split"))
+    assert interrupted.exit_code == 130, interrupted.output
+    split_dir = tmp_path / "runs" / "split"
+    assert read_checkpoint(split_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+    monkeypatch.setattr(run_module, "momentum_schedule", schedule)
+
+    refused = invoke(*named("split"))  # without --resume the run is not overwritten
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = invoke(*named("split"), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+    whole_dir = tmp_path / "runs" / "whole"
+    for name in ("last.ckpt", "encoder.ckpt"):
+        a = read_checkpoint(whole_dir / "checkpoints" / name)["state_dict"]
+        b = read_checkpoint(split_dir / "checkpoints" / name)["state_dict"]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "train"]
+              for d in (whole_dir, split_dir)]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+@pytest.mark.parametrize("method_run", ["byol"], indirect=True)
+def test_a_pretrained_encoder_initialises_the_next_run(method_run, synthetic_3d, tmp_path):
+    _, run_dir, _ = method_run
+    checkpoint = run_dir / "checkpoints" / "encoder.ckpt"
+    args = overrides(synthetic_3d, tmp_path, "byol", "again", "pretrain.epochs=1", "pretrain.lr=1e-12",
+                     f'model.checkpoint="{checkpoint}"', "pretrain.monitor_every=0", "pretrain.knn_every=0")  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    before = read_checkpoint(checkpoint)["state_dict"]
+    after = read_checkpoint(tmp_path / "runs" / "again" / "checkpoints" / "encoder.ckpt")["state_dict"]
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+
+
+def test_subsets_of_the_training_split(synthetic_3d):
+    config = load_config(None, [*synthetic_3d.config_overrides(), *SMALL_3D])
+    cache = preprocess(config.data).cache_dir
+    train = CacheDataset(cache, "train")
+    half = select_subset(train, "fraction:0.5", seed=0)
+    assert (
+        len(half) == round(0.5 * len(train))
+        and half.indices == select_subset(train, "fraction:0.5", seed=0).indices
+    )
+    assert half.indices != select_subset(train, "fraction:0.5", seed=1).indices
+    healthy = select_subset(train, "label:healthy", seed=0)
+    assert len(healthy) == int((train.labels("label") == 0).sum()) and all(
+        int(healthy[i]["label"]) == 0 for i in range(len(healthy))
+    )
+    assert (
+        select_subset(train, "label:1", seed=0).indices == select_subset(train, "label:edema", seed=0).indices
+    )
+    assert select_subset(train, "", seed=0) is train
+    for bad, message in [
+        ("fraction:2", "must be in"),
+        ("nonsense", 'use "fraction:0.5"'),
+        ("site:A", "no column `site`"),
+        ("label:severe", "keeps none"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            select_subset(train, bad, seed=0)
+
+
+def test_impossible_settings_are_one_line_errors_with_exit_2(synthetic_2d, synthetic_3d, tmp_path):
+    cases = [
+        (overrides(synthetic_2d, tmp_path, "byol", "a", 'model.encoder="unet2d_tiny"', "model.encoder_args={}"), "pretrain.jigsaw_weight = 0"),
+        (overrides(synthetic_3d, tmp_path, "mim_contrastive", "b", 'model.encoder="mt3_tiny"'), "needs a 2D encoder"),
+        (overrides(synthetic_3d, tmp_path, "byol", "c", "data.batch_size=1"), "at least 2 samples per batch"),
+        ([*overrides(synthetic_3d, tmp_path, "byol", "d"), 'run.name=""', "--resume"], "--resume needs run.name"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = [
+            line for line in result.output.splitlines() if line.strip() and not line.startswith(("INFO", " "))
+        ]
+        assert (
+            len(lines) == 1 and lines[0].startswith("error:") and expected in result.output.replace("\n", " ")
+        ), result.output

@@ -1,0 +1,246 @@
+"""The three pretraining methods on random tensors: they learn, keep their shapes, reject what cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medctl.config import PretrainConfig
+from medctl.errors import ConfigError
+from medctl.models.registry import build_encoder
+from medctl.pretrain import METHODS, build_method, method_settings
+from medctl.pretrain.byol import EmbeddingDecoder
+from medctl.pretrain.mim_contrastive import masked_l1
+
+TINY_MT3 = {"stem_channels": (4, 8), "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def tiny(name: str, size: tuple[int, ...]):
+    args = TINY_MT3 if name == "mt3_tiny" else {}
+    return build_encoder(name, in_channels=1, input_size=size, **args)
+
+
+def byol(size=(8, 8, 8), **settings):
+    base = dict(projector_dim=16, projector_hidden=32, jigsaw_permutations=6)
+    return build_method("byol", tiny("mt3_tiny", size), PretrainConfig(**(base | settings)))
+
+
+def mim(size=(32, 32), encoder="unet2d_tiny", **settings):
+    base = dict(projector_dim=16, projector_hidden=32, patch_size=8, halves_unsharp_amount=0.5)
+    return build_method("mim_contrastive", tiny(encoder, size), PretrainConfig(**(base | settings)))
+
+
+def jepa(size=(8, 32, 32), encoder="vit3d_test", **settings):
+    base = dict(
+        predictor_dim=32, predictor_heads=2, predictor_depth=1, mask_blocks=2, mask_block_scale=[0.15, 0.25]
+    )
+    return build_method("jepa", tiny(encoder, size), PretrainConfig(**(base | settings)))
+
+
+def loss_at_fixed_draws(method, x, seed=123) -> float:
+    """The loss on ``x`` with the views/masks of a fixed RNG state, BatchNorm in training mode as in a step."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        value = float(method(x)["loss"])
+    torch.set_rng_state(state)
+    return value
+
+
+def train(method, x, steps: int, lr: float) -> None:
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        method(x)["loss"].backward()
+        optimizer.step()
+        method.update_target(0.9)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "steps", "lr"),
+    [
+        (byol, (4, 1, 8, 8, 8), 25, 3e-3),
+        (mim, (4, 1, 32, 32), 30, 3e-3),
+        (jepa, (4, 1, 8, 32, 32), 30, 1e-3),
+    ],
+    ids=["byol", "mim_contrastive", "jepa"],
+)
+def test_loss_on_a_fixed_batch_falls(make, shape, steps, lr, seed):
+    method = make()
+    method.train()
+    x = torch.randn(shape)  # (B, C, *S)
+    before = loss_at_fixed_draws(method, x)
+    train(method, x, steps, lr)
+    after = loss_at_fixed_draws(method, x)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_byol_reports_every_active_head_and_drops_switched_off_ones(seed):
+    out = byol()(torch.randn(2, 1, 8, 8, 8))
+    assert {
+        "loss",
+        "loss_byol",
+        "loss_reconstruction",
+        "loss_rotation",
+        "acc_rotation",
+        "loss_jigsaw",
+        "acc_jigsaw",
+    } == set(out)
+    expected = (
+        out["loss_byol"]
+        + 1.0 * out["loss_reconstruction"]
+        + 0.5 * out["loss_rotation"]
+        + 0.5 * out["loss_jigsaw"]
+    )
+    torch.testing.assert_close(out["loss"], expected)
+    plain = byol(reconstruction_weight=0, rotation_weight=0, jigsaw_weight=0)
+    assert plain.decoder is None and plain.rotation_head is None and plain.jigsaw_head is None
+    assert set(plain(torch.randn(2, 1, 8, 8, 8))) == {"loss", "loss_byol"}
+    assert plain.reconstruct(torch.randn(2, 1, 8, 8, 8)) is None
+
+
+def test_byol_target_is_an_ema_of_the_online_network_and_takes_no_gradient(seed):
+    method = byol(reconstruction_weight=0, rotation_weight=0, jigsaw_weight=0)
+    assert not any(p.requires_grad for p in method.target_encoder.parameters())
+    with torch.no_grad():
+        for p in method.encoder.parameters():
+            p.add_(1.0)
+    online = [p.clone() for p in method.encoder.parameters()]
+    target = [p.clone() for p in method.target_encoder.parameters()]
+    method.update_target(1.0)  # momentum 1: the target stays
+    for t, p in zip(target, method.target_encoder.parameters(), strict=True):
+        torch.testing.assert_close(p, t)
+    method.update_target(0.75)
+    for t, o, p in zip(target, online, method.target_encoder.parameters(), strict=True):
+        torch.testing.assert_close(p, 0.75 * t + 0.25 * o)
+
+
+def test_byol_works_on_2d_encoders_without_the_jigsaw():
+    method = build_method(
+        "byol",
+        build_encoder("resnet_test_2d", input_size=(32, 32)),
+        PretrainConfig(projector_dim=16, projector_hidden=32, jigsaw_weight=0),
+    )
+    out = method(torch.randn(2, 1, 32, 32))
+    assert out["loss"].requires_grad and "loss_rotation" in out and "loss_jigsaw" not in out
+    shown = method.reconstruct(torch.randn(2, 1, 32, 32))
+    assert shown["reconstruction"].shape == (2, 1, 32, 32) and not shown["mask"].any()
+
+
+@pytest.mark.parametrize("size", [(8, 16, 16), (10, 24, 20), (64, 48), (9, 9)])
+def test_embedding_decoder_reaches_any_input_size(size):
+    decoder = EmbeddingDecoder(32, 2, size)
+    assert decoder(torch.randn(3, 32)).shape == (3, 2, *size)
+
+
+def test_impossible_byol_settings_are_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"jigsaw_weight.*2D; set pretrain.jigsaw_weight = 0"):
+        build_method(
+            "byol", build_encoder("unet2d_tiny", input_size=(32, 32)), PretrainConfig(jigsaw_weight=0.5)
+        )
+    with pytest.raises(ConfigError, match=r"rotation_weight.*equal sizes in plane axial") as info:
+        byol(size=(16, 16, 24), jigsaw_weight=0)
+    assert "pretrain.rotation_plane" in str(info.value)
+    byol(size=(16, 16, 24), rotation_plane="sagittal")  # (D, H) = (16, 16) rotates fine
+    with pytest.raises(ConfigError, match=r"even D, H, W"):
+        byol(size=(9, 16, 16), rotation_weight=0)
+    with pytest.raises(ConfigError) as both:  # every problem at once
+        byol(size=(9, 16, 24))
+    assert len(both.value.problems) == 2
+
+
+def test_mim_contrastive_masks_are_anti_mirrored_and_the_loss_counts_masked_pixels_only(seed):
+    method = mim(size=(32, 64))
+    mask = method.pixel_mask(5, torch.device("cpu"))  # (B, H, W)
+    left, right = mask[..., :32], mask[..., 32:]
+    assert not (left & right.flip(-1)).any()  # nothing hidden on both sides
+    per_half = round(0.35 * (32 // 8) * (32 // 8)) * 64
+    assert (left.sum(dim=(1, 2)) == per_half).all() and (right.sum(dim=(1, 2)) == per_half).all()
+
+    target = torch.randn(5, 1, 32, 64)
+    prediction = torch.randn(5, 1, 32, 64)
+    expected = sum(
+        abs(float(prediction[b, 0, i, j]) - float(target[b, 0, i, j]))
+        for b in range(5) for i in range(32) for j in range(64) if mask[b, i, j]
+    ) / int(mask.sum())  # fmt: skip
+    assert float(masked_l1(prediction, target, mask)) == pytest.approx(expected, rel=1e-5)
+    changed = torch.where(mask[:, None], prediction, prediction + 100.0)  # change visible pixels only
+    assert float(masked_l1(changed, target, mask)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mim_contrastive_feeds_the_full_slice_with_both_masks_to_the_unet(seed, monkeypatch):
+    method = mim(size=(32, 32))
+    seen = []
+    decode = method.encoder.decode
+
+    def spy(features):
+        seen.append(features)
+        return decode(features)
+
+    monkeypatch.setattr(method.encoder, "decode", spy)
+    out = method(torch.randn(3, 1, 32, 32))
+    assert {"loss", "loss_contrastive", "loss_mim"} == set(out)
+    assert len(seen) == 1 and seen[0][0].shape == (3, 4, 32, 32)  # full width, not a half
+    shown = method.reconstruct(torch.randn(2, 1, 32, 32))
+    assert shown["reconstruction"].shape == (2, 1, 32, 32) and shown["mask"].shape == (2, 1, 32, 32)
+    again = method.reconstruct(torch.randn(2, 1, 32, 32))
+    assert torch.equal(shown["mask"], again["mask"])  # panels use one fixed mask
+
+
+def test_impossible_mim_settings_are_rejected():
+    with pytest.raises(ConfigError, match="needs a 2D encoder with a decoder"):
+        build_method("mim_contrastive", tiny("mt3_tiny", (8, 16, 16)), PretrainConfig())
+    with pytest.raises(ConfigError, match="W by twice the patch"):
+        mim(size=(32, 48), patch_size=16)
+    with pytest.raises(ConfigError, match="mask_ratio.*<= 0.5"):
+        mim(mask_ratio=0.6)
+    with pytest.raises(ConfigError, match="both 0"):
+        mim(contrastive_weight=0, mim_weight=0)
+
+
+def test_jepa_predicts_layer_normed_target_features(seed):
+    method = jepa()
+    context, targets = method.masks(2, torch.Generator().manual_seed(0))
+    assert len(targets) == 2
+    for target in targets:
+        assert not set(context[0].tolist()) & set(target[0].tolist())
+    features = method.encoder.forward_features(torch.randn(2, 1, 8, 32, 32), masks=context)
+    prediction = method.predictor(features, context, targets[0])
+    assert prediction.shape == (2, targets[0].shape[1], 64)
+    out = method(torch.randn(2, 1, 8, 32, 32))
+    assert out["loss"].requires_grad and float(out["target_std"]) > 0
+    assert method.reconstruct(torch.randn(1, 1, 8, 32, 32)) is None
+
+
+def test_impossible_jepa_settings_are_rejected():
+    with pytest.raises(ConfigError, match="jepa needs a 3D ViT"):
+        build_method("jepa", tiny("mt3_tiny", (8, 16, 16)), PretrainConfig())
+    with pytest.raises(ConfigError, match="not divisible by pretrain.predictor_heads"):
+        jepa(predictor_dim=40, predictor_heads=3)
+    with pytest.raises(ConfigError, match="leave fewer than"):
+        jepa(mask_blocks=8, mask_block_scale=[1.0, 1.0])
+
+
+def test_methods_are_built_from_plain_pretrain_values():
+    assert set(METHODS) == {"byol", "mim_contrastive", "jepa"}
+    settings = method_settings("jepa", PretrainConfig(predictor_dim=64))
+    assert (
+        settings["predictor_dim"] == 64 and "lr" not in settings and "reconstruction_weight" not in settings
+    )
+
+
+@pytest.mark.parametrize("name", ["byol", "mim_contrastive", "jepa"])
+def test_the_shipped_pretrain_configs_build_their_method(name):
+    from pathlib import Path
+
+    from medctl.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "config" / "pretrain" / f"{name}.toml")
+    encoder = build_encoder(
+        config.model.encoder, input_size=config.data.preprocess.spatial_size, **config.model.encoder_args
+    )
+    method = build_method(
+        config.pretrain.method, encoder, config.pretrain
+    )  # the constructors' checks at real sizes
+    assert type(method) is METHODS[name]
