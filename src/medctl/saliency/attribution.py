@@ -352,13 +352,19 @@ METHODS: dict[str, MethodFn] = {
 }
 
 
+# Short names accepted wherever a method is named (``--method ig``); results use the full names.
+METHOD_ALIASES = {"ig": "integrated_gradients", "grad": "gradients", "gbp": "guided_backprop"}
+
+
 def resolve_methods(names: Sequence[str]) -> list[str]:
-    """Check ``saliency.methods`` against :data:`METHODS`; every unknown name is reported at once."""
+    """Check ``saliency.methods`` against :data:`METHODS` (and :data:`METHOD_ALIASES`, resolved to
+    full names); every unknown name is reported at once."""
+    names = [METHOD_ALIASES.get(n, n) for n in names]
     problems = [f"`saliency.methods` has unknown method {n!r}" for n in names if n not in METHODS]
     if not names:
         problems = ["`saliency.methods` is empty"]
     if problems:
-        known = ", ".join(METHODS)
+        known = ", ".join(METHODS) + " (short: " + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items()) + ")"
         raise ConfigError([f"{p}; known methods: {known}" for p in problems])
     return list(dict.fromkeys(names))
 

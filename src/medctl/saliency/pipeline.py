@@ -113,12 +113,7 @@ def run_saliency(
     out_dir = Path(out_dir)
     names = resolve_methods(methods)
     classes = list(classes)
-    if target not in ("pred", "true") and target not in classes:
-        raise ConfigError(
-            [
-                f"`saliency.target` = {target!r}: use pred, true or a class of `{target_name}`: {', '.join(classes)}"
-            ]
-        )
+    check_target(target, classes, target_name)
     settings = AttributionSettings(
         ig_steps=ig_steps,
         occlusion_window=tuple(occlusion_window),
@@ -222,6 +217,16 @@ def run_saliency(
     write_text_atomic(out_dir / "scores.json", json.dumps(_json_safe(report), indent=2) + "\n")
     log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
     return SaliencyResult(out_dir, index, summary, class_means, reset)
+
+
+def check_target(target: str, classes: Sequence[str], target_name: str) -> None:
+    """``saliency.target`` must be ``pred``, ``true`` or one of the target's classes (ConfigError)."""
+    if target not in ("pred", "true") and target not in classes:
+        raise ConfigError(
+            [
+                f"`saliency.target` = {target!r}: use pred, true or a class of `{target_name}`: {', '.join(classes)}"
+            ]
+        )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -1,0 +1,283 @@
+"""`medctl saliency --ckpt`: maps of a trained classifier on a split, on cached ids and on a raw scan.
+
+A tiny classifier is fine-tuned on the synthetic lesion volumes (cached at half the source size, so every
+map has to be resampled back onto its scan), then explained through the CLI; a 2D classifier with two
+targets is built and saved directly. The tests open every file the command says it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+from medctl.cli.app import app
+from medctl.config import load_config
+from medctl.data.dataset import read_summary, target_specs
+from medctl.data.preprocess import preprocess
+from medctl.data.readers import read_image
+from medctl.finetune import run_finetune
+from medctl.models.checkpoints import classifier_payload, save_checkpoint
+from medctl.models.classifier import build_classifier
+from medctl.models.registry import build_encoder
+from medctl.saliency.stage import run_saliency_stage
+
+runner = CliRunner()
+CACHED_SIZE = [8, 16, 16]  # the synthetic volumes are (16, 32, 32) with spacing (2, 1, 1)
+FAST = ["saliency.ig_steps=4", "saliency.randomisation_check=false"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["saliency", *args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained_3d(synthetic_3d, tmp_path_factory):
+    """A resnet fine-tuned for a few epochs on the synthetic lesions, cached at half size."""
+    root = tmp_path_factory.mktemp("saliency_cli")
+    config = load_config(
+        None,
+        [
+            *synthetic_3d.config_overrides(),
+            f"data.preprocess.spatial_size={json.dumps(CACHED_SIZE)}",
+            "data.preprocess.workers=1",
+            "data.batch_size=4",
+            'run.device="cpu"',
+            'model.encoder="resnet_test_3d"',
+            "model.freeze_encoder=false",
+            "train.epochs=3",
+            "train.lr_head=3e-3",
+            "train.lr_encoder=3e-3",
+            "train.warmup_epochs=0",
+            "train.patience=0",
+            f"run.root={json.dumps(str(root / 'runs'))}",
+            'run.name="ft"',
+            "run.seed=0",
+        ],
+        env={},
+    )
+    return run_finetune(config)
+
+
+def source_of(dataset, sample_id: str) -> Path:
+    return dataset.image_root / dataset.pattern.format(participant_id=sample_id)
+
+
+def test_split_through_the_cli_writes_every_output_on_both_grids(synthetic_3d, trained_3d):
+    ckpt = trained_3d.best_checkpoint
+    out = invoke("--ckpt", str(ckpt), "--split", "test", "--method", "ig", "--method", "gradcam", *FAST)
+    assert out.exit_code == 0, out.output
+    shown = " ".join(out.output.split())
+    assert "integrated_gradients" in shown and "gradcam" in shown and "pointing game" in shown
+    assert "3D Slicer" in shown
+
+    folder = trained_3d.run_dir / "saliency_test"  # the default: <run dir>/saliency_<split>/
+    index = pd.read_csv(folder / "index.csv")
+    test_ids = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("split == 'test'")["id"]
+    n = min(8, len(test_ids))  # saliency.max_samples defaults to 8
+    assert len(index) == 2 * n and set(index["method"]) == {"integrated_gradients", "gradcam"}
+    assert index["id"].tolist()[::2] == test_ids.tolist()[:n]
+    assert index["mask_share"].notna().all()  # the masks came through the cache
+    scores = json.loads((folder / "scores.json").read_text())
+    assert set(scores["scores"]) == {"integrated_gradients", "gradcam"} and scores["target_name"] == "label"
+    assert (folder / "config.toml").is_file()
+    # fast, weak version of the slow test below: even after 3 epochs IG's peak finds the lesions
+    ig = scores["scores"]["integrated_gradients"]
+    assert ig["n_scored"] >= 1 and ig["pointing_hit_rate"] > 5 * ig["pointing_chance"]
+
+    cached_spacing = np.asarray(synthetic_3d.spacing) * np.asarray(synthetic_3d.size) / CACHED_SIZE
+    for _, row in index.iterrows():
+        header = nrrd.read_header(str(folder / row["map_nrrd"]))
+        assert list(header["sizes"][::-1]) == CACHED_SIZE
+        np.testing.assert_allclose(np.linalg.norm(header["space directions"], axis=1)[::-1], cached_spacing)
+        back = read_image(folder / row["map_original_nrrd"])
+        scan = read_image(source_of(synthetic_3d, row["id"]))
+        assert back.array.shape == scan.array.shape  # (1, 16, 32, 32): the source grid
+        np.testing.assert_allclose(back.spacing, scan.spacing)
+        np.testing.assert_allclose(back.origin, scan.origin)
+        assert np.isfinite(back.array).all() and np.abs(back.array).max() > 0
+        with PILImage.open(folder / row["panel_png"]) as panel:
+            assert panel.size[0] > 100 and panel.size[1] > 100
+    means = scores["class_means"]
+    assert {m["method"] for m in means} == {"integrated_gradients", "gradcam"}
+    for entry in means:
+        assert entry["class"] in ("healthy", "edema")
+        assert nrrd.read(str(folder / entry["nrrd"]))[0].shape == tuple(CACHED_SIZE[::-1])
+        assert (folder / entry["png"]).is_file()
+
+
+def test_ids_and_a_raw_nrrd_give_the_same_map(synthetic_3d, trained_3d, tmp_path):
+    """--input preprocesses the scan exactly as the cache did: its map equals the cached sample's."""
+    ckpt = trained_3d.best_checkpoint
+    sample_id = (
+        pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("split == 'val'")["id"].iloc[0]
+    )
+    by_id = invoke("--ckpt", str(ckpt), "--ids", sample_id, "--method", "gradients", *FAST)
+    assert by_id.exit_code == 0, by_id.output
+    scan = source_of(synthetic_3d, sample_id)
+    mask = synthetic_3d.mask_root / scan.name
+    raw = invoke(
+        "--ckpt", str(ckpt), "--input", str(scan), "--mask", str(mask), "--method", "gradients", *FAST
+    )
+    assert raw.exit_code == 0, raw.output
+
+    ids_dir, input_dir = trained_3d.run_dir / "saliency_ids", trained_3d.run_dir / f"saliency_{sample_id}"
+    cached_map = nrrd.read(str(ids_dir / "maps" / sample_id / "gradients.nrrd"), index_order="C")[0]
+    input_map = nrrd.read(str(input_dir / "maps" / sample_id / "gradients.nrrd"), index_order="C")[0]
+    np.testing.assert_allclose(input_map, cached_map, rtol=1e-4, atol=1e-6)
+    row = pd.read_csv(input_dir / "index.csv").iloc[0]
+    back = read_image(input_dir / row["map_original_nrrd"])
+    assert back.array.shape[1:] == synthetic_3d.size  # resampled onto the raw scan's own grid
+    assert row["mask_share"] == pd.read_csv(ids_dir / "index.csv").iloc[0]["mask_share"]
+
+    # the library call the demo makes: the same result object, an explicit out_dir
+    stage = run_saliency_stage(ckpt, ids=[sample_id], methods=["gradients"], out_dir=tmp_path, overrides=FAST)
+    assert stage.out_dir == tmp_path and stage.n_samples == 1 and stage.index_path.is_file()
+    assert stage.result.scores["gradients"]["n"] == 1 and stage.scores_path.is_file()
+
+
+def test_user_errors_are_one_line_and_exit_2(trained_3d):
+    ckpt = str(trained_3d.best_checkpoint)
+    assert "nope" in error_line(invoke("--ckpt", ckpt, "--ids", "sub-001,nope", *FAST))
+    line = error_line(invoke("--ckpt", ckpt, "--method", "lime", *FAST))
+    assert "'lime'" in line and "integrated_gradients" in line and "gradcam" in line
+    assert "--split and --ids" in error_line(invoke("--ckpt", ckpt, "--split", "test", "--ids", "sub-001"))
+    assert "label" in error_line(invoke("--ckpt", ckpt, "--target-name", "grade"))
+    assert "edema" in error_line(invoke("--ckpt", ckpt, "--target", "tumour"))
+    assert "not found" in error_line(invoke("--ckpt", ckpt, "--input", "/no/such/scan.nrrd"))
+
+
+@pytest.fixture(scope="module")
+def classifier_2d(synthetic_2d, tmp_path_factory):
+    """A 2D resnet with two targets over the synthetic PNGs (cached at half size), saved untrained."""
+    targets = (
+        '[{name="label", kind="binary", classes=["healthy", "edema"]}, '
+        '{name="lesion", column="label", kind="multiclass", classes=["healthy", "edema"]}]'
+    )
+    config = load_config(
+        None,
+        [
+            *synthetic_2d.config_overrides(),
+            f"data.targets={targets}",
+            "data.preprocess.spatial_size=[16, 16]",
+            "data.preprocess.workers=1",
+            'run.device="cpu"',
+        ],
+        env={},
+    )
+    cache = preprocess(config.data, workers=1).cache_dir
+    summary, specs = read_summary(cache), target_specs(cache)
+    encoder = build_encoder("resnet_test_2d", in_channels=1, input_size=[16, 16])
+    classifier = build_classifier(encoder, specs)
+    payload = classifier_payload(
+        classifier,
+        model_info={
+            "name": "resnet_test_2d",
+            "args": encoder.build_args,
+            "head": config.model.head.model_dump(),
+        },
+        targets=[s.to_dict() for s in specs],
+        preprocessing={
+            "settings": summary["settings"],
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "spatial_size": [16, 16],
+        },
+        config_text=config.to_toml(),
+    )
+    run_dir = tmp_path_factory.mktemp("saliency_2d")
+    return save_checkpoint(run_dir / "checkpoints" / "best.ckpt", payload)
+
+
+def test_two_dimensional_maps_and_a_second_target(synthetic_2d, classifier_2d):
+    out = invoke(
+        "--ckpt", str(classifier_2d), "--split", "test", "--target-name", "lesion", "--target", "edema",
+        "--method", "gradients", "--method", "gradcam", "--max-samples", "2", *FAST,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    folder = classifier_2d.parent.parent / "saliency_test"
+    scores = json.loads((folder / "scores.json").read_text())
+    assert scores["target_name"] == "lesion" and scores["kind"] == "multiclass"
+    index = pd.read_csv(folder / "index.csv")
+    assert len(index) == 4 and (index["target_class"] == "edema").all()
+    for _, row in index.iterrows():
+        header = nrrd.read_header(str(folder / row["map_nrrd"]))
+        assert int(header["space dimension"]) == 2
+        np.testing.assert_allclose(np.linalg.norm(header["space directions"], axis=1), [2.0, 2.0])
+        back = read_image(folder / row["map_original_nrrd"])
+        assert back.array.shape[1:] == (32, 32)  # the PNG's own grid
+        np.testing.assert_allclose(back.spacing, (1.0, 1.0))
+        with PILImage.open(folder / row["panel_png"]) as panel:
+            assert panel.size[0] > 100
+    assert {m["class"] for m in scores["class_means"]} == {"edema"}
+
+
+# ------------------------------------------------------------------------------- pointing game (slow)
+@pytest.fixture(scope="module")
+def lesion_scores(tmp_path_factory):
+    """A resnet (layer4 at 1/8 of the input) fine-tuned 12 epochs on 48 synthetic volumes, explained on
+    its test split at the source resolution: per-method scores (figures in benchmarks/RESULTS.md)."""
+    from medctl.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pointing")
+    dataset = make_synthetic_dataset(root / "data", n=48, dims=3, size=(16, 32, 32), seed=0)
+    config = load_config(
+        None,
+        [
+            *dataset.config_overrides(),
+            "data.preprocess.workers=1",
+            "data.batch_size=4",
+            'run.device="cpu"',
+            'model.encoder="resnet_test_3d"',
+            "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
+            "model.freeze_encoder=false",
+            "train.epochs=12",
+            "train.lr_head=3e-3",
+            "train.lr_encoder=3e-3",
+            "train.warmup_epochs=1",
+            "train.patience=0",
+            f"run.root={json.dumps(str(root / 'runs'))}",
+            'run.name="lesions"',
+            "run.seed=0",
+        ],
+        env={},
+    )
+    trained = run_finetune(config)
+    stage = run_saliency_stage(
+        trained.best_checkpoint, split="test", methods=["integrated_gradients", "gradcam"],
+        overrides=["saliency.ig_steps=16", "saliency.max_samples=20"],
+    )  # fmt: skip
+    return stage.result.scores
+
+
+@pytest.mark.slow
+def test_integrated_gradients_points_at_the_lesions(lesion_scores):
+    ig = lesion_scores["integrated_gradients"]
+    assert ig["n_scored"] >= 3
+    assert ig["pointing_hit_rate"] >= 0.75 and ig["pointing_hit_rate"] > 20 * ig["pointing_chance"]
+    assert ig["mass_in_mask"] > 10 * ig["mask_share"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="known limitation: at 16x32x32 the tiny test encoders' Grad-CAM maps are 2x4x4 (resnet layer4) "
+    "or sign-inverted (mt3_tiny stem), too coarse for voxel lesions of ~0.6% of the volume",
+    strict=False,
+)
+def test_gradcam_points_at_the_lesions(lesion_scores):
+    cam = lesion_scores["gradcam"]
+    assert cam["n_scored"] >= 3 and cam["pointing_hit_rate"] > 5 * cam["pointing_chance"]
