@@ -1,0 +1,58 @@
+"""`medctl finetune`: a linear probe or fine-tune of an encoder with one head per target."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from medctl.cli.common import (
+    ConfigOption,
+    OverridesArgument,
+    command_line,
+    console,
+    handle_errors,
+    resolve_config,
+)
+
+
+@handle_errors
+def finetune_command(
+    config: ConfigOption = None,
+    overrides: OverridesArgument = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in runs/<name>/ from checkpoints/last.ckpt.")
+    ] = False,
+) -> None:
+    """Train a classifier: linear probe on cached embeddings, or fine-tune with model.unfreeze_at_epoch.
+
+    Writes runs/<name>/: checkpoints/best.ckpt (self-contained classifier), val_preds.parquet,
+    results.json, class_to_idx.json, metrics.jsonl, tb/, figures/training_curves.png.
+
+    Example: medctl finetune -c config/finetune/linear_probe.toml model.checkpoint=runs/byol_mt3/checkpoints/encoder.ckpt
+    """
+    from medctl.finetune import run_finetune  # torch and MONAI load only when this command runs
+
+    result = run_finetune(resolve_config(config, overrides), command=command_line(), resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    how = "heads on cached embeddings" if result.feature_cache else "encoder run every step"
+    console.print(
+        f"[green]✓[/] {result.mode} ({how}) in {result.wall_time_s:.1f} s: {result.run_dir}", highlight=False
+    )
+    stopped = ", stopped early" if result.stopped_early else ""
+    console.print(
+        f"  best epoch {result.best_epoch} (0-based) of {result.epochs_run}{stopped}", highlight=False
+    )
+    table = Table(title="validation metrics at the best epoch")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        marker = " (monitored)" if name == result.monitor.removeprefix("val_") else ""
+        table.add_row(f"{name}{marker}", f"{value:.4f}")
+    console.print(table)
+    console.print(f"  classifier: {result.best_checkpoint}", soft_wrap=True, highlight=False)
+    for warning in result.warnings:
+        console.print(f"[yellow]![/] {warning}", highlight=False)

@@ -1,0 +1,204 @@
+"""``medctl evaluate``: a trained classifier on one split -> predictions, metrics with CIs, figures, a report.
+
+The checkpoint alone suffices: it rebuilds the classifier and holds the resolved config of its training
+run, whose ``[data]`` section says where the cache is and how it was made. A config file (``-c``), a
+``Config`` or ``key=value`` overrides can point the data elsewhere (another table, another bucket, a
+cache on this machine); the cache must have been made with the same size, channels and classes.
+
+Steps: load the classifier -> resolve the data settings -> the cache (built when missing) -> logits on
+the split -> :func:`medctl.evaluation.reports.evaluate_predictions`, which writes ``<split>_preds.parquet``,
+``metrics.json`` (with bootstrap CIs), confusion matrices (CSV + PNG), ROC curves, ``report.md`` and
+``report.html`` into ``<run dir>/eval_<split>/`` unless ``out_dir`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from medctl.config import (
+    Config,
+    deep_merge,
+    describe_validation_errors,
+    parse_overrides,
+    read_toml_chain,
+    set_dotted,
+    unknown_key_problems,
+)
+from medctl.data.dataset import CacheDataset, read_summary
+from medctl.data.preprocess import ensure_cache
+from medctl.data.tables import TargetSpec
+from medctl.errors import CheckpointError, ConfigError, DataError
+from medctl.evaluation.reports import evaluate_predictions
+from medctl.finetune.features import split_manifest_hash
+from medctl.finetune.predict import labels_of, predict_logits, probabilities
+from medctl.models.checkpoints import load_classifier
+from medctl.progress import log
+from medctl.training.precision import resolve_device
+
+
+@dataclass
+class EvaluateResult:
+    """Where the evaluation went and what ``metrics.json`` holds."""
+
+    out_dir: Path
+    split: str
+    checkpoint: Path
+    n_samples: int
+    metrics: dict[str, Any]  # the metrics.json payload: summary, per-target metrics with CIs, files
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The primary target's headline numbers and CIs (what a leaderboard row takes)."""
+        return self.metrics["summary"]
+
+    @property
+    def preds_path(self) -> Path:
+        return self.out_dir / f"{self.split}_preds.parquet"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / "report.md"
+
+
+def run_evaluate(
+    checkpoint: str | Path,
+    *,
+    split: str = "test",
+    config_overrides: Config | None = None,
+    out_dir: str | Path | None = None,
+    n_bootstrap: int | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> EvaluateResult:
+    """Evaluate the classifier in ``checkpoint`` on ``split`` of its data (see the module docstring).
+
+    ``config_overrides``: a Config whose ``[data]`` and ``[run]`` sections replace the checkpoint's.
+    ``config_file`` / ``overrides``: a TOML file and ``key=value`` items layered over the checkpoint's
+    config (what ``medctl evaluate -c FILE key=value`` passes). ``n_bootstrap`` defaults to
+    ``train.bootstrap``; ``out_dir`` to ``<run dir>/eval_<split>/``.
+    """
+    checkpoint = Path(checkpoint)
+    classifier, meta = load_classifier(checkpoint)
+    config = evaluation_config(meta, checkpoint, config_overrides, config_file, overrides)
+    device = resolve_device(config.run.device)
+    classifier = classifier.to(device)
+    specs = [TargetSpec.from_dict(t) for t in meta.get("targets") or []]
+
+    cache = ensure_cache(config.data)
+    check_cache_fits(cache, specs, meta.get("preprocessing") or {}, checkpoint)
+    dataset = CacheDataset(cache, split, [s.name for s in specs])
+    if not len(dataset):
+        raise DataError(
+            f"{cache}: the {split} split has no samples; pick another with --split (train, val, test)"
+        )
+
+    logits = predict_logits(
+        classifier,
+        dataset,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        device=device,
+        precision=config.train.precision,
+    )
+    probs = {s.name: probabilities(logits[s.name], s.kind) for s in specs}
+    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, split)
+    model = meta.get("model") or {}
+    payload = evaluate_predictions(
+        dataset.ids,
+        labels_of(dataset, specs),
+        probs,
+        [s.to_dict() for s in specs],
+        out,
+        split=split,
+        n_bootstrap=config.train.bootstrap if n_bootstrap is None else n_bootstrap,
+        seed=config.run.seed,
+        title=f"{model.get('name', 'classifier')} ({checkpoint.name})",
+    )
+    log(f"evaluate: {len(dataset)} {split} samples -> {out}")
+    return EvaluateResult(out, split, checkpoint, len(dataset), payload)
+
+
+def default_out_dir(checkpoint: Path, split: str) -> Path:
+    """``runs/x/checkpoints/best.ckpt`` -> ``runs/x/eval_<split>``; elsewhere, beside the checkpoint."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run_dir / f"eval_{split}"
+
+
+def evaluation_config(
+    meta: Mapping[str, Any],
+    checkpoint: Path,
+    config_overrides: Config | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """The checkpoint's training config, with the given file, overrides or Config layered on top."""
+    text = meta.get("config") or ""
+    try:
+        layered: dict[str, Any] = tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its config text is not valid TOML ({exc}); pass the data settings with -c"
+        ) from None
+    if not text and config_file is None and config_overrides is None:
+        raise CheckpointError(f"{checkpoint}: holds no config; pass the data settings with -c CONFIG.toml")
+    if config_overrides is not None:
+        dumped = config_overrides.model_dump(mode="json")
+        layered |= {"data": dumped["data"], "run": dumped["run"]}
+    source = str(checkpoint)
+    if config_file is not None:
+        layered = deep_merge(layered, read_toml_chain(Path(config_file)))
+        source = str(config_file)
+    problems: list[str] = []
+    for dotted, value in parse_overrides(overrides, problems):
+        set_dotted(layered, dotted, value)
+    problems += unknown_key_problems(layered, Config)
+    try:
+        config = Config.model_validate(layered)
+    except ValidationError as exc:
+        problems += describe_validation_errors(exc)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def check_cache_fits(
+    cache: Path, specs: Sequence[TargetSpec], preprocessing: Mapping[str, Any], checkpoint: Path
+) -> None:
+    """The cache must have the classifier's input size, channels and targets (same kinds and classes)."""
+    summary = read_summary(cache)
+    for key, setting in (
+        ("spatial_size", "data.preprocess.spatial_size"),
+        ("in_channels", "the images' channels"),
+    ):
+        trained = preprocessing.get(key)
+        if trained is not None and summary.get(key) != trained:
+            raise DataError(
+                f"{cache}: {key} {summary.get(key)} but {checkpoint.name} was trained on {trained}; "
+                f"evaluate on data preprocessed like its training data ({setting} = {trained})"
+            )
+    cached = {t["name"]: TargetSpec.from_dict(t) for t in summary["targets"]}
+    for spec in specs:
+        have = cached.get(spec.name)
+        if have is None:
+            raise DataError(
+                f"{cache}: no target `{spec.name}`, which {checkpoint.name} predicts; add it to data.targets "
+                f"(it has: {', '.join(cached) or 'none'})"
+            )
+        if (have.kind, have.classes) != (spec.kind, spec.classes):
+            raise DataError(
+                f"target `{spec.name}`: the classifier predicts {spec.kind} {spec.classes} but the data has "
+                f"{have.kind} {have.classes}; set data.targets to the classifier's classes, in its order"
+            )
+    trained_split = preprocessing.get("split_manifest_hash")
+    if trained_split and trained_split != split_manifest_hash(cache):
+        log(f"note: the splits of {cache} differ from those {checkpoint.name} was trained with")

@@ -1,0 +1,102 @@
+"""Predictions of a classifier: logits over a dataset, probabilities per target kind, a predictions table.
+
+Shared by fine-tuning (validation every epoch, ``val_preds.parquet``) and ``medctl evaluate``.
+Probabilities follow :mod:`medctl.evaluation.metrics`: binary ``(N, 1)`` = p(classes[1]) from a sigmoid,
+multiclass ``(N, K)`` from a softmax, multilabel ``(N, L)`` independent sigmoids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medctl.data.dataset import CacheDataset
+from medctl.data.tables import TargetSpec
+from medctl.evaluation.metrics import class_probs
+from medctl.progress import progress_bar
+from medctl.training.precision import autocast_context
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> np.ndarray:
+    """Logits (N, K) -> probabilities: sigmoid for binary (N, 1) and multilabel (N, L), softmax otherwise."""
+    logits = logits.detach().float().cpu()
+    probs = torch.softmax(logits, dim=1) if kind == "multiclass" else torch.sigmoid(logits)
+    return probs.numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_logits(
+    classifier: nn.Module,
+    dataset: CacheDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
+    """Logits ``{target: (N, K)}`` (CPU, float32) of every item of ``dataset`` in order, in eval mode.
+
+    The global torch RNG is left as it was, so validating does not change what training draws next.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = classifier.training
+    classifier.eval()
+    chunks: dict[str, list[torch.Tensor]] = {}
+    with (
+        torch.random.fork_rng(devices=[]),
+        progress_bar(f"predict {dataset.split}", total=len(loader)) as bar,
+    ):
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=device.type == "cuda")  # (B, C, *spatial)
+            with autocast_context(device, precision):
+                logits = classifier(images)  # {target: (B, K)}
+            for name, value in logits.items():
+                chunks.setdefault(name, []).append(value.float().cpu())
+            bar.advance(1)
+    classifier.train(was_training)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def labels_of(dataset: CacheDataset, specs: Sequence[TargetSpec]) -> dict[str, np.ndarray]:
+    """``{target: (N,) class indices or (N, L) 0/1}`` in the dataset's order."""
+    labels = {}
+    for spec in specs:
+        values = dataset.labels(spec.name)
+        labels[spec.name] = (
+            values.astype(np.int64) if spec.kind != "multilabel" else np.rint(values).astype(np.int64)
+        )
+    return labels
+
+
+def predictions_frame(
+    ids: Sequence[str],
+    y_true: Mapping[str, np.ndarray],
+    probs: Mapping[str, np.ndarray],
+    specs: Sequence[TargetSpec],
+    threshold: float = 0.5,
+) -> pd.DataFrame:
+    """``id``, then per target ``y_true``, ``y_pred`` and one ``prob_<class>`` column per class.
+
+    Multilabel ``y_true`` / ``y_pred`` are 0/1 lists. With several targets every column but ``id`` is
+    prefixed ``<target>_`` (the layout of :func:`medctl.evaluation.reports.evaluate_predictions`).
+    """
+    columns: dict[str, object] = {"id": [str(i) for i in ids]}
+    for spec in specs:
+        prefix = f"{spec.name}_" if len(specs) > 1 else ""
+        y = np.asarray(y_true[spec.name])
+        if spec.kind == "multilabel":
+            p = np.asarray(probs[spec.name], dtype=np.float64)  # (N, L)
+            columns[f"{prefix}y_true"] = [row.tolist() for row in y.astype(np.int64)]
+            columns[f"{prefix}y_pred"] = [row.tolist() for row in (p >= threshold).astype(np.int64)]
+        else:
+            p = class_probs(probs[spec.name], len(spec.classes))  # (N, K)
+            columns[f"{prefix}y_true"] = y.astype(np.int64)
+            columns[f"{prefix}y_pred"] = p.argmax(axis=1).astype(np.int64)
+        for k, name in enumerate(spec.classes):
+            columns[f"{prefix}prob_{name}"] = p[:, k].astype(np.float32)
+    return pd.DataFrame(columns)

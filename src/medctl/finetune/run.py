@@ -1,0 +1,671 @@
+"""``medctl finetune``: a linear probe or a fine-tune of a pretrained (or random) encoder, one head per target.
+
+The recipe, top to bottom:
+
+1. data: preprocess (or reuse) the cache; targets, sizes and class counts come from it; splits are checked
+   (empty validation split, classes with no training sample) before anything is built;
+2. the run directory (``config.toml``, ``env.json``, ``class_to_idx.json``);
+3. the model: the encoder from the registry at the cache's size and channels, ``model.checkpoint`` loaded
+   into it (its load report logged), one head per target;
+4. how the encoder is used:
+
+   - **linear probe with cached features** (encoder frozen throughout, ``train.feature_cache`` on, no
+     augmentation, a linear/MLP head): each split's embeddings are computed once and cached
+     (:mod:`medctl.finetune.features`); the heads train on those tensors with the same loop;
+   - otherwise the encoder runs every step: an augmented probe (frozen encoder, ``[train.augment]``) or a
+     fine-tune. Epochs are 0-based: ``model.unfreeze_at_epoch = k`` keeps the encoder frozen (in eval
+     mode, no gradients) in epochs ``0 .. k-1`` and trains it from epoch ``k`` on, with its own learning
+     rate ``train.lr_encoder`` (the heads use ``train.lr_head``); ``-1`` never unfreezes;
+     ``model.freeze_encoder = false`` trains it from epoch 0;
+
+5. losses per target from the training class counts (:mod:`medctl.training.losses`), summed with
+   ``data.targets[].weight``; AdamW, cosine schedule with warmup, ``train.precision``;
+6. :func:`medctl.training.fit.fit`: validation every epoch, early stopping on ``train.monitor``, the best
+   epoch exported as a self-contained classifier (``checkpoints/best.ckpt``) with ``val_preds.parquet``;
+7. ``results.json`` and ``figures/training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
+from medctl.data.dataset import CacheDataset, read_summary, target_specs
+from medctl.data.preprocess import cache_dir_for, preprocess
+from medctl.data.tables import TargetSpec
+from medctl.errors import CheckpointError, ConfigError, DataError
+from medctl.evaluation.bootstrap import headline_metrics
+from medctl.evaluation.metrics import class_probs
+from medctl.evaluation.plots import plot_training_curves
+from medctl.finetune.augment import ImageAugment, build_augment
+from medctl.finetune.features import (
+    data_fingerprint,
+    encoder_fingerprint,
+    feature_key,
+    split_features,
+    split_manifest_hash,
+)
+from medctl.finetune.predict import labels_of, predict_logits, predictions_frame, probabilities
+from medctl.models.checkpoints import (
+    classifier_payload,
+    load_encoder_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from medctl.models.classifier import build_classifier
+from medctl.models.encoders.base import Encoder
+from medctl.models.registry import build_encoder, get_spec
+from medctl.progress import log
+from medctl.runs import create_run_dir, write_text_atomic
+from medctl.training.distributed import (
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    is_distributed,
+    is_rank0,
+    make_loader,
+    unwrap,
+    wrap_ddp,
+)
+from medctl.training.fit import fit
+from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
+from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
+from medctl.training.precision import autocast_context, resolve_device
+from medctl.training.seed import set_seed
+
+VAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")
+GEOMETRY_CONVENTION = (
+    "the cache manifest keeps each sample's source geometry (orig_shape, spacing, origin, direction row-major) "
+    "and cache_affine (cached voxel index -> LPS world, row-major 4x4) to map results back onto the source scan"
+)
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced; every path is inside ``run_dir``."""
+
+    run_dir: Path
+    best_checkpoint: Path  # checkpoints/best.ckpt, a self-contained classifier
+    best_epoch: int | None  # 0-based
+    monitor: str
+    best_metric: float | None
+    metrics: dict[str, float]  # validation metrics of the best epoch (without the val_ prefix)
+    history: list[dict[str, float]]
+    epochs_run: int
+    stopped_early: bool
+    wall_time_s: float
+    mode: str  # "linear_probe" (the encoder never trains) or "finetune"
+    feature_cache: bool  # True when the heads trained on cached embeddings
+    cache_dir: Path
+    data_fingerprint: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def results_path(self) -> Path:
+        return self.run_dir / "results.json"
+
+
+def run_finetune(
+    config: Config, *, command: str = "", resume: bool = False, run_dir: str | Path | None = None
+) -> FinetuneResult:
+    """Train a classifier as ``config`` says (see the module docstring); ``resume`` continues ``last.ckpt``.
+
+    ``run_dir`` defaults to ``<run.root>/<run.name>``. Under torchrun every rank calls this; rank 0 writes.
+    """
+    joined = not is_distributed() and init_distributed()
+    try:
+        return _finetune(config, command=command, resume=resume, run_dir=run_dir)
+    finally:
+        if joined:
+            cleanup_distributed()
+
+
+def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path | None) -> FinetuneResult:
+    start = time.perf_counter()
+    train, model_cfg = config.train, config.model
+    first_trainable = encoder_trainable_from(model_cfg, train.epochs)
+
+    # 1. data: the cache, its targets and sizes; splits that cannot train a classifier stop here
+    cache = prepare_cache(config.data)
+    summary = read_summary(cache)
+    specs = target_specs(cache)
+    warnings = check_splits(summary, specs, config.data, cache)
+    check_monitor(train.monitor, specs)
+    spatial_size = cached_spatial_size(summary, cache)
+    augment = build_augment(train.augment, spatial_size, config.run.seed)
+    use_feature_cache = wants_feature_cache(first_trainable, train, model_cfg, augment)
+    data_print = data_fingerprint(cache)
+
+    # 2. the run directory
+    run_dir = prepare_run_dir(config, command, run_dir, resume)
+    if is_rank0():
+        class_to_idx = {s.name: {c: i for i, c in enumerate(s.classes)} for s in specs}
+        write_text_atomic(run_dir / "class_to_idx.json", json.dumps(class_to_idx, indent=2) + "\n")
+
+    # 3. the model: seeded encoder with the pretrained weights, one head per target
+    set_seed(config.run.seed)
+    device = resolve_device(config.run.device)
+    encoder = build_pretrained_encoder(model_cfg, summary, spatial_size)
+    classifier = build_classifier(
+        encoder, specs, kind=model_cfg.head.kind, hidden=model_cfg.head.hidden, dropout=model_cfg.head.dropout
+    ).to(device)
+
+    # 4. data and losses; the probe's embeddings are computed once here (the global RNG is left alone)
+    names = [s.name for s in specs]
+    train_set = CacheDataset(cache, "train", names, transform=augment)
+    val_set = CacheDataset(cache, "val", names)
+    loss_fn = build_loss(train, config.data, specs, train_set).to(device)
+    val_labels = labels_of(val_set, specs)
+    val_targets = {s.name: torch.as_tensor(val_set.labels(s.name)).to(device) for s in specs}
+    batch_size, workers = config.data.batch_size, config.data.num_workers
+    # a last batch of one sample breaks BatchNorm in a training encoder: drop it then
+    drop_last = (
+        first_trainable is not None and len(train_set) > batch_size and len(train_set) % batch_size == 1
+    )
+    if use_feature_cache:
+        info = encoder_fingerprint(
+            name=model_cfg.encoder,
+            args=encoder.build_args,
+            checkpoint=model_cfg.checkpoint,
+            checkpoint_key=model_cfg.checkpoint_key,
+            allow_partial=model_cfg.allow_partial_load,
+            seed=config.run.seed,
+        )
+        key = feature_key(info, data_print)
+        cached = {
+            split.split: split_features(
+                classifier.encoder,
+                split,
+                key=key,
+                encoder_info=info,
+                data_print=data_print,
+                batch_size=batch_size,
+                num_workers=workers,
+                device=device,
+                precision=train.precision,
+            )
+            for split in (train_set, val_set)
+        }
+        train_labels = [torch.as_tensor(train_set.labels(name)) for name in names]
+        train_data = TensorDataset(cached["train"].embeddings, *train_labels)  # (N, D), labels...
+        val_inputs = cached["val"].embeddings.to(device)  # (N_val, D)
+        module: nn.Module = ProbeHeads(classifier.heads)
+        train_loader = make_loader(train_data, batch_size, True, 0, config.run.seed, drop_last)
+    else:
+        module = classifier
+        train_loader = make_loader(train_set, batch_size, True, workers, config.run.seed, drop_last)
+    # under torchrun, DDP registers only trainable parameters: an encoder that unfreezes later is wrapped
+    # trainable, and its frozen epochs leave it unused
+    set_trainable(classifier.encoder, first_trainable == 0 or bool(is_distributed() and first_trainable))
+    model = wrap_ddp(module, find_unused_parameters=bool(first_trainable))
+    set_trainable(classifier.encoder, first_trainable == 0)
+
+    # 5. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder)
+    groups = param_groups_with_decay(classifier.heads, train.lr_head, train.weight_decay, name="head")
+    if first_trainable is not None:
+        groups += param_groups_with_decay(
+            classifier.encoder, train.lr_encoder, train.weight_decay, name="encoder"
+        )
+    optimizer = build_optimizer(groups, train.weight_decay)
+    steps = len(train_loader)
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=train.warmup_epochs * steps,
+        total_steps=train.epochs * steps,
+        min_lr_ratio=train.min_lr_ratio,
+    )
+    mode = "linear_probe" if first_trainable is None else "finetune"
+    log(
+        f"finetune: {mode} of {model_cfg.encoder} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
+        f"on {len(train_set)} train / {len(val_set)} val samples"
+        + (", heads on cached embeddings" if use_feature_cache else "")
+        + (f", encoder trains from epoch {first_trainable}" if first_trainable else "")
+    )
+
+    # 6. the functions fit calls
+    if use_feature_cache:
+
+        def train_step(model: nn.Module, batch: Sequence[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+            z, *labels = batch  # (B, D), then one label tensor per target
+            return loss_fn(model(z), dict(zip(names, labels, strict=True)))
+
+    else:
+
+        def train_step(model: nn.Module, batch: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
+            return loss_fn(model(batch["image"]), batch)  # image (B, C, *spatial)
+
+    def start_epoch(epoch: int) -> None:
+        trains = first_trainable is not None and epoch >= first_trainable
+        set_trainable(classifier.encoder, trains)
+        if not trains:
+            classifier.encoder.eval()  # frozen: no dropout, BatchNorm statistics untouched
+        if first_trainable is not None and epoch == first_trainable and epoch > 0:
+            log(f"epoch {epoch + 1}: the encoder is unfrozen (lr_encoder {train.lr_encoder:g})")
+        if isinstance(augment, ImageAugment):
+            augment.set_epoch(epoch)
+
+    latest: dict[str, Any] = {}
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        if use_feature_cache:
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=[]),
+                autocast_context(device, train.precision),
+            ):
+                classifier.heads.eval()
+                logits = {
+                    name: value.float()
+                    for name, value in classifier.forward_from_head_inputs(val_inputs).items()
+                }
+                classifier.heads.train()
+        else:
+            logits = predict_logits(
+                classifier,
+                val_set,
+                batch_size=batch_size,
+                num_workers=workers,
+                device=device,
+                precision=train.precision,
+            )
+        with torch.no_grad():
+            loss = float(loss_fn({k: v.to(device) for k, v in logits.items()}, val_targets)["loss"])
+        metrics, latest["probs"] = validation_metrics(logits, val_labels, specs, loss)
+        return metrics
+
+    preprocessing = {
+        "settings": summary["settings"],
+        "spatial_dims": int(summary["spatial_dims"]),
+        "in_channels": int(summary["in_channels"]),
+        "spatial_size": list(spatial_size),
+        "cache_fingerprint": summary["fingerprint"],
+        "data_fingerprint": data_print,
+        "split_manifest_hash": split_manifest_hash(cache),
+        "geometry": GEOMETRY_CONVENTION,
+    }
+    model_info = {"name": model_cfg.encoder, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
+
+    def export_best(epoch: int, record: dict[str, float]) -> None:
+        val = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
+        payload = classifier_payload(
+            unwrap(classifier),
+            model_info=model_info,
+            targets=[s.to_dict() for s in specs],
+            preprocessing=preprocessing,
+            config_text=config.to_toml(),
+            metrics={"epoch": epoch, "monitor": train.monitor, "val": val, "mode": mode},
+        )
+        save_checkpoint(run_dir / "checkpoints" / "best.ckpt", payload)
+        frame = predictions_frame(val_set.ids, val_labels, latest["probs"], specs)
+        write_parquet_atomic(frame, run_dir / "val_preds.parquet")
+
+    # 7. the loop
+    fitted = fit(
+        model=model,
+        train_step=train_step,
+        train_loader=train_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=train.epochs,
+        run_dir=run_dir,
+        device=device,
+        precision=train.precision,
+        grad_clip=train.grad_clip,
+        evaluate=evaluate,
+        monitor=train.monitor,
+        patience=train.patience,
+        export_best=export_best,
+        resume=resume,
+        start_epoch_hook=start_epoch,
+        log_every=train.log_every,
+    )
+
+    # 8. results
+    best_row = next((r for r in fitted.history if r["epoch"] == fitted.best_epoch), {})
+    result = FinetuneResult(
+        run_dir=run_dir,
+        best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        best_epoch=fitted.best_epoch,
+        monitor=train.monitor,
+        best_metric=fitted.best_metric,
+        metrics={k.removeprefix("val_"): v for k, v in best_row.items() if k.startswith("val_")},
+        history=fitted.history,
+        epochs_run=fitted.epochs_run,
+        stopped_early=fitted.stopped_early,
+        wall_time_s=time.perf_counter() - start,
+        mode=mode,
+        feature_cache=use_feature_cache,
+        cache_dir=cache,
+        data_fingerprint=data_print,
+        warnings=warnings,
+    )
+    if is_rank0():
+        write_results(result, config, preprocessing, specs)
+        curves = ["loss", "balanced_accuracy"]
+        monitored = train.monitor.removeprefix("val_").removeprefix("train_")
+        curves += [monitored] if monitored not in curves else []
+        plot_training_curves(fitted.history, run_dir / "figures" / "training_curves.png", curves)
+    barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ pieces
+class ProbeHeads(nn.Module):
+    """The heads alone, reading cached embeddings: ``(B, D) -> {target: logits (B, K)}``.
+
+    What ``fit`` trains (and saves in ``last.ckpt``) for a probe on cached features; the head modules
+    are the classifier's own, so ``best.ckpt`` holds the trained heads with the frozen encoder.
+    """
+
+    def __init__(self, heads: nn.ModuleDict):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(z) for name, head in self.heads.items()}
+
+
+def encoder_trainable_from(model: ModelConfig, epochs: int) -> int | None:
+    """The first 0-based epoch in which the encoder trains; None when it stays frozen (a linear probe)."""
+    if not model.freeze_encoder:
+        if model.unfreeze_at_epoch > 0:
+            raise ConfigError(
+                [
+                    f"`model.freeze_encoder` = false trains the encoder from epoch 0, but `model.unfreeze_at_epoch` = "
+                    f"{model.unfreeze_at_epoch}; set model.freeze_encoder = true to keep it frozen until then"
+                ]
+            )
+        return 0
+    if model.unfreeze_at_epoch < 0:
+        return None
+    if model.unfreeze_at_epoch >= epochs:
+        log(
+            f"model.unfreeze_at_epoch = {model.unfreeze_at_epoch} is not before the last epoch ({epochs - 1}, 0-based): "
+            "the encoder stays frozen (a linear probe)"
+        )
+        return None
+    return model.unfreeze_at_epoch
+
+
+def wants_feature_cache(
+    first_trainable: int | None, train: TrainConfig, model: ModelConfig, augment: ImageAugment | None
+) -> bool:
+    """Cached embeddings serve a probe whose encoder never trains, sees no augmentation and is pooled."""
+    if first_trainable is not None or not train.feature_cache:
+        return False
+    if augment is not None:
+        log("augmented probe: the frozen encoder runs every epoch (train.augment is on)")
+        return False
+    if model.head.kind == "attentive":
+        log("attentive probe: it reads tokens, so the frozen encoder runs every epoch (no embedding cache)")
+        return False
+    return True
+
+
+def prepare_cache(data: DataConfig) -> Path:
+    """Preprocess on rank 0 (a rerun decodes nothing new), then the cache folder on every rank."""
+    cache = preprocess(data).cache_dir if is_rank0() else None
+    barrier()
+    return cache if cache is not None else cache_dir_for(data)
+
+
+def prepare_run_dir(config: Config, command: str, run_dir: str | Path | None, resume: bool) -> Path:
+    """``<run.root>/<run.name>`` (or ``run_dir``) with ``config.toml`` and ``env.json`` (rank 0 writes).
+
+    A fresh run in a folder that an earlier run used starts its ``metrics.jsonl``, ``tb/`` and
+    ``last.ckpt`` afresh (they would mix with the old run's); ``resume`` keeps them.
+    """
+    if run_dir is not None:
+        path = Path(run_dir)
+        config = config.model_copy(
+            update={"run": config.run.model_copy(update={"root": str(path.parent), "name": path.name})}
+        )
+    path = Path(config.run.root) / config.run.name
+    if is_rank0():
+        path = create_run_dir(config, command)
+        if not resume:
+            for stale in ("metrics.jsonl", "checkpoints/last.ckpt", "results.json"):
+                (path / stale).unlink(missing_ok=True)
+            shutil.rmtree(path / "tb", ignore_errors=True)
+    barrier()
+    return path
+
+
+def cached_spatial_size(summary: Mapping[str, Any], cache: Path) -> list[int]:
+    size = summary.get("spatial_size")
+    if not size:
+        raise DataError(
+            f"{cache}/summary.json: the cached samples have different sizes; a classifier needs one size: "
+            "set data.preprocess.spatial_size (e.g. [32, 64, 64]) and rerun"
+        )
+    return [int(s) for s in size]
+
+
+def build_pretrained_encoder(
+    model: ModelConfig, summary: Mapping[str, Any], spatial_size: Sequence[int]
+) -> Encoder:
+    """``model.encoder`` for the cache's size and channels, with ``model.checkpoint`` loaded (report logged)."""
+    spec = get_spec(model.encoder)
+    dims = int(summary["spatial_dims"])
+    if spec.spatial_dims != dims:
+        raise ConfigError(
+            [
+                f"`model.encoder` = {model.encoder!r} is a {spec.spatial_dims}D encoder but the cache holds {dims}D "
+                f"images of size {list(spatial_size)}; pick a {dims}D encoder (`medctl list models`)"
+            ]
+        )
+    in_channels = int(summary["in_channels"])
+    if in_channels != model.in_channels:
+        log(
+            f"the cache has {in_channels} channel(s): building {model.encoder} for that (model.in_channels = {model.in_channels})"
+        )
+    encoder = build_encoder(
+        model.encoder, in_channels=in_channels, input_size=spatial_size, **model.encoder_args
+    )
+    if not model.checkpoint:
+        log(f"{model.encoder}: random initialisation (model.checkpoint is empty)")
+        return encoder
+    try:
+        report = load_encoder_weights(
+            encoder, model.checkpoint, key=model.checkpoint_key, allow_partial=model.allow_partial_load
+        )
+    except CheckpointError:
+        saved = saved_encoder_name(model.checkpoint)  # read again only on this error path
+        if saved and saved != model.encoder:
+            raise CheckpointError(
+                f"{model.checkpoint}: holds a `{saved}` encoder but model.encoder = `{model.encoder}`; set "
+                f'model.encoder = "{saved}" (with the encoder_args it was trained with) or pick a {model.encoder} checkpoint'
+            ) from None
+        raise
+    log(f"{model.encoder} <- {model.checkpoint}")
+    for line in report.lines():
+        log(f"  {line}")
+    return encoder
+
+
+def saved_encoder_name(path: str | Path) -> str:
+    """The registry name a medctl encoder/classifier checkpoint was saved from ("" for foreign files)."""
+    ckpt = read_checkpoint(path)
+    model = ckpt.get("model") if isinstance(ckpt.get("medctl"), dict) else None
+    return str(model.get("name", "")) if isinstance(model, dict) else ""
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad_(trainable)
+
+
+def build_loss(
+    train: TrainConfig, data: DataConfig, specs: Sequence[TargetSpec], train_set: CacheDataset
+) -> MultiTargetLoss:
+    """One loss per target from its training class counts, weighted by ``data.targets[].weight``."""
+    losses = {}
+    for spec in specs:
+        counts = label_counts(train_set.labels(spec.name), spec.kind, len(spec.classes))
+        losses[spec.name] = build_target_loss(
+            spec.kind,
+            train.loss,
+            counts=counts,
+            class_weights=train.class_weights,
+            focal_gamma=train.focal_gamma,
+            focal_alpha=train.focal_alpha,
+            label_smoothing=train.label_smoothing,
+            target=spec.name,
+        )
+    weights = {t.name: t.weight for t in data.targets if t.name in losses}
+    return MultiTargetLoss(losses, weights)
+
+
+def validation_metrics(
+    logits: Mapping[str, torch.Tensor],
+    labels: Mapping[str, np.ndarray],
+    specs: Sequence[TargetSpec],
+    loss: float,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The monitored dict (means over targets, plus ``<target>_<metric>`` with several) and the probabilities."""
+    probs = {s.name: probabilities(logits[s.name], s.kind) for s in specs}
+    per_target = {s.name: epoch_metrics(labels[s.name], probs[s.name], s) for s in specs}
+    if len(specs) == 1:
+        metrics = dict(per_target[specs[0].name])
+    else:
+        metrics = {}
+        for key in VAL_METRICS[:-1]:
+            values = [m[key] for m in per_target.values() if math.isfinite(m[key])]
+            metrics[key] = float(np.mean(values)) if values else float("nan")
+        for name, values in per_target.items():
+            metrics |= {f"{name}_{key}": value for key, value in values.items()}
+    metrics["loss"] = loss
+    return metrics, probs
+
+
+def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro-F1 and AUROC of one target (``nan`` where undefined).
+
+    The vectorised forms from :mod:`medctl.evaluation.bootstrap` on one "resample" that holds every
+    sample once: the values of :func:`medctl.evaluation.metrics.val_metrics` (scikit-learn) at a
+    fraction of the cost, which matters when a probe validates every few milliseconds.
+    """
+    p = probs if spec.kind == "multilabel" else class_probs(probs, len(spec.classes))  # (N, K)
+    once = np.ones((1, len(y_true)))  # (1, N) draw counts
+    return {
+        name: float(metric.batched(y_true, p, once)[0])
+        for name, metric in headline_metrics(spec.kind).items()
+    }
+
+
+def check_monitor(monitor: str, specs: Sequence[TargetSpec]) -> None:
+    """A ``train.monitor`` this run will produce, checked before any training."""
+    known = list(VAL_METRICS)
+    if len(specs) > 1:
+        known += [f"{s.name}_{key}" for s in specs for key in VAL_METRICS[:-1]]
+    if monitor == "train_loss" or monitor.removeprefix("val_") in known:
+        return
+    close = difflib.get_close_matches(monitor.removeprefix("val_"), known, n=1, cutoff=0.5)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    raise ConfigError(
+        [f"`train.monitor` = {monitor!r} is not a metric of this run; {hint}use one of: {', '.join(known)}"]
+    )
+
+
+def check_splits(
+    summary: Mapping[str, Any], specs: Sequence[TargetSpec], data: DataConfig, cache: Path
+) -> list[str]:
+    """Errors for splits that cannot train and validate a classifier; warnings (returned, logged) otherwise.
+
+    Errors: an empty train or validation split; a class (multilabel: a label's positives) present in val
+    or test but absent from train, which the classifier could never learn. Warning: a listed class with no
+    sample in any split.
+    """
+    counts = summary["counts"]
+    where = f"the `{data.split_column}` column" if data.split_column else "data.split_ratios"
+    for split, name in (("train", "training"), ("val", "validation")):
+        if not counts["splits"].get(split, 0):
+            fix = (
+                f"mark some rows {split!r} in the `{data.split_column}` column"
+                if data.split_column
+                else f"give data.split_ratios a {split} share, e.g. [0.7, 0.15, 0.15]"
+            )
+            raise DataError(f"{cache}/manifest.parquet: the {name} split is empty; {fix}")
+    warnings = []
+    for spec in specs:
+        per_split = counts["classes"][spec.name]
+        for cls in spec.classes:
+            n_train = per_split.get("train", {}).get(cls, 0)
+            n_other = sum(per_split.get(s, {}).get(cls, 0) for s in ("val", "test"))
+            if n_train == 0 and n_other > 0:
+                what = "positive samples" if spec.kind == "multilabel" else "samples"
+                raise DataError(
+                    f"target `{spec.name}`: class {cls!r} has no training {what} but {n_other} in val/test, so the "
+                    f"classifier cannot learn it; move some of them to the train split ({where}) or merge the class"
+                )
+            if n_train == 0:
+                warnings.append(f"target `{spec.name}`: class {cls!r} has no samples in any split")
+    for warning in warnings:
+        log(f"warning: {warning}")
+    return warnings
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(buffer.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_results(
+    result: FinetuneResult, config: Config, preprocessing: Mapping[str, Any], specs: Sequence[TargetSpec]
+) -> None:
+    """``results.json``: best epoch and metrics, the history, wall time and what identifies the data."""
+    payload = {
+        "mode": result.mode,
+        "encoder": config.model.encoder,
+        "checkpoint": config.model.checkpoint,
+        "feature_cache": result.feature_cache,
+        "monitor": result.monitor,
+        "best_epoch": result.best_epoch,
+        "best_metric": result.best_metric,
+        "metrics": result.metrics,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "targets": [s.to_dict() for s in specs],
+        "cache_dir": str(result.cache_dir),
+        "data_fingerprint": result.data_fingerprint,
+        "cache_fingerprint": preprocessing["cache_fingerprint"],
+        "split_manifest_hash": preprocessing["split_manifest_hash"],
+        "best_checkpoint": str(result.best_checkpoint),
+        "warnings": result.warnings,
+        "history": result.history,
+    }
+    write_text_atomic(result.run_dir / "results.json", json.dumps(_finite(payload), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None so that results.json is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,54 @@
+"""The scenario configs under config/finetune/ validate, and every setting in them is one the stage honours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medctl.config import load_config
+from medctl.data.tables import TargetSpec
+from medctl.finetune.augment import build_augment
+from medctl.finetune.run import check_monitor, encoder_trainable_from
+from medctl.models.classifier import build_classifier
+from medctl.models.registry import build_encoder, get_spec
+from medctl.training.losses import build_target_loss
+
+CONFIGS = sorted(Path("config/finetune").glob("*.toml"))
+
+
+def test_every_scenario_is_here():
+    assert {p.stem for p in CONFIGS} >= {
+        "edema_mt3", "oct_vjepa2", "defects_convnext", "slices_unet2d", "linear_probe", "finetune",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_scenario_config_validates_and_builds(path):
+    config = load_config(path, env={})
+    size = config.data.preprocess.spatial_size
+    assert get_spec(config.model.encoder).spatial_dims == len(size), (
+        "encoder and data.preprocess.spatial_size disagree"
+    )
+    first_trainable = encoder_trainable_from(config.model, config.train.epochs)
+    assert config.model.unfreeze_at_epoch < config.train.epochs
+    build_augment(config.train.augment, size, seed=0)  # flip axes exist for these images
+    specs = [
+        TargetSpec(t.name, t.kind, list(t.classes or t.columns or ["a", "b"])) for t in config.data.targets
+    ]
+    check_monitor(config.train.monitor, specs)
+    for spec in specs:  # the loss settings fit each target's kind
+        counts = np.ones((len(spec.classes), 2)) if spec.kind == "multilabel" else np.ones(len(spec.classes))
+        build_target_loss(
+            spec.kind, config.train.loss, counts=counts, class_weights=config.train.class_weights,
+            focal_gamma=config.train.focal_gamma, focal_alpha=config.train.focal_alpha,
+            label_smoothing=config.train.label_smoothing, target=spec.name,
+        )  # fmt: skip
+    with torch.device("meta"):  # the real sizes, without the memory
+        encoder = build_encoder(config.model.encoder, input_size=size, **config.model.encoder_args)
+        head = config.model.head
+        build_classifier(encoder, specs, kind=head.kind, hidden=head.hidden, dropout=head.dropout)
+    if config.model.head.kind == "attentive" and first_trainable is None:
+        assert config.train.feature_cache is False  # said explicitly: tokens are not cached

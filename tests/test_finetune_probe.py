@@ -1,0 +1,190 @@
+"""The probe on cached embeddings trains the same head as running the frozen encoder every epoch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medctl.config import AugmentConfig, load_config
+from medctl.data.tables import TargetSpec
+from medctl.errors import ConfigError
+from medctl.evaluation.metrics import val_metrics
+from medctl.finetune import run_finetune
+from medctl.finetune.augment import build_augment
+from medctl.finetune.features import data_fingerprint, encoder_fingerprint, feature_key, split_manifest_hash
+from medctl.finetune.run import epoch_metrics
+from medctl.training.state import read_train_state
+
+
+def probe_config(dataset, tmp_path, name: str, *extra: str):
+    return load_config(
+        None,
+        [
+            *dataset.config_overrides(),
+            "data.preprocess.workers=1",
+            "data.batch_size=4",
+            'run.device="cpu"',
+            'model.encoder="vit3d_test"',
+            "model.head.dropout=0.2",
+            "train.epochs=6",
+            "train.lr_head=0.01",
+            "train.warmup_epochs=1",
+            "train.patience=0",
+            f"run.root={json.dumps(str(tmp_path))}",
+            f"run.name={json.dumps(name)}",
+            *extra,
+        ],
+        env={},
+    )
+
+
+def test_cached_features_train_the_same_head_as_the_frozen_encoder_every_epoch(synthetic_3d, tmp_path):
+    cached = run_finetune(probe_config(synthetic_3d, tmp_path, "cached", "train.feature_cache=true"))
+    direct = run_finetune(probe_config(synthetic_3d, tmp_path, "direct", "train.feature_cache=false"))
+    assert cached.feature_cache and not direct.feature_cache
+    assert cached.mode == direct.mode == "linear_probe"
+
+    heads = read_train_state(cached.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    full = read_train_state(direct.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    # the probe's last.ckpt holds the heads only
+    assert set(heads) == {k for k in full if k.startswith("heads.")}
+    for key, value in heads.items():
+        torch.testing.assert_close(value, full[key], atol=1e-4, rtol=1e-3)
+    for a, b in zip(cached.history, direct.history, strict=True):  # dropout drew the same masks in both
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert cached.best_epoch == direct.best_epoch
+
+
+def test_feature_key_follows_the_encoder_weights_and_the_data(synthetic_3d, tmp_path):
+    config = probe_config(synthetic_3d, tmp_path, "keys")
+    result = run_finetune(config)
+    base = dict(
+        name="vit3d_test", args={"in_channels": 1}, checkpoint="", checkpoint_key="", allow_partial=False
+    )
+    random_0 = encoder_fingerprint(**base, seed=0)
+    assert random_0 != encoder_fingerprint(**base, seed=1)  # random weights: the seed decides them
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"x")
+    pretrained = encoder_fingerprint(**{**base, "checkpoint": str(ckpt)}, seed=0)
+    # a complete load: the seed does not matter
+    assert pretrained == encoder_fingerprint(**{**base, "checkpoint": str(ckpt)}, seed=7)
+    ckpt.write_bytes(b"xy")  # a new file (size, mtime): a new key
+    assert encoder_fingerprint(**{**base, "checkpoint": str(ckpt)}, seed=0) != pretrained
+    data = data_fingerprint(result.cache_dir)
+    assert data.endswith(split_manifest_hash(result.cache_dir))
+    assert feature_key(random_0, data) != feature_key(random_0, data + "x")
+
+
+def test_augment_builds_monai_transforms_for_2d_and_3d_and_is_seeded_per_epoch():
+    settings = AugmentConfig(
+        enabled=True,
+        flip_axes=[0, 1, 2],
+        rotate_degrees=10,
+        intensity_jitter=0.1,
+        noise_std=0.05,
+        blur_sigma=1.0,
+        crop_scale=0.75,
+        flip_prob=0.5,
+        crop_prob=1.0,
+    )
+    augment = build_augment(settings, [8, 16, 16], seed=0)
+    item = {"image": torch.randn(1, 8, 16, 16), "label": torch.tensor(1), "id": "a"}
+    out = augment(item)
+    assert out["image"].shape == (1, 8, 16, 16) and out["image"].dtype == torch.float32
+    assert type(out["image"]) is torch.Tensor and out["label"] is item["label"] and out["id"] == "a"
+    assert not torch.equal(out["image"], item["image"])
+    augment.set_epoch(3)
+    first = augment(item)["image"]
+    augment.set_epoch(3)
+    torch.testing.assert_close(augment(item)["image"], first)  # same (seed, epoch): same draws
+    augment.set_epoch(4)
+    assert not torch.equal(augment(item)["image"], first)
+
+    flat = build_augment(settings.model_copy(update={"flip_axes": [0, 1]}), [16, 16], seed=0)
+    assert flat({"image": torch.randn(2, 16, 16)})["image"].shape == (2, 16, 16)
+    with pytest.raises(ConfigError, match="flip_axes"):
+        build_augment(settings, [16, 16], seed=0)  # axis 2 does not exist in 2D
+    assert build_augment(settings.model_copy(update={"enabled": False}), [16, 16], seed=0) is None
+    assert np.isfinite(out["image"].numpy()).all()
+
+
+def test_an_interrupted_probe_resumes_to_the_same_head(synthetic_3d, tmp_path, monkeypatch):
+    import medctl.finetune.run as run_module
+
+    full = run_finetune(probe_config(synthetic_3d, tmp_path, "full"))
+    original, calls = run_module.validation_metrics, []
+
+    def interrupt_at_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill during epoch 2's validation: epochs 0 and 1 are saved
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "validation_metrics", interrupt_at_epoch_2)
+    config = probe_config(synthetic_3d, tmp_path, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config)
+    monkeypatch.setattr(run_module, "validation_metrics", original)
+    assert read_train_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 1
+    resumed = run_finetune(config, resume=True)
+
+    assert [row["epoch"] for row in resumed.history] == list(range(6))
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    heads = read_train_state(resumed.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    for key, value in read_train_state(full.run_dir / "checkpoints" / "last.ckpt")["state_dict"].items():
+        assert torch.equal(value, heads[key]), key
+
+
+def test_several_targets_sum_their_weighted_losses_and_average_the_monitored_metric(synthetic_3d, tmp_path):
+    table = pd.read_csv(synthetic_3d.table, sep="\t", dtype=str)
+    table["site"] = ["north", "south", "east"] * (len(table) // 3) + ["north"] * (len(table) % 3)
+    path = tmp_path / "two_targets.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    targets = (
+        '[{name="label", kind="binary", classes=["healthy", "edema"], weight=2.0}, '
+        '{name="site", kind="multiclass", classes=["east", "north", "south"], weight=0.5}]'
+    )
+    result = run_finetune(
+        probe_config(
+            synthetic_3d, tmp_path, "two", f"data.table={json.dumps(str(path))}", f"data.targets={targets}"
+        )
+    )
+    for row in result.history:
+        assert row["train_loss"] == pytest.approx(
+            2.0 * row["train_loss_label"] + 0.5 * row["train_loss_site"]
+        )
+        mean = (row["val_label_balanced_accuracy"] + row["val_site_balanced_accuracy"]) / 2
+        assert row["val_balanced_accuracy"] == pytest.approx(mean)
+    preds = pd.read_parquet(result.run_dir / "val_preds.parquet")
+    assert list(preds.columns) == [
+        "id", "label_y_true", "label_y_pred", "label_prob_healthy", "label_prob_edema",
+        "site_y_true", "site_y_pred", "site_prob_east", "site_prob_north", "site_prob_south",
+    ]  # fmt: skip
+    assert json.loads((result.run_dir / "class_to_idx.json").read_text())["site"] == {
+        "east": 0,
+        "north": 1,
+        "south": 2,
+    }
+
+
+@pytest.mark.parametrize(("kind", "k"), [("binary", 2), ("multiclass", 3), ("multilabel", 3)])
+def test_epoch_metrics_equal_scikit_learns(kind, k):
+    rng = np.random.default_rng(0)
+    spec = TargetSpec("t", kind, [f"c{i}" for i in range(k)])
+    for trial in range(15):
+        n = int(rng.integers(3, 14))
+        if kind == "multilabel":
+            y, probs = rng.integers(0, 2, (n, k)), rng.random((n, k))
+        else:  # every third trial leaves the last class out of y_true (undefined AUROC, absent recall)
+            y = rng.integers(0, k - 1 if trial % 3 == 0 else k, n)
+            probs = rng.random((n, 1)) if kind == "binary" else rng.dirichlet(np.ones(k), n)
+        reference = val_metrics(y, probs, kind, spec.classes)
+        fast = epoch_metrics(y, probs, spec)
+        for name, value in fast.items():
+            assert value == pytest.approx(reference[name], nan_ok=True), (trial, name)
