@@ -71,7 +71,11 @@ def iterative_stratification(
     order = rng.permutation(n_groups)  # random tie-breaking among groups, fixed by the seed
 
     def assign(g: int, scores: np.ndarray) -> None:
-        candidates = np.flatnonzero(open_folds & (scores == scores[open_folds].max()))
+        # a fold that already holds its share of examples takes no more while another still has room,
+        # so label balance never pulls the split sizes far from the ratios
+        roomy = open_folds & (want_total >= sizes[g] / 2)
+        allowed = roomy if roomy.any() else open_folds
+        candidates = np.flatnonzero(allowed & (scores == scores[allowed].max()))
         if len(candidates) > 1:  # ties: the fold that wants the most examples, then random
             best = want_total[candidates].max()
             candidates = candidates[want_total[candidates] == best]
