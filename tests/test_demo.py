@@ -1,0 +1,79 @@
+"""`medctl demo` end to end at its smallest size: every stage's artifacts, their values, and reuse."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from medctl.cli.app import app
+from medctl.demo import default_config_text
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_demo_config_is_the_embedded_default():
+    assert tomllib.loads((ROOT / "config" / "demo.toml").read_text()) == tomllib.loads(default_config_text())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    first = runner.invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    return out, first.output
+
+
+def test_demo_writes_every_stage(demo_run):
+    out, output = demo_run
+    assert "[8/8] report" in output
+    # dataset + cache
+    assert (out / "data" / "participants.tsv").exists() and any((out / "data" / "masks").iterdir())
+    manifest = pd.read_parquet(next((out / "cache").glob("*/manifest.parquet")))
+    assert set(manifest["split"]) == {"train", "val", "test"} and (manifest["status"] == "ok").all()
+    # three pretrained encoders, published under their names
+    for name in ("byol_all", "byol_half_a", "byol_half_b"):
+        assert (out / "checkpoints" / f"{name}.ckpt").stat().st_size > 0
+        assert (out / "pretrain" / name / "metrics.jsonl").exists()
+    # the sweep: three checkpoints + random baseline, sorted by validation balanced accuracy
+    board = pd.read_csv(out / "sweep" / "leaderboard.csv")
+    assert set(board["entry"]) == {"byol_all", "byol_half_a", "byol_half_b", "random_init"}
+    assert (board["status"] == "ok").all()
+    val = board["val_balanced_accuracy"].tolist()
+    assert val == sorted(val, reverse=True)
+    entry_metrics = json.loads((out / "sweep" / board["entry"][0] / "eval_test" / "metrics.json").read_text())
+    assert board["test_balanced_accuracy"][0] == pytest.approx(entry_metrics["summary"]["balanced_accuracy"])
+    # fine-tune of a pretrained leader, evaluated on test
+    results = json.loads((out / "finetune" / "results.json").read_text())
+    assert "byol" in json.dumps(results) or "checkpoints/byol" in (out / "finetune" / "config.toml").read_text()
+    metrics = json.loads((out / "finetune" / "eval_test" / "metrics.json").read_text())
+    assert 0.0 <= metrics["summary"]["balanced_accuracy"] <= 1.0
+    assert (out / "finetune" / "eval_test" / "test_preds.parquet").exists()
+    # saliency maps with pointing-game scores against the masks
+    index = pd.read_csv(out / "finetune" / "saliency_test" / "index.csv")
+    assert set(index["method"]) == {"integrated_gradients", "gradcam"}
+    assert list((out / "finetune" / "saliency_test").rglob("*.nrrd"))
+    # the report embeds its figures
+    html = (out / "report.html").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Leaderboard" in report and "pointing game" in report and "medctl sweep" in report
+    assert html.count("data:image/png;base64") >= 2
+
+
+def test_demo_rerun_reuses_finished_work(demo_run):
+    out, _ = demo_run
+    board_mtime = (out / "sweep" / "byol_all" / "results.json").stat().st_mtime
+    again = runner.invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "reused" in again.output and "pretrain byol_all" in again.output
+    assert (out / "sweep" / "byol_all" / "results.json").stat().st_mtime == board_mtime
+
+
+def test_demo_rejects_unknown_size(tmp_path):
+    result = runner.invoke(app, ["demo", "--size", "huge", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "tiny, small, medium" in result.output
