@@ -74,3 +74,21 @@ def test_list_models_shows_kind_size_width_and_parameters():
     assert {"vit3d_base", "vit3d_giant", "vit3d_giant_h16", "mt3", "unet2d", "convnext_tiny_cbam", "resnet50_3d"} <= set(lines)
     assert "3D volume" in lines["vit3d_base"] and "85.45M" in lines["vit3d_base"] and "768" in lines["vit3d_base"]
     assert "2D image" in lines["unet2d"] and "multiples of 8" in lines["unet2d"]
+
+
+def test_list_methods_losses_and_attributions():
+    from typer.testing import CliRunner
+
+    from medctl.cli.app import app
+
+    runner = CliRunner()
+    expected = {
+        "methods": ["byol", "mim_contrastive", "jepa"],
+        "losses": ["cross_entropy", "focal", "bce"],
+        "attributions": ["integrated_gradients", "gradcam", "occlusion", "guided_backprop"],
+    }
+    for what, names in expected.items():
+        result = runner.invoke(app, ["list", what], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for name in names:
+            assert name in result.output

@@ -1,5 +1,4 @@
-"""`medctl list`: what is registered (encoders now; methods, losses and attributions join as their
-modules land: add a member to `Listing` and a row source to `SOURCES`)."""
+"""`medctl list`: what is registered: encoders, pretraining methods, losses, attribution methods."""
 
 from __future__ import annotations
 
@@ -15,6 +14,9 @@ from medctl.cli.common import console, handle_errors
 
 class Listing(StrEnum):
     models = "models"
+    methods = "methods"
+    losses = "losses"
+    attributions = "attributions"
 
 
 def _models() -> list[dict[str, Any]]:
@@ -23,17 +25,51 @@ def _models() -> list[dict[str, Any]]:
     return describe_encoders()
 
 
-SOURCES: dict[Listing, Callable[[], list[dict[str, Any]]]] = {Listing.models: _models}
+def _first_doc_line(obj: Any) -> str:
+    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+
+def _methods() -> list[dict[str, Any]]:
+    from medctl.pretrain import METHODS
+
+    return [{"name": name, "description": _first_doc_line(cls)} for name, cls in METHODS.items()]
+
+
+def _losses() -> list[dict[str, Any]]:
+    from medctl.training.losses import describe_losses
+
+    return describe_losses()
+
+
+def _attributions() -> list[dict[str, Any]]:
+    from medctl.saliency.attribution import METHOD_ALIASES, METHODS
+
+    short = {full: alias for alias, full in METHOD_ALIASES.items()}
+    return [
+        {"name": name + (f" ({short[name]})" if name in short else ""), "description": _first_doc_line(fn)}
+        for name, fn in METHODS.items()
+    ]
+
+
+SOURCES: dict[Listing, Callable[[], list[dict[str, Any]]]] = {
+    Listing.models: _models,
+    Listing.methods: _methods,
+    Listing.losses: _losses,
+    Listing.attributions: _attributions,
+}
 COLUMNS: dict[Listing, list[str]] = {
     Listing.models: ["name", "family", "input", "size", "embed_dim", "params", "description"],
+    Listing.methods: ["name", "description"],
+    Listing.losses: ["name", "description"],
+    Listing.attributions: ["name", "description"],
 }
 
 
 @handle_errors
 def list_command(what: Listing = typer.Argument(Listing.models, help="What to list.")) -> None:
-    """List registered encoders with their input kind, input size, embedding width and parameter count.
+    """List encoders (input kind, size, width, parameters), pretraining methods, losses or attribution methods.
 
-    Example: medctl list models
+    Examples: medctl list models | medctl list methods | medctl list losses | medctl list attributions
     """
     rows = SOURCES[what]()
     table = Table(title=f"medctl {what.value}")

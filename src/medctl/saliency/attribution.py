@@ -237,6 +237,7 @@ def integrated_gradients_attribution(
 def integrated_gradients(
     scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
 ) -> np.ndarray:
+    """Integrated gradients from a zero baseline (Captum), internal batch sized to fit memory."""
     batch = settings.internal_batch_size or auto_internal_batch_size(
         scores, x, target, limit=settings.ig_steps, budget_bytes=settings.memory_budget_bytes
     )
@@ -247,6 +248,7 @@ def integrated_gradients(
 
 
 def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    """Plain input gradients (Captum Saliency), absolute values."""
     attributions = Saliency(scores).attribute(x, target=target, abs=True)  # (1, C, *S)
     return _to_map(attributions.amax(dim=1))
 
@@ -254,6 +256,7 @@ def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: Attri
 def guided_backprop(
     scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
 ) -> np.ndarray:
+    """Guided backpropagation (Captum); changes ReLU backward passes only."""
     if not any(isinstance(m, nn.ReLU) for m in scores.modules()):
         log("guided_backprop: the model has no nn.ReLU modules, so its maps equal plain gradients")
     attributions = GuidedBackprop(scores).attribute(x, target=target)  # (1, C, *S)
@@ -261,6 +264,7 @@ def guided_backprop(
 
 
 def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    """Grad-CAM on the encoder's gradcam_layer (feature map or tokens), upsampled to the input."""
     encoder = scores.classifier.encoder
     layer = encoder.gradcam_layer
     spatial = tuple(x.shape[2:])
@@ -313,6 +317,7 @@ def token_gradcam(
 
 
 def occlusion(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    """Occlusion with saliency.occlusion_window / occlusion_stride (Captum)."""
     spatial = tuple(x.shape[2:])
     window = spatial_window(settings.occlusion_window, spatial, "occlusion_window")
     stride = spatial_window(settings.occlusion_stride, spatial, "occlusion_stride")
