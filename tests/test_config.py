@@ -21,7 +21,7 @@ def test_defaults_live_in_the_models():
 
 
 def test_precedence_of_all_four_layers(tmp_path):
-    base = write(tmp_path / "base.toml", "[train]\nlr_head = 0.1\nlr_encoder = 0.1\nepochs = 3\npatience = 4\n")
+    write(tmp_path / "base.toml", "[train]\nlr_head = 0.1\nlr_encoder = 0.1\nepochs = 3\npatience = 4\n")
     child = write(tmp_path / "child.toml", 'extends = "base.toml"\n[train]\nlr_encoder = 0.2\nepochs = 5\n')
     env = {"MEDCTL_TRAIN__EPOCHS": "7", "MEDCTL_TRAIN__PATIENCE": "8"}
     config = load_config(child, ["train.patience=9"], env=env)

@@ -158,7 +158,7 @@ def run_demo(
             resume = (out / "pretrain" / name / "checkpoints" / "last.ckpt").exists()
             checkpoints.append(run_pretrain(run_config, command="medctl demo", resume=resume).encoder_checkpoint)
         # a folder of named checkpoints, as a lab has them: the sweep names its entries after the files
-        checkpoints = [publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt") for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS)]
+        checkpoints = [publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt") for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS, strict=False)]
 
     with stage("sweep"):
         sweep_config = with_overrides(

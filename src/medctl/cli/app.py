@@ -7,8 +7,18 @@ import os
 import typer
 
 from medctl import __version__
-from medctl.cli import check, config_cmd, demo, evaluate, finetune, list_cmd, preprocess, pretrain, sweep
-from medctl.cli import saliency
+from medctl.cli import (
+    check,
+    config_cmd,
+    demo,
+    evaluate,
+    finetune,
+    list_cmd,
+    preprocess,
+    pretrain,
+    saliency,
+    sweep,
+)
 from medctl.cli.common import show_library_messages
 
 app = typer.Typer(
@@ -41,16 +51,17 @@ def root(
     show_library_messages()
 
 
+# in the order a user meets them: the demo, the pipeline stages, then the helpers
 app.command("demo")(demo.demo_command)
-app.add_typer(config_cmd.app, name="config")
-app.add_typer(check.app, name="check")
 app.command("preprocess")(preprocess.preprocess_command)
-app.command("list")(list_cmd.list_command)
-app.command("finetune")(finetune.finetune_command)
-app.command("evaluate")(evaluate.evaluate_command)
 app.command("pretrain")(pretrain.pretrain_command)
+app.command("finetune")(finetune.finetune_command)
 app.command("sweep")(sweep.sweep_command)
+app.command("evaluate")(evaluate.evaluate_command)
 app.command("saliency")(saliency.saliency_command)
+app.add_typer(check.app, name="check")
+app.command("list")(list_cmd.list_command)
+app.add_typer(config_cmd.app, name="config")
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ def demo_command(
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
 ) -> None:
-    """Run every stage on a synthetic 3D lesion dataset: preprocess, pretrain 3 encoders, sweep a
-    linear probe over them and a random baseline, fine-tune the leader, evaluate, saliency, report.
+    """Every stage on a built-in synthetic 3D lesion dataset, on CPU, into report.html.
+
+    Preprocess, pretrain three encoders, sweep a linear probe over them and a random baseline,
+    fine-tune the leader, evaluate on test, saliency scored against the masks, then the report.
 
     Examples:
       medctl demo
