@@ -18,6 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -45,6 +47,10 @@ def main() -> None:
         out = Path(tmp) / "demo"
         fresh_s, peak_gb, output = timed_demo(out, args.size)
         rerun_s, _, _ = timed_demo(out, args.size)
+        board = pd.read_csv(out / "sweep" / "leaderboard.csv")
+        ranking = ", ".join(
+            f"{row.entry} {row.val_balanced_accuracy:.3f}" for row in board.itertuples() if row.status == "ok"
+        )
     summary = [line for line in output.splitlines() if "balanced accuracy" in line or "pointing game" in line]
     lines = [
         f"\n## medctl demo --size {args.size} ({datetime.now():%Y-%m-%d %H:%M})",
@@ -53,6 +59,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} at the end, {platform.platform()}",
         f"- fresh run: {fresh_s:.0f} s wall, peak memory {peak_gb:.2f} GB (target < 300 s, < 4 GB)",
         f"- rerun reusing the cache and finished runs: {rerun_s:.0f} s",
+        f"- leaderboard, val balanced accuracy of the linear probe: {ranking}",
         *[f"- {line.strip()}" for line in summary],
         "",
     ]
