@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from medctl.config import Config, load_config
 from medctl.data.preprocess import preprocess
@@ -148,7 +151,12 @@ def run_demo(
         for name, subset, seed in PRETRAIN_RUNS:
             run_config = with_overrides(
                 config,
-                [f'run.name="{name}"', f'pretrain.subset="{subset}"', f"run.seed={seed}", f"run.root={json.dumps(str(out / 'pretrain'))}"],
+                [
+                    f'run.name="{name}"',
+                    f'pretrain.subset="{subset}"',
+                    f"run.seed={seed}",
+                    f"run.root={json.dumps(str(out / 'pretrain'))}",
+                ],
             )
             encoder_ckpt = out / "pretrain" / name / "checkpoints" / "encoder.ckpt"
             if (out / "pretrain" / name / "results.json").exists() and encoder_ckpt.exists():
@@ -156,9 +164,14 @@ def run_demo(
                 checkpoints.append(encoder_ckpt)
                 continue
             resume = (out / "pretrain" / name / "checkpoints" / "last.ckpt").exists()
-            checkpoints.append(run_pretrain(run_config, command="medctl demo", resume=resume).encoder_checkpoint)
+            checkpoints.append(
+                run_pretrain(run_config, command="medctl demo", resume=resume).encoder_checkpoint
+            )
         # a folder of named checkpoints, as a lab has them: the sweep names its entries after the files
-        checkpoints = [publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt") for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS, strict=False)]
+        checkpoints = [
+            publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt")
+            for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS, strict=False)
+        ]
 
     with stage("sweep"):
         sweep_config = with_overrides(
@@ -218,7 +231,11 @@ def run_demo(
 
 def publish_checkpoint(source: Path, target: Path) -> Path:
     """Copy ``source`` to ``target`` unless an identical copy is there (a rerun keeps its mtime)."""
-    if not (target.exists() and target.stat().st_size == source.stat().st_size and target.stat().st_mtime >= source.stat().st_mtime):
+    if not (
+        target.exists()
+        and target.stat().st_size == source.stat().st_size
+        and target.stat().st_mtime >= source.stat().st_mtime
+    ):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
     return target
@@ -236,7 +253,9 @@ def synthetic_dataset(folder: Path, settings: DemoSize, *, cache_dir: Path) -> t
         for key in ("size", "spacing"):
             fields[key] = tuple(fields[key])
         return SyntheticDataset(**fields), True
-    dataset = make_synthetic_dataset(folder, n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=cache_dir)
+    dataset = make_synthetic_dataset(
+        folder, n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=cache_dir
+    )
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataset.__dict__.items()}
     described.write_text(json.dumps(plain, indent=2, default=list))
     return dataset, False
@@ -318,7 +337,7 @@ def demo_report(
         f"with spacing {list(dataset.spacing)} mm; cached samples per split: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         "",
-        "## Pretraining (BYOL with reconstruction, rotation and jigsaw heads on mt3)",
+        f"## Pretraining ({pretrain_title(out)})",
         "",
     ]
     for name, subset, _ in PRETRAIN_RUNS:
@@ -337,14 +356,22 @@ def demo_report(
     confusion = _first_figure(out / "finetune" / "eval_test" / "figures", ("confusion",))
     if confusion:
         lines += ["", f"![confusion matrix]({confusion.relative_to(out)})"]
-    lines += ["", "## Saliency on test samples", "", "| method | pointing game | chance (mask share) | mass in mask |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Saliency on test samples",
+        "",
+        "| method | pointing game | chance (mask share) | mass in mask |",
+        "| --- | --- | --- | --- |",
+    ]
     for method, scores in saliency.result.scores.items():
         lines.append(
             f"| {method} | {_fmt(scores.get('pointing_hit_rate'))} | {_fmt(scores.get('mask_share'))} | "
             f"{_fmt(scores.get('mass_in_mask'))} |"
         )
-    panels = sorted(saliency.out_dir.rglob("*.png"))[:4]
-    lines += [""] + [f"![{p.stem}]({p.relative_to(out)})" for p in panels]
+    lines += [""] + [
+        f"![{path.parent.name} {path.stem}]({path.relative_to(out)})"
+        for path in lesion_panels(saliency.out_dir)
+    ]
     lines += ["", "## Rerun each step, or point it at your own data", "", "```", *commands, "```", ""]
     lines += [
         "Next: copy a config from `config/` (e.g. `config/finetune/oct_vjepa2.toml`), point `data.table` and "
@@ -353,6 +380,26 @@ def demo_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def lesion_panels(saliency_dir: Path, limit: int = 2) -> list[Path]:
+    """Panels of the first test samples that carry a lesion (scored against a mask), every method."""
+    index = pd.read_csv(saliency_dir / "index.csv")
+    scored = index[index["pointing_hit"].notna()]
+    ids = list(dict.fromkeys(scored["id"]))[:limit]
+    return [saliency_dir / p for p in scored[scored["id"].isin(ids)]["panel_png"]]
+
+
+def pretrain_title(out: Path) -> str:
+    """'BYOL on mt3_tiny, heads: rotation 0.5' from the first pretraining run's saved config."""
+    saved = tomllib.loads((out / "pretrain" / PRETRAIN_RUNS[0][0] / "config.toml").read_text())
+    settings = saved["pretrain"]
+    heads = [
+        f"{h} {settings[f'{h}_weight']}"
+        for h in ("reconstruction", "rotation", "jigsaw")
+        if settings[f"{h}_weight"] > 0
+    ]
+    return f"{settings['method'].upper()} on {saved['model']['encoder']}, auxiliary heads: {', '.join(heads) or 'off'}"
 
 
 def _first_figure(folder: Path, words: tuple[str, ...]) -> Path | None:

@@ -14,9 +14,15 @@ from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_e
 
 @handle_errors
 def demo_command(
-    out: Annotated[Path, typer.Option(help="Folder for the dataset, every run and report.html.")] = Path("runs/demo"),
-    size: Annotated[str, typer.Option(help="tiny | small | medium (small: < 5 minutes on 2 CPU cores).")] = "small",
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete the folder first instead of reusing it.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the dataset, every run and report.html.")] = Path(
+        "runs/demo"
+    ),
+    size: Annotated[
+        str, typer.Option(help="tiny | small | medium (small: < 5 minutes on 2 CPU cores).")
+    ] = "small",
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Delete the folder first instead of reusing it.")
+    ] = False,
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
 ) -> None:
@@ -37,7 +43,9 @@ def demo_command(
     def announce(index: int, total: int, name: str) -> None:
         console.print(f"[bold cyan][{index}/{total}][/] {name}", highlight=False)
 
-    result = run_demo(out, size=size, fresh=fresh, config_file=config, overrides=overrides or [], on_stage=announce)
+    result = run_demo(
+        out, size=size, fresh=fresh, config_file=config, overrides=overrides or [], on_stage=announce
+    )
 
     table = Table(title=f"medctl demo ({size}) in {time.perf_counter() - start:.0f} s")
     table.add_column("stage")
