@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset
 
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
 from medctl.data.dataset import CacheDataset, read_summary, target_specs
-from medctl.data.preprocess import cache_dir_for, preprocess
+from medctl.data.preprocess import preprocess
 from medctl.data.tables import TargetSpec
 from medctl.errors import CheckpointError, ConfigError, DataError
 from medctl.evaluation.bootstrap import headline_metrics
@@ -80,6 +80,7 @@ from medctl.training.distributed import (
     is_distributed,
     is_rank0,
     make_loader,
+    rank0_value,
     unwrap,
     wrap_ddp,
 )
@@ -142,7 +143,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     first_trainable = encoder_trainable_from(model_cfg, train.epochs)
 
     # 1. data: the cache, its targets and sizes; splits that cannot train a classifier stop here
-    cache = prepare_cache(config.data)
+    cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
     summary = read_summary(cache)
     specs = target_specs(cache)
     warnings = check_splits(summary, specs, config.data, cache)
@@ -416,13 +417,6 @@ def wants_feature_cache(
         log("attentive probe: it reads tokens, so the frozen encoder runs every epoch (no embedding cache)")
         return False
     return True
-
-
-def prepare_cache(data: DataConfig) -> Path:
-    """Preprocess on rank 0 (a rerun decodes nothing new), then the cache folder on every rank."""
-    cache = preprocess(data).cache_dir if is_rank0() else None
-    barrier()
-    return cache if cache is not None else cache_dir_for(data)
 
 
 def prepare_run_dir(config: Config, command: str, run_dir: str | Path | None, resume: bool) -> Path:

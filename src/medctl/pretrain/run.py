@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from medctl.config import Config, DataConfig
+from medctl.config import Config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.errors import ConfigError, DataError
@@ -49,6 +49,7 @@ from medctl.training.distributed import (
     is_rank0,
     make_loader,
     rank,
+    rank0_value,
     unwrap,
     world_size,
     wrap_ddp,
@@ -84,7 +85,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
         start = time.perf_counter()
 
         # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
-        cache = prepare_cache(config.data)
+        cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
         summary = read_summary(cache)
         input_size = summary_input_size(summary, cache)
         train_full = CacheDataset(cache, "train")
@@ -250,12 +251,6 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
 
 
 # -------------------------------------------------------------------------------------------- data
-def prepare_cache(data: DataConfig) -> Path:
-    """Preprocess (rank 0; a rerun skips what is done) and return the cache every rank reads."""
-    cache = preprocess(data).cache_dir if is_rank0() else None
-    return Path(gather_objects(str(cache))[0])
-
-
 def summary_input_size(summary: dict[str, Any], cache: Path) -> tuple[int, ...]:
     size = summary.get("spatial_size")
     if not size:

@@ -7,6 +7,7 @@ and ``torchrun --nproc_per_node N -m medctl``. Rank 0 is the only writer of file
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,6 +144,11 @@ def broadcast_bool(value: bool, device: torch.device | str = "cpu") -> bool:
     flag = torch.tensor([1 if value else 0], device=device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def rank0_value(compute: Callable[[], Any]) -> Any:
+    """``compute()`` on rank 0 alone (e.g. building the cache); every rank returns rank 0's result."""
+    return gather_objects(compute() if is_rank0() else None)[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:
