@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from medctl.config import load_config
 from medctl.data.dataset import CacheDataset
@@ -136,26 +135,6 @@ def main() -> None:
     with RESULTS.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"appended to {RESULTS}")
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "cpu": cpu or "unknown",
-        "cores": str(os.cpu_count()),
-        "gpu": gpu,
-        "load average (1 min) at the end": f"{os.getloadavg()[0]:.1f}",
-        "platform": platform.platform(),
-        "python / torch": f"{sys.version.split()[0]} / {torch.__version__}",
-    }
 
 
 if __name__ == "__main__":
