@@ -19,7 +19,7 @@ from medctl.saliency import (
     randomised_copy,
     rank_correlation,
 )
-from medctl.saliency.scoring import last_block, summarise
+from medctl.saliency.scoring import last_block, peak_voxel, summarise
 from test_saliency_support import ball, blob_batch, make_model, train_blob_classifier
 
 
@@ -37,6 +37,23 @@ def test_pointing_game_on_hand_built_maps():
     assert pointing_game(amap, mask, tolerance=1) is True
     assert pointing_game(amap, np.zeros_like(mask)) is None  # nothing to point at
     assert pointing_game(np.zeros_like(amap), mask) is None  # no peak
+
+
+def test_a_plateau_points_with_its_centre_not_its_first_voxel():
+    # a 2x2x2 map upsampled to 16^3 with clamped edges: its largest cell becomes a 4x4x4-voxel flat corner
+    coarse = torch.zeros(1, 1, 2, 2, 2)
+    coarse[0, 0, 0, 0, 0] = 1.0
+    fine = torch.nn.functional.interpolate(coarse, size=(16, 16, 16), mode="trilinear")[0, 0].numpy()
+    assert (fine == fine.max()).sum() == 4**3  # voxels 0..3 on each axis tie
+    assert np.unravel_index(np.argmax(fine), fine.shape) == (0, 0, 0)  # argmax: the corner
+    assert peak_voxel(fine) == (1, 1, 1)  # a tied voxel nearest the plateau's centroid (1.5, 1.5, 1.5)
+    flat = np.zeros((5, 7, 9), np.float32)
+    flat[1:4, 2:5, 3:8] = 1.0  # a flat box: its centre, not the corner argmax would give
+    assert peak_voxel(flat) == (2, 3, 5)
+    mask = np.zeros(flat.shape, bool)
+    mask[2, 3, 5] = True
+    assert pointing_game(flat, mask) is True
+    assert peak_voxel(np.eye(3)) == (1, 1)  # disjoint ties: the tied voxel nearest their centroid
 
 
 def test_mass_in_mask_counts_positive_attribution_only():

@@ -22,6 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from medctl.saliency.geometry import Geometry
+from medctl.saliency.scoring import peak_voxel
 
 INDEX_COLUMNS = [
     "id",
@@ -131,7 +132,7 @@ View = tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None, float]  # ti
 def _views_3d(
     image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
 ) -> list[View]:
-    peak = np.unravel_index(int(np.argmax(np.abs(amap))), amap.shape)
+    peak = peak_voxel(np.abs(np.nan_to_num(amap, nan=0.0)))  # the pointing game's peak
     views = []
     for axis in range(3):
         index = [slice(None)] * 3

@@ -34,8 +34,17 @@ def pointing_game(attribution: np.ndarray, mask: np.ndarray, *, tolerance: int =
     magnitude = np.abs(np.nan_to_num(attribution, nan=0.0))
     if not inside.any() or not magnitude.any():
         return None
-    peak = np.unravel_index(int(np.argmax(magnitude)), magnitude.shape)
-    return bool(inside[peak])
+    return bool(inside[peak_voxel(magnitude)])
+
+
+def peak_voxel(magnitude: np.ndarray) -> tuple[int, ...]:
+    """The index of the largest value; where several voxels tie for it (the flat border of a coarse map
+    upsampled with clamped edges), the tied voxel nearest their centroid, not the first in memory order."""
+    tied = np.argwhere(magnitude >= magnitude.max())  # (n, ndim)
+    if len(tied) == 1:
+        return tuple(int(i) for i in tied[0])
+    nearest = np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1))
+    return tuple(int(i) for i in tied[nearest])
 
 
 def pointing_chance(mask: np.ndarray, *, tolerance: int = 0) -> float:
