@@ -56,7 +56,7 @@ def test_demo_writes_every_stage(demo_run):
     assert (out / "finetune" / "eval_test" / "test_preds.parquet").exists()
     # saliency maps with pointing-game scores against the masks
     index = pd.read_csv(out / "finetune" / "saliency_test" / "index.csv")
-    assert set(index["method"]) == {"integrated_gradients", "gradcam"}
+    assert set(index["method"]) == {"integrated_gradients", "gradcam", "hirescam"}
     assert list((out / "finetune" / "saliency_test").rglob("*.nrrd"))
     # the report embeds its figures
     html = (out / "report.html").read_text()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from captum.attr import LayerGradCam
 
 from medctl.errors import ConfigError, UserError
 from medctl.saliency import (
@@ -18,7 +20,12 @@ from medctl.saliency import (
     integrated_gradients_attribution,
     resolve_methods,
 )
-from medctl.saliency.attribution import measure_sample_bytes, spatial_window, token_gradcam
+from medctl.saliency.attribution import (
+    gradcam_target,
+    measure_sample_bytes,
+    spatial_window,
+    token_gradcam,
+)
 from test_saliency_support import TinyClassifier, TinyCNN, make_model
 
 SIZES = {3: (8, 16, 16), 2: (16, 16)}
@@ -39,10 +46,13 @@ def test_every_method_gives_a_finite_map_of_the_input_shape(method, model_kind, 
     assert amap.shape == size
     assert amap.dtype == np.float32
     assert np.all(np.isfinite(amap))
-    if method == "gradcam":  # a ReLU'd CAM may be empty for one class of a random model, not for all
+    if method in (
+        "gradcam",
+        "hirescam",
+    ):  # a ReLU'd CAM may be empty for one class of a random model, not for all
         amap = amap + sum(compute_map(method, scores, x, k, SETTINGS) for k in (0, 1))
     assert np.abs(amap).max() > 0  # the model depends on its input, so every method sees something
-    if method in ("gradients", "gradcam"):
+    if method in ("gradients", "gradcam", "hirescam"):
         assert amap.min() >= 0  # magnitudes and ReLU'd CAMs
 
 
@@ -128,6 +138,74 @@ def test_token_gradcam_drops_the_class_token_and_follows_the_grid(seed):
     weights = grads[:, 1:].mean(1)  # (1, C)
     reference = torch.relu(tokens @ weights[0]).reshape(1, 1, 2, 4, 4)
     np.testing.assert_allclose(cam.numpy(), reference.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_chosen_cnn_layer_is_read_as_a_map_at_its_own_resolution(seed):
+    model = make_model("cnn", 3, {"grade": 3}, SIZES[3])
+    scores = ClassScores(model, "grade", "multiclass")
+    x = torch.randn(1, 1, *SIZES[3])
+    chosen = replace(SETTINGS, gradcam_layer="stem.0")  # the full-resolution conv, before the max-pool
+
+    amap = compute_map("gradcam", scores, x, 1, chosen)
+
+    reference = LayerGradCam(scores, model.encoder.stem[0]).attribute(x, target=1, relu_attributions=True)
+    assert reference.shape == (1, 1, *SIZES[3])  # no upsampling at this layer
+    np.testing.assert_allclose(amap, reference[0, 0].detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(amap, compute_map("gradcam", scores, x, 1, SETTINGS))  # the default: blocks[-1]
+
+
+def test_a_chosen_token_layer_is_read_as_tokens(seed):
+    model = make_model("tokens", 3, {"grade": 3}, SIZES[3])
+    scores = ClassScores(model, "grade", "multiclass")
+    x = torch.randn(1, 1, *SIZES[3])
+
+    amap = compute_map("gradcam", scores, x, 0, replace(SETTINGS, gradcam_layer="blocks.0"))
+
+    cam = token_gradcam(scores, model.encoder.blocks[0], (2, 4, 4), x, 0)  # (1, 1, *grid)
+    upsampled = torch.nn.functional.interpolate(cam, size=SIZES[3], mode="trilinear")[0, 0]
+    np.testing.assert_allclose(amap, upsampled.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_hirescam_equals_gradcam_where_the_layer_is_average_pooled_into_the_head(dims, seed):
+    model = make_model("cnn", dims, {"grade": 3}, SIZES[dims])  # blocks[-1] -> mean over positions -> linear
+    scores = ClassScores(model, "grade", "multiclass")
+    x = torch.randn(1, 1, *SIZES[dims])
+    maps = {m: [compute_map(m, scores, x, k, SETTINGS) for k in range(3)] for m in ("hirescam", "gradcam")}
+    np.testing.assert_allclose(np.stack(maps["hirescam"]), np.stack(maps["gradcam"]), rtol=1e-4, atol=1e-6)
+    assert max(m.max() for m in maps["hirescam"]) > 0  # ReLU'd: some class has positive evidence
+    # a finer layer is not pooled straight into the head: there the two differ
+    stem = replace(SETTINGS, gradcam_layer="stem.0")
+    finer = {
+        m: np.stack([compute_map(m, scores, x, k, stem) for k in range(3)]) for m in ("hirescam", "gradcam")
+    }
+    assert finer["hirescam"].max() > 0 and not np.allclose(finer["hirescam"], finer["gradcam"])
+
+
+def test_token_hirescam_keeps_each_tokens_gradient(seed):
+    model = make_model("tokens", 3, {"grade": 3}, SIZES[3])
+    scores = ClassScores(model, "grade", "multiclass")
+    x = torch.randn(1, 1, *SIZES[3])
+    cam = token_gradcam(
+        scores, model.encoder.gradcam_layer, (2, 4, 4), x, 1, elementwise=True
+    )  # (1, 1, *grid)
+    captured = []
+    handle = model.encoder.gradcam_layer.register_forward_hook(lambda m, i, o: captured.append(o))
+    score = scores(x.clone().requires_grad_(True))[0, 1]
+    handle.remove()
+    (grads,) = torch.autograd.grad(score, captured[0])  # (1, 1 + 32, C)
+    reference = torch.relu((grads * captured[0])[:, 1:].sum(-1)).reshape(1, 1, 2, 4, 4)
+    np.testing.assert_allclose(cam.numpy(), reference.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_an_unknown_gradcam_layer_names_the_key_and_the_closest_modules(seed):
+    model = make_model("cnn", 3, {"grade": 3}, SIZES[3])
+    with pytest.raises(ConfigError) as info:
+        gradcam_target(model.encoder, "blocks.2")
+    message = str(info.value)
+    assert "saliency.gradcam_layer" in message and "'blocks.2'" in message
+    assert "did you mean blocks.1, blocks.0" in message and "modules are stem, blocks (" in message
+    assert gradcam_target(model.encoder, "") == (model.encoder.blocks[-1], "map")
 
 
 def test_unknown_method_names_the_key_and_the_known_ones():

@@ -155,7 +155,7 @@ def test_trained_model_points_at_the_ball_far_above_chance(blob_model):
     randomised = ClassScores(random_model, "blob", "binary")
     settings = AttributionSettings(ig_steps=16, occlusion_window=(2, 4, 4), occlusion_stride=(2, 4, 4))
     # Grad-CAM lives on the half-resolution feature map: one voxel of tolerance, and the matching chance
-    tolerance = {"integrated_gradients": 0, "gradcam": 1}
+    tolerance = {"integrated_gradients": 0, "gradcam": 1, "hirescam": 1}
     results = {method: {"hit": [], "chance": [], "mass": [], "share": [], "rho": []} for method in tolerance}
     for i in np.flatnonzero(labels)[:8]:
         x = torch.from_numpy(images[i : i + 1])  # (1, 1, D, H, W)
@@ -168,7 +168,7 @@ def test_trained_model_points_at_the_ball_far_above_chance(blob_model):
             result["share"].append(mask_share(masks[i]))
             result["rho"].append(rank_correlation(amap, compute_map(method, randomised, x, 1, settings)))
 
-    ig, cam = results["integrated_gradients"], results["gradcam"]
+    ig, cam, hires = results["integrated_gradients"], results["gradcam"], results["hirescam"]
     assert np.mean(ig["share"]) < 0.02  # a ball of ~17 voxels in 2048: chance is below 2%
     assert np.mean(ig["hit"]) >= 0.8
     assert np.mean(ig["mass"]) > 10 * np.mean(ig["share"])
@@ -176,6 +176,8 @@ def test_trained_model_points_at_the_ball_far_above_chance(blob_model):
     assert np.mean(cam["hit"]) >= 0.5
     assert np.mean(cam["hit"]) > 5 * np.mean(cam["chance"])
     assert np.mean(cam["mass"]) > 3 * np.mean(cam["share"])
+    # the model max-pools its last map, so only the argmax positions carry gradient: HiResCAM keeps them there
+    assert np.mean(hires["hit"]) >= np.mean(cam["hit"]) and np.mean(hires["mass"]) > np.mean(cam["mass"])
 
     # model randomisation: maps of the re-initialised model no longer match the trained model's
     assert np.mean(ig["rho"]) < 0.9

@@ -295,6 +295,7 @@ class SaliencyConfig(Section):
     pointing_tolerance: int = Field(default=0, ge=0)  # voxels the pointing-game mask is grown by
     internal_batch_size: int = Field(default=0, ge=0)  # IG/occlusion batch; 0 sizes it to fit memory
     memory_budget_gb: float = Field(default=0.0, ge=0)  # for that sizing; 0: 80% of free CUDA, 2 GiB CPU
+    gradcam_layer: str = ""  # encoder module for Grad-CAM, e.g. "layer3" or "stem.1"; "" its last spatial layer
 
 
 class Config(Section):

@@ -368,6 +368,12 @@ def demo_report(
             f"| {method} | {_fmt(scores.get('pointing_hit_rate'))} | {_fmt(scores.get('mask_share'))} | "
             f"{_fmt(scores.get('mass_in_mask'))} |"
         )
+    lines += [
+        "",
+        "Pointing game: the share of maps whose peak lies inside the lesion; chance is the hit rate of a "
+        "random peak. Grad-CAM weighs each channel by its gradient averaged over the map; HiResCAM keeps "
+        "the gradient at each voxel, which matters for encoders that max-pool (MT3's plane projections).",
+    ]
     lines += [""] + [
         f"![{path.parent.name} {path.stem}]({path.relative_to(out)})"
         for path in lesion_panels(saliency.out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated
@@ -80,6 +81,15 @@ def saliency_command(
             show_default=False,
         ),
     ] = None,
+    gradcam_layer: Annotated[
+        str | None,
+        typer.Option(
+            "--gradcam-layer",
+            help="Encoder module Grad-CAM reads, e.g. layer3 or stem.1: finer than the default last spatial "
+            "layer for small lesions (sets saliency.gradcam_layer).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -97,9 +107,12 @@ def saliency_command(
     written on the preprocessed grid and resampled onto each source scan's grid, for 3D Slicer.
 
     Example: medctl saliency --ckpt runs/oct_ft/checkpoints/best.ckpt --split test --method ig --method gradcam
+
+    Example: medctl saliency --ckpt runs/ft/checkpoints/best.ckpt --ids sub-003 --method gradcam --gradcam-layer layer3
     """
     from medctl.saliency.stage import run_saliency_stage  # torch and Captum load only when this command runs
 
+    layer_override = [f"saliency.gradcam_layer={json.dumps(gradcam_layer)}"] if gradcam_layer else []
     result = run_saliency_stage(
         ckpt,
         split=split,
@@ -112,7 +125,7 @@ def saliency_command(
         max_samples=max_samples,
         out_dir=out,
         config_file=config,
-        overrides=overrides or [],
+        overrides=[*(overrides or []), *layer_override],
     )
     table = Table(
         title=f"saliency of `{result.target_name}` on {result.n_samples} sample(s) ({result.samples})"

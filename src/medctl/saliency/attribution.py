@@ -1,4 +1,4 @@
-"""Attribution maps through Captum: integrated gradients, gradients, guided backprop, Grad-CAM, occlusion.
+"""Attribution maps through Captum: integrated gradients, gradients, guided backprop, Grad-CAM, HiResCAM, occlusion.
 
 Every method in :data:`METHODS` has one signature, ``method(scores, x, target, settings)``: ``scores`` is a
 :class:`ClassScores` (the classifier reduced to one target's per-class scores), ``x`` one input
@@ -13,11 +13,17 @@ shape ``S`` (2D or 3D). Channels are summed (signed methods) or max-reduced (gra
   of ``nn.ReLU`` modules only; a model whose non-linearities are GELU (ViTs) or functional ``F.relu``
   gets plain gradients, and a line in the log says so.
 - Grad-CAM (Selvaraju et al. 2017) on ``encoder.gradcam_layer``, read as ``encoder.gradcam_layout``
-  (default ``feature_layout``): Captum ``LayerGradCam`` for feature maps ``(B, C, *s)``, upsampled
+  (default ``feature_layout``), or on the encoder module named by ``settings.gradcam_layer`` (read as
+  tokens when its output is ``(B, N, C)``, else as a map): Captum ``LayerGradCam`` for feature maps
+  ``(B, C, *s)``, upsampled
   (bi/trilinear) to the input; for token layers the tokens ``(B, N, C)``
   are reshaped to ``(B, C, *encoder.token_grid(S))`` after dropping leading extra tokens (class or
   register tokens) and the gradient-times-activation CAM is computed here, since Captum's layer methods
   assume channels on dimension 1. Both are ReLU'd, as in the paper.
+- HiResCAM (Draelos & Carin 2020) on Grad-CAM's layer: Captum ``LayerGradientXActivation`` summed over
+  channels and ReLU'd, i.e. each position keeps its own gradient instead of Grad-CAM's spatial average.
+  It equals Grad-CAM where the layer is average-pooled straight into a linear head, and stays faithful
+  where it is not (MT3's max-projections, whose gradients sit on the argmax voxels only).
 - Occlusion (Zeiler & Fergus 2014, Captum ``Occlusion``): zero patches of ``settings.occlusion_window``
   moved by ``settings.occlusion_stride`` (clamped to the input size), every channel at once.
 """
@@ -25,6 +31,7 @@ shape ``S`` (2D or 3D). Channels are summed (signed methods) or max-reduced (gra
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import warnings
 import weakref
@@ -39,6 +46,7 @@ from captum.attr import (
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
+    LayerGradientXActivation,
     Occlusion,
     Saliency,
 )
@@ -113,6 +121,7 @@ class AttributionSettings:
     occlusion_stride: tuple[int, ...]
     internal_batch_size: int = 0
     memory_budget_bytes: int = 0
+    gradcam_layer: str = ""  # a module path inside the encoder; "" is the encoder's own gradcam_layer
 
     def __post_init__(self) -> None:
         problems = []
@@ -264,28 +273,100 @@ def guided_backprop(
 
 
 def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
-    """Grad-CAM on the encoder's gradcam_layer (feature map or tokens), upsampled to the input."""
+    """Grad-CAM on the encoder's gradcam_layer, or ``settings.gradcam_layer``, upsampled to the input."""
+    return _class_activation_map(scores, x, target, settings, elementwise=False)
+
+
+def hirescam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+    """HiResCAM on the same layer as Grad-CAM: gradients times activations summed over channels."""
+    return _class_activation_map(scores, x, target, settings, elementwise=True)
+
+
+def _class_activation_map(
+    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings, *, elementwise: bool
+) -> np.ndarray:
+    """``relu(sum_c weight_c * A_c)`` on the chosen layer, upsampled to the input: ``weight_c`` is the
+    gradient averaged over positions (Grad-CAM) or the gradient at each position (HiResCAM)."""
     encoder = scores.classifier.encoder
-    layer = encoder.gradcam_layer
+    layer, layout = gradcam_target(encoder, settings.gradcam_layer)
     spatial = tuple(x.shape[2:])
-    layout = getattr(encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map"))
+    if layout is None:  # a chosen layer: read its output as tokens when it is (B, N, C)
+        layout = "tokens" if _output_ndim(scores, layer, x) == 3 else "map"
     if layout == "tokens":
-        cam = token_gradcam(scores, layer, tuple(encoder.token_grid(spatial)), x, target)  # (1, 1, *grid)
+        grid = tuple(encoder.token_grid(spatial))
+        cam = token_gradcam(scores, layer, grid, x, target, elementwise=elementwise)  # (1, 1, *grid)
+    elif elementwise:
+        products = LayerGradientXActivation(scores, layer).attribute(x, target=target)  # (1, C, *s)
+        cam = torch.relu(products.sum(dim=1, keepdim=True))  # (1, 1, *s)
     else:
         cam = LayerGradCam(scores, layer).attribute(x, target=target, relu_attributions=True)  # (1, 1, *s)
-        if cam.ndim != x.ndim:
-            raise RunFailure(
-                f"gradcam: encoder.gradcam_layer gives {tuple(cam.shape)}, not a feature map (B, C, *spatial) "
-                "for this input; token encoders need feature_layout = 'tokens'"
-            )
+    if cam.ndim != x.ndim:
+        raise RunFailure(
+            f"{'hirescam' if elementwise else 'gradcam'}: the layer gives {tuple(cam.shape)}, not a feature map (B, C, *spatial) "
+            "for this input; token encoders need feature_layout = 'tokens'"
+        )
     mode = "trilinear" if len(spatial) == 3 else "bilinear"
     return _to_map(LayerAttribution.interpolate(cam.float(), spatial, interpolate_mode=mode)[:, 0])
 
 
+def gradcam_target(encoder: nn.Module, path: str) -> tuple[nn.Module, Literal["map", "tokens"] | None]:
+    """The module Grad-CAM reads and its declared layout: the encoder's own ``gradcam_layer`` for an empty
+    ``path``, else ``encoder.get_submodule(path)`` with the layout left to its output (None).
+
+    An unknown ``path`` is a ConfigError on ``saliency.gradcam_layer`` naming the closest module names.
+    """
+    if not path:
+        return encoder.gradcam_layer, getattr(
+            encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map")
+        )
+    try:
+        return encoder.get_submodule(path), None
+    except AttributeError:
+        pass
+    names = [name for name, _ in encoder.named_modules() if name]
+    close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    top = ", ".join(name for name, _ in encoder.named_children())
+    nested = next((f", e.g. {name}" for name in names if "." in name), "")
+    raise ConfigError(
+        [
+            f"`saliency.gradcam_layer` = {path!r}: {type(encoder).__name__} has no such module; {hint}"
+            f"its top-level modules are {top} (name nested ones with dots{nested}; leave it empty for the default)"
+        ]
+    )
+
+
+def _output_ndim(scores: ClassScores, layer: nn.Module, x: torch.Tensor) -> int:
+    """The number of dimensions of ``layer``'s output on ``x`` (one forward pass without gradients)."""
+    shapes: list[int] = []
+
+    def keep_ndim(_module: nn.Module, _inputs: object, output: object) -> None:
+        shapes.append((output[0] if isinstance(output, tuple) else output).ndim)
+
+    handle = layer.register_forward_hook(keep_ndim)
+    try:
+        with torch.no_grad():
+            scores(x)
+    finally:
+        handle.remove()
+    if not shapes:
+        raise RunFailure(
+            "gradcam: `saliency.gradcam_layer` is not used by the forward pass; choose another module"
+        )
+    return shapes[-1]
+
+
 def token_gradcam(
-    scores: ClassScores, layer: nn.Module, grid: tuple[int, ...], x: torch.Tensor, target: int
+    scores: ClassScores,
+    layer: nn.Module,
+    grid: tuple[int, ...],
+    x: torch.Tensor,
+    target: int,
+    *,
+    elementwise: bool = False,
 ) -> torch.Tensor:
-    """Grad-CAM on tokens ``(B, N, C)``: ``relu(sum_c mean_n(dS/dA) * A)`` on the token grid ``(B, 1, *grid)``.
+    """Grad-CAM on tokens ``(B, N, C)``: ``relu(sum_c mean_n(dS/dA) * A)`` on the token grid ``(B, 1, *grid)``;
+    ``elementwise`` keeps each token's own gradient (HiResCAM): ``relu(sum_c dS/dA * A)``.
 
     Tokens are assumed in row-major grid order after ``N - prod(grid)`` leading extra tokens (class or
     register tokens), which are dropped.
@@ -311,7 +392,7 @@ def token_gradcam(
             f"{n_grid} tokens for the grid {grid}"
         )
     tokens, grads = tokens[:, -n_grid:].detach(), grads[:, -n_grid:]  # (B, N', C)
-    weights = grads.mean(dim=1, keepdim=True)  # (B, 1, C)
+    weights = grads if elementwise else grads.mean(dim=1, keepdim=True)  # (B, N' or 1, C)
     cam = torch.relu((weights * tokens).sum(dim=-1))  # (B, N')
     return cam.reshape(cam.shape[0], 1, *grid)  # (B, 1, *grid)
 
@@ -353,6 +434,7 @@ METHODS: dict[str, MethodFn] = {
     "gradients": gradients,
     "guided_backprop": guided_backprop,
     "gradcam": gradcam,
+    "hirescam": hirescam,
     "occlusion": occlusion,
 }
 
@@ -369,7 +451,9 @@ def resolve_methods(names: Sequence[str]) -> list[str]:
     if not names:
         problems = ["`saliency.methods` is empty"]
     if problems:
-        known = ", ".join(METHODS) + " (short: " + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items()) + ")"
+        known = (
+            ", ".join(METHODS) + " (short: " + ", ".join(f"{a}={m}" for a, m in METHOD_ALIASES.items()) + ")"
+        )
         raise ConfigError([f"{p}; known methods: {known}" for p in problems])
     return list(dict.fromkeys(names))
 

@@ -40,6 +40,7 @@ from medctl.saliency.attribution import (
     ClassScores,
     TargetKind,
     compute_map,
+    gradcam_target,
     resolve_methods,
 )
 from medctl.saliency.geometry import (
@@ -98,6 +99,7 @@ def run_saliency(
     pointing_tolerance: int = 0,
     internal_batch_size: int = 0,
     memory_budget_gb: float = 0.0,
+    gradcam_layer: str = "",
 ) -> SaliencyResult:
     """Explain ``classifier``'s ``target_name`` head on each sample with each method.
 
@@ -108,7 +110,8 @@ def run_saliency(
     :mod:`medctl.saliency.geometry`).
     ``target``: ``pred`` (the predicted class), ``true`` (the label) or a class name. ``kind`` None
     infers binary from a one-logit head and multiclass otherwise; pass ``multilabel`` explicitly.
-    ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing.
+    ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing. ``gradcam_layer`` names
+    a module inside the encoder for Grad-CAM (empty: the encoder's own last spatial layer).
     """
     out_dir = Path(out_dir)
     names = resolve_methods(methods)
@@ -120,7 +123,10 @@ def run_saliency(
         occlusion_stride=tuple(occlusion_stride),
         internal_batch_size=internal_batch_size,
         memory_budget_bytes=int(memory_budget_gb * 1024**3),
+        gradcam_layer=gradcam_layer,
     )
+    if {"gradcam", "hirescam"} & set(names):
+        gradcam_target(classifier.encoder, gradcam_layer)  # an unknown layer fails before any work
     device = resolve_device(device)
     classifier = classifier.to(device).eval()
     spatial_dims = getattr(classifier.encoder, "spatial_dims", None)
@@ -206,6 +212,7 @@ def run_saliency(
             "occlusion_window": list(occlusion_window),
             "occlusion_stride": list(occlusion_stride),
             "pointing_tolerance": pointing_tolerance,
+            "gradcam_layer": gradcam_layer,
             "internal_batch_size": internal_batch_size,
             "memory_budget_gb": memory_budget_gb,
             "randomisation_check": randomisation_check,

@@ -143,6 +143,7 @@ def run_saliency_stage(
         pointing_tolerance=settings.pointing_tolerance,
         internal_batch_size=settings.internal_batch_size,
         memory_budget_gb=settings.memory_budget_gb,
+        gradcam_layer=settings.gradcam_layer,
     )
     write_text_atomic(out / "config.toml", config.to_toml())
     return SaliencyStageResult(out, result, len(samples), checkpoint, spec.name, what)
