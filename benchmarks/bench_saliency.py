@@ -160,7 +160,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         note = f"{settings.ig_steps} steps, internal batch {batch} (automatic)"
     elif method == "occlusion":
         note = f"window {list(settings.occlusion_window)}, stride {list(settings.occlusion_stride)}"
-    elif method == "gradcam":
+    elif method in ("gradcam", "hirescam"):
         note = "encoder.gradcam_layer, upsampled trilinearly"
     return {
         "method": method,

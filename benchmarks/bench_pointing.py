@@ -1,0 +1,171 @@
+"""Do the saliency maps point at the lesions? Pointing game and mass in mask, per method and CAM layer.
+
+    uv run python benchmarks/bench_pointing.py                 # both scenarios below, about 4 minutes on 2 cores
+    uv run python benchmarks/bench_pointing.py --scenario mt3 --no-write
+
+Each scenario makes the synthetic lesion dataset, fine-tunes a classifier with `medctl finetune` and explains
+its test split with `medctl saliency` (target: the predicted class, pointing tolerance 0), once per CAM layer:
+the encoder's default (its last spatial map) and a finer one given with `--gradcam-layer`. Chance is the
+mask's share of the volume, the hit rate of a peak placed at random. The commands run as a user runs them,
+in subprocesses; the figures come from each run's `scores.json`, are printed and appended, dated and with the
+machine, to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from machine_info import machine
+
+from medctl.data.synthetic import make_synthetic_dataset
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SALIENCY_SETTINGS = ["saliency.ig_steps=16", "saliency.max_samples=20", "saliency.randomisation_check=false"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    encoder: str
+    size: tuple[int, int, int]
+    finer_layer: str
+    encoder_args: str = ""
+    lr_encoder: float = 3e-3
+    methods: tuple[str, ...] = ("integrated_gradients", "gradients", "gradcam", "hirescam")
+    layer_methods: tuple[str, ...] = ("gradcam", "hirescam")  # rerun on the finer layer
+
+
+SCENARIOS = {
+    "resnet": Scenario(
+        "resnet",
+        "resnet_test_3d",
+        (32, 64, 64),
+        finer_layer="layer2",
+        encoder_args="{no_max_pool=true, conv1_t_stride=1}",  # layer4 at 1/8 of the input: 4x8x8
+    ),
+    "mt3": Scenario("mt3", "mt3_tiny", (16, 32, 32), finer_layer="stem.1", lr_encoder=1e-3),  # the demo's
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--n", type=int, default=48, help="synthetic volumes per scenario")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    return parser.parse_args()
+
+
+def medctl(*args: str) -> None:
+    """Run one `medctl` command; its output is shown only when it fails."""
+    done = subprocess.run([sys.executable, "-m", "medctl", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"medctl {' '.join(args[:3])} ... failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def finetune(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[Path, dict]:
+    """Make the data, fine-tune the whole classifier; returns best.ckpt and results.json."""
+    dataset = make_synthetic_dataset(root / "data", n=n, dims=3, size=scenario.size, seed=0)
+    args = [
+        *dataset.config_overrides(),
+        "data.preprocess.workers=1",
+        "data.batch_size=4",
+        'run.device="cpu"',
+        f'model.encoder="{scenario.encoder}"',
+        "model.freeze_encoder=false",
+        f"train.epochs={epochs}",
+        "train.lr_head=3e-3",
+        f"train.lr_encoder={scenario.lr_encoder}",
+        "train.warmup_epochs=1",
+        "train.patience=0",
+        f"run.root={json.dumps(str(root / 'runs'))}",
+        f'run.name="{scenario.name}"',
+        "run.seed=0",
+    ]
+    if scenario.encoder_args:
+        args.append(f"model.encoder_args={scenario.encoder_args}")
+    medctl("finetune", *args)
+    run_dir = root / "runs" / scenario.name
+    return run_dir / "checkpoints" / "best.ckpt", json.loads((run_dir / "results.json").read_text())
+
+
+def explain(ckpt: Path, out: Path, methods: tuple[str, ...], layer: str) -> dict:
+    """`medctl saliency` on the test split; the per-method scores of its scores.json."""
+    method_args = [arg for method in methods for arg in ("--method", method)]
+    layer_args = ["--gradcam-layer", layer] if layer else []
+    medctl("saliency", "--ckpt", str(ckpt), "--split", "test", "--out", str(out), *method_args, *layer_args,
+           *SALIENCY_SETTINGS)  # fmt: skip
+    return json.loads((out / "scores.json").read_text())["scores"]
+
+
+def run_scenario(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[dict, list[dict]]:
+    started = time.perf_counter()
+    ckpt, results = finetune(scenario, root, n, epochs)
+    rows = []
+    for layer, methods in (("", scenario.methods), (scenario.finer_layer, scenario.layer_methods)):
+        for method, scores in explain(ckpt, root / f"saliency_{layer or 'default'}", methods, layer).items():
+            cam = method in ("gradcam", "hirescam")
+            rows.append({"method": method, "layer": (layer or "default") if cam else "-", **scores})
+    info = {
+        "val balanced accuracy": results["metrics"]["balanced_accuracy"],
+        "seconds": time.perf_counter() - started,
+    }
+    return info, rows
+
+
+def table(scenario: Scenario, info: dict, rows: list[dict], n: int, epochs: int) -> list[str]:
+    lines = [
+        f"### {scenario.encoder}{' ' + scenario.encoder_args if scenario.encoder_args else ''}, "
+        f"{'x'.join(map(str, scenario.size))}",
+        "",
+        f"- {n} synthetic volumes, fine-tuned {epochs} epochs (`medctl finetune`): val balanced accuracy "
+        f"{info['val balanced accuracy']:.3f}; scenario wall time {info['seconds']:.0f} s",
+        "",
+        "| method | CAM layer | scored maps | pointing game | chance | mass in mask | s/map |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        hits = round(row["pointing_hit_rate"] * row["n_scored"])
+        lines.append(
+            f"| {row['method']} | {row['layer']} | {row['n_scored']} | {row['pointing_hit_rate']:.2f} "
+            f"({hits}/{row['n_scored']}) | {row['pointing_chance']:.4f} | {row['mass_in_mask']:.3f} | "
+            f"{row['seconds']:.2f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    lines = [
+        f"## bench_pointing.py — {datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+    ]
+    sections = []
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(args.workdir) if args.workdir else Path(scratch)
+        for name in args.scenario:
+            scenario = SCENARIOS[name]
+            info, rows = run_scenario(scenario, base / name, args.n, args.epochs)
+            sections += ["", *table(scenario, info, rows, args.n, args.epochs)]
+            print("\n".join(sections[-(len(rows) + 6) :]), flush=True)
+    lines += [f"| {key} | {value} |" for key, value in machine().items()]
+    text = "\n".join([*lines, *sections]) + "\n"
+    if not args.no_write:
+        with RESULTS.open("a") as results:
+            results.write("\n" + text)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
