@@ -276,7 +276,12 @@ def lesion_scores(tmp_path_factory):
         env={},
     )
     trained = run_finetune(config)
-    settings = ["saliency.ig_steps=16", "saliency.max_samples=20", "saliency.randomisation_check=false"]
+    settings = [
+        "saliency.ig_steps=16",
+        "saliency.max_samples=20",
+        "saliency.randomisation_check=false",
+        'saliency.target="true"',  # the pointing game's protocol: explain the labelled class
+    ]
     scores = run_saliency_stage(
         trained.best_checkpoint, split="test", methods=["integrated_gradients", "gradcam"], overrides=settings
     ).result.scores

@@ -273,12 +273,12 @@ def guided_backprop(
 
 
 def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
-    """Grad-CAM on the encoder's gradcam_layer, or ``settings.gradcam_layer``, upsampled to the input."""
+    """Grad-CAM on the encoder's last spatial layer (or saliency.gradcam_layer), upsampled to the input."""
     return _class_activation_map(scores, x, target, settings, elementwise=False)
 
 
 def hirescam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
-    """HiResCAM on the same layer as Grad-CAM: gradients times activations summed over channels."""
+    """HiResCAM on Grad-CAM's layer: gradient times activation at each position, summed over channels."""
     return _class_activation_map(scores, x, target, settings, elementwise=True)
 
 
