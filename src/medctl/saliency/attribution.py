@@ -336,8 +336,14 @@ def gradcam_target(encoder: nn.Module, path: str) -> tuple[nn.Module, Literal["m
     )
 
 
+_OUTPUT_NDIM: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
 def _output_ndim(scores: ClassScores, layer: nn.Module, x: torch.Tensor) -> int:
-    """The number of dimensions of ``layer``'s output on ``x`` (one forward pass without gradients)."""
+    """The number of dimensions of ``layer``'s output: one forward pass without gradients on the first
+    call for a layer, remembered for the next maps (the rank does not depend on the input size)."""
+    if layer in _OUTPUT_NDIM:
+        return _OUTPUT_NDIM[layer]
     shapes: list[int] = []
 
     def keep_ndim(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -353,6 +359,7 @@ def _output_ndim(scores: ClassScores, layer: nn.Module, x: torch.Tensor) -> int:
         raise RunFailure(
             "gradcam: `saliency.gradcam_layer` is not used by the forward pass; choose another module"
         )
+    _OUTPUT_NDIM[layer] = shapes[-1]
     return shapes[-1]
 
 
