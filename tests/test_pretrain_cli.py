@@ -216,9 +216,10 @@ def test_impossible_settings_are_one_line_errors_with_exit_2(synthetic_2d, synth
     for args, expected in cases:
         result = invoke(*args)
         assert result.exit_code == 2, result.output
-        lines = [
-            line for line in result.output.splitlines() if line.strip() and not line.startswith(("INFO", " "))
-        ]
+        error_lines = [line for line in result.output.splitlines() if line.startswith(("error:", "failed:"))]
         assert (
-            len(lines) == 1 and lines[0].startswith("error:") and expected in result.output.replace("\n", " ")
+            len(error_lines) == 1
+            and error_lines[0].startswith("error:")
+            and "Traceback" not in result.output
+            and expected in result.output.replace("\n", " ")
         ), result.output

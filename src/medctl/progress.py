@@ -1,4 +1,4 @@
-"""Progress bars with rate and ETA for long work; silent when MEDCTL_NO_PROGRESS=1 or not a terminal.
+"""Progress bars on stderr with rate and ETA; silent when MEDCTL_NO_PROGRESS=1 or stderr is not a terminal.
 
 Library code reports progress through :func:`progress_bar` and :func:`log`; it never prints directly,
 so tests and ``torchrun`` workers other than rank 0 stay quiet.
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +63,7 @@ def progress_bar(description: str, total: float | None) -> Iterator[_Bar]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
         yield _Bar(progress, task)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from medctl import __version__
 from medctl.cli import (
@@ -21,8 +23,20 @@ from medctl.cli import (
 )
 from medctl.cli.common import show_library_messages
 
+
+class DebugAnywhere(TyperGroup):
+    """The root group: ``--debug`` is taken wherever it stands on the line (``medctl sweep -c x --debug``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)  # after "--", "--debug" is an argument
+        if "--debug" in args[:end]:
+            args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
     name="medctl",
+    cls=DebugAnywhere,
     help=(
         "From raw medical scans to explained results.\n\n"
         "Every command takes -c/--config FILE.toml and trailing key=value overrides.\n\n"

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
+from medctl.cli.output import show_table
 from medctl.errors import CheckpointError
 from medctl.runs import environment_info
 
@@ -34,7 +35,7 @@ def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free 
     table = Table(title="medctl environment", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
-    console.print(table)
+    show_table(table)
 
 
 @app.command("checkpoint")

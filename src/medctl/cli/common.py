@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
+from rich.text import Text
 
+from medctl.cli.output import UserLineHandler, err_console
+from medctl.cli.output import console as console  # every command prints results through this one
 from medctl.config import Config, load_config
 from medctl.errors import MedctlError
-
-console = Console()
-err_console = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,
@@ -33,11 +31,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def show_library_messages() -> None:
-    """Route the library's ``medctl`` logger to stderr through rich, once."""
+    """Route the library's ``medctl`` logger to stderr as plain lines, once."""
     logger = logging.getLogger("medctl")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-        logger.addHandler(handler)
+    if not any(isinstance(h, UserLineHandler) for h in logger.handlers):
+        logger.addHandler(UserLineHandler())
     logger.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
     logger.propagate = False
 
@@ -56,7 +53,7 @@ def handle_errors(fn: F) -> F:
         except MedctlError as exc:
             if debug_enabled():
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; finished results are kept")
@@ -68,8 +65,12 @@ def handle_errors(fn: F) -> F:
                 err_console.print_exception()
             else:
                 err_console.print(
-                    f"[bold red]failed:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                    Text.assemble(
+                        ("failed: ", "bold red"),
+                        f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                    ),
                     highlight=False,
+                    soft_wrap=True,
                 )
             raise typer.Exit(1) from None
 

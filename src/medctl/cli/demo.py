@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -54,7 +55,7 @@ def demo_command(
     for name in STAGES:
         reused = any(r == name or r.startswith(f"{name} ") for r in result.reused)
         table.add_row(name, f"{result.stage_seconds.get(name, 0):.1f}", "reused" if reused else "")
-    console.print(table)
+    show_table(table)
 
     board = Table(title="leaderboard (linear probe)")
     for column in ("entry", "val bal. acc", "test bal. acc", "status"):
@@ -66,7 +67,7 @@ def demo_command(
             _num(row.get("test_balanced_accuracy")),
             str(row.get("status")),
         )
-    console.print(board)
+    show_table(board)
     summary = result.test_metrics
     console.print(
         f"fine-tuned leader on test: balanced accuracy {_num(summary.get('balanced_accuracy'))}, "

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -56,7 +57,7 @@ def evaluate_command(
             interval = "—" if ci["low"] is None else f"[{ci['low']:.3f}, {ci['high']:.3f}]"
             value = "—" if target[key] is None else f"{target[key]:.3f}"
             table.add_row(key.replace("_", " "), value, interval)
-        console.print(table)
+        show_table(table)
     console.print(
         f"[green]✓[/] {result.out_dir}: {result.preds_path.name}, metrics.json, report.md",
         soft_wrap=True,

@@ -16,6 +16,7 @@ from medctl.cli.common import (
     handle_errors,
     resolve_config,
 )
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -52,7 +53,7 @@ def finetune_command(
     for name, value in result.metrics.items():
         marker = " (monitored)" if name == result.monitor.removeprefix("val_") else ""
         table.add_row(f"{name}{marker}", f"{value:.4f}")
-    console.print(table)
+    show_table(table)
     console.print(f"  classifier: {result.best_checkpoint}", soft_wrap=True, highlight=False)
     for warning in result.warnings:
         console.print(f"[yellow]![/] {warning}", highlight=False)

@@ -9,7 +9,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from medctl.cli.common import console, handle_errors
+from medctl.cli.common import handle_errors
+from medctl.cli.output import print_json, show_table
 
 
 class Listing(StrEnum):
@@ -66,12 +67,18 @@ COLUMNS: dict[Listing, list[str]] = {
 
 
 @handle_errors
-def list_command(what: Listing = typer.Argument(Listing.models, help="What to list.")) -> None:
+def list_command(
+    what: Listing = typer.Argument(Listing.models, help="What to list."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of objects on stdout."),
+) -> None:
     """List encoders (input kind, size, width, parameters), pretraining methods, losses or attribution methods.
 
-    Examples: medctl list models | medctl list methods | medctl list losses | medctl list attributions
+    Examples: medctl list models | medctl list methods | medctl list losses | medctl list models --json
     """
     rows = SOURCES[what]()
+    if as_json:
+        print_json([{c: row[c] for c in COLUMNS[what]} | {"for_tests": bool(row.get("for_tests"))} for row in rows])
+        return
     table = Table(title=f"medctl {what.value}")
     for column in COLUMNS[what]:
         table.add_column(column, justify="right" if column in {"embed_dim", "params"} else "left")
@@ -80,4 +87,4 @@ def list_command(what: Listing = typer.Argument(Listing.models, help="What to li
         if row.get("for_tests"):
             cells[0] += " (test)"
         table.add_row(*cells)
-    console.print(table)
+    show_table(table)

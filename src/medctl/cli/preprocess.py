@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -50,7 +51,7 @@ def print_class_counts(counts: dict[str, Any]) -> None:
     for split in splits:
         sizes.add_column(split, justify="right")
     sizes.add_row(*[str(counts["splits"].get(s, 0)) for s in splits])
-    console.print(sizes)
+    show_table(sizes)
     for target, per_split in counts.get("classes", {}).items():
         table = Table(title=f"{target}: class counts per split")
         table.add_column("class")
@@ -59,4 +60,4 @@ def print_class_counts(counts: dict[str, Any]) -> None:
         classes = list(next(iter(per_split.values()), {}))
         for name in classes:
             table.add_row(name, *[str(per_split.get(s, {}).get(name, 0)) for s in splits])
-        console.print(table)
+        show_table(table)

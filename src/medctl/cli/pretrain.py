@@ -15,6 +15,7 @@ from medctl.cli.common import (
     handle_errors,
     resolve_config,
 )
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -44,4 +45,4 @@ def pretrain_command(
         f"{result.samples_per_s:.1f}",
         str(result.encoder_checkpoint),
     )
-    console.print(table)
+    show_table(table)

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
+from medctl.cli.output import show_table
 
 
 @handle_errors
@@ -143,7 +144,7 @@ def saliency_command(
             _num(scores["randomisation_spearman"]),
             _num(scores["seconds"], 2),
         )
-    console.print(table)
+    show_table(table)
     console.print(
         "  pointing game: share of maps whose peak lies in the mask; chance: the mask's share of the image "
         "(also the chance level of mass in mask). random. ρ: rank correlation with the maps of a partly "

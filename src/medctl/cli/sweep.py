@@ -16,6 +16,7 @@ from medctl.cli.common import (
     handle_errors,
     resolve_config,
 )
+from medctl.cli.output import show_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,7 +118,7 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
         cells += ["—" if pd.isna(epochs) else str(int(epochs)), format_duration(row.get("wall_time_s"))]
         cells.append("leader" if rank == "1" else format_p(row.get("p_vs_leader")))
         table.add_row(*cells)
-    console.print(table)
+    show_table(table)
     for row in failed:
         console.print(
             f"[red]✗[/] {row['entry']} failed: {row.get('reason', '')}", highlight=False, soft_wrap=True
