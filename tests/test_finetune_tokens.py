@@ -53,9 +53,13 @@ def finetune(caplog, *args: str) -> tuple[dict, str]:
     return json.loads((run_dir / "results.json").read_text()), caplog.text
 
 
-def test_cached_tokens_train_the_same_attentive_head_as_the_frozen_encoder_every_epoch(synthetic_3d, tmp_path, caplog):
+def test_cached_tokens_train_the_same_attentive_head_as_the_frozen_encoder_every_epoch(
+    synthetic_3d, tmp_path, caplog
+):
     cached, cached_log = finetune(caplog, *attentive_args(synthetic_3d, tmp_path, "cached"))
-    direct, direct_log = finetune(caplog, *attentive_args(synthetic_3d, tmp_path, "direct", "train.feature_cache=false"))
+    direct, direct_log = finetune(
+        caplog, *attentive_args(synthetic_3d, tmp_path, "direct", "train.feature_cache=false")
+    )
     assert cached["feature_cache"] is True and direct["feature_cache"] is False
     # the size line comes before the tokens are written: 16x32x32 / (2x8x8) = 8*4*4 = 128 tokens of 64
     size_line = next(line for line in cached_log.splitlines() if "x 128 tokens x 64" in line)
@@ -81,7 +85,12 @@ def test_cached_tokens_train_the_same_attentive_head_as_the_frozen_encoder_every
 
 def test_tokens_over_the_cap_fall_back_to_the_encoder_every_epoch(synthetic_3d, tmp_path, caplog):
     # 128 tokens x 64 x 2 bytes = 16 kB per volume; a cap of 1 kB cannot hold them
-    results, text = finetune(caplog, *attentive_args(synthetic_3d, tmp_path, "capped", "train.feature_cache_max_gb=1e-6", "train.epochs=1"))
+    results, text = finetune(
+        caplog,
+        *attentive_args(
+            synthetic_3d, tmp_path, "capped", "train.feature_cache_max_gb=1e-6", "train.epochs=1"
+        ),
+    )
     assert results["feature_cache"] is False
     assert "exceeds train.feature_cache_max_gb = 1e-06: the frozen encoder runs every epoch instead" in text
     assert "computed, cached in" not in text
@@ -101,5 +110,7 @@ def test_token_files_are_float16_memory_maps_checked_against_the_split(tmp_path)
     rows = TokenRows(tokens, [torch.tensor([0, 1])])
     x, y = rows[1]
     assert x.dtype == torch.float32 and x.shape == (3, 4) and int(y) == 1
-    logits = cached_logits(lambda t: {"t": t.sum(dim=(1, 2))[:, None]}, tokens, batch_size=1, device=torch.device("cpu"))
+    logits = cached_logits(
+        lambda t: {"t": t.sum(dim=(1, 2))[:, None]}, tokens, batch_size=1, device=torch.device("cpu")
+    )
     torch.testing.assert_close(logits["t"][:, 0], torch.tensor(data.astype(np.float32).sum(axis=(1, 2))))

@@ -69,7 +69,13 @@ def frozen_tokens(classifier: Classifier) -> Iterator[Callable[[torch.Tensor], t
         classifier.encoder.train(was_training)
 
 
-def token_shape(classifier: Classifier, in_channels: int, spatial_size: Sequence[int], device: torch.device, precision: str) -> tuple[int, int]:
+def token_shape(
+    classifier: Classifier,
+    in_channels: int,
+    spatial_size: Sequence[int],
+    device: torch.device,
+    precision: str,
+) -> tuple[int, int]:
     """``(T, D)``: tokens per sample and their width, from one forward pass of an all-zero input."""
     x = torch.zeros(1, in_channels, *spatial_size, device=device)  # (1, C, *spatial)
     with frozen_tokens(classifier) as tokens_of, autocast_context(device, precision):
@@ -107,7 +113,9 @@ def plan_token_cache(
         )
         return None
     if total > free:
-        log(f"tokens: {total / GB:.3g} GB exceeds the {free / GB:.3g} GB free in {folder}: the frozen encoder runs every epoch instead")
+        log(
+            f"tokens: {total / GB:.3g} GB exceeds the {free / GB:.3g} GB free in {folder}: the frozen encoder runs every epoch instead"
+        )
         return None
     return n_tokens, width
 
@@ -131,12 +139,19 @@ def write_tokens(
     precision: str,
 ) -> None:
     """Every item's tokens, batch by batch, into a float16 ``.npy`` written through a memory map."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(dataset), *shape))  # (N, T, D)
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.float16, shape=(len(dataset), *shape)
+    )  # (N, T, D)
     row = 0
     try:
-        with frozen_tokens(classifier) as tokens_of, progress_bar(f"tokens {dataset.split}", total=len(loader)) as bar:
+        with (
+            frozen_tokens(classifier) as tokens_of,
+            progress_bar(f"tokens {dataset.split}", total=len(loader)) as bar,
+        ):
             for batch in loader:
                 images = batch["image"].to(device, non_blocking=device.type == "cuda")  # (B, C, *spatial)
                 with autocast_context(device, precision):
@@ -205,7 +220,9 @@ def split_tokens(
     return Tokens(list(dataset.ids), tokens, array_path, reused)
 
 
-def read_tokens(array_path: Path, meta_path: Path, ids: list[str], shape: tuple[int, int]) -> np.ndarray | None:
+def read_tokens(
+    array_path: Path, meta_path: Path, ids: list[str], shape: tuple[int, int]
+) -> np.ndarray | None:
     """The memory-mapped tokens when both files are complete and hold exactly ``ids`` in order; else None."""
     if not (array_path.is_file() and meta_path.is_file()):
         return None
@@ -228,7 +245,9 @@ class TokenRows(Dataset):
 
     def __init__(self, tokens: np.ndarray, labels: Sequence[torch.Tensor]):
         if any(len(label) != len(tokens) for label in labels):
-            raise ValueError(f"{len(tokens)} token rows but labels of lengths {[len(label) for label in labels]}")
+            raise ValueError(
+                f"{len(tokens)} token rows but labels of lengths {[len(label) for label in labels]}"
+            )
         self.tokens, self.labels = tokens, list(labels)
 
     def __len__(self) -> int:
