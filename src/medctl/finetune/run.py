@@ -62,6 +62,7 @@ from medctl.finetune.features import (
     split_features,
     split_manifest_hash,
 )
+from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.predict import labels_of, predict_logits, predictions_frame, probabilities
 from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
 from medctl.models.checkpoints import (
@@ -118,6 +119,7 @@ class FinetuneResult:
     cache_dir: Path
     data_fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    pretraining_overlap: dict[str, Any] = field(default_factory=dict)  # Overlap.to_dict() of model.checkpoint
 
     @property
     def results_path(self) -> Path:
@@ -154,6 +156,9 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     augment = build_augment(train.augment, spatial_size, config.run.seed)
     use_feature_cache = wants_feature_cache(first_trainable, train, model_cfg, augment)
     data_print = data_fingerprint(cache)
+    overlap = audit_checkpoint(model_cfg.checkpoint, config.sweep.pretrain_ids, cache)
+    if overlap.leaked:
+        warnings.append(overlap.describe(f"pretraining leakage: {model_cfg.checkpoint}"))
 
     # 2. the run directory
     run_dir = prepare_run_dir(config, command, run_dir, resume)
@@ -359,6 +364,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         cache_dir=cache,
         data_fingerprint=data_print,
         warnings=warnings,
+        pretraining_overlap=overlap.to_dict(),
     )
     if is_rank0():
         write_results(result, config, preprocessing, specs)
@@ -651,6 +657,7 @@ def write_results(
         "split_manifest_hash": preprocessing["split_manifest_hash"],
         "best_checkpoint": str(result.best_checkpoint),
         "warnings": result.warnings,
+        "pretraining_overlap": result.pretraining_overlap,
         "history": result.history,
     }
     write_text_atomic(result.run_dir / "results.json", json.dumps(_finite(payload), indent=2) + "\n")
