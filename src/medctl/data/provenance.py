@@ -34,7 +34,12 @@ def hash_id(id_: str) -> str:
 
 
 def pool_provenance(
-    ids: Iterable[str], *, cache_fingerprint: str, id_column: str, splits: Sequence[str] = ("train",), subset: str = ""
+    ids: Iterable[str],
+    *,
+    cache_fingerprint: str,
+    id_column: str,
+    splits: Sequence[str] = ("train",),
+    subset: str = "",
 ) -> dict[str, Any]:
     """The ``provenance`` block of an encoder pretrained on ``ids`` (raw ids in, hashes out)."""
     hashes = sorted({hash_id(i) for i in ids})
@@ -61,7 +66,11 @@ class PretrainPool:
 
 def pool_from_provenance(block: Any, source: str) -> PretrainPool | None:
     """The pool of a checkpoint's ``provenance`` block; None when there is none this version can read."""
-    if not isinstance(block, Mapping) or block.get("id_hash") != ID_HASH or not isinstance(block.get("ids"), list):
+    if (
+        not isinstance(block, Mapping)
+        or block.get("id_hash") != ID_HASH
+        or not isinstance(block.get("ids"), list)
+    ):
         return None
     return PretrainPool(frozenset(str(h) for h in block["ids"]), source)
 
@@ -70,8 +79,14 @@ def read_pretrain_ids(path: str | Path) -> PretrainPool:
     """``sweep.pretrain_ids``: a text file of raw ids, one per line (blank lines and ``#`` comments skipped)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"sweep.pretrain_ids = {str(path)!r}: no such file; list the pretraining ids one per line, or set it to \"\"")
-    ids = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        raise DataError(
+            f'sweep.pretrain_ids = {str(path)!r}: no such file; list the pretraining ids one per line, or set it to ""'
+        )
+    ids = [
+        line.strip()
+        for line in file.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not ids:
         raise DataError(f"sweep.pretrain_ids = {str(path)!r}: the file lists no ids; one id per line")
     return PretrainPool(frozenset(hash_id(i) for i in ids), f"sweep.pretrain_ids ({file.name})")
@@ -113,7 +128,11 @@ class Overlap:
                 "ids in sweep.pretrain_ids to count val/test participants among them"
             )
         found = ", ".join(f"{self.counts.get(s, 0)} of {self.totals.get(s, 0)} {s}" for s in AUDITED)
-        verdict = "participants were in its pretraining pool" if self.leaked else "participants in its pretraining pool"
+        verdict = (
+            "participants were in its pretraining pool"
+            if self.leaked
+            else "participants in its pretraining pool"
+        )
         return f"{what}: {found} {verdict} ({self.pool_size} ids, from {self.source})"
 
     def to_dict(self) -> dict[str, Any]:
