@@ -11,7 +11,7 @@ import torch
 from medctl.config import load_config
 from medctl.data.tables import TargetSpec
 from medctl.finetune.augment import build_augment
-from medctl.finetune.run import check_monitor, encoder_trainable_from
+from medctl.finetune.run import check_monitor, encoder_trainable_from, wants_feature_cache
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder, get_spec
 from medctl.training.losses import build_target_loss
@@ -50,5 +50,5 @@ def test_scenario_config_validates_and_builds(path):
         encoder = build_encoder(config.model.encoder, input_size=size, **config.model.encoder_args)
         head = config.model.head
         build_classifier(encoder, specs, kind=head.kind, hidden=head.hidden, dropout=head.dropout)
-    if config.model.head.kind == "attentive" and first_trainable is None:
-        assert config.train.feature_cache is False  # said explicitly: tokens are not cached
+    if config.model.head.kind == "attentive" and first_trainable is None:  # tokens cached up to the cap
+        assert wants_feature_cache(first_trainable, config.train, config.model, None)

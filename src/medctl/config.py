@@ -189,6 +189,10 @@ class TrainConfig(Section):
     monitor: str = "balanced_accuracy"
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
+    # an attentive probe caches every token (float16, memory-mapped, under <data cache>/features/); when the
+    # train + val tokens would take more than this many GB (or more than the free disk), the frozen encoder
+    # runs every epoch instead. A ViT-L at [64, 384, 384] gives 18,432 x 1024 tokens, 38 MB per volume
+    feature_cache_max_gb: float = Field(default=100.0, ge=0)
     log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
     bootstrap: int = Field(default=1000, ge=0)  # `medctl evaluate`: resamples for the 95% CIs; 0 skips them
     augment: AugmentConfig = AugmentConfig()
@@ -280,6 +284,9 @@ class SweepConfig(Section):
     # key=value items for fine-tune entries only (e.g. "train.epochs=30", "train.augment.enabled=true");
     # data.* and run.* are refused: every entry reads the same cache
     finetune_overrides: list[str] = []
+    # a text file of the participant ids a foreign checkpoint (one without medctl provenance) was pretrained on,
+    # one per line; finetune, sweep and `check data` count the val/test participants among them ("" : unknown)
+    pretrain_ids: str = ""
 
 
 # ------------------------------------------------------------------------------------------ saliency

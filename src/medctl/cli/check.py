@@ -93,14 +93,17 @@ def check_data_command(
     overrides: OverridesArgument = None,
     reads: int = typer.Option(50, "--reads", min=0, help="Headers to read, spread over the table."),
 ) -> None:
-    """Columns, class values, duplicate ids, splits and leakage, missing/unreadable files, class counts.
+    """Columns, class values, duplicate ids, splits and leakage, missing/unreadable files, class counts, and
+    how many val/test participants each configured checkpoint was pretrained on.
 
     Example: medctl check data -c my.toml
     """
     from medctl.cli.preprocess import print_class_counts
     from medctl.data.checks import check_data
+    from medctl.finetune.leakage import config_pools
 
-    report = check_data(resolve_config(config, overrides).data, max_reads=reads)
+    resolved = resolve_config(config, overrides)
+    report = check_data(resolved.data, max_reads=reads, pools=config_pools(resolved))
     _print_rows(report.rows)
     print_class_counts(report.counts)
     if not report.ok:

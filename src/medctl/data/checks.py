@@ -7,6 +7,7 @@ present or absent and where botocore found them, never their values.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pandas as pd
 from medctl.config import DataConfig
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.preprocess import class_counts
+from medctl.data.provenance import PretrainPool, count_overlap
 from medctl.data.readers import read_header, read_image
 from medctl.data.tables import (
     TargetSpec,
@@ -170,9 +172,15 @@ def _read_row(id_: str, files: list, data: DataConfig) -> CheckRow:
 
 
 # -------------------------------------------------------------------------------------------- data
-def check_data(data: DataConfig, *, max_reads: int = 50) -> DataReport:
+def check_data(
+    data: DataConfig, *, max_reads: int = 50, pools: Mapping[str, PretrainPool | None] | None = None
+) -> DataReport:
     """Columns, filter, ids, class values, splits, leakage, files present and readable (headers of up
-    to ``max_reads`` samples, spread over the table), and class counts per split."""
+    to ``max_reads`` samples, spread over the table), and class counts per split.
+
+    ``pools`` (checkpoint -> its pretraining pool, None when unknown) adds one row per checkpoint: how
+    many val/test participants it was pretrained on (a ✗ when any).
+    """
     rows: list[CheckRow] = []
     try:
         raw, _ = read_table(data)
@@ -215,6 +223,7 @@ def check_data(data: DataConfig, *, max_reads: int = 50) -> DataReport:
         )
         if splits is not None:
             rows.extend(_split_rows(splits, groups, data))
+            rows.extend(_pretraining_rows(ids, splits, pools or {}))
             table = pd.DataFrame({"id": ids, "split": splits, **labels})
             counts = class_counts(table, specs)
     rows.extend(_file_rows(ids, data, max_reads))
@@ -268,6 +277,19 @@ def _split_rows(splits: list[str], groups: list[str], data: DataConfig) -> list[
         )
     else:
         rows.append(CheckRow("leakage", True, f"no subject spans two splits ({data.group_column})"))
+    return rows
+
+
+def _pretraining_rows(
+    ids: list[str], splits: list[str], pools: Mapping[str, PretrainPool | None]
+) -> list[CheckRow]:
+    by_split: dict[str, list[str]] = {}
+    for id_, split in zip(ids, splits, strict=True):
+        by_split.setdefault(split, []).append(id_)
+    rows = []
+    for name, pool in pools.items():
+        overlap = count_overlap(pool, by_split)
+        rows.append(CheckRow("pretraining leakage", not overlap.leaked, overlap.describe(name)))
     return rows
 
 

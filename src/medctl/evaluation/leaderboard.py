@@ -187,6 +187,10 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
     header += [f"{split} {label}" for split in SPLITS for _, label in SHOWN]
     header += ["epochs", "wall time", "p vs leader"]
     align = ["---:", "---", "---", "---"] + ["---:"] * (len(SPLITS) * len(SHOWN) + 3)
+    audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
+    if audited:
+        header.append("pretrain overlap")
+        align.append("---:")
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for _, row in df.iterrows():
         ok = str(row.get("status", "ok")) == "ok"
@@ -207,6 +211,9 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
         cells.append("—" if math.isnan(epochs) else str(int(epochs)))
         cells.append(format_duration(row.get("wall_time_s")))
         cells.append("leader" if is_leader else format_p(row.get("p_vs_leader")))
+        if audited:
+            overlap = row.get("pretrain_overlap")
+            cells.append(_cell(overlap) if isinstance(overlap, str) and overlap else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -10,8 +10,9 @@ The recipe, top to bottom:
 4. how the encoder is used:
 
    - **linear probe with cached features** (encoder frozen throughout, ``train.feature_cache`` on, no
-     augmentation, a linear/MLP head): each split's embeddings are computed once and cached
-     (:mod:`medctl.finetune.features`); the heads train on those tensors with the same loop;
+     augmentation): each split's embeddings are computed once and cached (:mod:`medctl.finetune.features`),
+     or, for an attentive head, every token as a float16 memory map (:mod:`medctl.finetune.tokens`) when
+     they fit ``train.feature_cache_max_gb``; the heads train on those with the same loop;
    - otherwise the encoder runs every step: an augmented probe (frozen encoder, ``[train.augment]``) or a
      fine-tune. Epochs are 0-based: ``model.unfreeze_at_epoch = k`` keeps the encoder frozen (in eval
      mode, no gradients) in epochs ``0 .. k-1`` and trains it from epoch ``k`` on, with its own learning
@@ -61,7 +62,9 @@ from medctl.finetune.features import (
     split_features,
     split_manifest_hash,
 )
+from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.predict import labels_of, predict_logits, predictions_frame, probabilities
+from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
 from medctl.models.checkpoints import (
     classifier_payload,
     load_encoder_weights,
@@ -116,6 +119,7 @@ class FinetuneResult:
     cache_dir: Path
     data_fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    pretraining_overlap: dict[str, Any] = field(default_factory=dict)  # Overlap.to_dict() of model.checkpoint
 
     @property
     def results_path(self) -> Path:
@@ -152,6 +156,9 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     augment = build_augment(train.augment, spatial_size, config.run.seed)
     use_feature_cache = wants_feature_cache(first_trainable, train, model_cfg, augment)
     data_print = data_fingerprint(cache)
+    overlap = audit_checkpoint(model_cfg.checkpoint, config.sweep.pretrain_ids, cache)
+    if overlap.leaked:
+        warnings.append(overlap.describe(f"pretraining leakage: {model_cfg.checkpoint}"))
 
     # 2. the run directory
     run_dir = prepare_run_dir(config, command, run_dir, resume)
@@ -167,10 +174,18 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         encoder, specs, kind=model_cfg.head.kind, hidden=model_cfg.head.hidden, dropout=model_cfg.head.dropout
     ).to(device)
 
-    # 4. data and losses; the probe's embeddings are computed once here (the global RNG is left alone)
+    # 4. data and losses; the probe's embeddings (or tokens) are computed once here (the global RNG is left alone)
     names = [s.name for s in specs]
     train_set = CacheDataset(cache, "train", names, transform=augment)
     val_set = CacheDataset(cache, "val", names)
+    attentive = model_cfg.head.kind == "attentive"
+    token_shape = None  # (T, D) per sample when an attentive probe caches its tokens
+    if use_feature_cache and attentive:
+        token_shape = plan_token_cache(
+            classifier, (train_set, val_set), in_channels=int(summary["in_channels"]),
+            spatial_size=spatial_size, max_gb=train.feature_cache_max_gb, device=device, precision=train.precision,
+        )  # fmt: skip
+        use_feature_cache = token_shape is not None
     loss_fn = build_loss(train, config.data, specs, train_set).to(device)
     val_labels = labels_of(val_set, specs)
     val_targets = {s.name: torch.as_tensor(val_set.labels(s.name)).to(device) for s in specs}
@@ -189,23 +204,19 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
             seed=config.run.seed,
         )
         key = feature_key(info, data_print)
-        cached = {
-            split.split: split_features(
-                classifier.encoder,
-                split,
-                key=key,
-                encoder_info=info,
-                data_print=data_print,
-                batch_size=batch_size,
-                num_workers=workers,
-                device=device,
-                precision=train.precision,
-            )
-            for split in (train_set, val_set)
-        }
+        common = dict(
+            key=key, encoder_info=info, data_print=data_print, batch_size=batch_size, num_workers=workers,
+            device=device, precision=train.precision,
+        )  # fmt: skip
         train_labels = [torch.as_tensor(train_set.labels(name)) for name in names]
-        train_data = TensorDataset(cached["train"].embeddings, *train_labels)  # (N, D), labels...
-        val_inputs = cached["val"].embeddings.to(device)  # (N_val, D)
+        if token_shape is not None:
+            tokens = {s.split: split_tokens(classifier, s, shape=token_shape, **common) for s in (train_set, val_set)}
+            train_data = TokenRows(tokens["train"].tokens, train_labels)  # (T, D) float32, labels...
+            val_inputs = tokens["val"].tokens  # (N_val, T, D) float16 memory map
+        else:
+            cached = {s.split: split_features(classifier.encoder, s, **common) for s in (train_set, val_set)}
+            train_data = TensorDataset(cached["train"].embeddings, *train_labels)  # (N, D), labels...
+            val_inputs = cached["val"].embeddings.to(device)  # (N_val, D)
         module: nn.Module = ProbeHeads(classifier.heads)
         train_loader = make_loader(train_data, batch_size, True, 0, config.run.seed, drop_last)
     else:
@@ -235,7 +246,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     log(
         f"finetune: {mode} of {model_cfg.encoder} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
         f"on {len(train_set)} train / {len(val_set)} val samples"
-        + (", heads on cached embeddings" if use_feature_cache else "")
+        + (f", heads on cached {'tokens' if token_shape else 'embeddings'}" if use_feature_cache else "")
         + (f", encoder trains from epoch {first_trainable}" if first_trainable else "")
     )
 
@@ -243,7 +254,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     if use_feature_cache:
 
         def train_step(model: nn.Module, batch: Sequence[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-            z, *labels = batch  # (B, D), then one label tensor per target
+            z, *labels = batch  # (B, D) or tokens (B, T, D), then one label tensor per target
             return loss_fn(model(z), dict(zip(names, labels, strict=True)))
 
     else:
@@ -271,10 +282,8 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
                 autocast_context(device, train.precision),
             ):
                 classifier.heads.eval()
-                logits = {
-                    name: value.float()
-                    for name, value in classifier.forward_from_head_inputs(val_inputs).items()
-                }
+                rows = batch_size if token_shape else len(val_inputs)  # tokens from the memory map, a batch at a time
+                logits = cached_logits(classifier.forward_from_head_inputs, val_inputs, batch_size=rows, device=device)
                 classifier.heads.train()
         else:
             logits = predict_logits(
@@ -355,6 +364,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         cache_dir=cache,
         data_fingerprint=data_print,
         warnings=warnings,
+        pretraining_overlap=overlap.to_dict(),
     )
     if is_rank0():
         write_results(result, config, preprocessing, specs)
@@ -407,14 +417,12 @@ def encoder_trainable_from(model: ModelConfig, epochs: int) -> int | None:
 def wants_feature_cache(
     first_trainable: int | None, train: TrainConfig, model: ModelConfig, augment: ImageAugment | None
 ) -> bool:
-    """Cached embeddings serve a probe whose encoder never trains, sees no augmentation and is pooled."""
+    """Cached embeddings (or tokens, for an attentive head) serve a probe whose encoder never trains and sees
+    no augmentation."""
     if first_trainable is not None or not train.feature_cache:
         return False
     if augment is not None:
         log("augmented probe: the frozen encoder runs every epoch (train.augment is on)")
-        return False
-    if model.head.kind == "attentive":
-        log("attentive probe: it reads tokens, so the frozen encoder runs every epoch (no embedding cache)")
         return False
     return True
 
@@ -649,6 +657,7 @@ def write_results(
         "split_manifest_hash": preprocessing["split_manifest_hash"],
         "best_checkpoint": str(result.best_checkpoint),
         "warnings": result.warnings,
+        "pretraining_overlap": result.pretraining_overlap,
         "history": result.history,
     }
     write_text_atomic(result.run_dir / "results.json", json.dumps(_finite(payload), indent=2) + "\n")

@@ -427,3 +427,12 @@ def load_encoder_weights(
         raise CheckpointError(reason)
     encoder.load_state_dict(to_load, strict=False)
     return report
+
+
+# ------------------------------------------------------------------------------------- provenance
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The ``provenance`` block of a medctl checkpoint (its pretraining pool, :mod:`medctl.data.provenance`);
+    None for a foreign file or a checkpoint saved without one."""
+    ckpt = read_checkpoint(path)
+    block = ckpt.get("provenance") if isinstance(ckpt.get("medctl"), dict) else None
+    return block if isinstance(block, dict) else None

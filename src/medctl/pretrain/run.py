@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Subset
 from medctl.config import Config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
+from medctl.data.provenance import pool_provenance
 from medctl.errors import ConfigError, DataError
 from medctl.models.checkpoints import encoder_payload, load_encoder_weights, save_checkpoint
 from medctl.models.registry import build_encoder
@@ -151,6 +152,10 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
         barrier()
         encoder_path = run_dir / "checkpoints" / "encoder.ckpt"
         preprocessing = preprocessing_info(summary)
+        provenance = pool_provenance(
+            trained_ids(train_set), cache_fingerprint=summary["fingerprint"], id_column=config.data.id_column,
+            subset=settings.subset,
+        )  # fmt: skip
         monitor = mon.make_monitor(
             method,
             train_full,
@@ -178,7 +183,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
             return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
 
         def export_last(epoch: int, record: dict[str, float]) -> None:
-            export_encoder(encoder_path, method.encoder, config, preprocessing, record)
+            export_encoder(encoder_path, method.encoder, config, preprocessing, record, provenance)
 
         # 6. train
         result = fit(
@@ -214,7 +219,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
                 "epochs": result.epochs_run,
                 **final,
             }
-            export_encoder(encoder_path, method.encoder, config, preprocessing, summary_metrics)
+            export_encoder(encoder_path, method.encoder, config, preprocessing, summary_metrics, provenance)
             drawn = mon.final_figures(method, monitor, history, seed=config.run.seed)
             results = {
                 "method": settings.method,
@@ -357,9 +362,15 @@ def preprocessing_info(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_encoder(
-    path: Path, encoder: nn.Module, config: Config, preprocessing: dict[str, Any], metrics: dict
+    path: Path,
+    encoder: nn.Module,
+    config: Config,
+    preprocessing: dict[str, Any],
+    metrics: dict,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """The online encoder as a medctl encoder checkpoint (atomic), loadable by ``model.checkpoint``."""
+    """The online encoder as a medctl encoder checkpoint (atomic), loadable by ``model.checkpoint``, with the
+    hashed ids of its training pool (``provenance``, :mod:`medctl.data.provenance`)."""
     payload = encoder_payload(
         encoder,
         name=config.model.encoder,
@@ -368,7 +379,16 @@ def export_encoder(
         metrics=metrics,
     )
     payload["preprocessing"] = preprocessing
+    if provenance is not None:
+        payload["provenance"] = provenance
     return save_checkpoint(path, payload)
+
+
+def trained_ids(dataset: Dataset) -> list[str]:
+    """The sample ids a (possibly subset) train split holds: the pretraining pool."""
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.ids[i] for i in dataset.indices]
+    return list(dataset.ids)
 
 
 def last_value(history: list[dict[str, float]], key: str) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medctl.data.provenance import Overlap
 from medctl.evaluation.bootstrap import headline_metrics
 from medctl.evaluation.leaderboard import leaderboard, leaderboard_row, p_values_vs_leader, write_leaderboard
 from medctl.progress import log
@@ -38,6 +39,10 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         "n_test": test.get("n_samples"),
         "split_manifest_hash": results.get("split_manifest_hash"),
         "run_dir": str(run_dir),
+        # val/test participants in the checkpoint's pretraining pool ("unknown" without provenance)
+        "pretrain_overlap": Overlap.from_dict(results["pretraining_overlap"]).cell()
+        if "pretraining_overlap" in results
+        else "",
     }
     if results.get("split_manifest_hash") != split_manifest_hash:
         return failed_row(

@@ -163,6 +163,9 @@ def run_sweep(
         seed=config.run.seed,
         title=f"Sweep {sweep_dir.name}: {mode}, split manifest {manifest_hash}",
     )
+    for entry, overlap in zip(board["entry"], board.get("pretrain_overlap", [""] * len(board)), strict=True):
+        if isinstance(overlap, str) and overlap.endswith(" test"):  # Overlap.cell(): "2 val / 1 test"
+            log(f"warning: sweep: {entry}: {overlap} participants were in its pretraining pool")
     log(f"sweep: leaderboard -> {md_path}")
     return SweepResult(
         sweep_dir, board, csv_path, md_path, outcomes, manifest_hash, cache, mode, time.perf_counter() - start
