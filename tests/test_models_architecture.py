@@ -126,3 +126,15 @@ def test_head_counts_follow_vjepa2_sizes():
     heads, why = vit_heads(1408, [16, 22])
     assert heads == 22 and "released ViT-g" in why and "num_heads = 16" in why
     assert vit_heads(64, [2])[0] == 2 and vit_heads(512, [])[0] == 8 and vit_heads(40, [])[0] == 1
+
+
+def test_an_all_zero_pos_embed_beside_rope_is_a_placeholder(tmp_path):
+    rope = source(1, pos_embed="rope")
+    state = {**rope.state_dict(), "pos_embed": torch.zeros(1, 64, 64)}
+    torch.save({"target_encoder": state}, tmp_path / "release.pt")
+    built = pretrained_encoder(ModelConfig(checkpoint=str(tmp_path / "release.pt")), in_channels=1, input_size=SIZE, spatial_dims=3)
+    assert built.encoder.pos_embed_kind == "rope" and built.report.complete
+    assert any("all zeros" in n for n in built.report.notes)
+    x = torch.randn(1, 1, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(built.encoder.eval().forward_features(x), rope.forward_features(x))

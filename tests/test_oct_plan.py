@@ -54,6 +54,7 @@ def oct_plan(s3_server, tmp_path):
         f"download_dir = {json.dumps(str(tmp_path / 'downloads'))}",
         'checkpoint = "ckpts/best_checkpoint_multi_domain.pt"': f'checkpoint = "{ckpts}/best_checkpoint_multi_domain.pt"',
         "epochs = 50": "epochs = 3",
+        'checkpoint_dir = "ckpts"': f'checkpoint_dir = "{ckpts}"\nbootstrap = 20\nfinetune_overrides = ["train.epochs=2"]',
         "warmup_epochs = 2": "warmup_epochs = 0",
     }
     for old, new in edits.items():
@@ -63,7 +64,6 @@ def oct_plan(s3_server, tmp_path):
     end = text.index("[data.preprocess]")
     target = f'[[data.targets]]\nname = "label"\nkind = "binary"\nclasses = {json.dumps(ds.classes)}\n\n'
     text = text[:start] + target + text[end:]
-    text += f'\n[sweep]\ncheckpoint_dir = "{ckpts}"\nbootstrap = 20\nfinetune_overrides = ["train.epochs=2"]\n'
     text += '\n[saliency]\nig_steps = 4\nmax_samples = 2\nrandomisation_check = false\n'
     (tmp_path / "my.toml").write_text(text)
     return tmp_path

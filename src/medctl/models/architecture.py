@@ -16,7 +16,8 @@ per-checkpoint settings. What is read, in this order:
   * a ViT's width (the patch embedding's output channels), input channels, tubelet ``t`` and patch ``p``
     (its kernel), depth (the number of blocks), MLP ratio (``fc1`` rows / width) and qkv bias; its
     position scheme: a ``pos_embed`` of N positions is sin-cos, its grid read from its values
-    (:func:`medctl.models.encoders.vit3d.sincos_grid`), and no ``pos_embed`` is RoPE;
+    (:func:`medctl.models.encoders.vit3d.sincos_grid`), and no ``pos_embed`` is RoPE (so is an all-zero
+    one: a placeholder some RoPE files carry, which no sin-cos model would train with);
   * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408
     wide is the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's
     ``vit_giant`` has 16); else the heads of a registered variant with the same shapes (``vit3d_test``:
@@ -219,9 +220,9 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
     args: dict[str, Any] = {"patch_size": patch, "tubelet_size": tubelet}
     facts = [f"{width} wide, {depth} deep, MLP {hidden} ({hidden / width:.3g} x width), {tubelet}x{patch}x{patch} tubelets"]
     table = state.get("pos_embed")
-    if table is None:
+    if table is None or not table.any():
         args["pos_embed"] = "rope"
-        facts.append("positions: RoPE (no pos_embed in the file)")
+        facts.append("positions: RoPE (" + ("no pos_embed in the file)" if table is None else "its pos_embed is all zeros)"))
     else:
         args["pos_embed"] = "sincos"
         found = sincos_grid(table) if table.ndim == 3 else None

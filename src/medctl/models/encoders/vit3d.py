@@ -25,6 +25,13 @@ so its checkpoints load without renaming and give the same features. Two positio
   ``rotate_queries_or_keys``); it is kept so that released weights give the same features. The tables
   are computed in the dtype of the queries, as there.
 
+Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read
+for the grid it was made for and resized from that grid, never accepted because its count matches; a
+sin-cos checkpoint into a RoPE model, or a RoPE one (no ``pos_embed``) into a sin-cos model, is refused
+with the setting that fits. V-JEPA 2's own RoPE models hold no ``pos_embed``, though its hub loader notes
+that some released files carry an unused one: an all-zero table is taken for such a placeholder and
+dropped; any other needs ``model.allow_partial_load = true`` to be dropped.
+
 Head counts: V-JEPA 2's released ViT-g uses 22 heads (``vit_giant_xformers`` there), so ``vit3d_giant``
 has 22 heads and ``vit3d_giant_h16`` the 16-head variant (``vit_giant``). The head count changes no
 parameter shape, only how channels are split, so pick the one your checkpoint was trained with.
@@ -334,6 +341,8 @@ class VisionTransformer3D(Encoder):
             if table is None:
                 return [], []
             del state_dict["pos_embed"]
+            if not table.any():
+                return ["pos_embed is all zeros: an unused placeholder beside RoPE, dropped"], []
             found = sincos_grid(table, self.grid) if table.ndim == 3 else None
             grid = f" for the grid {list(found[0])}" if found else ""
             return [], [
