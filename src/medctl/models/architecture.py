@@ -334,7 +334,7 @@ def check_fits(choice: EncoderChoice, input_size: Sequence[int], spatial_dims: i
     if spec.spatial_dims != spatial_dims:
         raise ConfigError(
             [
-                f"`model.encoder` = {choice.name!r} is a {spec.spatial_dims}D encoder but the data are {spatial_dims}D "
+                f"`model.encoder` = {choice.name!r} is a {spec.spatial_dims}D encoder but the cache holds {spatial_dims}D "
                 f"images of size {list(input_size)}; pick a {spatial_dims}D encoder (`medctl list models`)"
             ],
             "model.encoder",
@@ -374,8 +374,12 @@ def plan_model_encoder(
     report, to_load = plan_encoder_load(encoder, model.checkpoint, key=model.checkpoint_key, ckpt=ckpt)
     reason = refusal(report, model.allow_partial_load)
     arch = choice.architecture
-    if reason and arch is not None and model.encoder != AUTO and not report.conflicts:
-        reason += f"; the file holds {arch.family} `{arch.name}`: set {arch.setting()} (or model.encoder = \"auto\")"
+    if reason and arch is not None and model.encoder != AUTO:
+        fits = f'set {arch.setting()} (or model.encoder = "auto")'
+        if arch.family != get_spec(model.encoder).family:
+            reason = f"{model.checkpoint}: holds a `{arch.name}` encoder but model.encoder = `{model.encoder}`; {fits}"
+        elif not report.conflicts:
+            reason += f"; the file holds {arch.family} `{arch.name}`: {fits}"
     return PretrainedEncoder(encoder, choice, report), to_load, reason
 
 
