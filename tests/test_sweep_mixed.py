@@ -31,8 +31,8 @@ def sweep(synthetic_3d, folder, root, *extra):
         [
             "sweep", "-c", "config/sweep.toml", "--all-checkpoints", *synthetic_3d.config_overrides(),
             'data.preprocess.intensity="minmax"', "data.preprocess.workers=1", 'run.device="cpu"',
-            "data.batch_size=4", "train.epochs=3", "train.patience=0", "train.warmup_epochs=0", "train.log_every=0",
-            "sweep.bootstrap=20", f"sweep.checkpoint_dir={json.dumps(str(folder))}",
+            "data.batch_size=4", "train.epochs=2", "train.patience=0", "train.warmup_epochs=0", "train.log_every=0",
+            "sweep.bootstrap=0", f"sweep.checkpoint_dir={json.dumps(str(folder))}",
             f"run.root={json.dumps(str(root))}", 'run.name="mixed"', *extra,
         ],  # fmt: skip
         catch_exceptions=False,
