@@ -29,7 +29,11 @@ def test_every_scenario_is_here():
 def test_scenario_config_validates_and_builds(path):
     config = load_config(path, env={})
     size = config.data.preprocess.spatial_size
-    assert get_spec(config.model.encoder).spatial_dims == len(size), (
+    name, args = config.model.encoder, config.model.encoder_args
+    if name == "auto":  # read from the checkpoint: stand in the OCT plan's V-JEPA 2 ViT-L with RoPE
+        assert config.model.checkpoint and not args
+        name, args = "vit3d_large", {"pos_embed": "rope"}
+    assert get_spec(name).spatial_dims == len(size), (
         "encoder and data.preprocess.spatial_size disagree"
     )
     first_trainable = encoder_trainable_from(config.model, config.train.epochs)
@@ -47,7 +51,7 @@ def test_scenario_config_validates_and_builds(path):
             label_smoothing=config.train.label_smoothing, target=spec.name,
         )  # fmt: skip
     with torch.device("meta"):  # the real sizes, without the memory
-        encoder = build_encoder(config.model.encoder, input_size=size, **config.model.encoder_args)
+        encoder = build_encoder(name, input_size=size, **args)
         head = config.model.head
         build_classifier(encoder, specs, kind=head.kind, hidden=head.hidden, dropout=head.dropout)
     if config.model.head.kind == "attentive" and first_trainable is None:  # tokens cached up to the cap

@@ -79,13 +79,30 @@ def test_vjepa2_training_checkpoint_loads_strictly_and_reproduces_features(tmp_p
         assert torch.equal(other.forward_features(x), online.forward_features(x))
 
 
-def test_rope_model_skips_the_pos_embed_vjepa2_files_carry(tmp_path):
-    source = vit(1)  # sincos: has pos_embed, like V-JEPA 2's released RoPE files
+def test_sincos_checkpoint_into_a_rope_model_is_refused_not_silently_dropped(tmp_path):
+    source = vit(1)  # sin-cos: its positions would be lost in a RoPE model
     path = write_vjepa2_checkpoint(tmp_path / "vjepa2.pt", source, source)
-    rope = vit(2, pos_embed="rope")
-    report = load_encoder_weights(rope, path)
-    assert report.complete and report.unexpected == []
-    assert any("pos_embed not used" in note for note in report.notes)
+    with pytest.raises(CheckpointError) as info:
+        load_encoder_weights(vit(2, pos_embed="rope"), path)
+    message = str(info.value)
+    assert "vjepa2.pt: refused" in message and "grid [4, 2, 2]" in message
+    assert 'pos_embed = "sincos"' in message and "model.allow_partial_load = true" in message
+    report = load_encoder_weights(vit(2, pos_embed="rope"), path, allow_partial=True)  # a release's unused table
+    assert report.conflicts and report.unexpected == [] and report.loaded_share == 1.0
+
+
+def test_positions_are_matched_by_grid_not_by_count(tmp_path):
+    source = vit(1, size=(16, 32, 32))  # grid (8, 4, 4): 128 positions
+    path = write_vjepa2_checkpoint(tmp_path / "vjepa2.pt", source, source)
+    column = vit(2, size=(64, 32, 8))  # grid (32, 4, 1): also 128 positions
+    assert column.pos_embed.shape == source.pos_embed.shape
+    report = load_encoder_weights(column, path)
+    assert report.complete and any("from grid [8, 4, 4] to [32, 4, 1]" in note for note in report.notes)
+    torch.testing.assert_close(column.pos_embed, resize_pos_embed(source.pos_embed, (8, 4, 4), (32, 4, 1)))
+    assert not torch.allclose(column.pos_embed, source.pos_embed)  # the count alone would have kept it as is
+    x = torch.randn(1, 1, 64, 32, 8)
+    with torch.no_grad():  # the source model interpolates its own table to the same grid at run time
+        torch.testing.assert_close(column(x), source(x))
 
 
 def test_sincos_model_refuses_a_rope_checkpoint_with_a_hint(tmp_path):

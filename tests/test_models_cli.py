@@ -92,3 +92,19 @@ def test_list_methods_losses_and_attributions():
         assert result.exit_code == 0, result.output
         for name in names:
             assert name in result.output
+
+
+def test_check_checkpoint_with_auto_prints_what_it_read(tmp_path, seed):
+    wide = build_encoder("vit3d_test", in_channels=3, input_size=(16, 32, 32), embed_dim=96, num_heads=3, pos_embed="rope")
+    state = {f"module.backbone.{k}": v for k, v in wide.state_dict().items()}
+    torch.save({"context_encoder": state, "predictor": {}, "epoch": 1}, tmp_path / "oct.pt")
+    args = ["data.preprocess.spatial_size=[8,16,16]", "run.device=cpu"]  # model.encoder defaults to "auto"
+    result = runner.invoke(app, ["check", "checkpoint", "--ckpt", str(tmp_path / "oct.pt"), *args])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "into vit3d (96 wide, 2 deep, 3 heads, RoPE, 2x8x8, 1 ch)" in out
+    assert "architecture: vit3d `vit3d` (read from the state dict, entry `context_encoder`, prefix `module.backbone.` stripped)" in out
+    assert "96 wide, 2 deep, MLP 384 (4 x width), 2x8x8 tubelets" in out and "3 heads (not stored" in out
+    assert "positions: RoPE (no pos_embed in the file)" in out and "takes 3 channel(s)" in out
+    assert "3-channel stem is summed into 1 channel" in out and "100.0% of the encoder loaded" in out
+    assert "embedding [1, 96]" in out

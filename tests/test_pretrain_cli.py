@@ -36,7 +36,7 @@ METHOD_SETTINGS = {
     ],
     "jepa": [
         'model.encoder="vit3d_test"', "pretrain.predictor_dim=32", "pretrain.predictor_heads=2", "pretrain.predictor_depth=1",
-        "pretrain.mask_blocks=2",
+        "pretrain.mask_blocks=2", "pretrain.export_vjepa2=true",
     ],
 }  # fmt: skip
 
@@ -104,7 +104,8 @@ def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
         "embed_std_mean" in r and "knn_accuracy" in r for r in val_rows
     )
 
-    # encoder.ckpt: a medctl encoder checkpoint of the ONLINE encoder that loads strictly into a fresh one
+    # encoder.ckpt: a medctl encoder checkpoint that loads strictly into a fresh one: the ONLINE encoder, or for
+    # jepa the EMA target (the entry a JEPA file loads by default), with the online one in context_encoder.ckpt
     ckpt = read_checkpoint(run_dir / "checkpoints" / "encoder.ckpt")
     assert ckpt["medctl"]["kind"] == "encoder" and ckpt["preprocessing"]["in_channels"] == 1
     assert (
@@ -119,8 +120,33 @@ def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
     report = load_encoder_weights(fresh, run_dir / "checkpoints" / "encoder.ckpt")
     assert report.complete and not report.unexpected and report.loaded_share == 1.0
     state = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    exported = "target_encoder" if method == "jepa" else "encoder"
     for key, value in fresh.state_dict().items():
-        assert torch.equal(value, state[f"encoder.{key}"]), key
+        assert torch.equal(value, state[f"{exported}.{key}"]), key
+    assert (run_dir / "checkpoints" / "context_encoder.ckpt").is_file() == (method == "jepa")
+    assert (run_dir / "checkpoints" / "vjepa2.pt").is_file() == (method == "jepa")
+    if method == "jepa":
+        context = read_checkpoint(run_dir / "checkpoints" / "context_encoder.ckpt")["state_dict"]
+        assert all(torch.equal(v, state[f"encoder.{k}"]) for k, v in context.items())
+        assert not all(torch.equal(v, state[f"target_encoder.{k}"]) for k, v in context.items())  # EMA lags
+        check_vjepa2_layout(run_dir / "checkpoints", fresh, context)
+
+
+def check_vjepa2_layout(folder: Path, target, context: dict) -> None:
+    """vjepa2.pt: V-JEPA 2's layout; its default entry is encoder.ckpt's weights, and "auto" rebuilds it."""
+    from medctl.config import ModelConfig
+    from medctl.models.architecture import pretrained_encoder
+
+    layout = read_checkpoint(folder / "vjepa2.pt")
+    assert {"encoder", "target_encoder", "predictor", "epoch"} <= set(layout) and layout["epoch"] == 2
+    assert all(k.startswith("module.backbone.") for k in layout["encoder"])
+    assert all(torch.equal(v, layout["encoder"][f"module.backbone.{k}"]) for k, v in context.items())
+    auto = pretrained_encoder(
+        ModelConfig(checkpoint=str(folder / "vjepa2.pt")), in_channels=1, input_size=target.input_size, spatial_dims=3
+    )
+    assert auto.report.source_key == "target_encoder" and auto.report.complete
+    for key, value in target.state_dict().items():  # the loaded default and the exported default agree
+        assert torch.equal(auto.encoder.state_dict()[key], value), key
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(synthetic_3d, tmp_path, monkeypatch):

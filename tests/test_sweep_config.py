@@ -35,7 +35,8 @@ def test_oct_sweep_config_validates_and_its_keys_are_honoured():
     ]  # fmt: skip
     probe = entry_config(config, probes[0])
     assert probe.model.checkpoint == checkpoints[0] and probe.model.unfreeze_at_epoch == -1
-    assert probe.model.encoder == "vit3d_large" and probe.model.checkpoint_key == "target_encoder"
+    assert probe.model.encoder == "auto" and probe.model.checkpoint_key == ""  # read from each file
+    assert entry_config(config, probes[-1]).model.architecture_from == checkpoints[0]  # none reads: the first
     assert probe.model.head.kind == "attentive" and probe.data.preprocess.spatial_size == [64, 384, 384]
     assert entry_config(config, probes[-1]).model.checkpoint == ""
     tuned = entry_config(config, SweepEntry("best_checkpoint_multi_domain_ft", checkpoints[0], FINETUNE))
@@ -50,7 +51,7 @@ def test_sweep_toml_validates_and_reads_the_checkpoint_folder(tmp_path):
     for name in ("b.pt", "a.pth", "notes.txt", "sub/a.pt"):
         (folder / name).write_bytes(b"x")
     config = load_config("config/sweep.toml", [f"sweep.checkpoint_dir={json.dumps(str(folder))}"], env={})
-    assert config.sweep.mode == "linear_probe" and config.model.encoder == "mt3"
+    assert config.sweep.mode == "linear_probe" and config.model.encoder == "auto"
     assert [Path(p).name for p in find_checkpoints(config)] == ["a.pth", "b.pt"]
     listed = load_config(
         None,

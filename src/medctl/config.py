@@ -140,11 +140,18 @@ class HeadConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: str = "mt3_tiny"  # `medctl list models`
-    encoder_args: dict[str, Any] = {}  # passed to the builder, e.g. {pos_embed = "rope"}
-    in_channels: int = Field(default=1, ge=1)
+    # "auto": the architecture model.checkpoint (or a sweep entry's file) was saved with, read from it
+    # (medctl/models/architecture.py), so mixed checkpoints need no per-file settings; a random
+    # initialisation needs a name from `medctl list models`
+    encoder: str = "auto"
+    encoder_args: dict[str, Any] = {}  # passed to the builder, e.g. {pos_embed = "rope"}; with "auto", override what is read
+    in_channels: int = Field(default=1, ge=1)  # `check checkpoint` only: training reads the cache's channels
     checkpoint: str = ""  # "" is random initialisation
-    checkpoint_key: str = ""  # "" picks target_encoder, encoder, state_dict, model in that order
+    # "auto" without a checkpoint: a random initialisation of the architecture this file holds (no weights
+    # read); a sweep sets it for its random baseline from the first checkpoint it can read
+    architecture_from: str = ""
+    # "" picks target_encoder, encoder, context_encoder, state_dict, model in that order
+    checkpoint_key: str = ""
     allow_partial_load: bool = False
     freeze_encoder: bool = True
     unfreeze_at_epoch: int = -1  # -1: linear probe only
@@ -247,6 +254,9 @@ class PretrainConfig(Section):
     mask_block_scale: list[float] = [0.1, 0.2]  # share of the token grid each target block covers
     mask_aspect_ratio: list[float] = [0.75, 1.5]  # h / w of a target block, log-uniform in this range
     mask_depth_scale: list[float] = [1.0, 1.0]  # share of the depth (T) a block spans; V-JEPA: all of it
+    # jepa: also write checkpoints/vjepa2.pt in V-JEPA 2's training layout (`encoder`, `target_encoder`, keys
+    # under `module.backbone.`), to sweep or load beside a lab's V-JEPA 2 files without a conversion
+    export_vjepa2: bool = False
     # monitoring: every N epochs (0 disables)
     monitor_every: int = Field(default=1, ge=0)
     tsne_every: int = Field(default=0, ge=0)

@@ -41,18 +41,21 @@ def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free 
 @app.command("checkpoint")
 @handle_errors
 def check_checkpoint_command(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (.pt, .pth, .ckpt) to load into model.encoder."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (.pt, .pth, .ckpt) to read and load into model.encoder."),
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
 ) -> None:
-    """Load a checkpoint into the configured encoder: keys loaded, missing, mis-shaped; one forward pass.
+    """The encoder a checkpoint holds (family, size, heads, positions, entry, prefix, channels), its load into
+    model.encoder ("auto": that one): keys loaded, missing, mis-shaped; one forward pass.
 
     Example: medctl check checkpoint -c my.toml --ckpt ckpts/best_checkpoint_multi_domain.pt
     """
     from medctl.models.checks import check_checkpoint  # torch and MONAI load only when this command runs
 
     report = check_checkpoint(ckpt, resolve_config(config, overrides))
-    console.print(f"[bold]{report.path}[/] into [bold]{report.encoder}[/] ({report.parameters:,} parameters)", highlight=False)
+    console.print(f"[bold]{report.path}[/] into [bold]{report.description}[/] ({report.parameters:,} parameters)", highlight=False)
+    for line in report.architecture.lines() if report.architecture else []:
+        console.print(f"  {line}", highlight=False, markup=False)
     for line in report.load.lines():
         console.print(f"  {line}", highlight=False, markup=False)
     for note in report.notes:

@@ -93,6 +93,7 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
     table.add_column("rank", justify="right")
     table.add_column("entry", no_wrap=True)
     table.add_column("mode")
+    table.add_column("architecture")
     for column in (
         "val bal. acc.",
         "test bal. acc.",
@@ -109,7 +110,8 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
             failed.append(row)
             continue
         rank = "—" if pd.isna(row["rank"]) else str(int(row["rank"]))
-        cells = [rank, str(row["entry"]), str(row.get("mode", ""))]
+        architecture = row.get("architecture")
+        cells = [rank, str(row["entry"]), str(row.get("mode", "")), "—" if pd.isna(architecture) else str(architecture)]
         cells.append(format_ci(row.get("val_balanced_accuracy")))
         for metric in ("balanced_accuracy", "macro_f1", "auroc"):
             key = f"test_{metric}"

@@ -176,17 +176,23 @@ def format_p(p: Any) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def leaderboard_markdown(df: pd.DataFrame) -> str:
-    """A pipe table: rank, entry, checkpoint, status, val/test balanced accuracy, macro-F1 and AUROC
-    as ``0.812 [0.75, 0.87]``, epochs, wall time, p vs leader; failed rows show their reason."""
-    header = ["rank", "entry", "checkpoint", "status"]
+    """A pipe table: rank, entry, checkpoint, architecture (when rows name one), status, val/test balanced
+    accuracy, macro-F1 and AUROC as ``0.812 [0.75, 0.87]``, epochs, wall time, p vs leader; failed rows show
+    their reason."""
+    architecture = "architecture" in df.columns and df["architecture"].fillna("").astype(str).str.len().gt(0).any()
+    header = ["rank", "entry", "checkpoint", *(["architecture"] if architecture else []), "status"]
     header += [f"{split} {label}" for split in SPLITS for _, label in SHOWN]
     header += ["epochs", "wall time", "p vs leader"]
-    align = ["---:", "---", "---", "---"] + ["---:"] * (len(SPLITS) * len(SHOWN) + 3)
+    align = ["---:"] + ["---"] * (len(header) - 1 - len(SPLITS) * len(SHOWN) - 3) + ["---:"] * (len(SPLITS) * len(SHOWN) + 3)
     audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
     if audited:
         header.append("pretrain overlap")
@@ -201,6 +207,7 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
             "—" if pd.isna(rank) else str(int(rank)),
             _cell(row["entry"]),
             _cell(row.get("checkpoint") or "— (random init)"),
+            *([_cell(_text(row.get("architecture")) or "—")] if architecture else []),
             _cell(status),
         ]
         for split in SPLITS:

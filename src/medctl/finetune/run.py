@@ -50,7 +50,7 @@ from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
 from medctl.data.dataset import CacheDataset, read_summary, target_specs
 from medctl.data.preprocess import preprocess
 from medctl.data.tables import TargetSpec
-from medctl.errors import CheckpointError, ConfigError, DataError
+from medctl.errors import ConfigError, DataError
 from medctl.evaluation.bootstrap import headline_metrics
 from medctl.evaluation.metrics import class_probs
 from medctl.evaluation.plots import plot_training_curves
@@ -65,15 +65,10 @@ from medctl.finetune.features import (
 from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.predict import labels_of, predict_logits, predictions_frame, probabilities
 from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
-from medctl.models.checkpoints import (
-    classifier_payload,
-    load_encoder_weights,
-    read_checkpoint,
-    save_checkpoint,
-)
+from medctl.models.architecture import describe_encoder, pretrained_encoder
+from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
-from medctl.models.registry import build_encoder, get_spec
 from medctl.progress import log
 from medctl.runs import create_run_dir, write_text_atomic
 from medctl.training.distributed import (
@@ -120,6 +115,8 @@ class FinetuneResult:
     data_fingerprint: str
     warnings: list[str] = field(default_factory=list)
     pretraining_overlap: dict[str, Any] = field(default_factory=dict)  # Overlap.to_dict() of model.checkpoint
+    encoder: str = ""  # the registry name built (``model.encoder = "auto"`` resolved)
+    architecture: str = ""  # one line: name, width, depth, heads, positions, channels
 
     @property
     def results_path(self) -> Path:
@@ -196,7 +193,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     )
     if use_feature_cache:
         info = encoder_fingerprint(
-            name=model_cfg.encoder,
+            name=encoder.name,
             args=encoder.build_args,
             checkpoint=model_cfg.checkpoint,
             checkpoint_key=model_cfg.checkpoint_key,
@@ -244,7 +241,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
     )
     mode = "linear_probe" if first_trainable is None else "finetune"
     log(
-        f"finetune: {mode} of {model_cfg.encoder} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
+        f"finetune: {mode} of {describe_encoder(encoder)} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
         f"on {len(train_set)} train / {len(val_set)} val samples"
         + (f", heads on cached {'tokens' if token_shape else 'embeddings'}" if use_feature_cache else "")
         + (f", encoder trains from epoch {first_trainable}" if first_trainable else "")
@@ -309,7 +306,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         "split_manifest_hash": split_manifest_hash(cache),
         "geometry": GEOMETRY_CONVENTION,
     }
-    model_info = {"name": model_cfg.encoder, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
+    model_info = {"name": encoder.name, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
 
     def export_best(epoch: int, record: dict[str, float]) -> None:
         val = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
@@ -365,6 +362,8 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         data_fingerprint=data_print,
         warnings=warnings,
         pretraining_overlap=overlap.to_dict(),
+        encoder=encoder.name,
+        architecture=describe_encoder(encoder),
     )
     if is_rank0():
         write_results(result, config, preprocessing, specs)
@@ -462,50 +461,27 @@ def cached_spatial_size(summary: Mapping[str, Any], cache: Path) -> list[int]:
 def build_pretrained_encoder(
     model: ModelConfig, summary: Mapping[str, Any], spatial_size: Sequence[int]
 ) -> Encoder:
-    """``model.encoder`` for the cache's size and channels, with ``model.checkpoint`` loaded (report logged)."""
-    spec = get_spec(model.encoder)
-    dims = int(summary["spatial_dims"])
-    if spec.spatial_dims != dims:
-        raise ConfigError(
-            [
-                f"`model.encoder` = {model.encoder!r} is a {spec.spatial_dims}D encoder but the cache holds {dims}D "
-                f"images of size {list(spatial_size)}; pick a {dims}D encoder (`medctl list models`)"
-            ]
-        )
+    """``model.encoder`` (``auto``: the checkpoint's own architecture) for the cache's size and channels, with
+    ``model.checkpoint`` loaded (report logged); see :mod:`medctl.models.architecture`."""
     in_channels = int(summary["in_channels"])
-    if in_channels != model.in_channels:
+    if model.encoder != "auto" and in_channels != model.in_channels:
         log(
             f"the cache has {in_channels} channel(s): building {model.encoder} for that (model.in_channels = {model.in_channels})"
         )
-    encoder = build_encoder(
-        model.encoder, in_channels=in_channels, input_size=spatial_size, **model.encoder_args
+    built = pretrained_encoder(
+        model, in_channels=in_channels, input_size=spatial_size, spatial_dims=int(summary["spatial_dims"])
     )
-    if not model.checkpoint:
-        log(f"{model.encoder}: random initialisation (model.checkpoint is empty)")
+    encoder = built.encoder
+    if built.report is None:
+        log(f"{encoder.name}: random initialisation (model.checkpoint is empty)")
         return encoder
-    try:
-        report = load_encoder_weights(
-            encoder, model.checkpoint, key=model.checkpoint_key, allow_partial=model.allow_partial_load
-        )
-    except CheckpointError:
-        saved = saved_encoder_name(model.checkpoint)  # read again only on this error path
-        if saved and saved != model.encoder:
-            raise CheckpointError(
-                f"{model.checkpoint}: holds a `{saved}` encoder but model.encoder = `{model.encoder}`; set "
-                f'model.encoder = "{saved}" (with the encoder_args it was trained with) or pick a {model.encoder} checkpoint'
-            ) from None
-        raise
-    log(f"{model.encoder} <- {model.checkpoint}")
-    for line in report.lines():
+    log(f"{describe_encoder(encoder)} <- {model.checkpoint}")
+    arch = built.choice.architecture
+    for line in (arch.lines() if arch is not None and model.encoder == "auto" else []) + built.choice.notes:
+        log(f"  {line}")
+    for line in built.report.lines():
         log(f"  {line}")
     return encoder
-
-
-def saved_encoder_name(path: str | Path) -> str:
-    """The registry name a medctl encoder/classifier checkpoint was saved from ("" for foreign files)."""
-    ckpt = read_checkpoint(path)
-    model = ckpt.get("model") if isinstance(ckpt.get("medctl"), dict) else None
-    return str(model.get("name", "")) if isinstance(model, dict) else ""
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -640,7 +616,8 @@ def write_results(
     """``results.json``: best epoch and metrics, the history, wall time and what identifies the data."""
     payload = {
         "mode": result.mode,
-        "encoder": config.model.encoder,
+        "encoder": result.encoder or config.model.encoder,
+        "architecture": result.architecture,
         "checkpoint": config.model.checkpoint,
         "feature_cache": result.feature_cache,
         "monitor": result.monitor,

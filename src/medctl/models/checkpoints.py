@@ -10,12 +10,15 @@ Encoder checkpoints hold the bare encoder state dict; classifier checkpoints the
 (``encoder.*`` and ``heads.<target>.*``) plus everything ``evaluate`` and ``saliency`` need.
 
 Foreign files go through :func:`load_encoder_weights`: V-JEPA 2 / V-JEPA / I-JEPA training checkpoints
-(``encoder``, ``target_encoder``, ``predictor``, ``opt``, ``epoch``; keys under ``module.backbone.``),
+(``encoder``, ``target_encoder``, ``predictor``, ``opt``, ``epoch``; keys under ``module.backbone.``;
+``context_encoder`` where a lab renamed the online encoder),
 bare state dicts, Lightning (``state_dict`` with ``model.`` / ``model.encoder.`` keys), DDP
 (``module.``) and medctl encoder/classifier checkpoints. The wrapper prefix is found by matching keys
-against the encoder's; a multi-channel stem is summed to one channel; a sincos ``pos_embed`` is resized
-to the encoder's grid; loaded, missing, unexpected and mis-shaped keys are reported, and a partial load
-is refused unless allowed. Nothing is ever unpickled with ``weights_only=False``.
+against the encoder's; a multi-channel stem is summed to one channel; a sincos ``pos_embed`` is read
+for the grid it was made for and resized to the encoder's (by grid, never by count); loaded, missing,
+unexpected and mis-shaped keys are reported, and a partial load or a contradicted setting (a position
+scheme the checkpoint was not trained with) is refused unless allowed. Which encoder a file needs is
+read by :mod:`medctl.models.architecture`. Nothing is ever unpickled with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from medctl.models.registry import build_encoder
 
 FORMAT_VERSION = 1
 KINDS = ("encoder", "classifier", "train_state")
-AUTO_KEYS = ("target_encoder", "encoder", "state_dict", "model")  # model.checkpoint_key = "" picks the first present
+# model.checkpoint_key = "" picks the first present: the EMA target of a JEPA file (what V-JEPA evaluates and
+# medctl's jepa exports as encoder.ckpt), its online encoder, the OCT plan's name for it, then Lightning/bare
+AUTO_KEYS = ("target_encoder", "encoder", "context_encoder", "state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "_orig_mod.")
 
 
@@ -249,11 +254,12 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, ckpt, model
     ignored: list[str] = field(default_factory=list)  # keys outside the prefix (heads, predictor parts)
     notes: list[str] = field(default_factory=list)  # adaptations made and warnings
+    conflicts: list[str] = field(default_factory=list)  # settings the checkpoint contradicts (position scheme)
     loaded_share: float = 0.0  # share of the encoder's state elements loaded
 
     @property
     def complete(self) -> bool:
-        return not self.missing and not self.mismatched
+        return not self.missing and not self.mismatched and not self.conflicts
 
     def lines(self, limit: int = 5) -> list[str]:
         """A human summary, a few example keys per group."""
@@ -266,6 +272,7 @@ class LoadReport:
         prefix = f", prefix `{self.prefix}` stripped" if self.prefix else ""
         out = [f"format: {self.format}{source}{prefix}", f"loaded: {len(self.loaded)} keys, {self.loaded_share:.1%} of the encoder"]
         out += [f"note: {note}" for note in self.notes]
+        out += [f"conflict: {conflict}" for conflict in self.conflicts]
         if self.missing:
             out.append(f"missing: {len(self.missing)} ({some(self.missing)})")
         if self.mismatched:
@@ -354,9 +361,12 @@ def adapt_input_channels(weight: torch.Tensor, target: torch.Size) -> torch.Tens
     return weight.sum(dim=1, keepdim=True)
 
 
-def plan_encoder_load(encoder: Encoder, path: str | Path, *, key: str = "") -> tuple[LoadReport, dict[str, torch.Tensor]]:
-    """Read ``path``, map its keys onto ``encoder`` and adapt what can be adapted; loads nothing yet."""
-    ckpt = read_checkpoint(path)
+def plan_encoder_load(
+    encoder: Encoder, path: str | Path, *, key: str = "", ckpt: Mapping[str, Any] | None = None
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Read ``path`` (or take its already read ``ckpt``), map its keys onto ``encoder`` and adapt what can
+    be adapted; loads nothing yet."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     tensors, fmt, source = select_state_dict(ckpt, path, key)
     model_state = encoder.state_dict()
     prefix = find_prefix(list(tensors), set(model_state))
@@ -368,7 +378,9 @@ def plan_encoder_load(encoder: Encoder, path: str | Path, *, key: str = "") -> t
     if trained_as and trained_as != getattr(encoder, "name", trained_as):
         report.notes.append(f"the checkpoint was saved from `{trained_as}`, the encoder is `{encoder.name}`")
     if hasattr(encoder, "adapt_state_dict"):
-        report.notes += encoder.adapt_state_dict(section)
+        notes, conflicts = encoder.adapt_state_dict(section)
+        report.notes += notes
+        report.conflicts += conflicts
 
     to_load = {}
     for name, value in section.items():
@@ -407,12 +419,11 @@ def refusal(report: LoadReport, allow_partial: bool) -> str:
         )
     if report.complete or allow_partial:
         return ""
-    hint = ""
-    if "pos_embed" in report.missing:
-        hint = ' (no pos_embed: trained with RoPE? set model.encoder_args = {pos_embed = "rope"})'
+    if report.conflicts:
+        return f"{report.path}: refused: {report.conflicts[0]}"
     return (
         f"{report.path}: refused a partial load: {report.loaded_share:.1%} of the encoder loaded, "
-        f"{len(report.missing)} keys missing, {len(report.mismatched)} mis-shaped{hint}; check model.encoder and "
+        f"{len(report.missing)} keys missing, {len(report.mismatched)} mis-shaped; check model.encoder and "
         "model.encoder_args match the checkpoint, or set model.allow_partial_load = true"
     )
 

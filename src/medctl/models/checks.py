@@ -1,4 +1,4 @@
-"""``medctl check checkpoint``: will this checkpoint load into the configured encoder, and does it run?"""
+"""``medctl check checkpoint``: which encoder this checkpoint needs, will it load into the configured one, and does it run?"""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from medctl.config import Config
-from medctl.models.checkpoints import LoadReport, plan_encoder_load, refusal
-from medctl.models.registry import build_encoder, get_spec
+from medctl.models.architecture import Architecture, describe_encoder, plan_model_encoder, read_architecture
+from medctl.models.checkpoints import LoadReport
+from medctl.models.registry import get_spec
 
 
 @dataclass
@@ -18,7 +19,7 @@ class CheckpointReport:
     """The load report, and (when the load may go ahead) one forward pass at the configured size."""
 
     path: str
-    encoder: str
+    encoder: str  # the registry name built
     load: LoadReport
     refused: str = ""  # why the load was refused; "" when it went ahead
     input_shape: tuple[int, ...] = ()
@@ -28,6 +29,8 @@ class CheckpointReport:
     seconds: float = 0.0  # one forward pass, batch 1
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    architecture: Architecture | None = None  # what the file holds, as read from it
+    description: str = ""  # the built encoder in one line
 
     @property
     def ok(self) -> bool:
@@ -42,21 +45,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_checkpoint(path: str | Path, config: Config) -> CheckpointReport:
-    """Build ``model.encoder`` for ``data.preprocess.spatial_size``, plan the load of ``path``, and unless
-    refused load it and time one forward pass of a (1, model.in_channels, *spatial_size) tensor.
+    """Build ``model.encoder`` (``auto``: what ``path`` holds) for ``data.preprocess.spatial_size`` and
+    ``model.in_channels``, plan the load of ``path``, and unless refused load it and time one forward pass
+    of a (1, C, *spatial_size) tensor.
 
-    Unreadable files (unsafe pickles, truncated files) raise CheckpointError; a partial load that
-    ``model.allow_partial_load`` does not allow comes back as ``report.refused``.
+    Unreadable files (unsafe pickles, truncated files) and unreadable architectures raise
+    CheckpointError; a load that ``model.allow_partial_load`` does not allow comes back as ``report.refused``.
     """
-    model = config.model
+    model = config.model.model_copy(update={"checkpoint": str(path)})
     notes = []
     input_size = tuple(config.data.preprocess.spatial_size)
     if not input_size:
-        input_size = get_spec(model.encoder).default_input_size
+        name = read_architecture(path, model.checkpoint_key).name if model.encoder == "auto" else model.encoder
+        input_size = get_spec(name).default_input_size
         notes.append(f"data.preprocess.spatial_size is empty (sizes kept); checked at {list(input_size)}")
-    encoder = build_encoder(model.encoder, in_channels=model.in_channels, input_size=input_size, **model.encoder_args)
-    load, to_load = plan_encoder_load(encoder, path, key=model.checkpoint_key)
-    report = CheckpointReport(str(path), model.encoder, load, refusal(load, model.allow_partial_load), notes=notes)
+    built, to_load, refused = plan_model_encoder(
+        model, in_channels=model.in_channels, input_size=input_size, spatial_dims=len(input_size)
+    )
+    encoder, load = built.encoder, built.report
+    report = CheckpointReport(str(path), encoder.name, load, refused, notes=notes + built.choice.notes)
+    report.architecture = built.choice.architecture
+    report.description = describe_encoder(encoder)
     report.parameters = sum(p.numel() for p in encoder.parameters())
     if report.refused:
         return report
@@ -64,7 +73,7 @@ def check_checkpoint(path: str | Path, config: Config) -> CheckpointReport:
 
     device = resolve_device(config.run.device)
     encoder = encoder.to(device).eval()
-    x = torch.randn(1, model.in_channels, *input_size, device=device)  # (1, C, *spatial)
+    x = torch.randn(1, encoder.in_channels, *input_size, device=device)  # (1, C, *spatial)
     with torch.inference_mode():
         start = time.perf_counter()
         features = encoder.forward_features(x)

@@ -49,6 +49,7 @@ def _resnet(builder: Callable[..., Encoder], dims: int, description: str, for_te
 ENCODERS: dict[str, EncoderSpec] = {
     "mt3": EncoderSpec(mt3.mt3, "mt3", 3, (32, 64, 64), "any", "CNN3D stem, multi-plane projector, transformer"),
     "mt3_tiny": EncoderSpec(mt3.mt3_tiny, "mt3", 3, (16, 32, 32), "any", "mt3 for tests and the demo", True),
+    "vit3d": _vit(vit3d.vit3d, "any width/depth/heads via encoder_args (what encoder = \"auto\" builds off-size)"),
     "vit3d_test": _vit(vit3d.vit3d_test, "64 wide, 2 deep, 2x8x8 tubelets", for_tests=True),
     "vit3d_tiny": _vit(vit3d.vit3d_tiny, "V-JEPA 2 layout, 192 wide, 12 deep"),
     "vit3d_small": _vit(vit3d.vit3d_small, "V-JEPA 2 layout, 384 wide, 12 deep"),

@@ -19,18 +19,27 @@ One step on a volume batch x (B, C, D, H, W), with the token grid (T, H', W') of
 5. ``loss`` = mean L1 between predictions and h at the target positions, averaged over blocks.
 
 The caller moves the target encoder after each optimizer step with ``update_target(momentum)``.
+
+Exports (:func:`medctl.pretrain.run.export_encoders`): ``encoder.ckpt`` holds the EMA **target**
+encoder, the one V-JEPA evaluates and the one the loader picks from a JEPA file by default
+(``target_encoder`` first), so the exported default and the loaded default agree; the online (context)
+encoder goes to ``context_encoder.ckpt``. :meth:`JEPA.vjepa2_layout` writes both in V-JEPA 2's training
+layout (``encoder``, ``target_encoder``, ``predictor``, ``epoch``; keys under ``module.backbone.``), plus
+``medctl_model`` (name and args) so that ``model.encoder = "auto"`` rebuilds it exactly.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medctl.errors import ConfigError
+from medctl.models.checkpoints import plain
 from medctl.models.encoders.base import Encoder
 from medctl.models.encoders.vit3d import Block, keep_tokens, sincos_3d
 from medctl.pretrain.byol import frozen_copy
@@ -126,6 +135,26 @@ class JEPA(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         ema_update(self.target_encoder, self.encoder, momentum)
+
+    def exported_encoders(self) -> dict[str, nn.Module]:
+        """What ``pretrain`` writes: ``<name>.ckpt`` -> encoder (see the module docstring)."""
+        return {"encoder": self.target_encoder, "context_encoder": self.encoder}
+
+    def vjepa2_layout(self, epoch: int) -> dict[str, Any]:
+        """Both encoders and the predictor as V-JEPA 2's ``app/vjepa/train.py`` saves them (DDP around a
+        multi-sequence wrapper: ``module.backbone.`` keys); medctl's predictor is its own, not V-JEPA 2's."""
+
+        def wrapped(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {f"module.backbone.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+        args = plain(self.encoder.build_args)
+        return {
+            "encoder": wrapped(self.encoder),
+            "target_encoder": wrapped(self.target_encoder),
+            "predictor": wrapped(self.predictor),
+            "epoch": epoch,
+            "medctl_model": {"name": self.encoder.name, "args": args},
+        }
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The online encoder's pooled embedding (B, C) over all tokens."""

@@ -6,9 +6,12 @@
 3. AdamW + cosine schedule with warmup, the EMA momentum schedule for target networks;
 4. :func:`medctl.training.fit.fit`: bf16 on CUDA, gradient clipping, ``last.ckpt`` every epoch,
    ``--resume``; monitoring (collapse, k-NN, t-SNE, reconstruction panels) as its ``evaluate``;
-5. exports: ``checkpoints/encoder.ckpt`` (the ONLINE encoder as a medctl encoder checkpoint, every
-   epoch and at the end, so ``medctl finetune model.checkpoint=runs/<name>/checkpoints/encoder.ckpt``
-   takes it as is), ``figures/*.png`` and ``results.json`` (history, throughput, final monitoring).
+5. exports: ``checkpoints/encoder.ckpt`` (a medctl encoder checkpoint, every epoch and at the end, so
+   ``medctl finetune model.checkpoint=runs/<name>/checkpoints/encoder.ckpt`` takes it as is: the ONLINE
+   encoder for byol and mim_contrastive; for jepa the EMA target encoder, as the loader's default entry
+   of a JEPA file is ``target_encoder``, with the online one in ``context_encoder.ckpt`` and, with
+   ``pretrain.export_vjepa2``, both in V-JEPA 2's layout in ``vjepa2.pt``), ``figures/*.png`` and
+   ``results.json`` (history, throughput, final monitoring).
 
 ``pretrain.subset`` trains on part of the train split: ``"fraction:0.25"`` keeps a seeded random quarter
 (``run.seed``); ``"<column>:<value>"`` keeps the rows of the cache manifest whose ``column`` equals
@@ -36,8 +39,8 @@ from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.provenance import pool_provenance
 from medctl.errors import ConfigError, DataError
-from medctl.models.checkpoints import encoder_payload, load_encoder_weights, save_checkpoint
-from medctl.models.registry import build_encoder
+from medctl.models.architecture import pretrained_encoder
+from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.pretrain import METHODS, build_method
 from medctl.pretrain import monitoring as mon
 from medctl.progress import log
@@ -108,20 +111,15 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
         # 3. the encoder, optionally from a checkpoint, inside the method module; seeded right here, so
         #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
         set_seed(config.run.seed)
-        encoder = build_encoder(
-            config.model.encoder,
+        built = pretrained_encoder(
+            config.model,
             in_channels=int(summary["in_channels"]),
             input_size=input_size,
-            **config.model.encoder_args,
+            spatial_dims=int(summary["spatial_dims"]),
         )
-        if config.model.checkpoint:
-            report = load_encoder_weights(
-                encoder,
-                config.model.checkpoint,
-                key=config.model.checkpoint_key,
-                allow_partial=config.model.allow_partial_load,
-            )
-            log(f"encoder initialised from {config.model.checkpoint}: " + "; ".join(report.lines()))
+        encoder = built.encoder
+        if built.report is not None:
+            log(f"encoder initialised from {config.model.checkpoint}: " + "; ".join(built.report.lines()))
         method = build_method(settings.method, encoder, settings).to(device)
         model = wrap_ddp(method, find_unused_parameters=True)
         if world_size() > 1:
@@ -183,7 +181,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
             return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
 
         def export_last(epoch: int, record: dict[str, float]) -> None:
-            export_encoder(encoder_path, method.encoder, config, preprocessing, record, provenance)
+            export_encoders(encoder_path.parent, method, config, preprocessing, record, provenance)
 
         # 6. train
         result = fit(
@@ -219,11 +217,11 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
                 "epochs": result.epochs_run,
                 **final,
             }
-            export_encoder(encoder_path, method.encoder, config, preprocessing, summary_metrics, provenance)
+            export_encoders(encoder_path.parent, method, config, preprocessing, summary_metrics, provenance)
             drawn = mon.final_figures(method, monitor, history, seed=config.run.seed)
             results = {
                 "method": settings.method,
-                "encoder": config.model.encoder,
+                "encoder": encoder.name,
                 "epochs_run": result.epochs_run,
                 "train_samples": len(train_set),
                 "input_size": list(input_size),
@@ -361,6 +359,24 @@ def preprocessing_info(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def export_encoders(
+    folder: Path,
+    method: nn.Module,
+    config: Config,
+    preprocessing: dict[str, Any],
+    metrics: dict,
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """``encoder.ckpt`` and the method's other exports (``method.exported_encoders()``: jepa adds the online
+    ``context_encoder.ckpt`` and, with ``pretrain.export_vjepa2``, ``vjepa2.pt`` in V-JEPA 2's layout)."""
+    exported = method.exported_encoders() if hasattr(method, "exported_encoders") else {"encoder": method.encoder}
+    for name, encoder in exported.items():
+        export_encoder(folder / f"{name}.ckpt", encoder, config, preprocessing, metrics, provenance)
+    if config.pretrain.export_vjepa2 and hasattr(method, "vjepa2_layout"):
+        done = int(metrics["epochs"]) if "epochs" in metrics else int(metrics.get("epoch", -1)) + 1
+        save_checkpoint(folder / "vjepa2.pt", method.vjepa2_layout(epoch=done))
+
+
 def export_encoder(
     path: Path,
     encoder: nn.Module,
@@ -369,11 +385,11 @@ def export_encoder(
     metrics: dict,
     provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """The online encoder as a medctl encoder checkpoint (atomic), loadable by ``model.checkpoint``, with the
+    """An encoder as a medctl encoder checkpoint (atomic), loadable by ``model.checkpoint``, with the
     hashed ids of its training pool (``provenance``, :mod:`medctl.data.provenance`)."""
     payload = encoder_payload(
         encoder,
-        name=config.model.encoder,
+        name=encoder.name,
         args=encoder.build_args,
         config_text=config.to_toml(),
         metrics=metrics,

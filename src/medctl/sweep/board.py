@@ -4,7 +4,8 @@ A finished entry's row comes from its ``results.json`` (epochs, training wall ti
 hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (the primary target's headline
 metrics with 95% bootstrap intervals, as :func:`medctl.evaluation.stage.run_evaluate` wrote them), so the
 table holds exactly the entries' own numbers. The p-value of each entry against the leader is the paired
-bootstrap on the same test samples (``eval_test/test_preds.parquet``), balanced accuracy.
+bootstrap on the same test samples (``eval_test/test_preds.parquet``), balanced accuracy. Each row names
+the encoder the entry built (``architecture``: a sweep may mix widths and position schemes).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
     test = json.loads((run_dir / "eval_test" / "metrics.json").read_text())
     extra = {
         "mode": entry.kind,
+        "architecture": results.get("architecture", ""),
         "best_epoch": results.get("best_epoch"),
         "n_val": val.get("n_samples"),
         "n_test": test.get("n_samples"),

@@ -3,7 +3,8 @@
 An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
 
 - ``<stem>``: the linear probe of a checkpoint (names from file stems, deduplicated ``<stem>_2``, ...);
-- ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``);
+- ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``); under
+  ``model.encoder = "auto"`` it has the architecture of the first checkpoint whose architecture reads;
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
   ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
 """
@@ -25,7 +26,7 @@ from medctl.config import (
     set_dotted,
     unknown_key_problems,
 )
-from medctl.errors import ConfigError, DataError
+from medctl.errors import ConfigError, DataError, MedctlError
 
 PROBE, FINETUNE = "linear_probe", "finetune"
 RANDOM_INIT = "random_init"
@@ -38,13 +39,16 @@ class SweepEntry:
     name: str
     checkpoint: str
     kind: str  # "linear_probe" | "finetune"
+    architecture_of: str = ""  # random baseline under model.encoder = "auto": the file whose architecture it has
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> SweepEntry:
-        return cls(str(value["name"]), str(value["checkpoint"]), str(value["kind"]))
+        return cls(
+            str(value["name"]), str(value["checkpoint"]), str(value["kind"]), str(value.get("architecture_of", ""))
+        )
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -97,15 +101,33 @@ def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_IN
 
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
-    """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``."""
+    """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``
+    (under ``model.encoder = "auto"``: of the first checkpoint's architecture that reads)."""
     suffix = "_ft" if kind == FINETUNE else ""
     entries = [
         SweepEntry(f"{name}{suffix}", path, kind)
         for name, path in zip(entry_names(checkpoints), checkpoints, strict=True)
     ]
     if config.sweep.random_baseline:
-        entries.append(SweepEntry(f"{RANDOM_INIT}{suffix}", "", kind))
+        source = baseline_architecture(config, checkpoints)
+        entries.append(SweepEntry(f"{RANDOM_INIT}{suffix}", "", kind, source))
     return entries
+
+
+def baseline_architecture(config: Config, checkpoints: Sequence[str]) -> str:
+    """The checkpoint whose architecture an ``auto`` random baseline takes: the first that reads ("" when
+    ``model.encoder`` is named). None reads: the first, so that the baseline fails with its reason."""
+    from medctl.models.architecture import AUTO, read_architecture  # torch loads only when a sweep plans
+
+    if config.model.encoder != AUTO:
+        return ""
+    for path in checkpoints:
+        try:
+            read_architecture(path, config.model.checkpoint_key)
+        except MedctlError:
+            continue
+        return path
+    return checkpoints[0] if checkpoints else ""
 
 
 def finetune_of(entry: SweepEntry) -> SweepEntry:
@@ -122,6 +144,8 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     """
     tree = config.model_dump(mode="json")
     set_dotted(tree, "model.checkpoint", entry.checkpoint)
+    if entry.architecture_of:
+        set_dotted(tree, "model.architecture_from", entry.architecture_of)
     set_dotted(tree, "model.freeze_encoder", True)
     problems: list[str] = []
     if entry.kind == FINETUNE:

@@ -25,6 +25,13 @@ so its checkpoints load without renaming and give the same features. Two positio
   ``rotate_queries_or_keys``); it is kept so that released weights give the same features. The tables
   are computed in the dtype of the queries, as there.
 
+Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read
+for the grid it was made for and resized from that grid, never accepted because its count matches; a
+sin-cos checkpoint into a RoPE model, or a RoPE one (no ``pos_embed``) into a sin-cos model, is refused
+with the setting that fits. V-JEPA 2's own RoPE models hold no ``pos_embed``, though its hub loader notes
+that some released files carry an unused one: an all-zero table is taken for such a placeholder and
+dropped; any other needs ``model.allow_partial_load = true`` to be dropped.
+
 Head counts: V-JEPA 2's released ViT-g uses 22 heads (``vit_giant_xformers`` there), so ``vit3d_giant``
 has 22 heads and ``vit3d_giant_h16`` the 16-head variant (``vit_giant``). The head count changes no
 parameter shape, only how channels are split, so pick the one your checkpoint was trained with.
@@ -320,23 +327,50 @@ class VisionTransformer3D(Encoder):
         return self.norm(tokens)
 
     # --------------------------------------------------------------------------- weight adaptation
-    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Resize a checkpoint's ``pos_embed`` to this model's grid in place; returns notes for the report."""
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Match a checkpoint's position scheme and grid to this model, in place: ``(notes, conflicts)``.
+
+        Positions are matched by grid, never by count: a sin-cos table is read for the (t, h, w) grid it
+        was made for (:func:`sincos_grid`) and resized from that grid to this model's, even when the two
+        hold the same number of positions. A conflict is a setting the checkpoint contradicts (a sin-cos
+        table for a RoPE model, no table for a sin-cos model, a table of no readable grid); the loader
+        refuses it unless ``model.allow_partial_load``.
+        """
         table = state_dict.get("pos_embed")
-        if table is None:
-            return []
         if self.pos_embed is None:
+            if table is None:
+                return [], []
             del state_dict["pos_embed"]
-            return ["pos_embed not used: this model uses RoPE (V-JEPA 2's released RoPE files still carry one)"]
-        if table.shape == self.pos_embed.shape:
-            return []
+            if not table.any():
+                return ["pos_embed is all zeros: an unused placeholder beside RoPE, dropped"], []
+            found = sincos_grid(table, self.grid) if table.ndim == 3 else None
+            grid = f" for the grid {list(found[0])}" if found else ""
+            return [], [
+                f"the checkpoint carries a sin-cos pos_embed of {table.shape[1]} positions{grid}: it was trained "
+                'with sin-cos positions, this model uses RoPE; set model.encoder_args = {pos_embed = "sincos"} '
+                '(or model.encoder = "auto"); for a V-JEPA 2 release that saved an unused table beside RoPE, '
+                "set model.allow_partial_load = true to drop it"
+            ]
+        if table is None:
+            return [], [
+                "the checkpoint has no pos_embed: it was trained with RoPE, this model adds sin-cos positions; "
+                'set model.encoder_args = {pos_embed = "rope"} (or model.encoder = "auto")'
+            ]
         if table.ndim != 3 or table.shape[-1] != self.embed_dim:
-            return []  # left as a mis-shaped key
-        src = infer_pos_embed_grid(table, self.grid)
-        if src is None:
-            return [f"pos_embed: cannot tell the grid of {table.shape[1]} positions; left unloaded"]
+            return [], []  # left as a mis-shaped key
+        found = sincos_grid(table, self.grid)
+        if found is None:
+            if table.shape == self.pos_embed.shape:
+                return [f"pos_embed is not a sin-cos table; taken as made for this model's grid {list(self.grid)}"], []
+            return [], [
+                f"pos_embed: {table.shape[1]} positions that are no sin-cos table of any grid, so they cannot be "
+                f"matched to the grid {list(self.grid)}; set model.allow_partial_load = true to keep this model's own"
+            ]
+        src = found[0]
+        if src == self.grid:
+            return [], []
         state_dict["pos_embed"] = resize_pos_embed(table.float(), src, self.grid).to(table.dtype)
-        return [f"pos_embed resized from grid {list(src)} to {list(self.grid)}"]
+        return [f"pos_embed resized from grid {list(src)} to {list(self.grid)}"], []
 
 
 def keep_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -344,27 +378,49 @@ def keep_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, ids[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-def infer_pos_embed_grid(table: torch.Tensor, model_grid: Grid) -> Grid | None:
-    """The (t, h, w) grid a (1, N, C) sincos table was made for, by regenerating sampled rows.
+def grid_candidates(n: int, prefer: Grid | None = None) -> list[Grid]:
+    """Every (t, h, w) with t * h * w = n: ``prefer`` first, then grids with its (h, w), then square
+    (h = w) grids as V-JEPA builds them (fewest depth steps first), then the rest."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    every = [(n // (h * w), h, w) for h in divisors for w in divisors if (n // h) % w == 0]
 
-    Candidates are square grids (as V-JEPA builds them) and grids with this model's (h, w); a table
-    that is not sincos (learned) falls back to the model's (h, w) when N allows it.
+    def order(grid: Grid) -> tuple[int, ...]:
+        t, h, w = grid
+        return (
+            grid != prefer,
+            prefer is None or (h, w) != tuple(prefer[1:]),
+            h != w,
+            abs(h - w),
+            t,
+        )
+
+    return sorted(every, key=order)
+
+
+def sincos_grid(table: torch.Tensor, prefer: Grid | None = None) -> tuple[Grid, bool] | None:
+    """The (t, h, w) grid and ``uniform_power`` a (1, N, C) sin-cos table was made for, or None.
+
+    Sampled rows are regenerated for each candidate grid (:func:`grid_candidates`) in both channel
+    splits and compared; a learned (not sin-cos) table matches none.
     """
     n, dim = table.shape[1], table.shape[2]
-    candidates: list[Grid] = []
-    if n % (model_grid[1] * model_grid[2]) == 0:
-        candidates.append((n // (model_grid[1] * model_grid[2]), model_grid[1], model_grid[2]))
-    candidates += [(n // (s * s), s, s) for s in range(1, math.isqrt(n) + 1) if n % (s * s) == 0]
     ids = torch.unique(torch.linspace(0, n - 1, 97).long())
     rows = table[0, ids].double()
-    for grid in candidates:
+    atol = 1e-4 if table.dtype in (torch.float32, torch.float64) else 2e-2
+    for grid in grid_candidates(n, prefer):
         for uniform in (False, True):
-            if torch.allclose(sincos_3d_at(ids, grid, dim, uniform).double(), rows, atol=1e-4):
-                return grid
-    return candidates[0] if candidates and candidates[0][1:] == model_grid[1:] else None
+            if torch.allclose(sincos_3d_at(ids, grid, dim, uniform).double(), rows, atol=atol):
+                return grid, uniform
+    return None
 
 
 # ----------------------------------------------------------------------------------------- builders
+def vit3d(**kwargs) -> VisionTransformer3D:
+    """Any width, depth and head count through its arguments: what ``model.encoder = "auto"`` builds for a
+    ViT that matches no named size."""
+    return VisionTransformer3D(**kwargs)
+
+
 def vit3d_test(**kwargs) -> VisionTransformer3D:
     """64 wide, 2 deep, 2 heads, 2x8x8 tubelets: for tests."""
     return VisionTransformer3D(**{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, **kwargs})
