@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medctl.errors import ConfigError
+from medctl.errors import ConfigError, redact_url_credentials
 
 ENV_PREFIX = "MEDCTL_"
 
@@ -48,6 +48,16 @@ class SourceConfig(Section):
     mask_root: str = ""  # optional ground-truth masks (same pattern), used to score saliency
     mask_pattern: str = ""  # key template under mask_root; "" uses `pattern`
     retries: int = Field(default=3, ge=0)  # transient S3 failures, with exponential backoff (not 403/404)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "credentials never live in config: remove user:password@ from the URL and set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead"
+            )
+        return value
 
 
 class TargetConfig(Section):
@@ -453,7 +463,7 @@ def describe_validation_errors(exc: ValidationError) -> list[str]:
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
         key = key.replace(".[", "[")
         value = err.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "a table"
+        shown = redact_url_credentials(repr(value)) if not isinstance(value, dict) else "a table"
         message = err["msg"].removeprefix("Value error, ")
         problems.append(f"`{key}` = {shown}: {message}")
     return _unique(problems)

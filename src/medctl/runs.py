@@ -16,6 +16,7 @@ from typing import Any
 
 from medctl import __version__
 from medctl.config import Config
+from medctl.errors import redact_url_credentials
 
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
 
@@ -78,7 +79,7 @@ def redact(command: str) -> str:
     for word in command.split():
         key, sep, _ = word.partition("=")
         words.append(f"{key}=***" if sep and SECRET_PATTERN.search(key) else word)
-    return " ".join(words)
+    return redact_url_credentials(" ".join(words))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
 from medctl.errors import CheckpointError
 from medctl.runs import environment_info
+from medctl.storage import redact_secrets
 
 app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or a checkpoint.", no_args_is_help=True)
 
@@ -110,4 +111,4 @@ def _print_rows(rows) -> None:
     for row in rows:
         mark = "[green]✓[/]" if row.ok else "[red]✗[/]"
         console.print(f"{mark} [bold]{row.name}[/]: ", end="", highlight=False)
-        console.print(row.detail, highlight=False, markup=False, soft_wrap=True)
+        console.print(redact_secrets(row.detail), highlight=False, markup=False, soft_wrap=True)

@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 
 from medctl.config import Config, load_config
 from medctl.errors import MedctlError
+from medctl.storage import redact_secrets
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,9 +38,17 @@ def show_library_messages() -> None:
     logger = logging.getLogger("medctl")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        handler.addFilter(_redact_record)
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
     logger.propagate = False
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """No log line shows a credential (URL passwords, AWS values): the message is scrubbed in place."""
+    record.msg = redact_secrets(record.getMessage())
+    record.args = None
+    return True
 
 
 def debug_enabled() -> bool:
@@ -56,7 +65,8 @@ def handle_errors(fn: F) -> F:
         except MedctlError as exc:
             if debug_enabled():
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print("[bold red]error:[/] ", end="", highlight=False)
+            err_console.print(redact_secrets(str(exc)), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; finished results are kept")
@@ -67,9 +77,11 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 err_console.print_exception()
             else:
+                err_console.print("[bold red]failed:[/] ", end="", highlight=False)
                 err_console.print(
-                    f"[bold red]failed:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                    redact_secrets(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"),
                     highlight=False,
+                    markup=False,
                 )
             raise typer.Exit(1) from None
 

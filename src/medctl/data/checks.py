@@ -32,7 +32,7 @@ from medctl.data.tables import (
     read_table,
 )
 from medctl.errors import DataError, MedctlError
-from medctl.storage import credentials_source, endpoint_for, is_remote, list_files, local_copy
+from medctl.storage import credentials_source, endpoint_for, is_remote, list_files, local_copy, redact_secrets
 
 
 @dataclass
@@ -128,6 +128,7 @@ def _endpoint_row(root: str, endpoint_url: str) -> CheckRow:
             )
         return CheckRow("endpoint", True, f"local folder {folder} (no endpoint needed)")
     endpoint = endpoint_for(endpoint_url)
+    shown = redact_secrets(endpoint or "https://s3.amazonaws.com")
     origin = (
         "data.source.endpoint_url" if endpoint_url else ("S3_ENDPOINT_URL" if endpoint else "AWS default")
     )
@@ -139,9 +140,9 @@ def _endpoint_row(root: str, endpoint_url: str) -> CheckRow:
         return CheckRow(
             "endpoint",
             False,
-            f"cannot reach {endpoint or url.geturl()} ({exc.strerror or exc}); check {origin}",
+            f"cannot reach {shown} ({exc.strerror or exc}); check {origin}",
         )
-    return CheckRow("endpoint", True, f"{endpoint or url.geturl()} reachable (from {origin})")
+    return CheckRow("endpoint", True, f"{shown} reachable (from {origin})")
 
 
 def _read_row(id_: str, files: list, data: DataConfig) -> CheckRow:
