@@ -326,12 +326,19 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    source: str = "",
 ) -> Config:
-    """Resolve defaults < file chain < env < ``key=value`` overrides into one validated Config."""
+    """Resolve defaults < ``base`` < file chain < env < ``key=value`` overrides into one validated Config.
+
+    The one loader of every command. ``base`` is a config tree that sits under the file: the resolved
+    config a checkpoint holds, for ``evaluate`` and ``saliency``. ``source`` names it in errors.
+    """
     env = os.environ if env is None else env
     problems: list[str] = []
-    layered: dict[str, Any] = read_toml_chain(Path(path)) if path else {}
-    source = str(path) if path else "config"
+    layered: dict[str, Any] = deep_merge(dict(base or {}), read_toml_chain(Path(path)) if path else {})
+    source = str(path) if path else (source or "config")
     for dotted, value in env_overrides(env, problems):
         set_dotted(layered, dotted, value)
     for dotted, value in parse_overrides(overrides, problems):

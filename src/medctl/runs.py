@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,39 @@ def environment_info(run_root: Path | None = None) -> dict[str, Any]:
         probe = run_root if run_root.exists() else Path.cwd()
         info["free_disk_gb"] = round(shutil.disk_usage(probe).free / 1e9, 1)
     return info
+
+
+@dataclass(frozen=True)
+class Dependency:
+    name: str
+    installed: str | None  # None: not installed
+    bound: str  # the lower bound pyproject.toml declares, e.g. ">=3.0"
+
+    @property
+    def ok(self) -> bool:
+        return self.installed is not None and _release(self.installed) >= _release(self.bound.removeprefix(">="))
+
+
+def dependency_versions() -> list[Dependency]:
+    """Every dependency medctl declares, with the installed version and the declared lower bound."""
+    found = []
+    for requirement in importlib.metadata.requires("medctl") or []:
+        if ";" in requirement and "extra ==" in requirement:
+            continue
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)[^;]*?(>=\s*[0-9][0-9.]*)?\s*(;.*)?$", requirement)
+        if match is None or (match[3] and "python_version <" in match[3]):
+            continue
+        try:
+            installed: str | None = importlib.metadata.version(match[1])
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        found.append(Dependency(match[1], installed, (match[2] or ">=0").replace(" ", "")))
+    return found
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(3, 0, 2) from "3.0.2", "3.0.2rc1" or "2.15.0+cu132": enough to compare with a lower bound."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def git_state() -> dict[str, Any]:

@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
-from medctl.errors import CheckpointError
-from medctl.runs import environment_info
+from medctl.errors import CheckpointError, UserError
+from medctl.runs import dependency_versions, environment_info
 from medctl.storage import redact_secrets
 
 app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or a checkpoint.", no_args_is_help=True)
@@ -30,12 +30,25 @@ def check_config(config: ConfigOption = None, overrides: OverridesArgument = Non
 @app.command("env")
 @handle_errors
 def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free disk is reported.")) -> None:
-    """Versions, devices (CUDA / MPS / CPU, bf16) and free disk in the run root."""
+    """Versions, devices (CUDA / MPS / CPU, bf16), free disk in the run root, and every dependency against
+    the lower bound pyproject.toml declares; exit 2 when one is missing or older."""
     info = environment_info(root)
     table = Table(title="medctl environment", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
+    dependencies = dependency_versions()
+    listed = ", ".join(f"{d.name} {d.installed or 'missing'} ({d.bound})" for d in dependencies)
+    stale = [d for d in dependencies if not d.ok]
+    if stale:
+        console.print(f"[red]✗[/] dependencies: {listed}", highlight=False, soft_wrap=True)
+        shown = ", ".join(f"{d.name} {d.installed or 'not installed'} (needs {d.bound})" for d in stale)
+        raise UserError(f"{shown}; run `uv sync` (or pip install -U medctl) to get the declared versions")
+    console.print(
+        f"[green]✓[/] dependencies: all {len(dependencies)} meet the lower bounds in pyproject.toml: {listed}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("checkpoint")
