@@ -30,9 +30,27 @@ def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root))
-    env.update(command=redact(command), seed=config.run.seed)
+    env.update(command=redact(command), seed=config.run.seed, deterministic=config.run.deterministic)
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
     return run_dir
+
+
+TIMING_KEYS = ("wall_time_s", "samples_per_s", "epoch_time_s")  # wall-clock figures: differ every run
+
+
+def write_results_and_timing(run_dir: Path, results: dict[str, Any]) -> None:
+    """``results.json``: what the run computed, with no wall-clock figure, so two deterministic runs
+    (``run.deterministic``) write identical bytes; ``timing.json``: what it cost (``wall_time_s``,
+    ``samples_per_s``, and per epoch ``samples_per_s`` / ``epoch_time_s``; metrics.jsonl has them too)."""
+    history = results.get("history") or []
+    computed = {k: v for k, v in results.items() if k not in TIMING_KEYS}
+    computed["history"] = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+    timing = {k: results[k] for k in TIMING_KEYS if k in results}
+    timing["epochs"] = [
+        {"epoch": row.get("epoch"), **{k: row[k] for k in TIMING_KEYS if k in row}} for row in history
+    ]
+    write_text_atomic(run_dir / "results.json", json.dumps(computed, indent=2, default=float) + "\n")
+    write_text_atomic(run_dir / "timing.json", json.dumps(timing, indent=2, default=float) + "\n")
 
 
 def environment_info(run_root: Path | None = None) -> dict[str, Any]:
