@@ -87,7 +87,7 @@ def test_stage_settings_are_checked_against_the_encoder_and_targets():
         ('data.targets=[{name="y", classes=["a", "b", "c"]}]', 'train.monitor="auc"'): "did you mean `auroc`?",
         ('data.targets=[{name="y", classes=["a", "b", "c"]}]', "train.class_weights=[1.0, 2.0]"): "one per class",
         ("model.freeze_encoder=false", "model.unfreeze_at_epoch=3"): "model.unfreeze_at_epoch",
-        ("train.augment.flip_axes=[3]",): "train.augment.flip_axes",
+        ("train.augment.enabled=true", "train.augment.flip_axes=[3]"): "train.augment.flip_axes",
         ('pretrain.method="byol"', "data.batch_size=1"): "byol needs at least 2 samples per batch",
     }
     for overrides, expected in cases.items():

@@ -206,10 +206,9 @@ def finetune_problems(config: Config, encoder) -> list[str]:
         for t in config.data.targets
         if t.classes or t.columns  # classes read from the table are checked when the table is read
     ]
-    checks = [
-        lambda: encoder_trainable_from(config.model, train.epochs),
-        lambda: check_augment(train.augment, encoder.spatial_dims),
-    ]
+    checks = [lambda: encoder_trainable_from(config.model, train.epochs)]
+    if train.augment.enabled:  # disabled augmentations are never built
+        checks.append(lambda: check_augment(train.augment, encoder.spatial_dims))
     if config.data.targets:
         named = [TargetSpec(t.name, t.kind, list(t.classes or t.columns or ["?"])) for t in config.data.targets]
         checks.append(lambda: check_monitor(train.monitor, named))
