@@ -105,4 +105,4 @@ def test_check_bucket_on_a_local_folder(dataset):
     result = invoke("check", "bucket", "--ids", "2", *dataset.config_overrides())
     assert result.exit_code == 0, result.output
     assert "✓ endpoint: local folder" in result.output and "✓ keys: 2/2 ids matched" in result.output
-    assert "✓ read: sub-001: shape (1, 16, 32, 32), dtype int16" in result.output
+    assert "✓ read: sub-001: shape (C=1, D=16, H=32, W=32), spacing (D 2, H 1, W 1) mm, dtype int16" in result.output

@@ -58,7 +58,8 @@ def test_linear_probe_learns_the_easy_task_on_cached_features_and_writes_every_a
     assert results["mode"] == "linear_probe" and results["feature_cache"] is True
     assert results["metrics"]["balanced_accuracy"] >= 0.9, results["metrics"]
     assert results["best_metric"] == results["metrics"]["balanced_accuracy"]
-    assert len(results["history"]) == results["epochs_run"] and results["wall_time_s"] > 0
+    assert len(results["history"]) == results["epochs_run"]
+    assert json.loads((run / "timing.json").read_text())["wall_time_s"] > 0  # wall-clock figures live apart
     assert results["data_fingerprint"].startswith(results["cache_fingerprint"])
     assert len(results["split_manifest_hash"]) == 16
 

@@ -88,7 +88,7 @@ def test_an_empty_validation_split_is_an_error(synthetic_3d, tmp_path):
     [
         (['train.monitor="balanced_acc"'], "did you mean `balanced_accuracy`?"),
         (["model.freeze_encoder=false", "model.unfreeze_at_epoch=3"], "set model.freeze_encoder = true"),
-        (['model.encoder="unet2d_tiny"'], "is a 2D encoder but the cache holds 3D images"),
+        (['model.encoder="unet2d_tiny"'], "reads 2D images (H, W) but data.preprocess.spatial_size = [16, 32, 32]"),  # at load
         (["train.augment.enabled=true", "train.augment.flip_axes=[3]"], "train.augment.flip_axes"),
         (['train.loss="bce"', 'data.targets=[{name="label", kind="multiclass"}]'], "does not fit multiclass"),
     ],

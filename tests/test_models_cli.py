@@ -28,7 +28,7 @@ def test_check_checkpoint_reports_load_and_forward(tmp_path, seed):
     assert "V-JEPA/I-JEPA training checkpoint" in out and "entry `target_encoder`" in out
     assert "prefix `module.backbone.` stripped" in out
     assert "100.0% of the encoder loaded" in out
-    assert "input [1, 1, 8, 16, 16]" in out and "features [1, 16, 64]" in out and "embedding [1, 64]" in out
+    assert "input (B=1, C=1, D=8, H=16, W=16)" in out and "features [1, 16, 64]" in out and "embedding [1, 64]" in out
     assert "108,352 parameters" in out
 
 

@@ -192,7 +192,7 @@ def test_check_bucket_rows(s3_server, tmp_path, monkeypatch):
     assert "from S3_ENDPOINT_URL" in rows[0].detail and "testing" not in rows[1].detail
     assert rows[2].detail.startswith("8 files under s3://checked/study/images/")
     assert rows[3].detail == "3/3 ids matched (e.g. sub-001 -> sub-001.nrrd)"
-    assert "shape (1, 16, 32, 32), dtype int16, spacing (2, 1, 1) mm, intensity [" in rows[4].detail
+    assert "shape (C=1, D=16, H=32, W=32), spacing (D 2, H 1, W 1) mm, dtype int16, intensity [" in rows[4].detail
 
     wrong_pattern = s3_config(ds, "checked", tmp_path, 'data.source.pattern="{participant_id}.nii.gz"')
     rows = check_bucket(wrong_pattern.data)

@@ -5,6 +5,13 @@ Precedence, lowest first: the defaults in these models -> the file chain (a file
 line ``key=value``. Values from the environment and the command line are parsed as TOML values, so
 ``train.lr_head=1e-4`` is a float and ``data.preprocess.spatial_size=[8,16,16]`` a list.
 
+The merge rule of ``extends``: tables (sections and inline tables such as ``model.encoder_args``) merge
+key by key, so a child's ``encoder_args = {}`` keeps every key of the parent's; any other value (a
+string, a number, a list, an array of tables such as ``[[data.targets]]``) replaces the parent's whole.
+A child replaces a table whole, or drops it back to its default, by naming it in a top-level
+``replace = ["model.encoder_args"]`` list beside ``extends``. Environment and command-line values
+always replace whole (``model.encoder_args={}`` empties it).
+
 Every problem in a config is reported at once in one :class:`~medctl.errors.ConfigError`. Defaults
 live here and nowhere else.
 """
@@ -13,15 +20,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medctl.errors import ConfigError
+from medctl.errors import ConfigError, redact_url_credentials
 
 ENV_PREFIX = "MEDCTL_"
 
@@ -38,6 +46,9 @@ class RunConfig(Section):
     root: str = "runs"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    # bit-identical reruns for ablations: PyTorch's deterministic algorithms (warn-only where an op has
+    # none), cuDNN without autotuning, the cuBLAS workspace variable; slower on GPU, so off by default
+    deterministic: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -48,6 +59,16 @@ class SourceConfig(Section):
     mask_root: str = ""  # optional ground-truth masks (same pattern), used to score saliency
     mask_pattern: str = ""  # key template under mask_root; "" uses `pattern`
     retries: int = Field(default=3, ge=0)  # transient S3 failures, with exponential backoff (not 403/404)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "credentials never live in config: remove user:password@ from the URL and set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead"
+            )
+        return value
 
 
 class TargetConfig(Section):
@@ -333,12 +354,20 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    source: str = "",
+    name_checks: Callable[[Mapping[str, Any]], list[str]] | None = None,
 ) -> Config:
-    """Resolve defaults < file chain < env < ``key=value`` overrides into one validated Config."""
+    """Resolve defaults < ``base`` < file chain < env < ``key=value`` overrides into one validated Config.
+
+    The one loader of every command. ``base`` is a config tree that sits under the file: the resolved
+    config a checkpoint holds, for ``evaluate`` and ``saliency``. ``source`` names it in errors.
+    """
     env = os.environ if env is None else env
     problems: list[str] = []
-    layered: dict[str, Any] = read_toml_chain(Path(path)) if path else {}
-    source = str(path) if path else "config"
+    layered: dict[str, Any] = deep_merge(dict(base or {}), read_toml_chain(Path(path)) if path else {})
+    source = str(path) if path else (source or "config")
     for dotted, value in env_overrides(env, problems):
         set_dotted(layered, dotted, value)
     for dotted, value in parse_overrides(overrides, problems):
@@ -348,6 +377,8 @@ def load_config(
         config = Config.model_validate(layered)
     except ValidationError as exc:
         problems += describe_validation_errors(exc)
+    if name_checks is not None:
+        problems += name_checks(layered)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -367,15 +398,55 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
     parent = data.pop("extends", None)
+    replaced = data.pop("replace", [])
     if parent is None:
+        if replaced:
+            raise ConfigError(["`replace` only applies to a file that `extends` another; remove it"], str(path))
         return data
     if not isinstance(parent, str):
         raise ConfigError(["`extends` must be a path string relative to this file"], str(path))
+    problems = replace_problems(replaced)
+    if problems:
+        raise ConfigError(problems, str(path))
     base = read_toml_chain(path.parent / parent, (*seen, path))
+    for dotted in replaced:
+        drop_dotted(base, dotted)
     return deep_merge(base, data)
 
 
+def replace_problems(replaced: Any) -> list[str]:
+    """``replace`` lists dotted keys of the config (e.g. "model.encoder_args"); anything else is named."""
+    if not isinstance(replaced, list) or not all(isinstance(k, str) for k in replaced):
+        return ['`replace` must be a list of dotted keys, e.g. replace = ["model.encoder_args"]']
+    problems = []
+    for dotted in replaced:
+        model: type[BaseModel] | None = Config
+        prefix = ""
+        for part in dotted.split("."):
+            fields = model.model_fields if model is not None else {}
+            if part not in fields:
+                close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+                hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
+                problems.append(f"`replace` names `{dotted}`, which is not a config key{hint}")
+                break
+            model = _section_model(fields[part].annotation)
+            prefix += f"{part}."
+    return problems
+
+
+def drop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    """Remove ``a.b.c`` from ``tree`` (nothing when it is absent): the parent's value is not inherited."""
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
 def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: tables merge key by key (a child's ``{}`` keeps every parent key; list the
+    table in the child's ``replace`` to drop them), any other value replaces the base's."""
     merged = dict(base)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
@@ -470,8 +541,12 @@ def describe_validation_errors(exc: ValidationError) -> list[str]:
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
         key = key.replace(".[", "[")
         value = err.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "a table"
+        shown = redact_url_credentials(repr(value)) if not isinstance(value, dict) else "a table"
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error" and isinstance(value, str):
+            known = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+            close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+            message += f"; did you mean `{close[0]}`?" if close else ""
         problems.append(f"`{key}` = {shown}: {message}")
     return _unique(problems)
 

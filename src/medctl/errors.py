@@ -7,6 +7,26 @@ while running). Library code raises these; it never prints or exits.
 
 from __future__ import annotations
 
+import re
+
+# scheme://user:password@host -> scheme://user:***@host; scheme://token@host -> scheme://***@host
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*)(?P<password>:[^/\s@]*)?@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """Hide the credentials of every URL in ``text`` (``http://user:pass@host`` -> ``http://user:***@host``).
+
+    Messages never carry secrets: the CLI passes every line it prints through this (see
+    :func:`medctl.storage.redact_secrets`, which also hides the AWS variables' values).
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        if match["password"] is None:
+            return f"{match['scheme']}***@"
+        return f"{match['scheme']}{match['user']}:***@"
+
+    return _URL_USERINFO.sub(hide, text)
+
 
 class MedctlError(Exception):
     """Base class of every error medctl raises on purpose."""

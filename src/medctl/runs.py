@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -10,12 +11,14 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from medctl import __version__
 from medctl.config import Config
+from medctl.errors import redact_url_credentials
 
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
 
@@ -27,9 +30,27 @@ def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root))
-    env.update(command=redact(command), seed=config.run.seed)
+    env.update(command=redact(command), seed=config.run.seed, deterministic=config.run.deterministic)
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
     return run_dir
+
+
+TIMING_KEYS = ("wall_time_s", "samples_per_s", "epoch_time_s")  # wall-clock figures: differ every run
+
+
+def write_results_and_timing(run_dir: Path, results: dict[str, Any]) -> None:
+    """``results.json``: what the run computed, with no wall-clock figure, so two deterministic runs
+    (``run.deterministic``) write identical bytes; ``timing.json``: what it cost (``wall_time_s``,
+    ``samples_per_s``, and per epoch ``samples_per_s`` / ``epoch_time_s``; metrics.jsonl has them too)."""
+    history = results.get("history") or []
+    computed = {k: v for k, v in results.items() if k not in TIMING_KEYS}
+    computed["history"] = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+    timing = {k: results[k] for k in TIMING_KEYS if k in results}
+    timing["epochs"] = [
+        {"epoch": row.get("epoch"), **{k: row[k] for k in TIMING_KEYS if k in row}} for row in history
+    ]
+    write_text_atomic(run_dir / "results.json", json.dumps(computed, indent=2, default=float) + "\n")
+    write_text_atomic(run_dir / "timing.json", json.dumps(timing, indent=2, default=float) + "\n")
 
 
 def environment_info(run_root: Path | None = None) -> dict[str, Any]:
@@ -59,6 +80,39 @@ def environment_info(run_root: Path | None = None) -> dict[str, Any]:
     return info
 
 
+@dataclass(frozen=True)
+class Dependency:
+    name: str
+    installed: str | None  # None: not installed
+    bound: str  # the lower bound pyproject.toml declares, e.g. ">=3.0"
+
+    @property
+    def ok(self) -> bool:
+        return self.installed is not None and _release(self.installed) >= _release(self.bound.removeprefix(">="))
+
+
+def dependency_versions() -> list[Dependency]:
+    """Every dependency medctl declares, with the installed version and the declared lower bound."""
+    found = []
+    for requirement in importlib.metadata.requires("medctl") or []:
+        if ";" in requirement and "extra ==" in requirement:
+            continue
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)[^;]*?(>=\s*[0-9][0-9.]*)?\s*(;.*)?$", requirement)
+        if match is None or (match[3] and "python_version <" in match[3]):
+            continue
+        try:
+            installed: str | None = importlib.metadata.version(match[1])
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        found.append(Dependency(match[1], installed, (match[2] or ">=0").replace(" ", "")))
+    return found
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(3, 0, 2) from "3.0.2", "3.0.2rc1" or "2.15.0+cu132": enough to compare with a lower bound."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
 def git_state() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
@@ -78,7 +132,7 @@ def redact(command: str) -> str:
     for word in command.split():
         key, sep, _ = word.partition("=")
         words.append(f"{key}=***" if sep and SECRET_PATTERN.search(key) else word)
-    return " ".join(words)
+    return redact_url_credentials(" ".join(words))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 
-from medctl.errors import DataError
+from medctl.errors import DataError, redact_url_credentials
 from medctl.progress import log
 
 T = TypeVar("T")
@@ -72,12 +73,16 @@ def credentials_source() -> str | None:
 
 
 def redact_secrets(text: str) -> str:
-    """Replace any credential value from the environment that appears in ``text`` with ``***``."""
-    for name in SECRET_VARIABLES:
-        value = os.environ.get(name, "")
+    """Replace any credential value from the environment that appears in ``text`` with ``***``: the AWS
+    variables, and the user and password of a URL (``S3_ENDPOINT_URL=http://user:pass@host``), written
+    inside a URL or on their own."""
+    values = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    endpoint = urlsplit(os.environ.get("S3_ENDPOINT_URL", ""))
+    values += [unquote(endpoint.password or "")]
+    for value in values:
         if len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return redact_url_credentials(text)
 
 
 def _credential_marker() -> str:

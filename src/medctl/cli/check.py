@@ -9,8 +9,10 @@ from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
 from medctl.cli.output import show_table
-from medctl.errors import CheckpointError
-from medctl.runs import environment_info
+from medctl.config import load_config
+from medctl.errors import CheckpointError, UserError
+from medctl.runs import dependency_versions, environment_info
+from medctl.storage import redact_secrets
 
 app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or a checkpoint.", no_args_is_help=True)
 
@@ -20,22 +22,47 @@ app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or 
 def check_config(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
     """Validate a config: every problem at once; exit 0 when valid, 2 otherwise.
 
+    Beyond each key: registry names (encoder, method, loss, head, attribution) with the closest name,
+    and the settings of every stage the config sets up ([pretrain], [model]/[train], [sweep],
+    [saliency]) checked by building its modules on the meta device.
+
     Example: medctl check config -c config/finetune/linear_probe.toml
     """
-    resolved = resolve_config(config, overrides)
+    from medctl.validation import registry_problems, stages_of, validate_config  # torch loads only here
+
+    resolved = load_config(config, overrides or [], name_checks=registry_problems)
+    stages = sorted(stages_of(resolved))
+    validate_config(resolved, stages, str(config) if config else "config")
     targets = ", ".join(t.name for t in resolved.data.targets) or "none"
-    console.print(f"[green]✓[/] {config or 'defaults'} is valid (encoder {resolved.model.encoder}, targets {targets})")
+    console.print(
+        f"[green]✓[/] {config or 'defaults'} is valid for {', '.join(stages)} "
+        f"(encoder {resolved.model.encoder}, targets {targets})",
+        highlight=False,
+    )
 
 
 @app.command("env")
 @handle_errors
 def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free disk is reported.")) -> None:
-    """Versions, devices (CUDA / MPS / CPU, bf16) and free disk in the run root."""
+    """Versions, devices (CUDA / MPS / CPU, bf16), free disk in the run root, and every dependency against
+    the lower bound pyproject.toml declares; exit 2 when one is missing or older."""
     info = environment_info(root)
     table = Table(title="medctl environment", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
     show_table(table)
+    dependencies = dependency_versions()
+    listed = ", ".join(f"{d.name} {d.installed or 'missing'} ({d.bound})" for d in dependencies)
+    stale = [d for d in dependencies if not d.ok]
+    if stale:
+        console.print(f"[red]✗[/] dependencies: {listed}", highlight=False, soft_wrap=True)
+        shown = ", ".join(f"{d.name} {d.installed or 'not installed'} (needs {d.bound})" for d in stale)
+        raise UserError(f"{shown}; run `uv sync` (or pip install -U medctl) to get the declared versions")
+    console.print(
+        f"[green]✓[/] dependencies: all {len(dependencies)} meet the lower bounds in pyproject.toml: {listed}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("checkpoint")
@@ -50,6 +77,7 @@ def check_checkpoint_command(
 
     Example: medctl check checkpoint -c my.toml --ckpt ckpts/best_checkpoint_multi_domain.pt
     """
+    from medctl.data.readers import describe_geometry
     from medctl.models.checks import check_checkpoint  # torch and MONAI load only when this command runs
 
     report = check_checkpoint(ckpt, resolve_config(config, overrides))
@@ -63,7 +91,8 @@ def check_checkpoint_command(
     if report.refused:
         raise CheckpointError(report.refused)
     console.print(
-        f"[green]✓[/] {report.load.loaded_share:.1%} of the encoder loaded; input {list(report.input_shape)} -> "
+        f"[green]✓[/] {report.load.loaded_share:.1%} of the encoder loaded; input "
+        f"(B={report.input_shape[0]}, {describe_geometry(report.input_shape[1:]).removeprefix('shape (')} -> "
         f"features {list(report.feature_shape)}, embedding {list(report.embedding_shape)} "
         f"in {report.seconds * 1000:.0f} ms on {report.device}",
         highlight=False,
@@ -109,6 +138,9 @@ def check_data_command(
     report = check_data(resolved.data, max_reads=reads, pools=config_pools(resolved))
     _print_rows(report.rows)
     print_class_counts(report.counts)
+    for warning in report.warnings:
+        console.print("[yellow]warning:[/] ", end="", highlight=False)
+        console.print(redact_secrets(warning), highlight=False, markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(2)
 
@@ -117,4 +149,4 @@ def _print_rows(rows) -> None:
     for row in rows:
         mark = "[green]✓[/]" if row.ok else "[red]✗[/]"
         console.print(f"{mark} [bold]{row.name}[/]: ", end="", highlight=False)
-        console.print(row.detail, highlight=False, markup=False, soft_wrap=True)
+        console.print(redact_secrets(row.detail), highlight=False, markup=False, soft_wrap=True)

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,6 +17,7 @@ from medctl.cli.output import UserLineHandler, err_console
 from medctl.cli.output import console as console  # every command prints results through this one
 from medctl.config import Config, load_config
 from medctl.errors import MedctlError
+from medctl.storage import redact_secrets
 
 ConfigOption = Annotated[
     Path | None,
@@ -34,9 +35,18 @@ def show_library_messages() -> None:
     """Route the library's ``medctl`` logger to stderr as plain lines, once."""
     logger = logging.getLogger("medctl")
     if not any(isinstance(h, UserLineHandler) for h in logger.handlers):
-        logger.addHandler(UserLineHandler())
+        handler = UserLineHandler()
+        handler.addFilter(_redact_record)
+        logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
     logger.propagate = False
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """No log line shows a credential (URL passwords, AWS values): the message is scrubbed in place."""
+    record.msg = redact_secrets(record.getMessage())
+    record.args = None
+    return True
 
 
 def debug_enabled() -> bool:
@@ -53,7 +63,8 @@ def handle_errors(fn: F) -> F:
         except MedctlError as exc:
             if debug_enabled():
                 err_console.print_exception()
-            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+            message = redact_secrets(str(exc))
+            err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; finished results are kept")
@@ -67,7 +78,7 @@ def handle_errors(fn: F) -> F:
                 err_console.print(
                     Text.assemble(
                         ("failed: ", "bold red"),
-                        f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                        redact_secrets(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"),
                     ),
                     highlight=False,
                     soft_wrap=True,
@@ -77,8 +88,14 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def resolve_config(config: Path | None, overrides: list[str] | None) -> Config:
-    return load_config(config, overrides or [])
+def resolve_config(config: Path | None, overrides: list[str] | None, stages: Iterable[str] = ()) -> Config:
+    """The one config loader of every command: the layers (:func:`medctl.config.load_config`), then the
+    registry names and the settings of ``stages`` checked against the models they build
+    (:func:`medctl.validation.validate_config`), every problem at once, before any work."""
+    from medctl.validation import registry_problems, validate_config  # torch loads only when needed
+
+    resolved = load_config(config, overrides or [], name_checks=registry_problems)
+    return validate_config(resolved, stages, str(config) if config else "config")
 
 
 def command_line() -> str:

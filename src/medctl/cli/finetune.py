@@ -36,7 +36,7 @@ def finetune_command(
     """
     from medctl.finetune import run_finetune  # torch and MONAI load only when this command runs
 
-    result = run_finetune(resolve_config(config, overrides), command=command_line(), resume=resume)
+    result = run_finetune(resolve_config(config, overrides, ["finetune"]), command=command_line(), resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     how = "heads on cached embeddings" if result.feature_cache else "encoder run every step"

@@ -29,7 +29,7 @@ def preprocess_command(
     """
     from medctl.data.preprocess import preprocess  # torch and MONAI load only when this command runs
 
-    result = preprocess(resolve_config(config, overrides).data, strict=strict, workers=workers)
+    result = preprocess(resolve_config(config, overrides, ["preprocess"]).data, strict=strict, workers=workers)
     console.print(f"[green]✓[/] cache {result.cache_dir}", soft_wrap=True, highlight=False)
     console.print(
         f"  {result.n_new} new, {result.n_cached} cached, {result.n_failed} failed", highlight=False

@@ -32,7 +32,7 @@ def pretrain_command(
     """
     from medctl.pretrain.run import run_pretrain  # torch loads only when this command runs
 
-    result = run_pretrain(resolve_config(config, overrides), command=command_line(), resume=resume)
+    result = run_pretrain(resolve_config(config, overrides, ["pretrain"]), command=command_line(), resume=resume)
     console.print(f"[green]✓[/] run {result.run_dir}", soft_wrap=True, highlight=False)
     table = Table(title="pretraining")
     for column in ("epochs", "final loss", "k-NN accuracy", "samples/s", "encoder.ckpt"):

@@ -66,7 +66,7 @@ def sweep_command(
     from medctl.sweep import run_sweep  # torch and MONAI load only when this command runs
 
     result = run_sweep(
-        resolve_config(config, overrides),
+        resolve_config(config, overrides, ["sweep"]),
         command=command_line(),
         all_checkpoints=all_checkpoints,
         mode=mode.value if mode else None,

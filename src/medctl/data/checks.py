@@ -18,9 +18,9 @@ import pandas as pd
 
 from medctl.config import DataConfig
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
-from medctl.data.preprocess import class_counts
+from medctl.data.preprocess import aspect_warning, class_counts
 from medctl.data.provenance import PretrainPool, count_overlap
-from medctl.data.readers import read_header, read_image
+from medctl.data.readers import describe_geometry, read_header, read_image
 from medctl.data.tables import (
     TargetSpec,
     apply_filter,
@@ -34,7 +34,7 @@ from medctl.data.tables import (
     read_table,
 )
 from medctl.errors import DataError, MedctlError
-from medctl.storage import credentials_source, endpoint_for, is_remote, list_files, local_copy
+from medctl.storage import credentials_source, endpoint_for, is_remote, list_files, local_copy, redact_secrets
 
 
 @dataclass
@@ -49,6 +49,7 @@ class DataReport:
     rows: list[CheckRow]
     counts: dict[str, Any] = field(default_factory=dict)  # class_counts(): samples and classes per split
     n_samples: int = 0
+    warnings: list[str] = field(default_factory=list)  # worth a look, not an error (exit 0)
 
     @property
     def ok(self) -> bool:
@@ -130,6 +131,7 @@ def _endpoint_row(root: str, endpoint_url: str) -> CheckRow:
             )
         return CheckRow("endpoint", True, f"local folder {folder} (no endpoint needed)")
     endpoint = endpoint_for(endpoint_url)
+    shown = redact_secrets(endpoint or "https://s3.amazonaws.com")
     origin = (
         "data.source.endpoint_url" if endpoint_url else ("S3_ENDPOINT_URL" if endpoint else "AWS default")
     )
@@ -141,9 +143,9 @@ def _endpoint_row(root: str, endpoint_url: str) -> CheckRow:
         return CheckRow(
             "endpoint",
             False,
-            f"cannot reach {endpoint or url.geturl()} ({exc.strerror or exc}); check {origin}",
+            f"cannot reach {shown} ({exc.strerror or exc}); check {origin}",
         )
-    return CheckRow("endpoint", True, f"{endpoint or url.geturl()} reachable (from {origin})")
+    return CheckRow("endpoint", True, f"{shown} reachable (from {origin})")
 
 
 def _read_row(id_: str, files: list, data: DataConfig) -> CheckRow:
@@ -163,11 +165,11 @@ def _read_row(id_: str, files: list, data: DataConfig) -> CheckRow:
     values = image.array
     finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
-    spacing = ", ".join(f"{s:g}" for s in image.spacing)
     return CheckRow(
         "read",
         True,
-        f"{id_}: shape {tuple(values.shape)}, dtype {values.dtype}, spacing ({spacing}) mm, intensity [{low:g}, {high:g}]",
+        f"{id_}: {describe_geometry(values.shape, image.spacing)}, dtype {values.dtype}, "
+        f"intensity [{low:g}, {high:g}]",
     )
 
 
@@ -226,8 +228,9 @@ def check_data(
             rows.extend(_pretraining_rows(ids, splits, pools or {}))
             table = pd.DataFrame({"id": ids, "split": splits, **labels})
             counts = class_counts(table, specs)
-    rows.extend(_file_rows(ids, data, max_reads))
-    return DataReport(rows, counts, len(ids))
+    warnings: list[str] = []
+    rows.extend(_file_rows(ids, data, max_reads, warnings))
+    return DataReport(rows, counts, len(ids), warnings)
 
 
 def _step(rows: list[CheckRow], name: str, fn, describe):
@@ -293,7 +296,9 @@ def _pretraining_rows(
     return rows
 
 
-def _file_rows(ids: list[str], data: DataConfig, max_reads: int) -> list[CheckRow]:
+def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[str]) -> list[CheckRow]:
+    """Files present and readable (headers); the first readable sample is decoded whole, so its spacing
+    can say whether data.preprocess.spatial_size distorts its physical aspect ratio (``warnings``)."""
     source = data.source
     try:
         check_template(source.pattern, data.id_column)
@@ -325,7 +330,12 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int) -> list[CheckRo
                 )
                 for f in files
             ]
-            read_header(paths)
+            if index == picks[0]:
+                image = read_image(paths)
+                warning = aspect_warning(id_, image.array.shape, image.spacing, data.preprocess)
+                warnings.extend([warning] if warning else [])
+            else:
+                read_header(paths)
         except Exception as exc:  # an unreadable file is the finding; report it and go on
             unreadable.append(f"{id_}: {type(exc).__name__}: {exc}")
     checked = f"{len(picks)} of {len(found)} headers read"

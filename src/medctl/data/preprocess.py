@@ -28,7 +28,7 @@ import json
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ import pandas as pd
 
 from medctl.config import DataConfig, PreprocessConfig
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
-from medctl.data.readers import read_image
+from medctl.data.readers import axis_names, describe_geometry, read_image
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.errors import DataError
@@ -181,6 +181,10 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
             f"(all in {cache / 'data_errors.csv'})"
         )
     n_new = sum(1 for o in new.values() if o.ok)
+    first = manifest[manifest.status == "ok"].iloc[0]
+    warning = aspect_warning(first["source_id"], first["orig_shape"], first["spacing"], data.preprocess)
+    if warning:
+        log(f"warning: {warning}")
     log(f"preprocess: {n_new} new, {carried} cached, {n_failed} failed")
     return PreprocessResult(cache, manifest, n_new, carried, n_failed, summary)
 
@@ -542,6 +546,40 @@ def _write_bytes_atomic(path: Path, payload: bytes) -> None:
 
 
 # -------------------------------------------------------------------------------------- summary
+def aspect_warning(
+    sample_id: str, shape: Sequence[int], spacing: Sequence[float], settings: PreprocessConfig
+) -> str | None:
+    """A line when ``settings.spatial_size`` makes the voxels of a sample of ``shape`` (C, *S) and
+    ``spacing`` more than 2x more anisotropic than they are: the array the model sees then distorts the
+    anatomy's physical aspect ratio (typically the axes in the wrong order: NRRD/NIfTI file axes are read
+    reversed, ITK-style, so a file written from a numpy (16, 64, 64) array reads as (64, 64, 16)).
+    Making anisotropic voxels closer to cubes, or keeping them, never warns."""
+    size = list(settings.spatial_size)
+    spatial = [int(s) for s in list(shape)[1:]]
+    if not size or settings.slices or len(size) != len(spatial) or len(spacing) != len(spatial):
+        return None
+    extent = np.asarray(spatial, dtype=float) * np.asarray(spacing, dtype=float)  # mm per axis
+    source = np.asarray(spacing, dtype=float)
+    if settings.spacing:
+        source = np.asarray(settings.spacing, dtype=float)  # resampled to this spacing before resizing
+    voxels = extent / np.asarray(size, dtype=float)  # mm per output voxel
+    factor = (voxels.max() / voxels.min()) / (source.max() / source.min())
+    if factor <= 2:
+        return None
+    order = np.argsort(extent, kind="stable")
+    kept = [0] * len(size)
+    for axis, value in zip(order, sorted(size), strict=True):
+        kept[axis] = value
+    names = axis_names(len(size))
+    shown = ", ".join(f"{n} {v:.3g}" for n, v in zip(names, voxels, strict=True))
+    return (
+        f"data.preprocess.spatial_size {size} resizes {sample_id} ({describe_geometry(shape, spacing)}) into "
+        f"voxels of ({shown}) mm: its physical aspect ratio is distorted {factor:.0f}x; the same sizes in the "
+        f"order of its axes are {kept}. NRRD/NIfTI axes are the file's reversed (D is the file's last axis): "
+        "check the order"
+    )
+
+
 def _summary(table: LabelTable, manifest: pd.DataFrame, settings: dict, cache: Path) -> dict[str, Any]:
     ok = manifest[manifest.status == "ok"]
     shapes = {tuple(s) for s in ok["shape"]} if len(ok) else set()

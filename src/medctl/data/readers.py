@@ -74,6 +74,22 @@ class ImageHeader:
     dtype: str
 
 
+def axis_names(spatial_dims: int) -> tuple[str, ...]:
+    """The array's spatial axes in order: ("D", "H", "W") for volumes, ("H", "W") for images."""
+    return ("D", "H", "W")[-spatial_dims:] if spatial_dims in (2, 3) else tuple(f"x{i}" for i in range(spatial_dims))
+
+
+def describe_geometry(shape: Sequence[int], spacing: Sequence[float] | None = None) -> str:
+    """A channel-first shape with its axes named, and the spacing per axis: ``shape (C=1, D=64, H=64, W=16),
+    spacing (D 1, H 1, W 1) mm``. Every printed shape goes through this, so the axis order is never a guess
+    (NRRD/NIfTI file axes are reversed on reading: D is the file's last axis)."""
+    names = ("C", *axis_names(len(shape) - 1))
+    text = "shape (" + ", ".join(f"{n}={int(s)}" for n, s in zip(names, shape, strict=True)) + ")"
+    if spacing is not None:
+        text += ", spacing (" + ", ".join(f"{n} {float(s):g}" for n, s in zip(names[1:], spacing, strict=False)) + ") mm"
+    return text
+
+
 def default_direction(n: int) -> np.ndarray:
     """Geometry of a file that states none: file axis i -> x, j -> y, k -> z, so array axis W -> x,
     H -> y, D -> z (an axial stack in LPS). In array order that is the exchange matrix."""

@@ -83,7 +83,7 @@ def read_table(data: DataConfig) -> tuple[pd.DataFrame, str]:
             sep = "," if name.endswith(".csv") else "\t"
             frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, compression="infer")
             frame.columns = [str(c).strip() for c in frame.columns]
-            frame = frame.apply(lambda col: col.map(_clean_id if col.name == data.id_column else _clean_text))
+            frame = frame.apply(lambda col: col.map(_clean_cell))
             frame = frame.astype(object)
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"{data.table}: not a readable table ({type(exc).__name__}: {exc})") from exc
@@ -93,15 +93,11 @@ def read_table(data: DataConfig) -> tuple[pd.DataFrame, str]:
     return frame.reset_index(drop=True), sha
 
 
-def _clean_id(value: object) -> object:
-    """Ids are text as written ("NA" and "nan" can be ids); only an empty cell is missing."""
+def _clean_cell(value: object) -> object:
+    """Cells are text as written: "NA", "None", "null" can be ids or classes (a severity grade "None");
+    only a cell the table leaves empty is missing."""
     text = str(value).strip()
     return text if text else pd.NA
-
-
-def _clean_text(value: object) -> object:
-    text = str(value).strip()
-    return pd.NA if text.lower() in NA_TOKENS else text
 
 
 def _cell_text(value: object) -> object:
@@ -112,14 +108,34 @@ def _cell_text(value: object) -> object:
         return "true" if value else "false"
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
-    return _clean_text(value)
+    return _clean_cell(value)
+
+
+def _is_number_or_flag(value: object) -> bool:
+    """A cell a boolean or numeric column may hold: empty, NA-like, true/false/yes/no or a number."""
+    if value is pd.NA:
+        return True
+    text = str(value).lower()
+    if text in NA_TOKENS | TRUE_TOKENS | FALSE_TOKENS:
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy for the filter: bool-ish text -> booleans, numeric text -> numbers, the rest unchanged."""
+    """A copy for the filter: bool-ish text -> booleans, numeric text -> numbers, the rest unchanged.
+
+    In a column of booleans or numbers, NA-like text ("NA", "n/a", "null", ...) is a missing value; in a
+    text column it stays text, so ``grade == "None"`` selects a class named None.
+    """
     out = {}
     for column in frame.columns:
         values = frame[column]
+        if values.map(_is_number_or_flag).all():
+            values = values.map(lambda v: pd.NA if v is not pd.NA and str(v).lower() in NA_TOKENS else v)
         present = values.dropna().map(lambda v: str(v).lower())
         if len(present) and present.isin(TRUE_TOKENS | FALSE_TOKENS).all():
             out[column] = values.map(lambda v: pd.NA if v is pd.NA else str(v).lower() in TRUE_TOKENS)

@@ -19,21 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from medctl.config import (
-    Config,
-    deep_merge,
-    describe_validation_errors,
-    parse_overrides,
-    read_toml_chain,
-    set_dotted,
-    unknown_key_problems,
-)
+from medctl.config import Config, load_config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
-from medctl.errors import CheckpointError, ConfigError, DataError
+from medctl.errors import CheckpointError, DataError
 from medctl.evaluation.reports import evaluate_predictions
 from medctl.finetune.features import split_manifest_hash
 from medctl.finetune.predict import labels_of, predict_logits, probabilities
@@ -141,7 +131,8 @@ def evaluation_config(
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
 ) -> Config:
-    """The checkpoint's training config, with the given file, overrides or Config layered on top."""
+    """The checkpoint's training config, with the given Config's data/run, the file, ``MEDCTL_*`` variables
+    and overrides layered on top (:func:`medctl.config.load_config`, the loader of every command)."""
     text = meta.get("config") or ""
     try:
         layered: dict[str, Any] = tomllib.loads(text) if text else {}
@@ -154,21 +145,7 @@ def evaluation_config(
     if config_overrides is not None:
         dumped = config_overrides.model_dump(mode="json")
         layered |= {"data": dumped["data"], "run": dumped["run"]}
-    source = str(checkpoint)
-    if config_file is not None:
-        layered = deep_merge(layered, read_toml_chain(Path(config_file)))
-        source = str(config_file)
-    problems: list[str] = []
-    for dotted, value in parse_overrides(overrides, problems):
-        set_dotted(layered, dotted, value)
-    problems += unknown_key_problems(layered, Config)
-    try:
-        config = Config.model_validate(layered)
-    except ValidationError as exc:
-        problems += describe_validation_errors(exc)
-    if problems:
-        raise ConfigError(problems, source)
-    return config
+    return load_config(config_file, overrides, base=layered, source=str(checkpoint))
 
 
 def check_cache_fits(

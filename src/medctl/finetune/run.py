@@ -70,7 +70,7 @@ from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
 from medctl.progress import log
-from medctl.runs import create_run_dir, write_text_atomic
+from medctl.runs import create_run_dir, write_results_and_timing, write_text_atomic
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -164,7 +164,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         write_text_atomic(run_dir / "class_to_idx.json", json.dumps(class_to_idx, indent=2) + "\n")
 
     # 3. the model: seeded encoder with the pretrained weights, one head per target
-    set_seed(config.run.seed)
+    set_seed(config.run.seed, config.run.deterministic)
     device = resolve_device(config.run.device)
     encoder = build_pretrained_encoder(model_cfg, summary, spatial_size)
     classifier = build_classifier(
@@ -613,7 +613,8 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
 def write_results(
     result: FinetuneResult, config: Config, preprocessing: Mapping[str, Any], specs: Sequence[TargetSpec]
 ) -> None:
-    """``results.json``: best epoch and metrics, the history, wall time and what identifies the data."""
+    """``results.json``: best epoch and metrics, the history and what identifies the data; the wall time
+    and throughput go to ``timing.json`` (:func:`medctl.runs.write_results_and_timing`)."""
     payload = {
         "mode": result.mode,
         "encoder": result.encoder or config.model.encoder,
@@ -637,7 +638,7 @@ def write_results(
         "pretraining_overlap": result.pretraining_overlap,
         "history": result.history,
     }
-    write_text_atomic(result.run_dir / "results.json", json.dumps(_finite(payload), indent=2) + "\n")
+    write_results_and_timing(result.run_dir, _finite(payload))
 
 
 def _finite(value: Any) -> Any:

@@ -194,6 +194,7 @@ def _check_settings(encoder: Encoder, predictor_dim: int, predictor_heads: int) 
 def _check_masks(grid: tuple[int, int, int], settings: dict) -> None:
     """Draw masks once with a fixed generator: settings that leave no context fail here, not mid-run."""
     try:
-        multiblock_masks_batch(4, grid, generator=torch.Generator().manual_seed(0), **settings)
+        with torch.device("cpu"):  # a few small index tensors, also when the model is built on "meta"
+            multiblock_masks_batch(4, grid, generator=torch.Generator().manual_seed(0), **settings)
     except ValueError as exc:
         raise ConfigError([f"jepa masks on the token grid {list(grid)}: {exc}"], "pretrain") from None

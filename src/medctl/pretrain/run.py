@@ -21,7 +21,6 @@ Monitoring always uses the whole train and val splits (fixed subsets of ``pretra
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.pretrain import METHODS, build_method
 from medctl.pretrain import monitoring as mon
 from medctl.progress import log
-from medctl.runs import create_run_dir, write_text_atomic
+from medctl.runs import create_run_dir, write_results_and_timing
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -110,7 +109,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
 
         # 3. the encoder, optionally from a checkpoint, inside the method module; seeded right here, so
         #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
-        set_seed(config.run.seed)
+        set_seed(config.run.seed, config.run.deterministic)
         built = pretrained_encoder(
             config.model,
             in_channels=int(summary["in_channels"]),
@@ -123,7 +122,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
         method = build_method(settings.method, encoder, settings).to(device)
         model = wrap_ddp(method, find_unused_parameters=True)
         if world_size() > 1:
-            set_seed(config.run.seed + rank())
+            set_seed(config.run.seed + rank(), config.run.deterministic)
 
         # 4. optimizer over the online parts only, cosine schedule, EMA momentum per step
         steps_per_epoch = len(loader)
@@ -235,7 +234,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
                 "wall_time_s": time.perf_counter() - start,
                 "history": history,
             }
-            write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+            write_results_and_timing(run_dir, results)
         barrier()
         return PretrainResult(
             run_dir=run_dir,

@@ -59,9 +59,15 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         val=val["summary"],
         test=test["summary"],
         epochs=results.get("epochs_run"),
-        wall_time_s=results.get("wall_time_s"),
+        wall_time_s=_wall_time(run_dir),
         **extra,
     )
+
+
+def _wall_time(run_dir: Path) -> float | None:
+    """The entry's training wall time from ``timing.json`` (results.json holds no wall-clock figure)."""
+    path = run_dir / "timing.json"
+    return json.loads(path.read_text()).get("wall_time_s") if path.exists() else None
 
 
 def failed_row(entry: SweepEntry, run_dir: Path, reason: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from medctl.training.seed import seed_worker
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -78,7 +80,8 @@ def make_loader(
     epoch is drawn from ``seed + epoch`` once ``sampler.set_epoch(epoch)`` is called, which
     :func:`medctl.training.fit.fit` does, so a resumed run sees the same batches. ``shard`` (default: when
     distributed) splits the data across ranks; evaluation loaders that every rank should read whole pass
-    ``shard=False``. Worker seeds come from the global torch RNG, which checkpoints save and restore.
+    ``shard=False``. Worker seeds come from the global torch RNG, which checkpoints save and restore;
+    each worker seeds python's and numpy's RNGs from its own (:func:`~medctl.training.seed.seed_worker`).
     """
     shard = is_distributed() if shard is None else shard
     sampler = DistributedSampler(
@@ -98,6 +101,7 @@ def make_loader(
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # fresh worker seeds each epoch keep resumed runs identical
+        worker_init_fn=seed_worker,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        # an op without a deterministic kernel warns (warn_only) each call; list each such op once
+        warnings.filterwarnings("once", message=r".*does not have a deterministic implementation.*")
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python and numpy's global RNGs in a worker from the seed torch
+    gave it (drawn from the seeded global torch RNG), so worker-side augmentations are reproducible."""
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
 
 
 def rng_state() -> dict[str, Any]:
