@@ -3,6 +3,8 @@
 An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
 
 - ``<stem>``: the linear probe of a checkpoint (names from file stems, deduplicated ``<stem>_2``, ...);
+  a checkpoint inside a run, ``runs/<run>/checkpoints/<stem>.ckpt``, is named after its run: ``<run>``
+  for ``medctl pretrain``'s ``encoder.ckpt``, ``<run>_<stem>`` for any other file;
 - ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``);
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
   ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
@@ -83,17 +85,26 @@ def find_checkpoints(config: Config, *, all_checkpoints: bool = True) -> list[st
 
 
 def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_INIT,)) -> list[str]:
-    """A file-safe, unique name per checkpoint from its stem: ``a/best.pt``, ``b/best.pt`` -> best, best_2."""
+    """A file-safe, unique name per checkpoint from its stem: ``a/best.pt``, ``b/best.pt`` -> best, best_2;
+    ``runs/byol/checkpoints/encoder.ckpt`` -> byol (the run's name)."""
     taken = set(reserved)
     names = []
     for path in checkpoints:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("_.") or "checkpoint"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", checkpoint_label(Path(path))).strip("_.") or "checkpoint"
         name, i = stem, 2
         while name in taken:
             name, i = f"{stem}_{i}", i + 1
         taken.add(name)
         names.append(name)
     return names
+
+
+def checkpoint_label(path: Path) -> str:
+    """What a checkpoint is called: its run's name when it sits in ``<run>/checkpoints/``, else its stem."""
+    if path.parent.name != "checkpoints" or not path.parent.parent.name:
+        return path.stem
+    run = path.parent.parent.name
+    return run if path.stem == "encoder" else f"{run}_{path.stem}"
 
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
@@ -145,11 +156,11 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     if (
         resolved is not None
         and entry.kind == FINETUNE
-        and resolved.model.unfreeze_at_epoch >= resolved.train.epochs
+        and resolved.model.unfreeze_at_epoch > resolved.train.epochs
     ):
         problems.append(
-            f"sweep.finetune_unfreeze_at_epoch = {resolved.model.unfreeze_at_epoch} is not before the last epoch "
-            f"({resolved.train.epochs - 1}, 0-based), so the encoder would never train; lower it or raise train.epochs"
+            f"sweep.finetune_unfreeze_at_epoch = {resolved.model.unfreeze_at_epoch} is after the last epoch "
+            f"({resolved.train.epochs}), so the encoder would never train; lower it or raise train.epochs"
         )
     if problems or resolved is None:
         raise ConfigError(problems, "sweep.finetune_overrides" if entry.kind == FINETUNE else "sweep")
