@@ -101,7 +101,7 @@ TINY_BYOL = [
     'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
     "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
     "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.jigsaw_permutations=4",
-    "pretrain.warmup_epochs=0",
+    "pretrain.warmup_epochs=0", "data.preprocess.workers=1",
 ]  # fmt: skip
 
 @pytest.fixture(scope="module")
