@@ -96,20 +96,12 @@ def test_empty_splits_row_says_how_to_fix_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-TINY_BYOL = [
-    "data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8",
-    'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
-    "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
-    "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.jigsaw_permutations=4",
-    "pretrain.warmup_epochs=0", "data.preprocess.workers=1",
-]  # fmt: skip
-
 @pytest.fixture(scope="module")
-def pretrained_run(synthetic_3d, tmp_path_factory):
+def pretrained_run(synthetic_3d, tiny_byol, tmp_path_factory):
     """One finished 1-epoch BYOL run to break the checkpoints of."""
     root = tmp_path_factory.mktemp("bad_ckpt")
     args = [
-        *synthetic_3d.config_overrides(), *TINY_BYOL, f"run.root={json.dumps(str(root / 'runs'))}", 'run.name="run"',
+        *synthetic_3d.config_overrides(), *tiny_byol, f"run.root={json.dumps(str(root / 'runs'))}", 'run.name="run"',
         "pretrain.epochs=1", "pretrain.knn_every=0", "pretrain.monitor_every=0",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:

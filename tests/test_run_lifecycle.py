@@ -18,13 +18,6 @@ from medctl.training.logging import read_metrics
 
 runner = CliRunner()
 
-TINY_BYOL = [
-    "data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8",
-    'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
-    "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
-    "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.jigsaw_permutations=4",
-    "pretrain.warmup_epochs=0", "data.preprocess.workers=1",
-]  # fmt: skip
 PROBE = [
     "-c", "config/finetune/linear_probe.toml", 'model.encoder="vit3d_test"', "data.batch_size=4",
     'data.preprocess.intensity="minmax"', "data.preprocess.workers=1", 'run.device="cpu"',
@@ -48,14 +41,14 @@ def one_error_line(result) -> str:
 
 
 # ------------------------------------------------------------------------------ pretrain, no val split
-def test_pretrain_without_a_val_split_monitors_on_train_and_finishes(synthetic_3d, tmp_path):
+def test_pretrain_without_a_val_split_monitors_on_train_and_finishes(synthetic_3d, tiny_byol, tmp_path):
     table = pd.read_csv(synthetic_3d.table, sep="\t", dtype=str)
     table["recommended_split"] = "train"  # unlabelled pretraining: everything is training data
     path = tmp_path / "all_train.tsv"
     table.to_csv(path, sep="\t", index=False)
     result = invoke(
         "pretrain", *synthetic_3d.config_overrides(), f"data.table={json.dumps(str(path))}",
-        f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY_BYOL, *named(tmp_path, "nv"),
+        f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *tiny_byol, *named(tmp_path, "nv"),
         "pretrain.epochs=2", "pretrain.tsne_every=1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -69,8 +62,8 @@ def test_pretrain_without_a_val_split_monitors_on_train_and_finishes(synthetic_3
 
 # -------------------------------------------------------------------------- pretrain: resume rules
 @pytest.fixture
-def finished_pretrain(synthetic_3d, tmp_path):
-    args = [*synthetic_3d.config_overrides(), *TINY_BYOL, *named(tmp_path, "byol"), "pretrain.knn_every=0",
+def finished_pretrain(synthetic_3d, tiny_byol, tmp_path):
+    args = [*synthetic_3d.config_overrides(), *tiny_byol, *named(tmp_path, "byol"), "pretrain.knn_every=0",
             "pretrain.monitor_every=0", "pretrain.epochs=2"]  # fmt: skip
     result = invoke("pretrain", *args)
     assert result.exit_code == 0, result.output

@@ -3,8 +3,7 @@
 An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
 
 - ``<stem>``: the linear probe of a checkpoint (names from file stems, deduplicated ``<stem>_2``, ...);
-  a checkpoint inside a run, ``runs/<run>/checkpoints/<stem>.ckpt``, is named after its run: ``<run>``
-  for ``medctl pretrain``'s ``encoder.ckpt``, ``<run>_<stem>`` for any other file;
+  ``medctl pretrain``'s export, ``runs/<run>/checkpoints/encoder.ckpt``, is named after its run;
 - ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``);
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
   ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
@@ -100,11 +99,11 @@ def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_IN
 
 
 def checkpoint_label(path: Path) -> str:
-    """What a checkpoint is called: its run's name when it sits in ``<run>/checkpoints/``, else its stem."""
-    if path.parent.name != "checkpoints" or not path.parent.parent.name:
-        return path.stem
-    run = path.parent.parent.name
-    return run if path.stem == "encoder" else f"{run}_{path.stem}"
+    """What a checkpoint is called: its run's name for ``medctl pretrain``'s ``<run>/checkpoints/encoder.ckpt``
+    (every such file has the stem "encoder"), else its stem."""
+    if path.name == "encoder.ckpt" and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.stem
 
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
