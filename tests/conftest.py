@@ -45,6 +45,18 @@ def synthetic_2d(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_byol() -> list[str]:
+    """Overrides for a BYOL pretraining of a tiny mt3 in seconds (on the synthetic 3D volumes, cached small)."""
+    return [
+        "data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8",
+        'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
+        "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
+        "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.jigsaw_permutations=4",
+        "pretrain.warmup_epochs=0", "data.preprocess.workers=1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def _moto_endpoint():
     """One moto S3 server on 127.0.0.1 at a free port for the session."""
     import socket

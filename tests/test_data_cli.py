@@ -85,7 +85,7 @@ def test_check_data_reports_counts_and_every_problem(dataset, tmp_path):
     assert result.exit_code == 2
     assert "✗ target label: unknown class value 'unknown-grade'" in result.output
     assert "✗ files: 1 missing, 0 ambiguous of 10 ids (e.g. sub-005: no key matches pattern" in result.output
-    assert "✗ readable: 1 unreadable (sub-006:" in result.output
+    assert "✗ readable: 1 unreadable (9 of 9 headers read):" in result.output and "    sub-006: " in result.output
 
 
 def test_check_data_finds_leakage_and_empty_splits(dataset, tmp_path):

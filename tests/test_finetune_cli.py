@@ -132,7 +132,7 @@ def test_unfreeze_at_epoch_changes_encoder_weights_only_from_that_epoch(syntheti
         *EASY,
         'model.encoder="resnet_test_2d"',
         f"model.checkpoint={json.dumps(str(ckpt))}",
-        "model.unfreeze_at_epoch=2",
+        "model.unfreeze_at_epoch=3",  # 1-based: epochs 1 and 2 frozen, the encoder trains in epoch 3
         "train.epochs=3",
         "train.patience=0",
         "train.warmup_epochs=0",
@@ -143,16 +143,17 @@ def test_unfreeze_at_epoch_changes_encoder_weights_only_from_that_epoch(syntheti
     )
     assert result.exit_code == 0, result.output
     assert "100.0% of the encoder" in " ".join(result.output.split())
+    assert "epoch 3: the encoder is unfrozen" in " ".join(result.output.split())
     assert len(snapshots) == 3
 
     def encoder_changed(state: dict[str, torch.Tensor]) -> list[str]:
         return [k for k, v in initial.items() if not torch.equal(state[f"encoder.{k}"], v)]
 
-    assert encoder_changed(snapshots[0]) == [] and encoder_changed(snapshots[1]) == []  # epochs 0, 1: frozen
-    changed = encoder_changed(snapshots[2])  # epoch 2: trains, BatchNorm statistics included
+    assert encoder_changed(snapshots[0]) == [] and encoder_changed(snapshots[1]) == []  # epochs 1, 2: frozen
+    changed = encoder_changed(snapshots[2])  # epoch 3: trains, BatchNorm statistics included
     assert any(k.endswith(".weight") for k in changed) and any("running_mean" in k for k in changed)
     heads = [k for k in snapshots[0] if k.startswith("heads.")]
-    # the head trains from epoch 0
+    # the head trains from epoch 1
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in heads)
 
     results = json.loads((tmp_path / "runs" / "ft" / "results.json").read_text())

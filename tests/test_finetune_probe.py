@@ -133,7 +133,7 @@ def test_an_interrupted_probe_resumes_to_the_same_head(synthetic_3d, tmp_path, m
     assert read_train_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 1
     resumed = run_finetune(config, resume=True)
 
-    assert [row["epoch"] for row in resumed.history] == list(range(6))
+    assert [row["epoch"] for row in resumed.history] == list(range(1, 7))
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
     heads = read_train_state(resumed.run_dir / "checkpoints" / "last.ckpt")["state_dict"]

@@ -101,7 +101,7 @@ def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
     )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if r["phase"] == "val"]
-    assert [r["epoch"] for r in val_rows] == [0, 1] and all(
+    assert [r["epoch"] for r in val_rows] == [1, 2] and all(
         "embed_std_mean" in r and "knn_accuracy" in r for r in val_rows
     )
 

@@ -40,7 +40,7 @@ def test_oct_sweep_config_validates_and_its_keys_are_honoured():
     assert probe.model.head.kind == "attentive" and probe.data.preprocess.spatial_size == [64, 384, 384]
     assert entry_config(config, probes[-1]).model.checkpoint == ""
     tuned = entry_config(config, SweepEntry("best_checkpoint_multi_domain_ft", checkpoints[0], FINETUNE))
-    assert tuned.model.unfreeze_at_epoch == config.sweep.finetune_unfreeze_at_epoch == 3
+    assert tuned.model.unfreeze_at_epoch == config.sweep.finetune_unfreeze_at_epoch == 4  # 1-based
     assert tuned.model.freeze_encoder and tuned.model.head.kind == "linear" and tuned.train.lr_encoder == 3e-5
     assert tuned.data == probe.data  # every entry reads the same cache
 
@@ -89,7 +89,7 @@ def test_fine_tune_overrides_that_change_the_data_or_do_not_validate_are_refused
     message = str(err.value)
     assert "sweep.finetune_overrides" in message and "data.batch_size" in message
     assert "train.lr_encoder" in message and "train.epochs" in message
-    late = load_config(None, ["train.epochs=3", "sweep.finetune_unfreeze_at_epoch=3"], env={})
+    late = load_config(None, ["train.epochs=3", "sweep.finetune_unfreeze_at_epoch=4"], env={})
     with pytest.raises(ConfigError, match="finetune_unfreeze_at_epoch"):
         entry_config(late, SweepEntry("a_ft", "a.pt", FINETUNE))
 

@@ -92,15 +92,15 @@ def test_fit_lowers_the_loss_and_writes_metrics_tensorboard_and_checkpoints(tmp_
     assert losses[-1] < 0.5 * losses[0]
     assert result.epochs_run == EPOCHS and not result.stopped_early
     val = [row["val_loss"] for row in result.history]
-    assert result.best_epoch == val.index(min(val)) and result.best_metric == pytest.approx(min(val))
+    assert result.best_epoch == val.index(min(val)) + 1 and result.best_metric == pytest.approx(min(val))
     # export_best fired exactly on the improving epochs
     running_best = [e for e in range(EPOCHS) if val[e] == min(val[: e + 1])]
     assert [epoch for epoch, _ in exported] == running_best
 
     train_rows = read_metrics(tmp_path, "train")
-    assert [row["epoch"] for row in train_rows] == list(range(EPOCHS))
+    assert [row["epoch"] for row in train_rows] == list(range(1, EPOCHS + 1))  # 1-based where users see it
     assert [row["loss"] for row in train_rows] == pytest.approx(losses)
-    assert all(row["step"] == (row["epoch"] + 1) * problem["steps_per_epoch"] for row in train_rows)
+    assert all(row["step"] == row["epoch"] * problem["steps_per_epoch"] for row in train_rows)
     assert {"lr", "mae", "grad_norm", "samples_per_s"} <= set(train_rows[0])
     assert [row["loss"] for row in read_metrics(tmp_path, "val")] == pytest.approx(val)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -116,7 +116,7 @@ def test_the_scheduler_drives_the_lr_per_step(tmp_path):
     lrs = [row["lr"] for row in result.history]
     assert lrs == sorted(lrs, reverse=True)  # cosine decay after a 3-step warmup inside epoch 0
     assert problem["scheduler"].last_epoch == EPOCHS * problem["steps_per_epoch"]
-    assert result.best_epoch == EPOCHS - 1 and result.best_metric is None  # no monitor: the latest is best
+    assert result.best_epoch == EPOCHS and result.best_metric is None  # no monitor: the latest is best
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
@@ -126,7 +126,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
         problem, tmp_path, epochs=6, evaluate=lambda epoch: {"auc": next(scores)}, monitor="auc", patience=3
     )
     assert result.stopped_early and result.epochs_run == 5
-    assert result.best_epoch == 1 and result.best_metric == pytest.approx(0.6)
+    assert result.best_epoch == 2 and result.best_metric == pytest.approx(0.6)  # 1-based
     # resuming a run that stopped early trains no further
     again = run(
         make_problem(),
@@ -174,7 +174,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
     ]
     assert resumed.best_epoch == reference.best_epoch
     # the partial third epoch's rows were dropped: one row per epoch, in order
-    assert [row["epoch"] for row in read_metrics(tmp_path / "resumed", "train")] == list(range(EPOCHS))
+    assert [row["epoch"] for row in read_metrics(tmp_path / "resumed", "train")] == list(range(1, EPOCHS + 1))
 
 
 def test_a_crash_while_writing_the_checkpoint_never_corrupts_last_ckpt(tmp_path, monkeypatch):
@@ -189,7 +189,7 @@ def test_a_crash_while_writing_the_checkpoint_never_corrupts_last_ckpt(tmp_path,
 
     monkeypatch.setattr(state_module.torch, "save", torn_write)
     with pytest.raises(Interrupt):
-        run(make_problem(), tmp_path, epochs=2, resume=True)
+        run(make_problem(), tmp_path, epochs=2, resume=True, extend=True)
     monkeypatch.undo()
     assert last.read_bytes() == good
     assert read_train_state(last)["epoch"] == 0
@@ -200,12 +200,12 @@ def test_a_crash_while_writing_the_checkpoint_never_corrupts_last_ckpt(tmp_path,
 
     monkeypatch.setattr(state_module.os, "replace", failed_rename)
     with pytest.raises(OSError):
-        run(make_problem(), tmp_path, epochs=2, resume=True)
+        run(make_problem(), tmp_path, epochs=2, resume=True, extend=True)
     monkeypatch.undo()
     assert read_train_state(last)["epoch"] == 0
     assert not list(last.parent.glob(".last.ckpt.tmp*"))
 
-    result = run(make_problem(), tmp_path, epochs=2, resume=True)  # and the run still resumes
+    result = run(make_problem(), tmp_path, epochs=2, resume=True, extend=True)  # and the run still resumes
     assert result.epochs_run == 2
 
 

@@ -49,6 +49,8 @@ class RunConfig(Section):
     # bit-identical reruns for ablations: PyTorch's deterministic algorithms (warn-only where an op has
     # none), cuDNN without autotuning, the cuBLAS workspace variable; slower on GPU, so off by default
     deterministic: bool = False
+    # torch CPU threads; 0: the CPUs this process may use (affinity, cgroup quota) minus DataLoader workers
+    threads: int = Field(default=0, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -175,7 +177,7 @@ class ModelConfig(Section):
     checkpoint_key: str = ""
     allow_partial_load: bool = False
     freeze_encoder: bool = True
-    unfreeze_at_epoch: int = -1  # -1: linear probe only
+    unfreeze_at_epoch: int = -1  # 1-based epoch from which the encoder trains; -1: linear probe only
     head: HeadConfig = HeadConfig()
 
 
@@ -310,7 +312,8 @@ class SweepConfig(Section):
     jobs: int = Field(default=1, ge=1)
     finetune_top: int = Field(default=1, ge=0)  # "both": fine-tune this many of the probe leaders
     bootstrap: int = Field(default=1000, ge=0)  # resamples for the CIs and the p-values vs the leader; 0 skips them
-    # fine-tune entries (<stem>_ft): the heads train alone in epochs 0 .. k-1 (0-based), the encoder joins at k
+    # fine-tune entries (<stem>_ft): the heads train alone in epochs 1 .. k-1, the encoder joins at epoch k
+    # (epochs count from 1; 0 or 1: the encoder trains from the first epoch)
     finetune_unfreeze_at_epoch: int = Field(default=0, ge=0)
     # key=value items for fine-tune entries only (e.g. "train.epochs=30", "train.augment.enabled=true");
     # data.* and run.* are refused: every entry reads the same cache

@@ -52,16 +52,16 @@ class DemoSize:
     spatial_size: tuple[int, int, int]  # preprocessed (D, H, W)
     pretrain_epochs: int
     finetune_epochs: int
-    unfreeze_at_epoch: int
+    unfreeze_at_epoch: int  # 1-based: the first epoch in which the encoder trains
     saliency_samples: int
     bootstrap: int
     batch_size: int
 
 
 SIZES = {
-    "tiny": DemoSize(24, (16, 32, 32), (16, 32, 32), 1, 4, 2, 3, 50, 4),  # the test suite's end-to-end run
-    "small": DemoSize(60, (24, 48, 48), (16, 32, 32), 8, 20, 8, 12, 1000, 8),
-    "medium": DemoSize(120, (32, 64, 64), (24, 48, 48), 15, 30, 10, 8, 1000, 8),
+    "tiny": DemoSize(24, (16, 32, 32), (16, 32, 32), 1, 4, 3, 3, 50, 4),  # the test suite's end-to-end run
+    "small": DemoSize(60, (24, 48, 48), (16, 32, 32), 8, 20, 9, 12, 1000, 8),
+    "medium": DemoSize(120, (32, 64, 64), (24, 48, 48), 15, 30, 11, 8, 1000, 8),
 }
 
 # three encoders standing in for the OCT case's three checkpoints
@@ -202,10 +202,11 @@ def run_demo(
         if (ft_dir / "results.json").exists() and best.exists():
             reused.append("finetune")
         else:
-            best = run_finetune(ft_config, command="medctl demo", run_dir=ft_dir).best_checkpoint
+            # an unfinished fine-tune from an earlier demo is started again
+            best = run_finetune(ft_config, command="medctl demo", run_dir=ft_dir, overwrite=True).best_checkpoint
 
     with stage("evaluate"):
-        evaluation = run_evaluate(best, split="test", out_dir=ft_dir / "eval_test")
+        evaluation = run_evaluate(best, split="test", out_dir=ft_dir / "eval_test", overwrite=True)
 
     with stage("saliency"):
         saliency = run_saliency_stage(best, split="test", out_dir=ft_dir / "saliency_test")

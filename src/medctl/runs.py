@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +19,117 @@ from typing import Any
 
 from medctl import __version__
 from medctl.config import Config
-from medctl.errors import redact_url_credentials
+from medctl.errors import ConfigError, redact_url_credentials
+from medctl.progress import log
 
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
+
+
+# Keys a resumed run may change: where and how fast it runs, never what it computes (reported, not refused).
+RESUME_FREE = ("run.device", "run.threads", "data.num_workers", "data.preprocess.workers", "data.cache_dir",
+               "data.download_dir", "train.log_every", "pretrain.log_every")  # fmt: skip
+EPOCH_KEYS = ("train.epochs", "pretrain.epochs")  # changed on --resume only with --extend
+TEMP_FILE = re.compile(r"^\..+\.(tmp|part)(\d+)$")  # what write_text_atomic / torch saves leave when killed
+
+
+def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, act: bool = True) -> None:
+    """The one rule of every stage for ``run_dir``: a finished or started run there is continued
+    (``resume``), replaced (``overwrite``: the folder is deleted first) or refused with one line naming
+    both and a new ``run.name``. Temp files that a killed write left are removed either way.
+
+    ``act=False`` (the other ranks under torchrun) only checks: rank 0 deletes."""
+    if resume and overwrite:
+        raise ConfigError(["--resume continues the run and --overwrite deletes it; pass one of them"], "run.name")
+    held = held_run(run_dir)
+    if held and not resume:
+        if not overwrite:
+            raise ConfigError(
+                [f"{run_dir} already holds a run ({held}); continue it with --resume, choose a new run.name, "
+                 "or replace it with --overwrite"],
+                "run.name",
+            )  # fmt: skip
+        if act:
+            log(f"--overwrite: deleting the earlier run in {run_dir}")
+            shutil.rmtree(run_dir)
+    if act:
+        remove_stale_temps(run_dir)
+
+
+def held_run(run_dir: Path) -> str:
+    """What marks ``run_dir`` as holding a run (its ``last.ckpt`` or ``results.json``), or ""."""
+    for name in ("checkpoints/last.ckpt", "results.json"):
+        if (run_dir / name).is_file():
+            return str(run_dir / name)
+    return ""
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the temp files of atomic writes that a killed process left in ``run_dir`` and its
+    ``checkpoints/`` (``.last.ckpt.tmp<pid>``: GBs for a large model). Those of a live process stay."""
+    removed, size = [], 0
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = TEMP_FILE.match(path.name)
+            if match and path.is_file() and not process_alive(int(match.group(2))):
+                size += path.stat().st_size
+                path.unlink()
+                removed.append(path)
+    if removed:
+        log(f"removed {len(removed)} temp file(s) ({size / 1e6:.1f} MB) left by a killed write in {run_dir}")
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True
+
+
+def check_resume_settings(run_dir: Path, config: Config, *, extend: bool) -> None:
+    """``--resume`` continues a run with its own settings: a changed key is refused with one line naming
+    every one (``--extend`` allows a larger number of epochs); keys in RESUME_FREE are reported only."""
+    saved_path = run_dir / "config.toml"
+    if not saved_path.is_file():
+        return
+    saved, now = flatten(tomllib.loads(saved_path.read_text())), flatten(tomllib.loads(config.to_toml()))
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    changed.pop("run.root", None), changed.pop("run.name", None)
+    free = {k: v for k, v in changed.items() if k in RESUME_FREE or (extend and k in EPOCH_KEYS)}
+    for key, (old, new) in free.items():
+        log(f"--resume: {key} {old!r} -> {new!r}")
+    refused = {k: v for k, v in changed.items() if k not in free}
+    if not refused:
+        return
+    shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    hint = (
+        "; pass --extend to train on to the new number of epochs (the lr schedule is re-planned)"
+        if set(refused) & set(EPOCH_KEYS)
+        else ""
+    )
+    raise ConfigError(
+        [f"--resume continues {run_dir} with the settings it was started with, but these differ: {shown}{hint}; "
+         "resume without them (see its config.toml), or start a new run.name (or --overwrite)"],
+        "--resume",
+    )  # fmt: skip
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
@@ -72,6 +181,7 @@ def environment_info(run_root: Path | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         **git_state(),
     }
     if run_root is not None:

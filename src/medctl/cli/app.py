@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -27,7 +26,7 @@ from medctl.cli.common import show_library_messages
 class DebugAnywhere(TyperGroup):
     """The root group: ``--debug`` is taken wherever it stands on the line (``medctl sweep -c x --debug``)."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)  # after "--", "--debug" is an argument
         if "--debug" in args[:end]:
             args = ["--debug", *(a for a in args[:end] if a != "--debug"), *args[end:]]

@@ -28,6 +28,22 @@ OverridesArgument = Annotated[
     typer.Argument(help="Overrides as key=value, parsed as TOML: train.lr_head=1e-4", show_default=False),
 ]
 
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue runs/<run.name> from its checkpoints/last.ckpt, with its settings.")
+]
+ExtendOption = Annotated[
+    bool,
+    typer.Option(
+        "--extend",
+        help="With --resume: train on to a larger number of epochs; the cosine lr schedule is re-planned for "
+        "the new total from the step the run reached (the lr rises from the floor to where a run of that "
+        "length would be, then decays to the floor at the new end).",
+    ),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Delete an earlier run of the same run.name and start afresh.")
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -32,6 +32,9 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier evaluation in the output folder.")
+    ] = False,
     overrides: OverridesArgument = None,
 ) -> None:
     """Predict a split with a trained classifier; metrics.json with 95% CIs, confusion matrices, ROC, report.md.
@@ -44,7 +47,13 @@ def evaluate_command(
     from medctl.evaluation.stage import run_evaluate  # torch and MONAI load only when this command runs
 
     result = run_evaluate(
-        ckpt, split=split, out_dir=out, n_bootstrap=bootstrap, config_file=config, overrides=overrides or []
+        ckpt,
+        split=split,
+        out_dir=out,
+        n_bootstrap=bootstrap,
+        config_file=config,
+        overrides=overrides or [],
+        overwrite=overwrite,
     )
     metrics = result.metrics
     for name, target in metrics["targets"].items():

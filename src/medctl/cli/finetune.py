@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
-import typer
 from rich.table import Table
 
 from medctl.cli.common import (
     ConfigOption,
+    ExtendOption,
     OverridesArgument,
+    OverwriteOption,
+    ResumeOption,
     command_line,
     console,
     handle_errors,
@@ -23,20 +24,26 @@ from medctl.cli.output import show_table
 def finetune_command(
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in runs/<name>/ from checkpoints/last.ckpt.")
-    ] = False,
+    resume: ResumeOption = False,
+    extend: ExtendOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Train a classifier: linear probe on cached embeddings, or fine-tune with model.unfreeze_at_epoch.
 
     Writes runs/<name>/: checkpoints/best.ckpt (self-contained classifier), val_preds.parquet,
     results.json, class_to_idx.json, metrics.jsonl, tb/, figures/training_curves.png.
 
+    Epochs count from 1: model.unfreeze_at_epoch=3 trains the encoder from the 3rd epoch on. A run.name
+    that already holds a run is refused: --resume continues it (same settings; with --extend a larger
+    train.epochs), --overwrite replaces it.
+
     Example: medctl finetune -c config/finetune/linear_probe.toml model.checkpoint=runs/byol_mt3/checkpoints/encoder.ckpt
     """
     from medctl.finetune import run_finetune  # torch and MONAI load only when this command runs
 
-    result = run_finetune(resolve_config(config, overrides, ["finetune"]), command=command_line(), resume=resume)
+    result = run_finetune(
+        resolve_config(config, overrides, ["finetune"]), command=command_line(), resume=resume, overwrite=overwrite, extend=extend
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return
     how = "heads on cached embeddings" if result.feature_cache else "encoder run every step"
@@ -45,7 +52,7 @@ def finetune_command(
     )
     stopped = ", stopped early" if result.stopped_early else ""
     console.print(
-        f"  best epoch {result.best_epoch} (0-based) of {result.epochs_run}{stopped}", highlight=False
+        f"  best epoch {result.best_epoch} of {result.epochs_run}{stopped}", highlight=False
     )
     table = Table(title="validation metrics at the best epoch")
     table.add_column("metric")

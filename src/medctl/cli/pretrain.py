@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
 from medctl.cli.common import (
     ConfigOption,
+    ExtendOption,
     OverridesArgument,
+    OverwriteOption,
+    ResumeOption,
     command_line,
     console,
     handle_errors,
@@ -22,17 +22,22 @@ from medctl.cli.output import show_table
 def pretrain_command(
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue runs/<run.name> from its checkpoints/last.ckpt.")
-    ] = False,
+    resume: ResumeOption = False,
+    extend: ExtendOption = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Pretrain an encoder without labels; finetune takes runs/<name>/checkpoints/encoder.ckpt directly.
+
+    A run.name that already holds a run is refused: --resume continues it (with the same settings;
+    --resume --extend pretrain.epochs=N trains a finished run on to N epochs), --overwrite replaces it.
 
     Example: medctl pretrain -c config/pretrain/byol.toml pretrain.epochs=20 run.name=byol_short
     """
     from medctl.pretrain.run import run_pretrain  # torch loads only when this command runs
 
-    result = run_pretrain(resolve_config(config, overrides, ["pretrain"]), command=command_line(), resume=resume)
+    result = run_pretrain(
+        resolve_config(config, overrides, ["pretrain"]), command=command_line(), resume=resume, overwrite=overwrite, extend=extend
+    )
     console.print(f"[green]✓[/] run {result.run_dir}", soft_wrap=True, highlight=False)
     table = Table(title="pretraining")
     for column in ("epochs", "final loss", "k-NN accuracy", "samples/s", "encoder.ckpt"):

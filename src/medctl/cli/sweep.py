@@ -53,7 +53,13 @@ def sweep_command(
         ),
     ] = None,
     fresh: Annotated[
-        bool, typer.Option("--fresh", help="Rerun every entry, including finished ones.")
+        bool,
+        typer.Option(
+            "--fresh",
+            "--overwrite",
+            help="Rerun every entry, replacing finished ones (an entry folder holding a run this sweep did "
+            "not finish is otherwise a failed row).",
+        ),
     ] = False,
 ) -> None:
     """Probe (and fine-tune) every checkpoint on one frozen split; leaderboard.csv / leaderboard.md.

@@ -258,11 +258,16 @@ def _split_rows(splits: list[str], groups: list[str], data: DataConfig) -> list[
         if r > 0 or data.split_column
     ]
     empty = [s for s in wanted if s not in present]
+    if data.split_column:
+        fix = f"mark some rows {' / '.join(repr(s) for s in empty)} in the `{data.split_column}` column"
+    else:
+        fix = "give each split a share in data.split_ratios, e.g. [0.7, 0.15, 0.15]"
     rows.append(
         CheckRow(
             "empty splits",
             False,
-            f"no sample in split(s) {', '.join(empty)}; every stage needs train and val",
+            f"no sample in split(s) {', '.join(empty)}; finetune and sweep need train and val (pretrain only "
+            f"train): {fix}",
         )
         if empty
         else CheckRow("empty splits", True, "none")
@@ -337,10 +342,11 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
             else:
                 read_header(paths)
         except Exception as exc:  # an unreadable file is the finding; report it and go on
-            unreadable.append(f"{id_}: {type(exc).__name__}: {exc}")
+            said = str(exc) if isinstance(exc, MedctlError) else f"{type(exc).__name__}: {exc}"
+            unreadable.append(f"{id_}: {said}")
     checked = f"{len(picks)} of {len(found)} headers read"
     rows.append(
-        CheckRow("readable", False, f"{len(unreadable)} unreadable ({unreadable[0]}); {checked}")
+        CheckRow("readable", False, f"{len(unreadable)} unreadable ({checked}):\n    " + "\n    ".join(unreadable))
         if unreadable
         else CheckRow("readable", True, checked)
     )

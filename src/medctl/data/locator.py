@@ -15,6 +15,7 @@ Ids with no match or an ambiguous one are reported (``missing``, ``ambiguous``),
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import PurePosixPath
 
 from medctl.data.readers import DICOM_SUFFIXES, image_format
 from medctl.errors import ConfigError
-from medctl.storage import Listing
+from medctl.storage import Listing, is_remote
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _GLOB_CHARS = "*?["
@@ -41,7 +42,8 @@ class Resolution:
     def problem(self, id_: str) -> str | None:
         """The reason ``id_`` has no usable match, in plain words; None when it has one."""
         if id_ in self.missing:
-            return f"no key matches pattern '{expand_template(self.pattern, id_)}' under {self.root}"
+            found = not_a_file(self.root, expand_template(self.pattern, id_))
+            return found or f"no key matches pattern '{expand_template(self.pattern, id_)}' under {self.root}"
         if id_ in self.ambiguous:
             keys = self.ambiguous[id_]
             shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
@@ -50,6 +52,24 @@ class Resolution:
                 "make data.source.pattern specific enough to match one file (or one DICOM folder)"
             )
         return None
+
+
+    def tried(self, id_: str) -> str:
+        """The key (or key glob) looked for under the root: the pattern with the id filled in."""
+        return _unescape(expand_template(self.pattern, id_))
+
+
+def not_a_file(root: str, concrete: str) -> str:
+    """Under a local ``root``: what the glob ``concrete`` names that a listing leaves out (it lists files
+    only), i.e. a dangling symlink or a folder named like a scan, in plain words; "" when nothing is there."""
+    if is_remote(root):
+        return ""
+    for hit in sorted(glob.glob(os.path.join(root, concrete), recursive=True)):
+        if os.path.islink(hit) and not os.path.exists(hit):
+            return f"{hit} is a dangling symlink (to {os.readlink(hit)}); fix or remove the link"
+        if os.path.isdir(hit) and not concrete.endswith("/"):
+            return f"{hit} is a folder, not an image file; point data.source.pattern at files"
+    return ""
 
 
 def check_template(pattern: str, id_column: str, key: str = "data.source.pattern") -> None:

@@ -229,7 +229,7 @@ def _plan(
     for id_ in ids:
         problem = resolution.problem(id_)
         if problem:
-            outcomes[id_] = SampleOutcome(id_, [], "locate", problem, data.source.pattern)
+            outcomes[id_] = SampleOutcome(id_, [], "locate", problem, resolution.tried(id_))
             continue
         image_files = [listing.files[k] for k in resolution.matches[id_]]
         mask_files: list[FileInfo] = []

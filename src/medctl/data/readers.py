@@ -18,6 +18,7 @@ ImagePositionPatient projected on the slice normal; pydicom), NumPy (.npy/.npz),
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,21 +148,95 @@ def read_image(paths: Sequence[str | Path] | str | Path) -> Image:
         "numpy": read_numpy,
         "pillow": read_pillow,
     }
+    check_files(paths)
     try:
         return readers[fmt](paths) if fmt == "dicom" else readers[fmt](paths[0])
     except DataError:
         raise
     except Exception as exc:  # the library's own word on a corrupt file (zlib, struct, pydicom, ...)
-        detail = str(exc).replace(str(paths[0]), paths[0].name) or type(exc).__name__
-        raise DataError(
-            f"{paths[0]}: not a readable {_FORMAT_NAMES[fmt]} file ({type(exc).__name__}: {detail})"
-        ) from exc
+        raise unreadable(fmt, paths[0], exc) from exc
 
 
 def read_header(paths: Sequence[str | Path] | str | Path) -> ImageHeader:
     """Shape and dtype from the header only (pixels are not decoded; DICOM checks PixelData exists)."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     fmt = image_format(paths[0])
+    check_files(paths)
+    try:
+        return _read_header(fmt, paths)
+    except DataError:
+        raise
+    except Exception as exc:  # as in read_image: the library's word, translated
+        raise unreadable(fmt, paths[0], exc) from exc
+
+
+# ------------------------------------------------------------------------------ what went wrong
+def check_files(paths: Sequence[Path]) -> None:
+    """DataError for what is not a readable file at all: a dangling symlink, a folder, 0 bytes."""
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a dangling symlink (to {os.readlink(path)}); fix or remove the link")
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not an image file; point data.source.pattern at files")
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes); copy or download it again")
+
+
+def unreadable(fmt: str, path: Path, exc: Exception) -> DataError:
+    """A library's exception on ``path`` as one DataError that says what is wrong with the file."""
+    what = _nrrd_problem(path) if fmt == "nrrd" else ""
+    if what:
+        return DataError(f"{path}: {what}")
+    detail = str(exc).replace(str(path), path.name) or type(exc).__name__
+    return DataError(f"{path}: not a readable {_FORMAT_NAMES[fmt]} file ({type(exc).__name__}: {detail})")
+
+
+def _nrrd_problem(path: Path) -> str:
+    """"corrupt header ..." or "truncated data (got N of M bytes)" for an NRRD pynrrd could not read;
+    "" when neither explains it."""
+    import nrrd
+
+    with open(path, "rb") as fh:
+        try:
+            header = nrrd.read_header(fh)
+        except Exception as exc:  # any failure to parse the header is the answer
+            return f"corrupt header: not an NRRD file, or a damaged one ({type(exc).__name__} in pynrrd)"
+        try:
+            dtype = nrrd.reader._determine_datatype(header)
+            expected = int(np.prod(header["sizes"])) * dtype.itemsize
+        except Exception:  # a header pynrrd reads but cannot size: leave the library's message
+            return ""
+        if header.get("data file"):
+            return ""  # detached data: the library's message names the data file
+        got = _payload_bytes(fh, str(header.get("encoding", "raw")))
+    if got is not None and got < expected:
+        return f"truncated data (got {got} of {expected} bytes); copy or download it again"
+    return ""
+
+
+def _payload_bytes(fh, encoding: str) -> int | None:
+    """How many bytes of pixel data the rest of ``fh`` yields (decompressed until the data breaks off)."""
+    import bz2
+    import zlib
+
+    if encoding == "raw":
+        return len(fh.read())
+    if encoding in ("gzip", "gz"):
+        decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    elif encoding in ("bzip2", "bz2"):
+        decompressor = bz2.BZ2Decompressor()
+    else:
+        return None
+    got = 0
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        try:
+            got += len(decompressor.decompress(chunk))
+        except (zlib.error, OSError, EOFError):
+            break
+    return got
+
+
+def _read_header(fmt: str, paths: Sequence[Path]) -> ImageHeader:
     path = paths[0]
     if fmt == "nrrd":
         import nrrd

@@ -92,7 +92,7 @@ def plot_multilabel_confusion(mcm: Any, labels: Sequence[str], path: str | Path,
 
 
 def _epoch_row(row: dict[str, Any], position: int) -> dict[str, Any]:
-    """``{"phase": "val", "loss": x}`` -> ``{"val_loss": x}``; the epoch defaults to the row's position."""
+    """``{"phase": "val", "loss": x}`` -> ``{"val_loss": x}``; the epoch defaults to the row's 1-based position."""
     phase = row.get("phase")
     if phase is None:
         return {"epoch": position, **row}
@@ -116,13 +116,13 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, keys: Sequence[str]) -> Path:
     """One panel per key, train and val per epoch, from ``metrics.jsonl``-style rows.
 
-    A row is a dict with an ``epoch`` (else its position is used) and values under ``train_<key>`` /
+    A row is a dict with a 1-based ``epoch`` (else its position, counted from 1, is used) and values under ``train_<key>`` /
     ``val_<key>``, ``train/<key>`` / ``val/<key>``, or a bare ``<key>`` (``fit``'s history records);
     a row with a ``phase`` (``metrics.jsonl``: ``{"phase": "val", "epoch": 3, "loss": ...}``) counts as
     ``<phase>_<key>``, and per-step rows (phase ``train_step``) are left out. Missing or non-finite
     values are skipped, so rows that log only some keys (an epoch without validation) mix freely.
     """
-    history = [_epoch_row(row, i) for i, row in enumerate(history) if row.get("phase") != "train_step"]
+    history = [_epoch_row(row, i) for i, row in enumerate(history, start=1) if row.get("phase") != "train_step"]
     if not keys:
         raise DataError("plot_training_curves needs at least one key, e.g. ['loss', 'balanced_accuracy']")
     fig = Figure(figsize=(4.2 * len(keys), 3.4))

@@ -23,13 +23,13 @@ from medctl.config import Config, load_config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
-from medctl.errors import CheckpointError, DataError
+from medctl.errors import CheckpointError, ConfigError, DataError
 from medctl.evaluation.reports import evaluate_predictions
 from medctl.finetune.features import split_manifest_hash
 from medctl.finetune.predict import labels_of, predict_logits, probabilities
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
-from medctl.training.precision import resolve_device
+from medctl.training.precision import resolve_device, set_threads
 
 
 @dataclass
@@ -69,18 +69,28 @@ def run_evaluate(
     n_bootstrap: int | None = None,
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
+    overwrite: bool = False,
 ) -> EvaluateResult:
     """Evaluate the classifier in ``checkpoint`` on ``split`` of its data (see the module docstring).
 
     ``config_overrides``: a Config whose ``[data]`` and ``[run]`` sections replace the checkpoint's.
     ``config_file`` / ``overrides``: a TOML file and ``key=value`` items layered over the checkpoint's
     config (what ``medctl evaluate -c FILE key=value`` passes). ``n_bootstrap`` defaults to
-    ``train.bootstrap``; ``out_dir`` to ``<run dir>/eval_<split>/``.
+    ``train.bootstrap``; ``out_dir`` to ``<run dir>/eval_<split>/``. An earlier evaluation there
+    (``metrics.json``) is refused unless ``overwrite``.
     """
     checkpoint = Path(checkpoint)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, split)
+    if (out / "metrics.json").is_file() and not overwrite:
+        raise ConfigError(
+            [f"{out} already holds an evaluation ({out / 'metrics.json'}); choose another --out, or replace it "
+             "with --overwrite"],
+            "--out",
+        )  # fmt: skip
     classifier, meta = load_classifier(checkpoint)
     config = evaluation_config(meta, checkpoint, config_overrides, config_file, overrides)
     device = resolve_device(config.run.device)
+    set_threads(config.run.threads, config.data.num_workers)
     classifier = classifier.to(device)
     specs = [TargetSpec.from_dict(t) for t in meta.get("targets") or []]
 
@@ -101,7 +111,6 @@ def run_evaluate(
         precision=config.train.precision,
     )
     probs = {s.name: probabilities(logits[s.name], s.kind) for s in specs}
-    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, split)
     model = meta.get("model") or {}
     payload = evaluate_predictions(
         dataset.ids,

@@ -14,10 +14,10 @@ The recipe, top to bottom:
      or, for an attentive head, every token as a float16 memory map (:mod:`medctl.finetune.tokens`) when
      they fit ``train.feature_cache_max_gb``; the heads train on those with the same loop;
    - otherwise the encoder runs every step: an augmented probe (frozen encoder, ``[train.augment]``) or a
-     fine-tune. Epochs are 0-based: ``model.unfreeze_at_epoch = k`` keeps the encoder frozen (in eval
-     mode, no gradients) in epochs ``0 .. k-1`` and trains it from epoch ``k`` on, with its own learning
-     rate ``train.lr_encoder`` (the heads use ``train.lr_head``); ``-1`` never unfreezes;
-     ``model.freeze_encoder = false`` trains it from epoch 0;
+     fine-tune. Epochs are 1-based: ``model.unfreeze_at_epoch = k`` keeps the encoder frozen (in eval
+     mode, no gradients) in epochs ``1 .. k-1`` and trains it from epoch ``k`` on, with its own learning
+     rate ``train.lr_encoder`` (the heads use ``train.lr_head``); ``0`` or ``1`` train it from the first
+     epoch, ``-1`` never unfreezes; ``model.freeze_encoder = false`` trains it from the first epoch;
 
 5. losses per target from the training class counts (:mod:`medctl.training.losses`), summed with
    ``data.targets[].weight``; AdamW, cosine schedule with warmup, ``train.precision``;
@@ -70,7 +70,13 @@ from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
 from medctl.progress import log
-from medctl.runs import create_run_dir, write_results_and_timing, write_text_atomic
+from medctl.runs import (
+    check_resume_settings,
+    claim_run_dir,
+    create_run_dir,
+    write_results_and_timing,
+    write_text_atomic,
+)
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -85,7 +91,7 @@ from medctl.training.distributed import (
 from medctl.training.fit import fit
 from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
 from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
-from medctl.training.precision import autocast_context, resolve_device
+from medctl.training.precision import autocast_context, resolve_device, set_threads
 from medctl.training.seed import set_seed
 
 VAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")
@@ -101,7 +107,7 @@ class FinetuneResult:
 
     run_dir: Path
     best_checkpoint: Path  # checkpoints/best.ckpt, a self-contained classifier
-    best_epoch: int | None  # 0-based
+    best_epoch: int | None  # 1-based
     monitor: str
     best_metric: float | None
     metrics: dict[str, float]  # validation metrics of the best epoch (without the val_ prefix)
@@ -124,22 +130,35 @@ class FinetuneResult:
 
 
 def run_finetune(
-    config: Config, *, command: str = "", resume: bool = False, run_dir: str | Path | None = None
+    config: Config,
+    *,
+    command: str = "",
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    overwrite: bool = False,
+    extend: bool = False,
 ) -> FinetuneResult:
-    """Train a classifier as ``config`` says (see the module docstring); ``resume`` continues ``last.ckpt``.
+    """Train a classifier as ``config`` says (see the module docstring); ``resume`` continues ``last.ckpt``
+    with the run's own settings (``extend``: to a larger ``train.epochs``); ``overwrite`` replaces an
+    earlier run in the folder, which is otherwise refused.
 
     ``run_dir`` defaults to ``<run.root>/<run.name>``. Under torchrun every rank calls this; rank 0 writes.
     """
     joined = not is_distributed() and init_distributed()
     try:
-        return _finetune(config, command=command, resume=resume, run_dir=run_dir)
+        return _finetune(
+            config, command=command, resume=resume, run_dir=run_dir, overwrite=overwrite, extend=extend
+        )
     finally:
         if joined:
             cleanup_distributed()
 
 
-def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path | None) -> FinetuneResult:
+def _finetune(
+    config: Config, *, command: str, resume: bool, run_dir: str | Path | None, overwrite: bool, extend: bool
+) -> FinetuneResult:
     start = time.perf_counter()
+    set_threads(config.run.threads, config.data.num_workers)
     train, model_cfg = config.train, config.model
     first_trainable = encoder_trainable_from(model_cfg, train.epochs)
 
@@ -158,7 +177,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         warnings.append(overlap.describe(f"pretraining leakage: {model_cfg.checkpoint}"))
 
     # 2. the run directory
-    run_dir = prepare_run_dir(config, command, run_dir, resume)
+    run_dir = prepare_run_dir(config, command, run_dir, resume, overwrite=overwrite, extend=extend)
     if is_rank0():
         class_to_idx = {s.name: {c: i for i, c in enumerate(s.classes)} for s in specs}
         write_text_atomic(run_dir / "class_to_idx.json", json.dumps(class_to_idx, indent=2) + "\n")
@@ -207,7 +226,10 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         )  # fmt: skip
         train_labels = [torch.as_tensor(train_set.labels(name)) for name in names]
         if token_shape is not None:
-            tokens = {s.split: split_tokens(classifier, s, shape=token_shape, **common) for s in (train_set, val_set)}
+            tokens = {
+                s.split: split_tokens(classifier, s, shape=token_shape, **common)
+                for s in (train_set, val_set)
+            }
             train_data = TokenRows(tokens["train"].tokens, train_labels)  # (T, D) float32, labels...
             val_inputs = tokens["val"].tokens  # (N_val, T, D) float16 memory map
         else:
@@ -244,7 +266,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         f"finetune: {mode} of {describe_encoder(encoder)} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
         f"on {len(train_set)} train / {len(val_set)} val samples"
         + (f", heads on cached {'tokens' if token_shape else 'embeddings'}" if use_feature_cache else "")
-        + (f", encoder trains from epoch {first_trainable}" if first_trainable else "")
+        + (f", encoder trains from epoch {first_trainable + 1}" if first_trainable else "")
     )
 
     # 6. the functions fit calls
@@ -264,7 +286,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         set_trainable(classifier.encoder, trains)
         if not trains:
             classifier.encoder.eval()  # frozen: no dropout, BatchNorm statistics untouched
-        if first_trainable is not None and epoch == first_trainable and epoch > 0:
+        if first_trainable is not None and epoch == first_trainable and epoch > 0:  # 0-based index
             log(f"epoch {epoch + 1}: the encoder is unfrozen (lr_encoder {train.lr_encoder:g})")
         if isinstance(augment, ImageAugment):
             augment.set_epoch(epoch)
@@ -279,8 +301,12 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
                 autocast_context(device, train.precision),
             ):
                 classifier.heads.eval()
-                rows = batch_size if token_shape else len(val_inputs)  # tokens from the memory map, a batch at a time
-                logits = cached_logits(classifier.forward_from_head_inputs, val_inputs, batch_size=rows, device=device)
+                rows = (
+                    batch_size if token_shape else len(val_inputs)
+                )  # tokens from the memory map, a batch at a time
+                logits = cached_logits(
+                    classifier.forward_from_head_inputs, val_inputs, batch_size=rows, device=device
+                )
                 classifier.heads.train()
         else:
             logits = predict_logits(
@@ -316,7 +342,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
             targets=[s.to_dict() for s in specs],
             preprocessing=preprocessing,
             config_text=config.to_toml(),
-            metrics={"epoch": epoch, "monitor": train.monitor, "val": val, "mode": mode},
+            metrics={"epoch": record["epoch"], "monitor": train.monitor, "val": val, "mode": mode},
         )
         save_checkpoint(run_dir / "checkpoints" / "best.ckpt", payload)
         frame = predictions_frame(val_set.ids, val_labels, latest["probs"], specs)
@@ -341,6 +367,7 @@ def _finetune(config: Config, *, command: str, resume: bool, run_dir: str | Path
         resume=resume,
         start_epoch_hook=start_epoch,
         log_every=train.log_every,
+        extend=extend,
     )
 
     # 8. results
@@ -392,25 +419,26 @@ class ProbeHeads(nn.Module):
 
 
 def encoder_trainable_from(model: ModelConfig, epochs: int) -> int | None:
-    """The first 0-based epoch in which the encoder trains; None when it stays frozen (a linear probe)."""
+    """The 0-based index of the first epoch in which the encoder trains (``model.unfreeze_at_epoch`` is
+    1-based: 3 trains it from the 3rd epoch, index 2; 0 and 1 from the first); None when it stays frozen."""
     if not model.freeze_encoder:
-        if model.unfreeze_at_epoch > 0:
+        if model.unfreeze_at_epoch > 1:
             raise ConfigError(
                 [
-                    f"`model.freeze_encoder` = false trains the encoder from epoch 0, but `model.unfreeze_at_epoch` = "
+                    f"`model.freeze_encoder` = false trains the encoder from epoch 1, but `model.unfreeze_at_epoch` = "
                     f"{model.unfreeze_at_epoch}; set model.freeze_encoder = true to keep it frozen until then"
                 ]
             )
         return 0
     if model.unfreeze_at_epoch < 0:
         return None
-    if model.unfreeze_at_epoch >= epochs:
+    if model.unfreeze_at_epoch > epochs:
         log(
-            f"model.unfreeze_at_epoch = {model.unfreeze_at_epoch} is not before the last epoch ({epochs - 1}, 0-based): "
+            f"model.unfreeze_at_epoch = {model.unfreeze_at_epoch} is after the last epoch ({epochs}): "
             "the encoder stays frozen (a linear probe)"
         )
         return None
-    return model.unfreeze_at_epoch
+    return max(model.unfreeze_at_epoch - 1, 0)
 
 
 def wants_feature_cache(
@@ -426,11 +454,21 @@ def wants_feature_cache(
     return True
 
 
-def prepare_run_dir(config: Config, command: str, run_dir: str | Path | None, resume: bool) -> Path:
+def prepare_run_dir(
+    config: Config,
+    command: str,
+    run_dir: str | Path | None,
+    resume: bool,
+    *,
+    overwrite: bool = False,
+    extend: bool = False,
+) -> Path:
     """``<run.root>/<run.name>`` (or ``run_dir``) with ``config.toml`` and ``env.json`` (rank 0 writes).
 
-    A fresh run in a folder that an earlier run used starts its ``metrics.jsonl``, ``tb/`` and
-    ``last.ckpt`` afresh (they would mix with the old run's); ``resume`` keeps them.
+    A folder holding a finished or started run is refused unless ``resume`` (same settings, see
+    :func:`medctl.runs.check_resume_settings`) or ``overwrite`` (:func:`medctl.runs.claim_run_dir`). A
+    fresh run in a folder that an earlier run left without a checkpoint starts its ``metrics.jsonl`` and
+    ``tb/`` afresh (they would mix with the old run's); ``resume`` keeps them.
     """
     if run_dir is not None:
         path = Path(run_dir)
@@ -438,6 +476,10 @@ def prepare_run_dir(config: Config, command: str, run_dir: str | Path | None, re
             update={"run": config.run.model_copy(update={"root": str(path.parent), "name": path.name})}
         )
     path = Path(config.run.root) / config.run.name
+    if config.run.name:
+        if resume:
+            check_resume_settings(path, config, extend=extend)
+        claim_run_dir(path, resume=resume, overwrite=overwrite, act=is_rank0())
     if is_rank0():
         path = create_run_dir(config, command)
         if not resume:

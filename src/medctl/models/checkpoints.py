@@ -65,6 +65,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: is a folder; point model.checkpoint / --ckpt at a checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check model.checkpoint / --ckpt")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), e.g. a copy or download that failed; copy it again")
     with open(path, "rb") as fh:
         zipped = fh.read(4) == b"PK\x03\x04"  # torch's zip format: memory-map, so optimizer state never loads
     try:

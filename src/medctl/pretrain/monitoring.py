@@ -11,6 +11,9 @@ each), embedded with the method's online encoder in eval mode without gradients:
   Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.
 - t-SNE (van der Maaten and Hinton, JMLR 2008; sklearn) of the train and val subsets coloured by label,
   perplexity adapted to small N.
+
+Without a val split (normal for unlabelled pretraining) everything runs on the train subset alone and the
+k-NN accuracy is left out. A figure that cannot be drawn is a logged warning, never the end of a run.
 - reconstruction panels (original, mask, reconstruction, residual) for methods that reconstruct.
 - the loss curve at the end, from ``fit``'s history.
 
@@ -353,13 +356,13 @@ def monitor_epoch(
         warn_if_collapsing(stats, monitor.previous_std)
         monitor.previous_std = stats["embed_std_mean"]
         metrics |= stats
-        draw_panel(method, monitor, monitor.figures / f"reconstruction_{tag}.png", f"epoch {epoch + 1}")
+        drawn("the reconstruction panel", draw_panel, method, monitor,
+              monitor.figures / f"reconstruction_{tag}.png", f"epoch {epoch + 1}")  # fmt: skip
     if knn:
         metrics |= knn_metrics(train, val)
     if tsne:
-        draw_tsne(
-            train, val, monitor.train.targets, monitor.figures / f"tsne_{tag}.png", f"epoch {epoch + 1}"
-        )
+        drawn("the t-SNE", draw_tsne, train, val, monitor.train.targets, monitor.figures / f"tsne_{tag}.png",
+              f"epoch {epoch + 1}")  # fmt: skip
     return metrics
 
 
@@ -380,13 +383,26 @@ def draw_panel(method: nn.Module, monitor: Monitor, path: Path, title: str) -> P
 def draw_tsne(
     train: Embeddings, val: Embeddings, targets: Sequence[TargetSpec], path: Path, title: str, seed: int = 0
 ) -> Path | None:
-    """t-SNE of train and val embeddings, coloured by the first class target's label."""
-    vectors = np.concatenate([train.vectors, val.vectors])
-    groups = np.array(["train"] * len(train.vectors) + ["val"] * len(val.vectors), dtype=object)
-    spec = next((t for t in targets if t.name in train.labels and t.name in val.labels), None)
-    labels = np.concatenate([train.labels[spec.name], val.labels[spec.name]]) if spec is not None else None
+    """t-SNE of the train and val embeddings that exist (either may be empty), coloured by the first
+    class target's label."""
+    parts = {name: e for name, e in (("train", train), ("val", val)) if len(e.vectors)}
+    if not parts:
+        return None
+    vectors = np.concatenate([e.vectors for e in parts.values()])  # (N, D)
+    groups = np.array([name for name, e in parts.items() for _ in range(len(e.vectors))], dtype=object)
+    spec = next((t for t in targets if all(t.name in e.labels for e in parts.values())), None)
+    labels = np.concatenate([e.labels[spec.name] for e in parts.values()]) if spec is not None else None
     classes = spec.classes if spec is not None else []
     return plot_tsne(vectors, labels, classes, path, title=title, groups=groups, seed=seed)
+
+
+def drawn(what: str, draw: Callable[..., Path | None], *args: Any) -> Path | None:
+    """``draw(*args)``, or None with a logged warning when it fails: a figure never ends a run."""
+    try:
+        return draw(*args)
+    except Exception as exc:  # monitoring is a look at the run, not the run: say what failed, go on
+        log(f"warning: could not draw {what} ({type(exc).__name__}: {exc}); the run goes on")
+        return None
 
 
 def final_figures(
@@ -394,11 +410,12 @@ def final_figures(
 ) -> list[Path]:
     """The final t-SNE, reconstruction panel and loss curve (those that apply)."""
     train, val = embed_splits(monitor)
-    drawn = [
-        draw_tsne(
-            train, val, monitor.train.targets, monitor.figures / "tsne_final.png", "final embeddings", seed
-        ),
-        draw_panel(method, monitor, monitor.figures / "reconstruction_final.png", "final"),
-        plot_loss_curve(history, monitor.figures / "loss_curve.png") if history else None,
-    ]
-    return [path for path in drawn if path is not None]
+    figures = monitor.figures
+    paths = [
+        drawn("the final t-SNE", draw_tsne, train, val, monitor.train.targets, figures / "tsne_final.png",
+              "final embeddings", seed),
+        drawn("the final reconstruction panel", draw_panel, method, monitor, figures / "reconstruction_final.png",
+              "final"),
+        drawn("the loss curve", plot_loss_curve, history, figures / "loss_curve.png") if history else None,
+    ]  # fmt: skip
+    return [path for path in paths if path is not None]

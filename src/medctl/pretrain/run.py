@@ -43,7 +43,7 @@ from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.pretrain import METHODS, build_method
 from medctl.pretrain import monitoring as mon
 from medctl.progress import log
-from medctl.runs import create_run_dir, write_results_and_timing
+from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -59,7 +59,7 @@ from medctl.training.distributed import (
 )
 from medctl.training.fit import fit
 from medctl.training.optim import build_optimizer, build_scheduler, momentum_schedule, param_groups_with_decay
-from medctl.training.precision import resolve_device
+from medctl.training.precision import resolve_device, set_threads
 from medctl.training.seed import set_seed
 
 MIN_BATCH = {"byol": 2, "mim_contrastive": 2, "jepa": 1}  # BatchNorm and InfoNCE negatives need 2
@@ -78,13 +78,19 @@ class PretrainResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> PretrainResult:
-    """Pretrain ``config.model.encoder`` with ``config.pretrain.method``; see the module docstring."""
+def run_pretrain(
+    config: Config, *, command: str = "", resume: bool = False, overwrite: bool = False, extend: bool = False
+) -> PretrainResult:
+    """Pretrain ``config.model.encoder`` with ``config.pretrain.method``; see the module docstring.
+
+    ``resume`` continues ``last.ckpt`` with the run's own settings (``extend``: to a larger
+    ``pretrain.epochs``); ``overwrite`` deletes an earlier run of that name first."""
     settings, joined = config.pretrain, init_distributed()
     try:
-        # 1. device, and the run directory's name (an earlier run there is never overwritten)
+        # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
         device = resolve_device(config.run.device)
-        run_dir = run_dir_for(config, resume)
+        set_threads(config.run.threads, config.data.num_workers)
+        run_dir = run_dir_for(config, resume, overwrite=overwrite, extend=extend)
         start = time.perf_counter()
 
         # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
@@ -199,6 +205,7 @@ def run_pretrain(config: Config, *, command: str = "", resume: bool = False) -> 
             export_last=export_last,
             resume=resume,
             log_every=settings.log_every,
+            extend=extend,
         )
 
         # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
@@ -330,20 +337,18 @@ def check_batch_size(method: str, batch_size: int, n_train: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- run dir
-def run_dir_for(config: Config, resume: bool) -> Path:
-    """``<run.root>/<run.name>`` (a timestamp when unnamed); refuses to overwrite an earlier run."""
+def run_dir_for(config: Config, resume: bool, *, overwrite: bool = False, extend: bool = False) -> Path:
+    """``<run.root>/<run.name>`` (a timestamp when unnamed), claimed by :func:`medctl.runs.claim_run_dir`
+    (rank 0 deletes or cleans); a resumed run must keep its settings (:func:`check_resume_settings`)."""
     if resume and not config.run.name:
         raise ConfigError(
             ["--resume needs run.name: the name of the run to continue (runs/<name>/)"], "run.name"
         )
     name = gather_objects(config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's clock
     run_dir = Path(config.run.root) / name
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not resume and last.exists():
-        raise ConfigError(
-            [f"{run_dir} already holds a run ({last}); continue it with --resume or choose another run.name"],
-            "run.name",
-        )
+    if resume:
+        check_resume_settings(run_dir, config, extend=extend)
+    claim_run_dir(run_dir, resume=resume, overwrite=overwrite, act=is_rank0())
     return run_dir
 
 
@@ -368,7 +373,9 @@ def export_encoders(
 ) -> None:
     """``encoder.ckpt`` and the method's other exports (``method.exported_encoders()``: jepa adds the online
     ``context_encoder.ckpt`` and, with ``pretrain.export_vjepa2``, ``vjepa2.pt`` in V-JEPA 2's layout)."""
-    exported = method.exported_encoders() if hasattr(method, "exported_encoders") else {"encoder": method.encoder}
+    exported = (
+        method.exported_encoders() if hasattr(method, "exported_encoders") else {"encoder": method.encoder}
+    )
     for name, encoder in exported.items():
         export_encoder(folder / f"{name}.ckpt", encoder, config, preprocessing, metrics, provenance)
     if config.pretrain.export_vjepa2 and hasattr(method, "vjepa2_layout"):

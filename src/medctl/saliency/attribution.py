@@ -262,11 +262,15 @@ def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: Attri
     return _to_map(attributions.amax(dim=1))
 
 
+_NO_RELU_NOTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def guided_backprop(
     scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
 ) -> np.ndarray:
     """Guided backpropagation (Captum); changes ReLU backward passes only."""
-    if not any(isinstance(m, nn.ReLU) for m in scores.modules()):
+    if scores.classifier not in _NO_RELU_NOTED and not any(isinstance(m, nn.ReLU) for m in scores.modules()):
+        _NO_RELU_NOTED.add(scores.classifier)  # said once per model, not once per sample
         log("guided_backprop: the model has no nn.ReLU modules, so its maps equal plain gradients")
     attributions = GuidedBackprop(scores).attribute(x, target=target)  # (1, C, *S)
     return _to_map(attributions.sum(dim=1))

@@ -43,7 +43,7 @@ from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import resolve_methods
 from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency
 from medctl.storage import fetch, is_remote
-from medctl.training.precision import resolve_device
+from medctl.training.precision import resolve_device, set_threads
 
 
 @dataclass
@@ -104,6 +104,7 @@ def run_saliency_stage(
     target = target or settings.target
     check_target(target, spec.classes, spec.name)
     device = resolve_device(config.run.device)
+    set_threads(config.run.threads, config.data.num_workers)
     preprocessing = meta.get("preprocessing") or {}
 
     if input_path is not None:

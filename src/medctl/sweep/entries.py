@@ -3,6 +3,7 @@
 An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
 
 - ``<stem>``: the linear probe of a checkpoint (names from file stems, deduplicated ``<stem>_2``, ...);
+  ``medctl pretrain``'s export, ``runs/<run>/checkpoints/encoder.ckpt``, is named after its run;
 - ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``); under
   ``model.encoder = "auto"`` it has the architecture of the first checkpoint whose architecture reads;
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
@@ -87,17 +88,26 @@ def find_checkpoints(config: Config, *, all_checkpoints: bool = True) -> list[st
 
 
 def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_INIT,)) -> list[str]:
-    """A file-safe, unique name per checkpoint from its stem: ``a/best.pt``, ``b/best.pt`` -> best, best_2."""
+    """A file-safe, unique name per checkpoint from its stem: ``a/best.pt``, ``b/best.pt`` -> best, best_2;
+    ``runs/byol/checkpoints/encoder.ckpt`` -> byol (the run's name)."""
     taken = set(reserved)
     names = []
     for path in checkpoints:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("_.") or "checkpoint"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", checkpoint_label(Path(path))).strip("_.") or "checkpoint"
         name, i = stem, 2
         while name in taken:
             name, i = f"{stem}_{i}", i + 1
         taken.add(name)
         names.append(name)
     return names
+
+
+def checkpoint_label(path: Path) -> str:
+    """What a checkpoint is called: its run's name for ``medctl pretrain``'s ``<run>/checkpoints/encoder.ckpt``
+    (every such file has the stem "encoder"), else its stem."""
+    if path.name == "encoder.ckpt" and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name
+    return path.stem
 
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
@@ -169,11 +179,11 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     if (
         resolved is not None
         and entry.kind == FINETUNE
-        and resolved.model.unfreeze_at_epoch >= resolved.train.epochs
+        and resolved.model.unfreeze_at_epoch > resolved.train.epochs
     ):
         problems.append(
-            f"sweep.finetune_unfreeze_at_epoch = {resolved.model.unfreeze_at_epoch} is not before the last epoch "
-            f"({resolved.train.epochs - 1}, 0-based), so the encoder would never train; lower it or raise train.epochs"
+            f"sweep.finetune_unfreeze_at_epoch = {resolved.model.unfreeze_at_epoch} is after the last epoch "
+            f"({resolved.train.epochs}), so the encoder would never train; lower it or raise train.epochs"
         )
     if problems or resolved is None:
         raise ConfigError(problems, "sweep.finetune_overrides" if entry.kind == FINETUNE else "sweep")

@@ -39,11 +39,12 @@ from medctl.evaluation.stage import run_evaluate
 from medctl.finetune import run_finetune
 from medctl.finetune.features import split_manifest_hash
 from medctl.progress import log, progress_bar
-from medctl.runs import environment_info, redact, write_text_atomic
+from medctl.runs import environment_info, held_run, redact, write_text_atomic
 from medctl.sweep.board import SORT_BY, build_leaderboard, entry_row, failed_row
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
+    RANDOM_INIT,
     SweepEntry,
     entry_config,
     find_checkpoints,
@@ -138,8 +139,11 @@ def run_sweep(
     # 4. mode both: fine-tune the best pretrained probes
     if mode == "both":
         chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top)
+        pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
-            f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'} (top {config.sweep.finetune_top} by {SORT_BY})"
+            f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
+            f"{pretrained} pretrained checkpoint(s) by {SORT_BY} (sweep.finetune_top = {config.sweep.finetune_top}; "
+            f"the {RANDOM_INIT} baseline is not fine-tuned, whatever its rank)"
         )
         outcomes += runner.run([finetune_of(e) for e in chosen])
 
@@ -223,6 +227,14 @@ class EntryRunner:
                 log(f"sweep: {entry.name} already finished, skipped ({run_dir})")
                 outcomes[entry.name] = EntryOutcome(entry, run_dir, "skipped")
                 self.state.mark(entry, "done")
+            elif self._foreign_run(entry):
+                reason = (
+                    f"{run_dir} already holds a run that this sweep did not finish ({held_run(run_dir)}; e.g. its "
+                    "checkpoint file changed since); replace it with --overwrite (or --fresh), or choose a new run.name"
+                )
+                log(f"sweep: {entry.name}: {reason}")
+                outcomes[entry.name] = EntryOutcome(entry, run_dir, "failed", reason)
+                self.state.mark(entry, "refused", reason=reason)
             else:
                 todo.append(entry)
         with progress_bar("sweep", total=len(todo)) as bar:
@@ -232,20 +244,30 @@ class EntryRunner:
                 bar.advance(1, info=f"{outcome.entry.name} {outcome.status}")
         return [outcomes[e.name] for e in entries]
 
-    def _job_args(self, entry: SweepEntry) -> dict[str, Any]:
+    def _foreign_run(self, entry: SweepEntry) -> bool:
+        """A run in the entry's folder that this sweep may not replace: not one it left failed or
+        interrupted (those it retries or resumes), and no --fresh/--overwrite."""
+        ours = self.state.status(entry.name) in ("failed", "running", "interrupted")
+        return not self.fresh and not ours and bool(held_run(self.sweep_dir / entry.name))
+
+    def _job_args(self, entry: SweepEntry, threads: int = 0) -> dict[str, Any]:
         run_dir = self.sweep_dir / entry.name
         resume = (
             not self.fresh
             and self.state.status(entry.name) in ("running", "interrupted")
             and (run_dir / "checkpoints" / "last.ckpt").is_file()
         )
+        config = self.config.model_dump(mode="json")
+        if threads:
+            config["run"]["threads"] = threads  # this job's share of the cores
         return {
-            "config": self.config.model_dump(mode="json"),
+            "config": config,
             "entry": entry.to_dict(),
             "run_dir": str(run_dir),
             "manifest_hash": self.manifest_hash,
             "command": self.command,
             "resume": resume,
+            "overwrite": not resume,  # what is left in the folder is this sweep's own (see _foreign_run)
         }
 
     def _record(self, entry: SweepEntry, result: dict[str, Any]) -> EntryOutcome:
@@ -297,7 +319,8 @@ class EntryRunner:
         try:
             for entry in entries:
                 self.state.mark(entry, "running", started=now_s())
-                running[executor.submit(run_entry_job, **self._job_args(entry))] = entry
+                job = self._job_args(entry, threads=0 if devices else threads)
+                running[executor.submit(run_entry_job, **job)] = entry
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -354,6 +377,7 @@ def run_entry_job(
     manifest_hash: str,
     command: str,
     resume: bool,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one entry; returns ``{"status", "reason", "wall_time_s"}`` and never raises a
     medctl error or a failure of the run (KeyboardInterrupt passes). Picklable arguments: runs in workers."""
@@ -361,7 +385,7 @@ def run_entry_job(
     the_entry = SweepEntry.from_dict(entry)
     try:
         train_and_evaluate(
-            Config.model_validate(config), the_entry, Path(run_dir), manifest_hash, command, resume
+            Config.model_validate(config), the_entry, Path(run_dir), manifest_hash, command, resume, overwrite
         )
     except MedctlError as exc:
         return {
@@ -379,14 +403,20 @@ def run_entry_job(
 
 
 def train_and_evaluate(
-    config: Config, entry: SweepEntry, run_dir: Path, manifest_hash: str, command: str, resume: bool
+    config: Config,
+    entry: SweepEntry,
+    run_dir: Path,
+    manifest_hash: str,
+    command: str,
+    resume: bool,
+    overwrite: bool = False,
 ) -> None:
     """run_finetune into ``run_dir``, the manifest check, run_evaluate on val and test, then ``done.json``."""
     if entry.checkpoint and not Path(entry.checkpoint).expanduser().is_file():
         raise CheckpointError(f"{entry.checkpoint}: no such file; fix the path in sweep.checkpoints")
     (run_dir / DONE_FILE).unlink(missing_ok=True)
     resolved = entry_config(config, entry)
-    result = run_finetune(resolved, command=command, resume=resume, run_dir=run_dir)
+    result = run_finetune(resolved, command=command, resume=resume, run_dir=run_dir, overwrite=overwrite)
     recorded = json.loads(result.results_path.read_text()).get("split_manifest_hash")
     if recorded != manifest_hash:
         raise RunFailure(
@@ -401,6 +431,7 @@ def train_and_evaluate(
             config_overrides=resolved,
             out_dir=run_dir / f"eval_{split}",
             n_bootstrap=config.sweep.bootstrap,
+            overwrite=True,  # the entry was just trained: its evaluations are redone with it
         )
     write_done(
         run_dir,

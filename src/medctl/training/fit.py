@@ -59,7 +59,9 @@ What ``fit`` writes (rank 0 only)
 
 History rows (``FitResult.history``, ``export_*``'s ``record``): flat dicts
 ``{"epoch", "step", "lr", "train_loss", "train_<name>", "samples_per_s", "epoch_time_s", "val_<metric>"}``.
-Epochs are 0-based everywhere (hooks, rows, ``FitResult.best_epoch``); ``step`` counts optimizer steps.
+Epochs are 1-based wherever a user sees them: history rows, ``metrics.jsonl``, logs, ``FitResult.best_epoch``
+(and so results.json, plots and checkpoints' metrics). The hooks (``start_epoch_hook``, ``evaluate``,
+``export_*``) receive the 0-based epoch index, the loop's own counter; ``step`` counts optimizer steps.
 
 Resume
 ------
@@ -68,6 +70,11 @@ optimizer, scheduler, ``extra_modules``, early-stopping state, history, epoch, s
 what the interrupted run logged after that checkpoint, and continues with the next epoch. Build
 everything exactly as for a fresh run first. On CPU the result is bit-identical to an uninterrupted
 run; under DDP each rank restores its own RNG snapshot.
+
+``epochs`` must be what the run was started with (a ConfigError otherwise), unless ``extend=True``:
+then the run goes on to the new, larger ``epochs`` with the schedule the caller built for it (cosine
+over the new total), re-planned from the step the run reached: the lr jumps from the finished run's
+floor back to where a run planned for the new length would be, and decays to the floor at the new end.
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ TrainStep = Callable[[nn.Module, Any, int], Mapping[str, torch.Tensor]]
 
 @dataclass
 class FitResult:
-    best_epoch: int | None  # 0-based; with no monitor, the last epoch
+    best_epoch: int | None  # 1-based; with no monitor, the last epoch
     best_metric: float | None  # the monitored value at best_epoch; None without a monitor
     epochs_run: int  # epochs completed, including those before a resume
     history: list[dict[str, float]]  # one row per completed epoch
@@ -134,6 +141,7 @@ def fit(
     max_steps_per_epoch: int | None = None,
     start_epoch_hook: Callable[[int], None] | None = None,
     log_every: int = 0,
+    extend: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; see the module docstring for the full contract."""
     device = torch.device(device)
@@ -152,16 +160,22 @@ def fit(
     # 1. resume: put every piece of state back as it was at the end of the last finished epoch
     if resume:
         path = last_path if resume is True else Path(resume)
+        planned = schedule_plan(scheduler)  # the schedule built for `epochs`, before the saved one loads
         state = load_train_state(
             path, model=model, optimizer=optimizer, scheduler=scheduler, extra_modules=extra_modules
         )
         start_epoch, step = state.epoch + 1, state.step
+        saved_epochs = state.extra.get("epochs")
+        if saved_epochs is not None and saved_epochs != epochs:
+            check_extension(path, saved_epochs, epochs, start_epoch, extend)
+            replan_schedule(scheduler, optimizer, planned)
+            log(f"extending the run from {saved_epochs} to {epochs} epochs; the lr schedule is re-planned")
         history = list(state.extra.get("history", []))
         best_epoch, best_metric = state.best.get("epoch"), state.best.get("metric")
         stopped_early = bool(state.extra.get("stopped_early", False))
         if stopper is not None and state.extra.get("early_stopping"):
             stopper.load_state_dict(state.extra["early_stopping"])
-        logger.rewind(epoch=start_epoch, step=step)
+        logger.rewind(epoch=start_epoch + 1, step=step)
         log(f"resumed from {path} after epoch {state.epoch + 1} (step {step})")
 
     try:
@@ -190,13 +204,13 @@ def fit(
                 logger=logger,
                 log_every=log_every,
             )
-            logger.log("train", train_metrics, epoch=epoch, step=step)
+            logger.log("train", train_metrics, epoch=epoch + 1, step=step)
 
             # 3. validation, then one flat history row for the epoch
             val_metrics = {k: float(v) for k, v in (evaluate(epoch) if evaluate is not None else {}).items()}
             if val_metrics:
-                logger.log("val", val_metrics, epoch=epoch, step=step)
-            record: dict[str, float] = {"epoch": epoch, "step": step, "lr": train_metrics["lr"]}
+                logger.log("val", val_metrics, epoch=epoch + 1, step=step)
+            record: dict[str, float] = {"epoch": epoch + 1, "step": step, "lr": train_metrics["lr"]}
             record |= {_prefixed("train", k): v for k, v in train_metrics.items() if k != "lr"}
             record |= {f"val_{k}": v for k, v in val_metrics.items()}
             history.append(record)
@@ -209,7 +223,7 @@ def fit(
                 improved = stopper.update(value)
                 stopped_early = broadcast_bool(stopper.should_stop, device)
             if improved:
-                best_epoch = epoch
+                best_epoch = epoch + 1
                 best_metric = stopper.best if stopper is not None else None
             _log_epoch(record, epoch, epochs, monitor, improved and stopper is not None)
 
@@ -318,7 +332,7 @@ def train_one_epoch(
             rate = n_samples / max(time.perf_counter() - start, 1e-9)
             bar.advance(1, info=f"loss {loss_value:.4f} · {rate:.1f} samples/s")
             if log_every > 0 and step % log_every == 0:
-                logger.log("train_step", {"loss": loss_value, "lr": lrs["lr"]}, epoch=epoch, step=step)
+                logger.log("train_step", {"loss": loss_value, "lr": lrs["lr"]}, epoch=epoch + 1, step=step)
     if n_steps == 0:
         raise RunFailure(
             f"epoch {epoch + 1} had no batches: the training split is empty or smaller than a batch"
@@ -330,6 +344,38 @@ def train_one_epoch(
     metrics |= lrs
     metrics |= {"samples_per_s": n_samples / elapsed, "epoch_time_s": elapsed}
     return metrics, step
+
+
+def schedule_plan(scheduler: Any) -> list[dict[str, Any]] | None:
+    """The plan of a LambdaLR built from plain objects (:class:`~medctl.training.optim.WarmupCosine`)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    return [dict(vars(fn)) for fn in lambdas] if lambdas and all(hasattr(fn, "__dict__") for fn in lambdas) else None
+
+
+def replan_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, planned: list[dict[str, Any]] | None) -> None:
+    """Put the plan built for this run back after a resume loaded the saved one; the lr follows at once."""
+    if scheduler is None or planned is None:
+        return
+    for fn, plan in zip(scheduler.lr_lambdas, planned, strict=True):
+        vars(fn).update(plan)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def check_extension(path: Path, saved: int, epochs: int, done: int, extend: bool) -> None:
+    """A resume with another ``epochs`` than the run was planned for: only forward, only when asked."""
+    if not extend:
+        raise ConfigError(
+            [f"{path} was planned for {saved} epochs, not {epochs}; pass --extend to train on to {epochs} "
+             f"epochs (the lr schedule is re-planned for {epochs}), or resume with epochs = {saved}"],
+            "--resume",
+        )  # fmt: skip
+    if epochs <= done:
+        raise ConfigError(
+            [f"--extend to {epochs} epochs: the run in {path} has already done {done}; ask for more"], "--resume"
+        )
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

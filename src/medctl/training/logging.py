@@ -1,7 +1,7 @@
 """Metrics of a run: one JSON object per line in ``metrics.jsonl`` and tensorboard scalars in ``tb/``.
 
 A ``metrics.jsonl`` row is flat: ``{"time": unix seconds, "phase": "train"|"val"|"train_step"|...,
-"epoch": 0-based epoch, "step": optimizer steps done, <metric>: value, ...}``, so
+"epoch": 1-based epoch, "step": optimizer steps done, <metric>: value, ...}``, so
 ``pandas.read_json(path, lines=True)`` gives a table. Tensorboard tags are ``<phase>/<metric>`` against
 the optimizer step. Only rank 0 writes (``enabled``).
 """

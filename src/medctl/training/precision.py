@@ -43,6 +43,40 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int, num_workers: int = 0) -> int:
+    """``torch.set_num_threads`` from ``run.threads``; returns the number set.
+
+    ``threads > 0`` is taken as given. ``0`` (auto) gives this process the CPUs it may really use (its
+    affinity mask and cgroup quota, which ``torch``'s own default of all physical cores ignores in a
+    container), shared with the other processes of this machine under torchrun and minus one per
+    DataLoader worker (each worker runs single-threaded), at least 1 and never more than torch's default.
+    """
+    if threads <= 0:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        threads = max(1, min(usable_cpus() // local - num_workers, _TORCH_DEFAULT_THREADS))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(float(quota) / float(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity mask is the limit
+    return cpus
+
+
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import, before medctl changes it
+
+
 def effective_precision(device: torch.device | str, precision: str) -> str:
     """The precision actually used: bf16 only on a CUDA device that supports it, else fp32 (with a note)."""
     if precision not in PRECISIONS:

@@ -13,8 +13,6 @@ Layout (tensors and plain values only, so ``torch.load(weights_only=True)`` read
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 
 from medctl import __version__
 from medctl.errors import CheckpointError
+from medctl.models.checkpoints import read_checkpoint
 from medctl.training.distributed import rank, unwrap
 from medctl.training.seed import restore_rng_state, rng_state
 
@@ -96,22 +95,16 @@ def save_train_state(
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    """Load a ``train_state`` checkpoint weights-only onto the CPU; CheckpointError naming the file."""
+    """Load a ``train_state`` checkpoint weights-only onto the CPU; CheckpointError naming the file.
+
+    Read by :func:`medctl.models.checkpoints.read_checkpoint`, so a damaged or hostile ``last.ckpt`` gets
+    the same one line as any other checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"{path}: no training state to resume from; run without --resume to start afresh"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused, it holds objects that are not plain tensors/values ({exc})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({exc}); resume from another copy"
-        ) from None
+    payload = read_checkpoint(path)  # weights only; empty, corrupt and pickled files are one clean line
     header = payload.get("medctl") if isinstance(payload, dict) else None
     if not isinstance(header, dict) or header.get("kind") != "train_state":
         kind = header.get("kind") if isinstance(header, dict) else "not a medctl checkpoint"
