@@ -240,10 +240,16 @@ class TrainConfig(Section):
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: Literal["dynamic", "none"] | float | list[float] = "dynamic"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    regression_loss: Literal["mse", "huber", "l1"] = "mse"  # regression targets, on the standardised scale
+    huber_delta: float = Field(default=1.0, gt=0)  # in standard deviations when the target is standardised
+    # per-task loss weights: a table target -> weight (unlisted targets: data.targets[].weight), or "uncertainty"
+    # for weights learned with the task's homoscedastic uncertainty (Kendall et al. 2018)
+    task_weights: Literal["uncertainty"] | dict[str, float] = {}
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA only
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     # a validation metric: accuracy, balanced_accuracy, macro_f1, auroc or loss (with several targets these are
-    # means over targets, and <target>_<metric> names one); higher is better unless it is a loss
+    # means over targets, and <target>_<metric> names one, e.g. val_age_mae); regression targets have mae, rmse,
+    # r2, pearson_r; higher is better unless it is a loss or an error (mae, rmse)
     monitor: str = "balanced_accuracy"
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
