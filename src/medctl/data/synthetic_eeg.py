@@ -153,7 +153,7 @@ def _subject_splits(n_subjects: int, rng: np.random.Generator) -> list[str]:
     for cell in range(4):
         members = [s for s in range(n_subjects) if (s % 2) + 2 * ((s // 2) % 2) == cell]
         members = list(rng.permutation(members))
-        n_val = n_test = max(1, round(0.2 * len(members)))
+        n_val = n_test = max(1, round(0.2 * len(members))) if len(members) >= 3 else 0
         for i, s in enumerate(members):
             splits[s] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return splits
