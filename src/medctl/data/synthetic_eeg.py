@@ -73,18 +73,20 @@ class SyntheticEEG:
 
 
 def write_edf(path: str | Path, data_uv: np.ndarray, sfreq: float, channels: list[str]) -> None:
-    """Write ``data_uv`` (C, N) microvolts as an EDF file with one signal per channel."""
-    from edfio import Edf, EdfSignal
+    """Write ``data_uv`` (C, N) microvolts as an EDF file (a ``.bdf`` name: 24-bit BDF), one signal per channel."""
+    from edfio import Bdf, BdfSignal, Edf, EdfSignal
 
+    bdf = Path(path).suffix.lower() == ".bdf"
+    signal, container = (BdfSignal, Bdf) if bdf else (EdfSignal, Edf)
     limit = float(np.ceil(np.abs(data_uv).max() + 1.0))
     signals = [
-        EdfSignal(
+        signal(
             row.astype(np.float64), sfreq, label=name, physical_dimension="uV", physical_range=(-limit, limit)
         )
         for row, name in zip(data_uv, channels, strict=True)
     ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Edf(signals).write(Path(path))
+    container(signals).write(Path(path))
 
 
 def make_eeg_dataset(

@@ -111,7 +111,7 @@ def headline_metrics(kind: str, threshold: float = 0.5) -> dict[str, Metric]:
 
         return dict(REGRESSION_METRICS)
     if kind not in ("binary", "multiclass"):
-        raise DataError(f"unknown target kind {kind!r}; use binary, multiclass or multilabel")
+        raise DataError(f"unknown target kind {kind!r}; use binary, multiclass, multilabel or regression")
     return dict(CLASS_METRICS)
 
 
