@@ -28,14 +28,19 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("eeg_2d")
-    return make_eeg_dataset(root / "study", n_subjects=8, recordings_per_subject=1, seconds=8, cache_dir=root / "cache")
+    return make_eeg_dataset(root / "study", n_subjects=12, recordings_per_subject=1, seconds=8, cache_dir=root / "cache")
+
+
+SLOW = pytest.mark.slow  # the full-size encoders the lab uses (resnet18_2d: 11M parameters)
 
 
 @pytest.mark.parametrize(
     ("method", "encoder", "extra"),
     [
-        ("byol", "resnet18_2d", ["pretrain.jigsaw_weight=0"]),  # the jigsaw shuffles 3D blocks
-        ("mim_contrastive", "unet2d", ["pretrain.patch_size=8"]),
+        ("byol", "resnet_test_2d", ["pretrain.jigsaw_weight=0"]),  # the jigsaw shuffles 3D blocks
+        ("mim_contrastive", "unet2d_tiny", ["pretrain.patch_size=8"]),
+        pytest.param("byol", "resnet18_2d", ["pretrain.jigsaw_weight=0"], marks=SLOW),
+        pytest.param("mim_contrastive", "unet2d", ["pretrain.patch_size=8"], marks=SLOW),
     ],
 )
 def test_pretraining_on_spectrograms(study, tmp_path, method, encoder, extra):
