@@ -202,4 +202,4 @@ def test_settings_are_checked():
     with pytest.raises(DataError, match="one row per sample"):
         bootstrap_ci(metric, y, probs[:10])
     with pytest.raises(DataError, match="kind"):
-        headline_metrics("regression")
+        headline_metrics("ordinal")

@@ -76,8 +76,9 @@ class SourceConfig(Section):
 class TargetConfig(Section):
     name: str
     column: str = ""  # defaults to name
-    kind: Literal["binary", "multiclass", "multilabel"] = "multiclass"
+    kind: Literal["binary", "multiclass", "multilabel", "regression"] = "multiclass"
     classes: list[str] = []  # class order; empty: the sorted distinct values
+    standardize: bool = True  # regression: train on (y - mean) / std of the training split (stored with the model)
     columns: list[str] = []  # multilabel: one 0/1 column per label
     weight: float = Field(default=1.0, ge=0)  # weight of this target's loss in the sum
 
@@ -91,6 +92,8 @@ class TargetConfig(Section):
             raise ValueError("a binary target lists two classes, [negative, positive]; use kind = \"multiclass\"")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("`classes` lists a class twice")
+        if self.kind == "regression" and self.classes:
+            raise ValueError("a regression target has no `classes`; remove them or use kind = \"multiclass\"")
         return self
 
 
@@ -131,7 +134,61 @@ class PreprocessConfig(Section):
         return self
 
 
+class EEGConfig(Section):
+    """Recordings -> STFT spectrogram windows (``data.modality = "eeg"``); see medctl.data.spectrogram."""
+
+    channels: list[str] = []  # channel names to keep, in this order; empty: all (a missing name is an error)
+    reference: str = ""  # "" keeps the recorded reference; "average", or a channel name (comma-separate several)
+    l_freq: float = Field(default=0.0, ge=0)  # band-pass low edge (Hz); 0: no high-pass
+    h_freq: float = Field(default=0.0, ge=0)  # band-pass high edge (Hz); 0: no low-pass
+    resample_hz: float = Field(default=0.0, ge=0)  # 0 keeps each file's rate (then all files need one rate)
+    window_s: float = Field(default=4.0, gt=0)  # each recording -> windows of this length, one cache row each
+    hop_s: float = Field(default=2.0, gt=0)  # start-to-start distance of windows (< window_s: they overlap)
+    n_fft: int = Field(default=256, ge=8)  # STFT segment length (samples); frequency step = rate / n_fft
+    stft_hop: int = Field(default=32, ge=1)  # STFT step (samples); time step = stft_hop / rate
+    stft_window: str = "hann"  # any scipy.signal.get_window name
+    fmin: float = Field(default=0.0, ge=0)  # keep frequencies in [fmin, fmax] (Hz)
+    fmax: float = Field(default=0.0, ge=0)  # 0: up to Nyquist
+    log_power: bool = True  # log10 of the power spectral density (else the power itself)
+    normalize: Literal["zscore", "none"] = "zscore"  # per window, over all channels and bins
+    layout: Literal["channels", "tiled"] = "channels"  # (C, F, T) image channels, or (1, C*F, T) stacked along F
+    image_size: list[int] = []  # resize each spectrogram to (H, W) (bilinear), e.g. [32, 32] for unet2d; []: keep
+    variable: str = ""  # .mat files: the variable holding the (channels, samples) array
+    sfreq: float = Field(default=0.0, ge=0)  # .npy/.mat/.csv files: their sampling rate (Hz), which they do not state
+    array_channels: list[str] = []  # .npy/.mat files: channel names (default ch0, ch1, ...); .csv: its header
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EEGConfig:
+        problems = []
+        if self.l_freq and self.h_freq and self.l_freq >= self.h_freq:
+            problems.append(f"l_freq ({self.l_freq:g} Hz) must be below h_freq ({self.h_freq:g} Hz)")
+        if self.fmax and self.fmin >= self.fmax:
+            problems.append(f"fmin ({self.fmin:g} Hz) must be below fmax ({self.fmax:g} Hz)")
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            problems.append("image_size needs two positive sizes (H = frequency rows, W = time columns), or []")
+        if self.stft_hop > self.n_fft:
+            problems.append(f"stft_hop ({self.stft_hop}) is longer than n_fft ({self.n_fft}): samples would be skipped")
+        if self.resample_hz:
+            nyquist = self.resample_hz / 2
+            window = int(round(self.window_s * self.resample_hz))
+            if window < self.n_fft:
+                problems.append(
+                    f"window_s = {self.window_s:g} s is {window} samples at {self.resample_hz:g} Hz, shorter than "
+                    f"n_fft = {self.n_fft}: lengthen window_s or lower n_fft"
+                )
+            for key in ("h_freq", "fmax"):
+                if getattr(self, key) > nyquist:
+                    problems.append(
+                        f"{key} = {getattr(self, key):g} Hz is above Nyquist ({nyquist:g} Hz at resample_hz = "
+                        f"{self.resample_hz:g}); lower it or raise resample_hz"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class DataConfig(Section):
+    modality: Literal["image", "eeg"] = "image"  # eeg: recordings -> spectrogram windows ([data.eeg])
     table: str = ""  # local path or s3://bucket/key; .tsv, .csv or .parquet
     id_column: str = "participant_id"
     filter: str = ""  # e.g. "retinal_oct == True"
@@ -146,6 +203,7 @@ class DataConfig(Section):
     source: SourceConfig = SourceConfig()
     targets: list[TargetConfig] = []
     preprocess: PreprocessConfig = PreprocessConfig()
+    eeg: EEGConfig = EEGConfig()
 
     @field_validator("split_ratios")
     @classmethod
@@ -212,10 +270,16 @@ class TrainConfig(Section):
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: Literal["dynamic", "none"] | float | list[float] = "dynamic"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    regression_loss: Literal["mse", "huber", "l1"] = "mse"  # regression targets, on the standardised scale
+    huber_delta: float = Field(default=1.0, gt=0)  # in standard deviations when the target is standardised
+    # per-task loss weights: a table target -> weight (unlisted targets: data.targets[].weight), or "uncertainty"
+    # for weights learned with the task's homoscedastic uncertainty (Kendall et al. 2018)
+    task_weights: Literal["uncertainty"] | dict[str, float] = {}
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast on CUDA only
     grad_clip: float = Field(default=1.0, ge=0)  # 0 disables clipping
     # a validation metric: accuracy, balanced_accuracy, macro_f1, auroc or loss (with several targets these are
-    # means over targets, and <target>_<metric> names one); higher is better unless it is a loss
+    # means over targets, and <target>_<metric> names one, e.g. val_age_mae); regression targets have mae, rmse,
+    # r2, pearson_r; higher is better unless it is a loss or an error (mae, rmse)
     monitor: str = "balanced_accuracy"
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder

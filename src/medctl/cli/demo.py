@@ -24,6 +24,9 @@ def demo_command(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Delete the folder first instead of reusing it.")
     ] = False,
+    eeg: Annotated[
+        bool, typer.Option("--eeg", help="The EEG pipeline instead: EDF recordings -> spectrograms -> multi-task.")
+    ] = False,
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
 ) -> None:
@@ -36,7 +39,11 @@ def demo_command(
       medctl demo
       medctl demo --size tiny --out /tmp/demo
       medctl demo --fresh pretrain.epochs=4
+      medctl demo --eeg --out runs/demo_eeg
     """
+    if eeg:
+        _eeg_demo(out if out != Path("runs/demo") else Path("runs/demo_eeg"), size, fresh, overrides or [])
+        return
     from medctl.demo import STAGES, run_demo
 
     start = time.perf_counter()
@@ -78,6 +85,23 @@ def demo_command(
             f"saliency {method}: pointing game {_num(scores.get('pointing_hit_rate'))} "
             f"(chance {_num(scores.get('mask_share'))})"
         )
+    if result.reused:
+        console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
+    console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")
+
+
+def _eeg_demo(out: Path, size: str, fresh: bool, overrides: list[str]) -> None:
+    from medctl.demo_eeg import run_eeg_demo
+
+    start = time.perf_counter()
+    result = run_eeg_demo(out, size=size, fresh=fresh, overrides=overrides)
+    table = Table(title=f"medctl demo --eeg ({size}) in {time.perf_counter() - start:.0f} s: {result.n_recordings} "
+                  f"recordings, {result.n_windows} windows")  # fmt: skip
+    for column in ("task", "test metric", "value", "chance", "above chance"):
+        table.add_column(column)
+    for name, task in result.tasks.items():
+        table.add_row(name, task["metric"], _num(task["value"]), _num(task["chance"]), "yes" if task["beats_chance"] else "no")
+    console.print(table)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")

@@ -61,7 +61,7 @@ def evaluate_command(
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column(f"{round(100 * (1 - metrics['alpha']))}% CI", justify="right")
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+        for key in target["ci"]:  # accuracy .. auroc, or mae .. pearson_r for a regression target
             ci = target["ci"][key]
             interval = "—" if ci["low"] is None else f"[{ci['low']:.3f}, {ci['high']:.3f}]"
             value = "—" if target[key] is None else f"{target[key]:.3f}"

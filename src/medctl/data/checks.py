@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig
+from medctl.data.eeg import read_recording_header
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.preprocess import aspect_warning, class_counts
 from medctl.data.provenance import PretrainPool, count_overlap
@@ -28,10 +29,10 @@ from medctl.data.tables import (
     check_columns,
     encode_target,
     find_leaks,
-    label_matrix,
     read_groups,
     read_ids,
     read_table,
+    stratification_labels,
 )
 from medctl.errors import DataError, MedctlError
 from medctl.storage import credentials_source, endpoint_for, is_remote, list_files, local_copy, redact_secrets
@@ -210,7 +211,7 @@ def check_data(
     for i, target in enumerate(data.targets):
         encoded = _step(
             rows, f"target {target.name}", lambda i=i, t=target: encode_target(frame, t, i, ids),
-            lambda out: f"{out[1].kind}, classes: {', '.join(out[1].classes)}",
+            lambda out: f"{out[1].kind}, classes: {', '.join(out[1].classes)}" if out[1].classes else out[1].kind,
         )  # fmt: skip
         if encoded is not None:
             values, spec = encoded
@@ -219,7 +220,7 @@ def check_data(
     groups = _step(rows, "groups", lambda: read_groups(frame, data, ids), lambda g: f"{len(set(g))} subjects")
     counts: dict[str, Any] = {}
     if groups is not None and (not data.targets or len(specs) == len(data.targets)):
-        first = label_matrix(labels[specs[0].name], specs[0]) if specs else None
+        first = stratification_labels(labels, specs)
         splits = _step(
             rows, "splits", lambda: assign_splits(frame, data, ids, groups, first), _describe_splits
         )
@@ -335,7 +336,9 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
                 )
                 for f in files
             ]
-            if index == picks[0]:
+            if data.modality == "eeg":
+                read_recording_header(paths[0], data.eeg)
+            elif index == picks[0]:
                 image = read_image(paths)
                 warning = aspect_warning(id_, image.array.shape, image.spacing, data.preprocess)
                 warnings.extend([warning] if warning else [])

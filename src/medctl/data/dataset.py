@@ -44,7 +44,7 @@ class CacheDataset(Dataset):
     """Items of one split (or all, ``split=None``) of a cache; only samples with status ok.
 
     Item: ``{"image": FloatTensor (C, *spatial), "id": str, "<target>": LongTensor () for binary and
-    multiclass or FloatTensor (L,) for multilabel, "mask": FloatTensor (1, *spatial) if with_mask}``.
+    multiclass, FloatTensor (L,) for multilabel or FloatTensor () for regression, "mask": FloatTensor (1, *spatial) if with_mask}``.
     ``transform`` receives the item dict and returns it, so MONAI dictionary transforms
     (``RandFlipd(keys=["image", "mask"])``) apply to image and mask alike.
     """
@@ -102,6 +102,8 @@ class CacheDataset(Dataset):
 
     def _label_tensor(self, spec: TargetSpec) -> torch.Tensor:
         values = self.manifest[spec.name].tolist()
+        if spec.kind == "regression":
+            return torch.tensor(np.asarray(values, dtype=np.float64))  # (N,) in the column's units, exactly
         if spec.kind == "multilabel":
             return torch.tensor(
                 np.asarray([list(v) for v in values], dtype=np.float32).reshape(-1, len(spec.classes))

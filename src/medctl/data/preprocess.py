@@ -37,9 +37,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medctl.config import DataConfig, PreprocessConfig
+from medctl.config import DataConfig, EEGConfig, PreprocessConfig
+from medctl.data.eeg import read_recording
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.readers import axis_names, describe_geometry, read_image
+from medctl.data.spectrogram import prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.errors import DataError
@@ -53,6 +55,7 @@ ERROR_COLUMNS = ["id", "key", "stage", "error"]
 GEOMETRY_COLUMNS = [
     "id", "slice_index", "shape", "orig_shape", "spacing", "origin", "direction", "cache_affine", "has_mask", "dtype",
 ]  # fmt: skip
+EEG_COLUMNS = ["channels", "sfreq", "window_start_s"]  # EEG windows only (medctl.data.spectrogram)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class SampleTask:
     download_dir: str
     endpoint_url: str
     retries: int
+    eeg: dict[str, Any] | None = None  # data.eeg when data.modality = "eeg": recordings -> spectrogram windows
 
 
 @dataclass
@@ -115,6 +119,7 @@ def settings_for(data: DataConfig, table_sha256: str) -> dict[str, Any]:
             "mask_pattern": data.source.mask_pattern,
         },
         "preprocess": preprocess,
+        **({"modality": "eeg", "eeg": data.eeg.model_dump(mode="json")} if data.modality == "eeg" else {}),
     }
 
 
@@ -258,6 +263,7 @@ def _plan(
                 str(Path(data.download_dir).expanduser()),
                 data.source.endpoint_url,
                 data.source.retries,
+                data.eeg.model_dump(mode="json") if data.modality == "eeg" else None,
             )
         )
     return tasks, outcomes, carried
@@ -286,7 +292,7 @@ def _previous_outcomes(previous: pd.DataFrame | None, cache: Path) -> dict[str, 
 
 
 def _geometry_of(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: _plain(row[k]) for k in GEOMETRY_COLUMNS}
+    return {k: _plain(row.get(k)) for k in GEOMETRY_COLUMNS + EEG_COLUMNS}
 
 
 def _plain(value: Any) -> Any:
@@ -359,6 +365,15 @@ def process_sample(task: SampleTask) -> SampleOutcome:
         image_paths = [_local(f, task) for f in task.image]
         mask_paths = [_local(f, task) for f in task.mask]
         stage = "read"
+        if task.eeg is not None:  # an EEG recording -> spectrogram windows, one cached array and row each
+            eeg = EEGConfig.model_validate(task.eeg)
+            raw = read_recording(image_paths[0], eeg)
+            stage = "transform"
+            windows = recording_windows(prepare_signal(raw, eeg, key), eeg, task.id, settings.dtype, key)
+            stage = "write"
+            for window in windows:
+                save_npy_atomic(Path(task.cache_dir) / "images" / f"{window.row['id']}.npy", window.array)
+            return SampleOutcome(task.id, [w.row for w in windows])
         image = read_image(image_paths)
         mask = None
         if mask_paths:
@@ -402,6 +417,7 @@ def _write(task: SampleTask, image, processed, *, sliced: bool) -> dict[str, Any
         "cache_affine": np.asarray(processed.affine, dtype=float).ravel().tolist(),
         "has_mask": processed.mask is not None,
         "dtype": str(processed.array.dtype),
+        **dict.fromkeys(EEG_COLUMNS),
     }
 
 
@@ -451,7 +467,7 @@ def _manifest(
                     {**base, **geometry, "fingerprint": fingerprint, "status": "ok", "stage": "", "error": ""}
                 )
         else:
-            empty = dict.fromkeys(GEOMETRY_COLUMNS)
+            empty = dict.fromkeys(GEOMETRY_COLUMNS + EEG_COLUMNS)
             empty.update(id=id_, slice_index=-1, has_mask=False)
             rows.append(
                 {
@@ -467,7 +483,7 @@ def _manifest(
     columns = [
         "id", "source_id", "slice_index", "split", "group", "status", "stage", "error", "source_key", "mask_key",
         "n_files", "fingerprint", "shape", "orig_shape", "spacing", "origin", "direction", "cache_affine",
-        "has_mask", "dtype", *[s.name for s in table.specs],
+        "has_mask", "dtype", *EEG_COLUMNS, *[s.name for s in table.specs],
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
@@ -612,7 +628,15 @@ def class_counts(frame: pd.DataFrame, specs: list[TargetSpec], *, n_failed: int 
         per_split = {}
         for split in ("train", "val", "test"):
             values = frame.loc[frame.split == split, spec.name]
-            if spec.kind == "multilabel":
+            if spec.kind == "regression":  # no classes: how many values, and their range
+                numbers = np.asarray(values, dtype=float)
+                per_split[split] = {
+                    "n": int(len(numbers)),
+                    "mean": round(float(numbers.mean()), 3) if len(numbers) else None,
+                    "min": float(numbers.min()) if len(numbers) else None,
+                    "max": float(numbers.max()) if len(numbers) else None,
+                }
+            elif spec.kind == "multilabel":
                 totals = (
                     np.sum([np.asarray(v) for v in values], axis=0)
                     if len(values)

@@ -34,15 +34,15 @@ RESERVED_COLUMNS = {
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """One prediction target: ``classes`` in output order (binary: [negative, positive])."""
+    """One prediction target: ``classes`` in output order (binary: [negative, positive]; regression: none)."""
 
     name: str
-    kind: str  # binary | multiclass | multilabel
+    kind: str  # binary | multiclass | multilabel | regression
     classes: list[str]
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.kind == "binary" else len(self.classes)
+        return 1 if self.kind in ("binary", "regression") else len(self.classes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,6 +234,8 @@ def encode_target(
         raise DataError(f"{key}.name = {target.name!r} clashes with a manifest column; rename the target")
     if target.kind == "multilabel":
         return _encode_multilabel(frame, target, key, ids)
+    if target.kind == "regression":
+        return _encode_regression(frame, target, key, ids)
     values = frame[target.column]
     missing = values.isna().to_numpy()
     if missing.any():
@@ -286,6 +288,24 @@ def _encode_multilabel(
     return [list(map(int, row)) for row in matrix], TargetSpec(target.name, "multilabel", classes)
 
 
+def _encode_regression(
+    frame: pd.DataFrame, target: TargetConfig, key: str, ids: list[str]
+) -> tuple[list, TargetSpec]:
+    """Per-row float values of a numeric column; an empty or non-numeric cell names its id."""
+    values = frame[target.column]
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    bad = numbers.isna().to_numpy() | ~np.isfinite(numbers.to_numpy())
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        shown = values.iloc[row]
+        raise DataError(
+            f"column {target.column!r} ({key}.column) holds {shown if shown is pd.NA else repr(shown)} for id "
+            f"{ids[row]} ({int(bad.sum())} such row(s)); a regression target needs a number in every row "
+            f'(drop them with data.filter, e.g. "{target.column}.notna()")'
+        )
+    return numbers.tolist(), TargetSpec(target.name, "regression", [])
+
+
 def _flag(value: object) -> int | None:
     if value is pd.NA:
         return None
@@ -303,6 +323,12 @@ def _sorted_classes(values: list[str]) -> list[str]:
         return sorted(values, key=float)
     except ValueError:
         return sorted(values)
+
+
+def stratification_labels(labels: dict[str, list], specs: list[TargetSpec]) -> np.ndarray | None:
+    """The first classification target's label matrix (regression targets are not stratified)."""
+    first = next((s for s in specs if s.kind != "regression"), None)
+    return label_matrix(labels[first.name], first) if first is not None else None
 
 
 def label_matrix(labels: list, spec: TargetSpec) -> np.ndarray:
@@ -369,7 +395,7 @@ def load_table(data: DataConfig) -> LabelTable:
     if len({s.name for s in specs}) != len(specs):
         raise DataError("two data.targets share one name; give each target its own name")
     groups = read_groups(frame, data, ids)
-    labels = label_matrix(columns[specs[0].name], specs[0]) if specs else None
+    labels = stratification_labels(columns, specs)
     splits = assign_splits(frame, data, ids, groups, labels)
     out = pd.DataFrame({"id": ids, "split": splits, "group": groups, **columns})
     return LabelTable(out, specs, data.table, sha)

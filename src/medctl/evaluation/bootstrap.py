@@ -106,8 +106,12 @@ def headline_metrics(kind: str, threshold: float = 0.5) -> dict[str, Metric]:
     """
     if kind == "multilabel":
         return _multilabel_metrics(threshold)
+    if kind == "regression":  # MAE, RMSE, R², Pearson r on (N,) truths and (N, 1) predictions
+        from medctl.evaluation.regression import REGRESSION_METRICS
+
+        return dict(REGRESSION_METRICS)
     if kind not in ("binary", "multiclass"):
-        raise DataError(f"unknown target kind {kind!r}; use binary, multiclass or multilabel")
+        raise DataError(f"unknown target kind {kind!r}; use binary, multiclass, multilabel or regression")
     return dict(CLASS_METRICS)
 
 

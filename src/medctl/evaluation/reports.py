@@ -42,6 +42,12 @@ from medctl.evaluation.leaderboard import (
 from medctl.evaluation.markdown import markdown_to_html, write_report
 from medctl.evaluation.metrics import KINDS, class_probs, target_metrics
 from medctl.evaluation.plots import plot_confusion_matrix, plot_multilabel_confusion, plot_roc
+from medctl.evaluation.regression import (
+    REGRESSION_HEADLINE,
+    plot_regression_scatter,
+    regression_metrics,
+    regression_report_lines,
+)
 from medctl.progress import log
 from medctl.runs import write_text_atomic
 
@@ -62,12 +68,12 @@ def _target_fields(target: Any) -> tuple[str, str, list[str]]:
     """``(name, kind, classes)`` from a dict or a ``TargetSpec``-like object."""
     get = target.get if isinstance(target, Mapping) else lambda key: getattr(target, key, None)
     name, kind, classes = get("name"), get("kind"), get("classes")
-    if not name or kind not in KINDS or not classes:
+    if not name or kind not in (*KINDS, "regression") or (not classes and kind != "regression"):
         raise DataError(
-            f"target {target!r} needs a name, a kind in {', '.join(KINDS)} and its class list; "
+            f"target {target!r} needs a name, a kind in {', '.join(KINDS)}, regression and its class list; "
             "read them from the checkpoint's `targets` or the cache's summary.json"
         )
-    return str(name), str(kind), [str(c) for c in classes]
+    return str(name), str(kind), [str(c) for c in classes or []]
 
 
 def _per_target(values: Any, names: list[str], what: str) -> dict[str, Any]:
@@ -141,6 +147,22 @@ def evaluate_predictions(
             raise DataError(
                 f"target {name!r}: {len(ids)} ids, {len(y)} labels and {len(p)} predictions; they must match"
             )
+        prefix = f"{name}_" if len(specs) > 1 else ""
+        if kind == "regression":  # MAE, RMSE, R², r with CIs, and a scatter plot (medctl.evaluation.regression)
+            y, p = y.astype(np.float64), p.reshape(len(ids), -1)[:, :1]  # (N,), (N, 1)
+            intervals = bootstrap_many(headline_metrics(kind), y, p, n=n_bootstrap, alpha=alpha, seed=seed)
+            scatter = f"figures/{split}_scatter_{file_stem(name)}.png"
+            plot_regression_scatter(y, p, out_dir / scatter, title=f"{name} ({split})")
+            columns.update({f"{prefix}y_true": y, f"{prefix}y_pred": p[:, 0]})
+            files[f"{name}:scatter_png"] = scatter
+            results[name] = {
+                "kind": kind,
+                "classes": [],
+                **regression_metrics(y, p),
+                "ci": {key: _interval(intervals[key]) for key in REGRESSION_HEADLINE},
+                "files": {"scatter_png": scatter},
+            }
+            continue
         if kind != "multilabel":
             p = class_probs(p, len(classes))  # (N, K)
         metrics = target_metrics(y, p, classes, kind, threshold)
@@ -148,7 +170,6 @@ def evaluate_predictions(
         intervals = bootstrap_many(
             headline_metrics(kind, threshold), y, p, n=n_bootstrap, alpha=alpha, seed=seed
         )
-        prefix = f"{name}_" if len(specs) > 1 else ""
         columns.update(
             {f"{prefix}{k}": v for k, v in _prediction_columns(y, p, kind, classes, threshold).items()}
         )
@@ -167,7 +188,7 @@ def evaluate_predictions(
 
     primary = names[0]
     summary = {"n": len(ids)}
-    for key in HEADLINE:
+    for key in REGRESSION_HEADLINE if specs[0][1] == "regression" else HEADLINE:
         summary[key] = results[primary][key]
         summary[f"{key}_ci"] = [results[primary]["ci"][key]["low"], results[primary]["ci"][key]["high"]]
     payload = jsonable(
@@ -282,6 +303,9 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
     lines = [f"# {title}: {payload['split']} split", "", f"{payload['n_samples']} samples. {intervals}"]
     for name, result in payload["targets"].items():
         kind = result["kind"]
+        if kind == "regression":
+            lines += regression_report_lines(name, result, level)
+            continue
         lines += ["", f"## Target `{name}` ({kind}: {', '.join(result['classes'])})", ""]
         lines += ["| metric | value | " + f"{level}% CI | resamples used |", "| --- | ---: | --- | ---: |"]
         for key in HEADLINE:

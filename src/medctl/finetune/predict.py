@@ -23,8 +23,11 @@ from medctl.training.precision import autocast_context
 
 
 def probabilities(logits: torch.Tensor, kind: str) -> np.ndarray:
-    """Logits (N, K) -> probabilities: sigmoid for binary (N, 1) and multilabel (N, L), softmax otherwise."""
+    """Logits (N, K) -> probabilities: sigmoid for binary (N, 1) and multilabel (N, L), softmax for multiclass;
+    a regression head's output (N, 1) is already the prediction in the target's units and passes through."""
     logits = logits.detach().float().cpu()
+    if kind == "regression":
+        return logits.numpy().astype(np.float64)
     probs = torch.softmax(logits, dim=1) if kind == "multiclass" else torch.sigmoid(logits)
     return probs.numpy().astype(np.float64)
 
@@ -67,6 +70,9 @@ def labels_of(dataset: CacheDataset, specs: Sequence[TargetSpec]) -> dict[str, n
     labels = {}
     for spec in specs:
         values = dataset.labels(spec.name)
+        if spec.kind == "regression":
+            labels[spec.name] = values.astype(np.float64)
+            continue
         labels[spec.name] = (
             values.astype(np.int64) if spec.kind != "multilabel" else np.rint(values).astype(np.int64)
         )
@@ -89,6 +95,10 @@ def predictions_frame(
     for spec in specs:
         prefix = f"{spec.name}_" if len(specs) > 1 else ""
         y = np.asarray(y_true[spec.name])
+        if spec.kind == "regression":  # true and predicted values, in the target's units
+            columns[f"{prefix}y_true"] = y.astype(np.float64)
+            columns[f"{prefix}y_pred"] = np.asarray(probs[spec.name], dtype=np.float64).reshape(len(y), -1)[:, 0]
+            continue
         if spec.kind == "multilabel":
             p = np.asarray(probs[spec.name], dtype=np.float64)  # (N, L)
             columns[f"{prefix}y_true"] = [row.tolist() for row in y.astype(np.int64)]

@@ -54,6 +54,7 @@ from medctl.errors import ConfigError, DataError
 from medctl.evaluation.bootstrap import headline_metrics
 from medctl.evaluation.metrics import class_probs
 from medctl.evaluation.plots import plot_training_curves
+from medctl.evaluation.regression import REGRESSION_HEADLINE
 from medctl.finetune.augment import ImageAugment, build_augment
 from medctl.finetune.features import (
     data_fingerprint,
@@ -90,6 +91,7 @@ from medctl.training.distributed import (
 )
 from medctl.training.fit import fit
 from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
+from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
 from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
 from medctl.training.precision import autocast_context, resolve_device, set_threads
 from medctl.training.seed import set_seed
@@ -202,7 +204,10 @@ def _finetune(
             spatial_size=spatial_size, max_gb=train.feature_cache_max_gb, device=device, precision=train.precision,
         )  # fmt: skip
         use_feature_cache = token_shape is not None
-    loss_fn = build_loss(train, config.data, specs, train_set).to(device)
+    scales = regression_scales(specs, config.data, train_set)  # regression heads predict in the target's units
+    for name, (mean, std) in scales.items():
+        classifier.heads[name].set_scale(mean, std)
+    loss_fn = build_loss(train, config.data, specs, train_set, scales).to(device)
     val_labels = labels_of(val_set, specs)
     val_targets = {s.name: torch.as_tensor(val_set.labels(s.name)).to(device) for s in specs}
     batch_size, workers = config.data.batch_size, config.data.num_workers
@@ -249,6 +254,8 @@ def _finetune(
 
     # 5. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder)
     groups = param_groups_with_decay(classifier.heads, train.lr_head, train.weight_decay, name="head")
+    if isinstance(loss_fn, UncertaintyWeightedLoss):  # the learned task weights train with the heads
+        groups.append({"params": [loss_fn.log_vars], "lr": train.lr_head, "weight_decay": 0.0, "name": "task_weights"})
     if first_trainable is not None:
         groups += param_groups_with_decay(
             classifier.encoder, train.lr_encoder, train.weight_decay, name="encoder"
@@ -394,7 +401,7 @@ def _finetune(
     )
     if is_rank0():
         write_results(result, config, preprocessing, specs)
-        curves = ["loss", "balanced_accuracy"]
+        curves = ["loss", "balanced_accuracy"] if any(s.kind != "regression" for s in specs) else ["loss"]
         monitored = train.monitor.removeprefix("val_").removeprefix("train_")
         curves += [monitored] if monitored not in curves else []
         plot_training_curves(fitted.history, run_dir / "figures" / "training_curves.png", curves)
@@ -531,12 +538,44 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
         param.requires_grad_(trainable)
 
 
-def build_loss(
-    train: TrainConfig, data: DataConfig, specs: Sequence[TargetSpec], train_set: CacheDataset
-) -> MultiTargetLoss:
-    """One loss per target from its training class counts, weighted by ``data.targets[].weight``."""
-    losses = {}
+def regression_scales(
+    specs: Sequence[TargetSpec], data: DataConfig, train_set: CacheDataset
+) -> dict[str, tuple[float, float]]:
+    """``{target: (mean, std)}`` of each regression target's training values ((0, 1) when not standardised)."""
+    standardize = {t.name: t.standardize for t in data.targets}
+    scales = {}
     for spec in specs:
+        if spec.kind != "regression":
+            continue
+        values = np.asarray(train_set.labels(spec.name), dtype=np.float64)
+        std = float(values.std()) if len(values) else 0.0
+        if standardize.get(spec.name, True):
+            if std == 0:
+                raise DataError(
+                    f"target `{spec.name}`: every training value is {values[0] if len(values) else '?'}; "
+                    "a constant cannot be learned (check the column, or the split)"
+                )
+            scales[spec.name] = (float(values.mean()), std)
+        else:
+            scales[spec.name] = (0.0, 1.0)
+    return scales
+
+
+def build_loss(
+    train: TrainConfig,
+    data: DataConfig,
+    specs: Sequence[TargetSpec],
+    train_set: CacheDataset,
+    scales: Mapping[str, tuple[float, float]] | None = None,
+) -> MultiTargetLoss | UncertaintyWeightedLoss:
+    """One loss per target (classification: from its training class counts; regression: on the standardised
+    scale), weighted by ``train.task_weights`` (a table, or learned "uncertainty") over ``data.targets[].weight``."""
+    losses: dict[str, nn.Module] = {}
+    for spec in specs:
+        if spec.kind == "regression":
+            mean, std = (scales or {}).get(spec.name, (0.0, 1.0))
+            losses[spec.name] = RegressionLoss(train.regression_loss, mean=mean, std=std, huber_delta=train.huber_delta)
+            continue
         counts = label_counts(train_set.labels(spec.name), spec.kind, len(spec.classes))
         losses[spec.name] = build_target_loss(
             spec.kind,
@@ -548,7 +587,14 @@ def build_loss(
             label_smoothing=train.label_smoothing,
             target=spec.name,
         )
-    weights = {t.name: t.weight for t in data.targets if t.name in losses}
+    if train.task_weights == "uncertainty":
+        return UncertaintyWeightedLoss(losses)
+    unknown = sorted(set(train.task_weights) - set(losses))
+    if unknown:
+        raise ConfigError(
+            [f"`train.task_weights` names {', '.join(unknown)}, not a target; targets are {', '.join(losses)}"]
+        )
+    weights = {t.name: t.weight for t in data.targets if t.name in losses} | dict(train.task_weights)
     return MultiTargetLoss(losses, weights)
 
 
@@ -565,9 +611,10 @@ def validation_metrics(
         metrics = dict(per_target[specs[0].name])
     else:
         metrics = {}
-        for key in VAL_METRICS[:-1]:
-            values = [m[key] for m in per_target.values() if math.isfinite(m[key])]
-            metrics[key] = float(np.mean(values)) if values else float("nan")
+        for key in VAL_METRICS[:-1]:  # means over the classification targets
+            values = [m[key] for m in per_target.values() if key in m and math.isfinite(m[key])]
+            if values or any(s.kind != "regression" for s in specs):
+                metrics[key] = float(np.mean(values)) if values else float("nan")
         for name, values in per_target.items():
             metrics |= {f"{name}_{key}": value for key, value in values.items()}
     metrics["loss"] = loss
@@ -581,7 +628,7 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> di
     sample once: the values of :func:`medctl.evaluation.metrics.val_metrics` (scikit-learn) at a
     fraction of the cost, which matters when a probe validates every few milliseconds.
     """
-    p = probs if spec.kind == "multilabel" else class_probs(probs, len(spec.classes))  # (N, K)
+    p = probs if spec.kind in ("multilabel", "regression") else class_probs(probs, len(spec.classes))  # (N, K)
     once = np.ones((1, len(y_true)))  # (1, N) draw counts
     return {
         name: float(metric.batched(y_true, p, once)[0])
@@ -591,9 +638,14 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> di
 
 def check_monitor(monitor: str, specs: Sequence[TargetSpec]) -> None:
     """A ``train.monitor`` this run will produce, checked before any training."""
-    known = list(VAL_METRICS)
-    if len(specs) > 1:
-        known += [f"{s.name}_{key}" for s in specs for key in VAL_METRICS[:-1]]
+    def keys(spec: TargetSpec) -> tuple[str, ...]:
+        return REGRESSION_HEADLINE if spec.kind == "regression" else VAL_METRICS[:-1]
+
+    if len(specs) == 1:
+        known = [*keys(specs[0]), "loss"]
+    else:
+        known = list(VAL_METRICS) if any(s.kind != "regression" for s in specs) else ["loss"]
+        known += [f"{s.name}_{key}" for s in specs for key in keys(s)]
     if monitor == "train_loss" or monitor.removeprefix("val_") in known:
         return
     close = difflib.get_close_matches(monitor.removeprefix("val_"), known, n=1, cutoff=0.5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from medctl.errors import ConfigError
 from medctl.models.encoders.base import Encoder
-from medctl.models.heads import build_head, num_outputs
+from medctl.models.heads import Standardized, build_head, num_outputs
 
 
 class Classifier(nn.Module):
@@ -69,6 +69,8 @@ def build_classifier(
         name, target_kind, classes = _target_fields(target)
         outputs = num_outputs(target_kind, classes)
         heads[name] = build_head(kind, encoder.embed_dim, outputs, hidden=hidden, dropout=dropout, num_heads=num_heads)
+        if target_kind == "regression":  # predictions in the target's units (scale set by fine-tuning)
+            heads[name] = Standardized(heads[name])
     return Classifier(encoder, heads, kind)
 
 

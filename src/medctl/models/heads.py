@@ -93,8 +93,30 @@ def default_num_heads(embed_dim: int) -> int:
 
 
 def num_outputs(kind: str, classes: list[str]) -> int:
-    """Logits per target: 1 for binary, one per class (multiclass) or label (multilabel)."""
-    return 1 if kind == "binary" else len(classes)
+    """Logits per target: 1 for binary and regression, one per class (multiclass) or label (multilabel)."""
+    return 1 if kind in ("binary", "regression") else len(classes)
+
+
+class Standardized(nn.Module):
+    """A regression head whose output is in the target's units: ``head(z) * std + mean``.
+
+    The head learns a standardised value; ``mean`` and ``std`` (of the training split, set by fine-tuning
+    with :meth:`set_scale`) are buffers, so they travel in the checkpoint's state dict and ``evaluate`` /
+    ``saliency`` read predictions in years (or whatever the column holds) with nothing else to load.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+
+    def set_scale(self, mean: float, std: float) -> None:
+        self.mean.fill_(float(mean))
+        self.std.fill_(float(std) if std > 0 else 1.0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z) * self.std + self.mean  # (B, 1)
 
 
 def build_head(

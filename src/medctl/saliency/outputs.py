@@ -82,11 +82,15 @@ def save_panel(
     mask: np.ndarray | None = None,
     spacing: Sequence[float] | None = None,
     title: str = "",
+    axis_labels: tuple[str, str] | None = None,
+    origin: Sequence[float] | None = None,
 ) -> Path:
     """A PNG of the map over the image, with the mask's contour when given.
 
     ``image`` and ``attribution`` are ``(*S)``. 3D: the three orthogonal slices through the peak of
     ``|map|`` and a maximum intensity projection along axis 0. 2D: the image and the overlay.
+    ``axis_labels`` (2D, e.g. ``("frequency (Hz)", "time (s)")`` for a spectrogram): rows and columns are
+    drawn on physical axes, ``origin + index * spacing``, rows upwards, with labelled ticks.
     """
     if image.shape != attribution.shape or (mask is not None and mask.shape != attribution.shape):
         raise ValueError(
@@ -101,19 +105,41 @@ def save_panel(
         else _views_2d(image, attribution, mask, spacing)
     )
 
-    width = 3.2 * len(views) + 0.8
-    figure = Figure(figsize=(width, 3.6))  # fixed layout: constrained layout costs a second per panel
+    labelled = axis_labels is not None and attribution.ndim == 2
+    placement: dict = {}
+    if labelled:  # physical axes: cell edges at origin + (index -/+ 1/2) * spacing, rows upwards
+        o = tuple(origin) if origin is not None else (0.0, 0.0)
+        rows, cols = attribution.shape
+        edges = [o[a] + (np.array([-0.5, n - 0.5]) * spacing[a]) for a, n in ((1, cols), (0, rows))]
+        placement = {"extent": (*edges[0], *edges[1]), "origin": "lower"}
+    width = 3.2 * len(views) + 0.8 + 0.6 * labelled
+    figure = Figure(figsize=(width, 3.6 + 0.4 * labelled))  # fixed layout: constrained layout costs a second
     FigureCanvasAgg(figure)
-    figure.subplots_adjust(left=0.01, right=1 - 0.7 / width, bottom=0.02, top=0.86, wspace=0.04)
+    left, bottom, space = (0.9 / width, 0.14, 0.3) if labelled else (0.01, 0.02, 0.04)
+    figure.subplots_adjust(left=left, right=1 - 0.7 / width, bottom=bottom, top=0.86, wspace=space)
     axes = figure.subplots(1, len(views), squeeze=False)[0]
     for ax, (name, img, amap, contour, aspect) in zip(axes, views, strict=True):
-        ax.imshow(_normalise_image(img), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        aspect = "auto" if labelled else aspect
+        ax.imshow(
+            _normalise_image(img),
+            cmap="gray",
+            vmin=0,
+            vmax=1,
+            aspect=aspect,
+            interpolation="nearest",
+            **placement,
+        )
         if amap is not None:
-            ax.imshow(_overlay(amap, vmax, signed), aspect=aspect, interpolation="nearest")
+            ax.imshow(_overlay(amap, vmax, signed), aspect=aspect, interpolation="nearest", **placement)
         if contour is not None and contour.any() and not contour.all():
             ax.contour(contour.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
         ax.set_title(name, fontsize=8)
-        ax.set_axis_off()
+        if labelled:
+            ax.set_xlabel(axis_labels[1], fontsize=8)
+            ax.set_ylabel(axis_labels[0], fontsize=8)
+            ax.tick_params(labelsize=7)
+        else:
+            ax.set_axis_off()
     cmap = "RdBu_r" if signed else "inferno"
     scale = ScalarMappable(Normalize(-vmax if signed else 0.0, vmax), cmap=cmap)
     colorbar_axes = figure.add_axes((1 - 0.55 / width, 0.12, 0.12 / width, 0.66))

@@ -159,7 +159,9 @@ def run_saliency(
             spatial = tuple(image.shape[1:])
             mask = _mask(sample, spatial, sample_id)  # (*S) or None
             record = sample.get("geometry")
-            source = source_geometry(record, len(spatial))  # the scan's grid, None when unknown
+            # an EEG spectrogram window has axes in Hz and s but no source grid (its recording is channels x samples)
+            spectrogram = row_is_spectrogram(record)
+            source = None if spectrogram else source_geometry(record, len(spatial))  # the scan's grid or None
             grid = cache_geometry(record, spatial, source)  # the cached array's grid
             display = image.float().mean(dim=0).numpy()  # (*S)
 
@@ -183,7 +185,9 @@ def run_saliency(
                     "method": method,
                     "seconds": seconds,
                 }
-                row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row))
+                row.update(
+                    _write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram)
+                )
                 if mask is not None:
                     row["pointing_hit"] = pointing_game(amap, mask, tolerance=pointing_tolerance)
                     row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
@@ -244,6 +248,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+SPECTROGRAM_AXES = ("frequency (Hz)", "time (s)")  # EEG windows: rows are frequencies, columns times
+
+
+def row_is_spectrogram(record: Mapping[str, Any] | None) -> bool:
+    """An EEG spectrogram window (:mod:`medctl.data.spectrogram`): its manifest row has a sampling rate."""
+    sfreq = record.get("sfreq") if record else None
+    return sfreq is not None and sfreq == sfreq  # image rows hold None (NaN once read back)
+
+
 def _write_map(
     out_dir: Path,
     folder: Path,
@@ -254,6 +267,7 @@ def _write_map(
     grid: Geometry | None,
     source: Geometry | None,
     row: Mapping[str, Any],
+    spectrogram: bool = False,
 ) -> dict[str, str]:
     """The map as NRRD (preprocessed grid, and the source grid when known) and as a PNG panel."""
     files = {"map_nrrd": write_nrrd(folder / f"{method}.nrrd", amap, grid)}
@@ -266,7 +280,14 @@ def _write_map(
     )
     spacing = grid.spacing if grid is not None else None
     files["panel_png"] = save_panel(
-        folder / f"{method}.png", display, amap, mask=mask, spacing=spacing, title=title
+        folder / f"{method}.png",
+        display,
+        amap,
+        mask=mask,
+        spacing=spacing,
+        title=title,
+        axis_labels=SPECTROGRAM_AXES if spectrogram and grid is not None else None,
+        origin=grid.origin if spectrogram and grid is not None else None,
     )
     return {key: path.relative_to(out_dir).as_posix() for key, path in files.items()}
 

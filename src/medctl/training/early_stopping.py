@@ -5,17 +5,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
+LOWER_IS_BETTER = ("mae", "rmse", "mse")  # error metrics of regression targets; losses too
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for losses and errors (``loss``, ``val_age_mae``), False for scores (``auroc``, ``val_age_r2``)."""
+    name = metric.lower()
+    return "loss" in name or name in LOWER_IS_BETTER or name.endswith(tuple(f"_{m}" for m in LOWER_IS_BETTER))
+
 
 class EarlyStopping:
     """Track the best value of ``monitor``; ``should_stop`` after ``patience`` epochs without improvement.
 
-    ``mode`` is "max" or "min"; left out, a metric whose name contains "loss" is minimised and any other
-    maximised. ``patience=0`` never stops (the best epoch is still tracked). A NaN never improves.
+    ``mode`` is "max" or "min"; left out, a loss or an error (``mae``, ``rmse``, ``mse``, e.g. ``val_age_mae``)
+    is minimised and any other metric maximised. ``patience=0`` never stops (the best epoch is still tracked). A NaN never improves.
     """
 
     def __init__(self, monitor: str, mode: str | None = None, patience: int = 0, min_delta: float = 0.0):
         if mode is None:
-            mode = "min" if "loss" in monitor.lower() else "max"
+            mode = "min" if lower_is_better(monitor) else "max"
         if mode not in ("min", "max"):
             raise ValueError(f"early stopping mode must be 'min' or 'max' (got {mode!r})")
         if patience < 0 or min_delta < 0:
