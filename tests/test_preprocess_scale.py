@@ -77,12 +77,15 @@ def test_a_200x256x256_ct_preprocesses_within_the_memory_bound(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("shape", "size"), [((1, 40, 50, 60), [16, 32, 32]), ((2, 30, 64, 48), [30, 16, 40]), ((1, 30, 40), [16, 16])]
+    ("shape", "size"),
+    [((1, 40, 50, 60), [16, 32, 32]), ((2, 30, 64, 48), [30, 16, 40]), ((1, 30, 40), [16, 16])],
 )
 def test_lean_resize_matches_monai_anti_aliased_resize(shape, size):
     array = np.random.default_rng(0).normal(0, 300, shape).astype(np.int16)
     mode = "trilinear" if len(size) == 3 else "bilinear"
-    reference = torch.as_tensor(Resize(size, mode=mode, anti_aliasing=True)(torch.from_numpy(array.astype(np.float32))))
+    reference = torch.as_tensor(
+        Resize(size, mode=mode, anti_aliasing=True)(torch.from_numpy(array.astype(np.float32)))
+    )
     ours = resize_antialiased(array, size)
     assert ours.shape == reference.shape and ours.dtype == torch.float32
     assert torch.allclose(ours, reference, atol=1e-3, rtol=1e-5)  # float32 rounding only
@@ -95,8 +98,12 @@ def test_lean_resize_matches_monai_anti_aliased_resize(shape, size):
 def test_full_size_output_matches_monai_resize(tmp_path):
     source = volume((200, 256, 256))
     image = Image(source[None], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), default_direction(3))
-    ours = preprocess_image(image, None, PreprocessConfig(spatial_size=[32, 64, 64], intensity="none"))[0].array
-    reference = Resize([32, 64, 64], mode="trilinear", anti_aliasing=True)(torch.from_numpy(source[None].astype(np.float32)))
+    ours = preprocess_image(image, None, PreprocessConfig(spatial_size=[32, 64, 64], intensity="none"))[
+        0
+    ].array
+    reference = Resize([32, 64, 64], mode="trilinear", anti_aliasing=True)(
+        torch.from_numpy(source[None].astype(np.float32))
+    )
     np.testing.assert_allclose(ours, torch.as_tensor(reference).numpy(), atol=1e-2, rtol=1e-5)
 
 
@@ -104,9 +111,12 @@ def test_a_header_declaring_more_voxels_than_the_file_holds_is_a_recorded_skip(t
     config = one_volume_config(tmp_path, volume((8, 16, 16)), [4, 8, 8], "good")
     liar = tmp_path / "images" / "liar.nrrd"  # says 600x512x512 int16 (300 MiB) in a few hundred bytes
     liar.write_bytes(
-        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 600\nencoding: raw\nendian: little\n\n" + b"\0" * 512
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 600\nencoding: raw\nendian: little\n\n"
+        + b"\0" * 512
     )
-    pd.DataFrame({"participant_id": ["good", "liar"], "label": ["a", "b"]}).to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    pd.DataFrame({"participant_id": ["good", "liar"], "label": ["a", "b"]}).to_csv(
+        tmp_path / "t.tsv", sep="\t", index=False
+    )
     result = preprocess(config.data, workers=1)
     failed = result.manifest.set_index("id").loc["liar"]
     assert failed["status"] == "failed" and failed["stage"] == "read"
@@ -122,30 +132,51 @@ def test_a_header_declaring_more_voxels_than_the_file_holds_is_a_recorded_skip(t
 
 
 def test_check_data_flags_impossible_and_too_large_headers(tmp_path):
-    config = one_volume_config(tmp_path, volume((8, 16, 16)), [4, 8, 8], "good", "data.preprocess.memory_gb=1.5")
+    config = one_volume_config(
+        tmp_path, volume((8, 16, 16)), [4, 8, 8], "good", "data.preprocess.memory_gb=1.5"
+    )
     (tmp_path / "images" / "liar.nrrd").write_bytes(
-        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 600\nencoding: raw\nendian: little\n\n" + b"\0" * 64
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 600\nencoding: raw\nendian: little\n\n"
+        + b"\0" * 64
     )
     huge = tmp_path / "images" / "huge.nrrd"  # a real header of a volume too large for 1.5 GB
-    huge.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 300\nencoding: gzip\nendian: little\n\n")
+    huge.write_bytes(
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 300\nencoding: gzip\nendian: little\n\n"
+    )
     with open(huge, "ab") as fh:
         fh.write(gzip.compress(np.zeros((300, 512, 512), np.int16).tobytes(), compresslevel=1))
     ids = ["good", "liar", "huge"]
-    pd.DataFrame({"participant_id": ids, "label": ["a", "b", "a"]}).to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    pd.DataFrame({"participant_id": ids, "label": ["a", "b", "a"]}).to_csv(
+        tmp_path / "t.tsv", sep="\t", index=False
+    )
     rows = {row.name: row for row in check_data(config.data).rows}
-    assert not rows["readable"].ok and "liar" in rows["readable"].detail and "declares 600x512x512" in rows["readable"].detail
-    assert not rows["memory"].ok and "huge" in rows["memory"].detail and "data.preprocess.memory_gb" in rows["memory"].detail
+    assert (
+        not rows["readable"].ok
+        and "liar" in rows["readable"].detail
+        and "declares 600x512x512" in rows["readable"].detail
+    )
+    assert (
+        not rows["memory"].ok
+        and "huge" in rows["memory"].detail
+        and "data.preprocess.memory_gb" in rows["memory"].detail
+    )
 
 
 def test_4d_nifti_stacks_channels_or_keeps_the_volume_asked_for(tmp_path):
-    series = np.stack([np.full((6, 8, 10), t, np.float32) + np.arange(10) for t in range(3)], axis=-1)  # (I, J, K, T)
+    series = np.stack(
+        [np.full((6, 8, 10), t, np.float32) + np.arange(10) for t in range(3)], axis=-1
+    )  # (I, J, K, T)
     path = tmp_path / "bold.nii.gz"
     nib.save(nib.Nifti1Image(series, np.eye(4)), str(path))
     image = read_image(path)
     assert image.array.shape == (3, 10, 8, 6)  # T stacked as channels by default
     stacked = preprocess_image(image, None, PreprocessConfig(spatial_size=[5, 4, 3], intensity="none"))[0]
     assert stacked.array.shape == (3, 5, 4, 3)
-    second = preprocess_image(image, None, PreprocessConfig(spatial_size=[5, 4, 3], intensity="none", volume_index=2))[0]
+    second = preprocess_image(
+        image, None, PreprocessConfig(spatial_size=[5, 4, 3], intensity="none", volume_index=2)
+    )[0]
     np.testing.assert_allclose(second.array, stacked.array[2:3], atol=1e-5)
-    with pytest.raises(Exception, match=r"3 volume\(s\) along its 4th axis; data.preprocess.volume_index=5 is out of range"):
+    with pytest.raises(
+        Exception, match=r"3 volume\(s\) along its 4th axis; data.preprocess.volume_index=5 is out of range"
+    ):
         preprocess_image(image, None, PreprocessConfig(spatial_size=[5, 4, 3], volume_index=5))

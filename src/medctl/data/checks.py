@@ -327,7 +327,9 @@ def _memory_row(sizes: dict[str, tuple[int, ...]], memory_gb: float) -> CheckRow
     where = "in data.preprocess.memory_gb" if memory_gb else "available now"
     needs = {id_: worker_memory_bytes(int(np.prod(shape, dtype=np.int64))) for id_, shape in sizes.items()}
     largest = max(needs, key=needs.get)
-    shown = f"{largest}: {'x'.join(map(str, sizes[largest]))} needs ~{needs[largest] / 2**30:.1f} GB per worker"
+    shown = (
+        f"{largest}: {'x'.join(map(str, sizes[largest]))} needs ~{needs[largest] / 2**30:.1f} GB per worker"
+    )
     too_big = [id_ for id_, need in needs.items() if need > budget]
     if too_big:
         return CheckRow(
