@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+import os
 import resource
 
 import nibabel as nib
@@ -180,3 +181,23 @@ def test_4d_nifti_stacks_channels_or_keeps_the_volume_asked_for(tmp_path):
         Exception, match=r"3 volume\(s\) along its 4th axis; data.preprocess.volume_index=5 is out of range"
     ):
         preprocess_image(image, None, PreprocessConfig(spatial_size=[5, 4, 3], volume_index=5))
+
+
+def test_worker_count_follows_memory_and_the_largest_header(tmp_path):
+    from medctl.data.preprocess import SampleTask, worker_count
+    from medctl.storage import FileInfo
+
+    def task(name, array):
+        path = write_nrrd(tmp_path / f"{name}.nrrd", array, spacing=(1.0, 1.0, 1.0), compress=False)
+        info = FileInfo(path.name, str(path), path.stat().st_size, "x")
+        return SampleTask(name, [info], [], "f", str(tmp_path), {}, "", "", 0)
+
+    tasks = [task(f"s{i}", np.zeros((8, 16, 16), np.int16)) for i in range(16)]
+    tasks.append(task("big", np.zeros((100, 256, 256), np.int16)))  # 25 MiB as float32 -> ~1.07 GiB a worker
+    workers, line = worker_count(4, tasks, memory_gb=2.0)
+    assert workers == 1
+    assert line.startswith(
+        "1 worker(s) (asked 4); largest volume 100x256x256 needs ~1.1 GB per worker, 2.0 GB"
+    )
+    workers, line = worker_count(4, tasks, memory_gb=64.0)
+    assert workers == min(2, os.cpu_count() or 1)  # 17 tasks // 8 per worker, and the cores

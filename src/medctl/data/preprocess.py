@@ -424,7 +424,7 @@ def worker_count(requested: int, tasks: list[SampleTask], memory_gb: float) -> t
         return 1, "nothing to process"
     voxels, shown = largest_volume(tasks)
     need, budget = worker_memory_bytes(voxels), memory_budget(memory_gb)
-    by_memory = max(1, int(budget // need))
+    by_memory = max(1, int(budget // need) - 1)  # the parent works too while the pool starts (see _run)
     workers = min(by_cpu, by_memory)
     where = "data.preprocess.memory_gb" if memory_gb else "available now"
     line = (
