@@ -484,8 +484,8 @@ def _run(tasks: list[SampleTask], workers: int) -> Iterable[SampleOutcome]:
     """Process tasks inline (1 worker) or in a forkserver process pool, with a progress bar.
 
     The pool takes seconds to start (a fresh interpreter imports torch and MONAI), so the parent
-    processes samples itself until the first pooled result comes back: start-up costs no throughput.
-    The queue is fed 2 tasks per worker at a time, so breaking out of the loop leaves little to cancel.
+    processes samples itself until a worker answers a ping: the start-up no longer costs throughput.
+    Then the pool is fed 2 tasks per worker at a time, so breaking out of the loop leaves little to cancel.
     """
     if not tasks:
         return
@@ -502,19 +502,17 @@ def _run(tasks: list[SampleTask], workers: int) -> Iterable[SampleOutcome]:
                 workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(os.getpid(),)
             )
         )
+        pings = [pool.submit(os.getpid) for _ in range(workers)]  # start the workers in the background
+        while queue and not any(p.done() for p in pings):  # meanwhile the parent works itself
+            outcome = process_sample(queue.pop())
+            bar.advance(1)
+            yield outcome
         pending: set[Future] = set()
-        pool_started = False
         try:
             while queue or pending:
                 while queue and len(pending) < 2 * workers:
                     pending.add(pool.submit(process_sample, queue.pop()))
-                if not pool_started and queue and not any(f.done() for f in pending):
-                    outcome = process_sample(queue.pop())  # the pool is still starting: work meanwhile
-                    bar.advance(1)
-                    yield outcome
-                    continue
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                pool_started = True
                 for future in done:
                     bar.advance(1)
                     yield future.result()
