@@ -18,7 +18,7 @@ from medctl.data.checks import check_bucket
 from medctl.data.locator import resolve
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
-from medctl.errors import DataError
+from medctl.errors import DataError, StorageUnavailable
 from medctl.storage import filesystem, list_files, local_copy
 
 
@@ -132,7 +132,8 @@ def test_missing_key_and_corrupt_object_are_recorded(s3_server, tmp_path):
         in failed.loc["sub-002", "error"]
     )
     errors = pd.read_csv(result.cache_dir / "data_errors.csv").set_index("id")
-    assert errors.loc["sub-003", "key"] == "sub-003.nrrd" and result.n_new == 4
+    assert errors.loc["sub-003", "key"] == "s3://damaged/study/images/sub-003.nrrd" and result.n_new == 4
+    assert "downloads" not in errors.loc["sub-003", "error"]  # the source is named, not the local copy
 
 
 @contextmanager
@@ -220,8 +221,8 @@ def test_check_bucket_rows(s3_server, tmp_path, monkeypatch):
 
 def test_unreachable_endpoint_while_listing_is_named(s3_server, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
-    with pytest.raises(
-        DataError, match=r"cannot list s3://any/: cannot reach the S3 endpoint http://127\.0\.0\.1:"
+    with pytest.raises(  # an outage, exit 1 (not a user error): the message still names the endpoint
+        StorageUnavailable, match=r"cannot list s3://any/: cannot reach the S3 endpoint http://127\.0\.0\.1:"
     ):
         list_files("s3://any/", retries=0)
 

@@ -108,7 +108,10 @@ class PreprocessConfig(Section):
     unsharp_amount: float = Field(default=1.0, ge=0)
     slices: Literal["", "axial", "coronal", "sagittal"] = ""  # cut 2D slices from volumes
     slice_count: int = Field(default=1, ge=1)  # slices per volume, evenly spaced around the centre
-    workers: int = Field(default=2, ge=1)
+    workers: int = Field(default=2, ge=1)  # upper bound; fewer when memory is short (see memory_gb)
+    memory_gb: float = Field(default=0, ge=0)  # what the workers may use together; 0: memory available now
+    # 4D images (time series, echoes): -1 stacks the 4th axis as channels, k >= 0 keeps volume k
+    volume_index: int = Field(default=-1, ge=-1)
     dtype: Literal["float16", "float32"] = "float32"
 
     @model_validator(mode="after")
@@ -204,6 +207,7 @@ class DataConfig(Section):
     targets: list[TargetConfig] = []
     preprocess: PreprocessConfig = PreprocessConfig()
     eeg: EEGConfig = EEGConfig()
+    allow_incomplete: bool = False  # use a cache some samples of which storage could not serve (results.json lists them)
 
     @field_validator("split_ratios")
     @classmethod

@@ -64,3 +64,12 @@ class CheckpointError(UserError):
 
 class RunFailure(MedctlError):
     """A failure while running that is not the user's input (exit code 1)."""
+
+
+class StorageUnavailable(RunFailure):
+    """The storage endpoint could not be reached (after the retries): not the data's fault, rerun later."""
+
+    def __init__(self, endpoint: str, reason: str, message: str = ""):
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(message or f"cannot reach {endpoint}: {reason}")

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import fsspec
 
-from medctl.errors import DataError, redact_url_credentials
+from medctl.errors import DataError, StorageUnavailable, redact_url_credentials
 from medctl.progress import log
 
 T = TypeVar("T")
@@ -183,6 +183,13 @@ def describe_storage_error(exc: BaseException, url: str, endpoint_url: str = "")
     return redact_secrets(f"{url}: {type(exc).__name__}: {exc}")
 
 
+def unavailable(exc: BaseException, endpoint_url: str = "", message: str = "") -> StorageUnavailable:
+    """A transient failure that outlived the retries, as StorageUnavailable(endpoint, reason)."""
+    endpoint = endpoint_for(endpoint_url) or "AWS S3"
+    reason = redact_secrets(f"{type(exc).__name__}: {exc}".replace("\n", " "))
+    return StorageUnavailable(endpoint, reason, message)
+
+
 # ---------------------------------------------------------------------------------------- listing
 @dataclass(frozen=True)
 class FileInfo:
@@ -227,7 +234,10 @@ def list_files(root: str, *, endpoint_url: str = "", retries: int = 3, prefix: s
     try:
         found = with_retries(lambda: fs.find(target, detail=True), retries=retries, what=f"listing {root}")
     except Exception as exc:
-        raise DataError(f"cannot list {root}: {describe_storage_error(exc, root, endpoint_url)}") from exc
+        message = f"cannot list {root}: {describe_storage_error(exc, root, endpoint_url)}"
+        if is_transient(exc):  # an outage (exit 1), not the user's input
+            raise unavailable(exc, endpoint_url, message) from exc
+        raise DataError(message) from exc
     files = {}
     for path, info in found.items():
         if info.get("type", "file") != "file":
@@ -293,6 +303,8 @@ def local_copy(info: FileInfo, *, download_dir: str | Path, endpoint_url: str = 
         )
     except Exception as exc:
         tmp.unlink(missing_ok=True)
+        if is_transient(exc):  # the endpoint is away after the retries: an outage, not a bad file
+            raise unavailable(exc, endpoint_url) from exc
         raise DataError(describe_storage_error(exc, info.url, endpoint_url)) from exc
     os.replace(tmp, target)
     return target

@@ -35,6 +35,8 @@ def preprocess_command(
         f"  {result.n_new} new, {result.n_cached} cached, {result.n_failed} failed", highlight=False
     )
     print_class_counts(result.summary["counts"])
+    if result.incomplete:  # only with data.allow_incomplete = true; otherwise preprocess raised it
+        console.print(f"[yellow]![/] {result.incomplete}", soft_wrap=True, highlight=False)
     if result.n_failed:
         errors = result.cache_dir / "data_errors.csv"
         console.print(

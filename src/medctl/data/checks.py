@@ -19,9 +19,9 @@ import pandas as pd
 from medctl.config import DataConfig
 from medctl.data.eeg import read_recording_header
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
-from medctl.data.preprocess import aspect_warning, class_counts
+from medctl.data.preprocess import aspect_warning, class_counts, memory_budget, worker_memory_bytes
 from medctl.data.provenance import PretrainPool, count_overlap
-from medctl.data.readers import describe_geometry, read_header, read_image
+from medctl.data.readers import declared_size_problem, describe_geometry, read_header, read_image
 from medctl.data.tables import (
     TargetSpec,
     apply_filter,
@@ -323,6 +323,7 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
         return rows
     picks = sorted({int(round(x)) for x in np.linspace(0, len(found) - 1, min(max_reads, len(found)))})
     unreadable = []
+    sizes: dict[str, tuple[int, ...]] = {}  # id -> declared shape
     for index in picks:
         id_ = found[index]
         try:
@@ -338,12 +339,15 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
             ]
             if data.modality == "eeg":
                 read_recording_header(paths[0], data.eeg)
-            elif index == picks[0]:
+                continue
+            problem = declared_size_problem(paths[0]) if len(paths) == 1 else None
+            if problem:
+                raise DataError(problem)
+            sizes[id_] = read_header(paths).shape
+            if index == picks[0]:  # one whole decode: the spacing says whether spatial_size distorts
                 image = read_image(paths)
                 warning = aspect_warning(id_, image.array.shape, image.spacing, data.preprocess)
                 warnings.extend([warning] if warning else [])
-            else:
-                read_header(paths)
         except Exception as exc:  # an unreadable file is the finding; report it and go on
             said = str(exc) if isinstance(exc, MedctlError) else f"{type(exc).__name__}: {exc}"
             unreadable.append(f"{id_}: {said}")
@@ -353,7 +357,28 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
         if unreadable
         else CheckRow("readable", True, checked)
     )
+    if sizes:
+        rows.append(_memory_row(sizes, data.preprocess.memory_gb))
     return rows
+
+
+def _memory_row(sizes: dict[str, tuple[int, ...]], memory_gb: float) -> CheckRow:
+    """Does one preprocess worker fit the largest declared volume in the memory cap?"""
+    budget = memory_budget(memory_gb)
+    where = "in data.preprocess.memory_gb" if memory_gb else "available now"
+    needs = {id_: worker_memory_bytes(int(np.prod(shape, dtype=np.int64))) for id_, shape in sizes.items()}
+    largest = max(needs, key=needs.get)
+    shown = (
+        f"{largest}: {'x'.join(map(str, sizes[largest]))} needs ~{needs[largest] / 2**30:.1f} GB per worker"
+    )
+    too_big = [id_ for id_, need in needs.items() if need > budget]
+    if too_big:
+        return CheckRow(
+            "memory", False,
+            f"{len(too_big)} header(s) beyond the memory cap (e.g. {shown}, {budget / 2**30:.1f} GB {where}): "
+            "raise data.preprocess.memory_gb or free memory",
+        )  # fmt: skip
+    return CheckRow("memory", True, f"largest header {shown}; {budget / 2**30:.1f} GB {where}")
 
 
 def _files_row(ids: list[str], resolution: Resolution) -> CheckRow:

@@ -9,7 +9,9 @@ Cache layout, under ``<data.cache_dir>/<settings hash>/`` (:func:`cache_dir_for`
   and the source geometry (``orig_shape``, ``spacing``, ``origin``, ``direction`` row-major) plus
   ``cache_affine`` (cached voxel -> LPS world, row-major) to map results back onto the source
 - ``summary.json``: spatial_dims, in_channels, spatial_size, targets, counts, settings, fingerprint
-- ``data_errors.csv``: id, key, stage, error for every sample that could not be used
+- ``data_errors.csv``: id, key (``s3://bucket/key`` for remote sources), stage, error for every bad sample
+- ``journal.jsonl``: while a run is under way, one line per finished sample (fsync'd as it lands); a
+  run killed with ``kill -9`` leaves it behind, and the next run resumes from it instead of redoing work
 
 The hash covers the preprocessing settings, the table's bytes, the targets, split settings and the
 source, so changing any of them builds a new cache beside the old one. Within one cache, a rerun
@@ -17,6 +19,16 @@ compares each sample's source fingerprint (size + mtime, or the S3 ETag) with th
 unchanged samples without reading them; failed samples with unchanged files stay failed without a
 retry (replace the file to retry) unless they failed while downloading. Bad files are recorded and
 skipped (``strict=True``: the first one raises DataError). Every file is written atomically.
+
+Storage outages are not bad data: a sample whose files could not be fetched because the endpoint was
+unreachable (after the retries) stops the run; what finished is kept, the missing ids go into
+``summary.json`` (``missing``, ``incomplete``: the one-line reason) and the run raises RunFailure with that
+line. Every stage that reads the cache refuses it while it is incomplete, unless
+``data.allow_incomplete = true``. The next run fetches only the missing samples.
+
+Memory: a worker holds one decoded source plus one float32 channel (:mod:`medctl.data.transforms`);
+the worker count is capped so that ``workers x (3 x largest volume as float32 + 1 GiB)`` fits in
+``data.preprocess.memory_gb`` (default: the memory available now). Workers die with their parent.
 """
 
 from __future__ import annotations
@@ -27,9 +39,14 @@ import io
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,17 +57,20 @@ import pandas as pd
 from medctl.config import DataConfig, EEGConfig, PreprocessConfig
 from medctl.data.eeg import read_recording
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
-from medctl.data.readers import axis_names, describe_geometry, read_image
+from medctl.data.readers import axis_names, declared_size_problem, describe_geometry, read_header, read_image
 from medctl.data.spectrogram import prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
-from medctl.errors import DataError
+from medctl.errors import DataError, RunFailure, StorageUnavailable
 from medctl.progress import log, progress_bar
 from medctl.runs import write_text_atomic
-from medctl.storage import FileInfo, Listing, list_files, local_copy, redact_secrets
+from medctl.storage import FileInfo, Listing, is_remote, join_url, list_files, local_copy, redact_secrets
 
 CACHE_FORMAT = 1
 MIN_SAMPLES_PER_WORKER = 8  # a process pool costs seconds to start; small batches run inline
+JOURNAL = "journal.jsonl"
+HEADER_PROBES = 8  # headers read to size the workers: those of the samples with the most bytes
+WORKER_BASE_BYTES = 2**30  # a worker's interpreter, torch and MONAI, on top of its volume
 ERROR_COLUMNS = ["id", "key", "stage", "error"]
 GEOMETRY_COLUMNS = [
     "id", "slice_index", "shape", "orig_shape", "spacing", "origin", "direction", "cache_affine", "has_mask", "dtype",
@@ -66,6 +86,8 @@ class PreprocessResult:
     n_cached: int  # samples reused from an earlier run, untouched
     n_failed: int  # samples recorded in data_errors.csv
     summary: dict = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # ids not fetched: storage unreachable
+    incomplete: str = ""  # the one line saying so ("" when complete)
 
 
 @dataclass
@@ -91,6 +113,7 @@ class SampleOutcome:
     stage: str = ""  # where it failed: fetch | read | validate | transform | write
     error: str = ""
     key: str = ""
+    unreachable: str = ""  # the endpoint, when the files could not be fetched (an outage, not bad data)
 
     @property
     def ok(self) -> bool:
@@ -100,7 +123,8 @@ class SampleOutcome:
 # ----------------------------------------------------------------------------------------- hashing
 def settings_for(data: DataConfig, table_sha256: str) -> dict[str, Any]:
     """Everything the cache content depends on (not workers, batch size or credentials)."""
-    preprocess = data.preprocess.model_dump(mode="json", exclude={"workers"})
+    not_content = {"workers", "memory_gb"} | ({"volume_index"} if data.preprocess.volume_index < 0 else set())
+    preprocess = data.preprocess.model_dump(mode="json", exclude=not_content)  # old caches keep their hash
     return {
         "format": CACHE_FORMAT,
         "table": data.table,
@@ -136,11 +160,21 @@ def cache_dir_for(data: DataConfig) -> Path:
 
 
 def ensure_cache(data: DataConfig, *, workers: int | None = None) -> Path:
-    """The cache for ``data``, preprocessing first when it has not been built yet."""
+    """The cache for ``data``, preprocessing first when it has not been built yet or is incomplete.
+
+    An incomplete cache (samples not fetched during an outage) raises RunFailure with the preprocess
+    line unless ``data.allow_incomplete``.
+    """
     cache = cache_dir_for(data)
-    if not (cache / "summary.json").is_file():
+    if not (cache / "summary.json").is_file() or missing_ids(cache):
         cache = preprocess(data, workers=workers).cache_dir
     return cache
+
+
+def missing_ids(cache: Path) -> list[str]:
+    """Ids the cache lacks because storage was unreachable when it was built ([] when complete)."""
+    path = Path(cache) / "summary.json"
+    return list(json.loads(path.read_text()).get("missing", [])) if path.is_file() else []
 
 
 # -------------------------------------------------------------------------------------- preprocess
@@ -156,28 +190,56 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
     previous = read_manifest(cache) if (cache / "manifest.parquet").is_file() else None
     ids = table.frame["id"].tolist()
 
-    images, masks = _locate(data, ids)
-    tasks, outcomes, carried = _plan(data, cache, ids, images, masks, previous)
-    n_workers = _worker_count(workers or data.preprocess.workers, len(tasks))
+    try:
+        images, masks = _locate(data, ids)
+    except StorageUnavailable as exc:
+        return _still_unreachable(cache, data, exc)
+    journal = cache / JOURNAL
+    earlier = {**_previous_outcomes(previous, cache), **read_journal(journal, cache)}
+    tasks, outcomes, carried = _plan(data, cache, ids, images, masks, earlier)
+    n_workers, sizing = worker_count(workers or data.preprocess.workers, tasks, data.preprocess.memory_gb)
     log(f"preprocess: {len(ids)} samples, {len(tasks)} to process, {carried} cached; cache {cache}")
+    if journal.is_file():
+        log(
+            f"preprocess: resuming an interrupted run: {carried} samples done, only the {len(tasks)} missing run"
+        )
+    log(f"preprocess: {sizing}")
     new: dict[str, SampleOutcome] = {}
+    outage: SampleOutcome | None = None
     try:
         if strict:
             _raise_first_failure(outcomes.values())
-        for outcome in _run(tasks, n_workers):
-            new[outcome.id] = outcome
-            if strict and not outcome.ok:
-                raise DataError(
-                    _failure_line(outcome) + "; rerun without --strict to record and skip bad files"
-                )
+        with open(journal, "a", encoding="utf-8") as journal_fh:
+            fingerprints = {t.id: t.fingerprint for t in tasks}
+            for outcome in _run(tasks, n_workers):
+                if outcome.unreachable:  # storage went away: stop, keep what finished
+                    outage = outcome
+                    break
+                _journal(journal_fh, outcome, fingerprints[outcome.id])
+                new[outcome.id] = outcome
+                if strict and not outcome.ok:
+                    raise DataError(
+                        _failure_line(outcome) + "; rerun without --strict to record and skip bad files"
+                    )
     finally:  # also on Ctrl-C or --strict: what finished is kept in the manifest
         outcomes.update(new)
         manifest = _manifest(table, outcomes, images, masks, cache)
         manifest = _enforce_consistency(manifest, cache)
         write_manifest(cache, manifest)
-        write_errors(cache, manifest)
+        write_errors(cache, manifest, data.source.root)
+        journal.unlink(missing_ok=True)  # the manifest now holds everything the journal did
+    missing = [t.id for t in tasks if t.id not in new] if outage is not None else []
+    incomplete = ""
+    if outage is not None:
+        incomplete = (
+            f"{len(missing)} of {len(ids)} samples could not be fetched from {outage.unreachable}: "
+            f"{outage.error}; rerun `medctl preprocess` to fetch the rest"
+        )
     summary = _summary(table, manifest, settings, cache)
+    summary.update(missing=missing, incomplete=incomplete)
     write_text_atomic(cache / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if incomplete and not data.allow_incomplete:
+        raise RunFailure(incomplete)
     n_failed = int((manifest.drop_duplicates("source_id").status == "failed").sum())
     if not (manifest.status == "ok").any():
         first = manifest[manifest.status == "failed"].iloc[0]
@@ -191,7 +253,27 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
     if warning:
         log(f"warning: {warning}")
     log(f"preprocess: {n_new} new, {carried} cached, {n_failed} failed")
-    return PreprocessResult(cache, manifest, n_new, carried, n_failed, summary)
+    if incomplete:
+        log(f"preprocess: {incomplete} (data.allow_incomplete = true: going on without them)")
+    return PreprocessResult(cache, manifest, n_new, carried, n_failed, summary, missing, incomplete)
+
+
+def _still_unreachable(cache: Path, data: DataConfig, exc: StorageUnavailable) -> PreprocessResult:
+    """Listing failed in an outage. A cache left incomplete by the last outage is refused with that
+    run's line (or, with ``data.allow_incomplete``, used as it is); anything else is this outage."""
+    summary_path = cache / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if not summary.get("incomplete"):
+        raise exc
+    if not data.allow_incomplete:
+        raise RunFailure(summary["incomplete"]) from exc
+    log(f"preprocess: {summary['incomplete']} (data.allow_incomplete = true: going on without them)")
+    manifest = read_manifest(cache)
+    n_ok = int((manifest.drop_duplicates("source_id").status == "ok").sum())
+    n_failed = int((manifest.drop_duplicates("source_id").status == "failed").sum())
+    return PreprocessResult(
+        cache, manifest, 0, n_ok, n_failed, summary, summary["missing"], summary["incomplete"]
+    )
 
 
 def _locate(
@@ -224,11 +306,11 @@ def _plan(
     ids: list[str],
     images: tuple[Listing, Resolution],
     masks: tuple[Listing, Resolution] | None,
-    previous: pd.DataFrame | None,
+    earlier: dict[str, tuple[str, SampleOutcome]],
 ) -> tuple[list[SampleTask], dict[str, SampleOutcome], int]:
-    """Split ids into work to do, failures known without reading (no file), and unchanged cached ones."""
+    """Split ids into work to do, failures known without reading (no file), and unchanged cached ones
+    (``earlier``: source id -> (fingerprint, outcome) from the manifest and an interrupted run's journal)."""
     listing, resolution = images
-    earlier = _previous_outcomes(previous, cache)
     tasks, outcomes, carried = [], {}, 0
     settings = data.preprocess.model_dump(mode="json")
     for id_ in ids:
@@ -278,9 +360,7 @@ def _previous_outcomes(previous: pd.DataFrame | None, cache: Path) -> dict[str, 
         records = rows.to_dict("records")
         first = records[0]
         if first["status"] == "ok":
-            present = all((cache / "images" / f"{r['id']}.npy").is_file() for r in records)
-            present &= all((cache / "masks" / f"{r['id']}.npy").is_file() for r in records if r["has_mask"])
-            if not present:
+            if not _arrays_present(cache, records):
                 continue
             outcome = SampleOutcome(str(source_id), [_geometry_of(r) for r in records])
         else:
@@ -288,6 +368,41 @@ def _previous_outcomes(previous: pd.DataFrame | None, cache: Path) -> dict[str, 
                 str(source_id), [], str(first["stage"]), str(first["error"]), str(first["source_key"])
             )
         found[str(source_id)] = (str(first["fingerprint"]), outcome)
+    return found
+
+
+def _arrays_present(cache: Path, rows: list[dict[str, Any]]) -> bool:
+    present = all((cache / "images" / f"{r['id']}.npy").is_file() for r in rows)
+    return present and all((cache / "masks" / f"{r['id']}.npy").is_file() for r in rows if r["has_mask"])
+
+
+# -------------------------------------------------------------------------------------- journal
+def _journal(fh, outcome: SampleOutcome, fingerprint: str) -> None:
+    """Append one finished sample (its arrays are already in place) and fsync: crash-consistent."""
+    record = {
+        "fingerprint": fingerprint,
+        **{k: getattr(outcome, k) for k in ("id", "rows", "stage", "error", "key")},
+    }
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def read_journal(path: Path, cache: Path) -> dict[str, tuple[str, SampleOutcome]]:
+    """An interrupted run's finished samples: source id -> (fingerprint, outcome). A torn last line
+    (the kill came mid-write) and samples whose arrays are gone are left out, so they run again."""
+    if not path.is_file():
+        return {}
+    found: dict[str, tuple[str, SampleOutcome]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        outcome = SampleOutcome(record["id"], record["rows"], record["stage"], record["error"], record["key"])
+        if outcome.ok and not _arrays_present(cache, outcome.rows):
+            continue
+        found[outcome.id] = (record["fingerprint"], outcome)
     return found
 
 
@@ -311,32 +426,109 @@ def sample_fingerprint(image: Iterable[FileInfo], mask: Iterable[FileInfo]) -> s
     return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:20]
 
 
-def _worker_count(requested: int, n_tasks: int) -> int:
-    return max(1, min(requested, n_tasks // MIN_SAMPLES_PER_WORKER, os.cpu_count() or 1))
+def worker_count(requested: int, tasks: list[SampleTask], memory_gb: float) -> tuple[int, str]:
+    """Workers to start, and the line that says why: no more than requested, than the cores, than
+    tasks // MIN_SAMPLES_PER_WORKER, and than fit in memory at :func:`worker_memory_bytes` each."""
+    by_cpu = max(1, min(requested, len(tasks) // MIN_SAMPLES_PER_WORKER, os.cpu_count() or 1))
+    if not tasks:
+        return 1, "nothing to process"
+    voxels, shown = largest_volume(tasks)
+    need, budget = worker_memory_bytes(voxels), memory_budget(memory_gb)
+    by_memory = max(1, int(budget // need) - 1)  # the parent works too while the pool starts (see _run)
+    workers = min(by_cpu, by_memory)
+    where = "data.preprocess.memory_gb" if memory_gb else "available now"
+    line = (
+        f"{workers} worker(s) (asked {requested}); largest volume {shown} needs ~{need / 2**30:.1f} GB "
+        f"per worker, {budget / 2**30:.1f} GB {where}"
+    )
+    if need > budget:
+        line += "; it may not fit even alone: free memory or raise data.preprocess.memory_gb"
+    return workers, line
+
+
+def worker_memory_bytes(voxels: int) -> int:
+    """The bound one worker stays under: 3x the source volume as float32, plus the interpreter."""
+    return 3 * 4 * int(voxels) + WORKER_BASE_BYTES
+
+
+def memory_budget(memory_gb: float) -> int:
+    """``memory_gb`` in bytes, or (0) the memory available now (``MemAvailable``; 8 GiB if unknown)."""
+    if memory_gb:
+        return int(memory_gb * 2**30)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def largest_volume(tasks: list[SampleTask]) -> tuple[int, str]:
+    """(voxels, "DxHxW") of the largest sample, from the headers of the HEADER_PROBES samples with the
+    most bytes. Remote files are not fetched for this: their size stands in (as int16 at 2:1 gzip)."""
+    biggest = sorted(tasks, key=lambda t: -sum(f.size for f in t.image))[:HEADER_PROBES]
+    best, shown = 0, "?"
+    for task in biggest:
+        files = task.image
+        if any(is_remote(f.url) for f in files):
+            voxels, label = sum(f.size for f in files), f"~{sum(f.size for f in files) / 2**20:.0f} MB object"
+        else:
+            paths = [Path(f.url) for f in files]
+            try:
+                if len(paths) == 1 and declared_size_problem(paths[0]):
+                    continue  # an impossible header is the worker's recorded skip, not a size
+                header = read_header(paths)
+            except Exception:  # an unreadable header is reported by the worker that reads the file
+                continue
+            voxels, label = int(np.prod(header.shape, dtype=np.int64)), "x".join(map(str, header.shape))
+        if voxels > best:
+            best, shown = voxels, label
+    return best, shown
 
 
 def _run(tasks: list[SampleTask], workers: int) -> Iterable[SampleOutcome]:
-    """Process tasks inline (1 worker) or in a spawn-started process pool, with a progress bar."""
+    """Process tasks inline (1 worker) or in a forkserver process pool, with a progress bar.
+
+    The pool takes seconds to start (a fresh interpreter imports torch and MONAI), so the parent
+    processes samples itself until a worker answers a ping: the start-up no longer costs throughput.
+    Then the pool is fed 2 tasks per worker at a time, so breaking out of the loop leaves little to cancel.
+    """
     if not tasks:
         return
-    with progress_bar("preprocess", total=len(tasks)) as bar:
+    queue = list(reversed(tasks))  # pop() takes them in order
+    with progress_bar("preprocess", total=len(tasks)) as bar, ExitStack() as stack:
         if workers == 1:
-            for task in tasks:
-                outcome = process_sample(task)
+            while queue:
+                outcome = process_sample(queue.pop())
                 bar.advance(1)
                 yield outcome
             return
-        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker) as pool:
-            pending: set[Future] = {pool.submit(process_sample, t) for t in tasks}
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        bar.advance(1)
-                        yield future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+        pool = stack.enter_context(
+            ProcessPoolExecutor(
+                workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(os.getpid(),)
+            )
+        )
+        pings = [pool.submit(os.getpid) for _ in range(workers)]  # start the workers in the background
+        while queue and not any(p.done() for p in pings):  # meanwhile the parent works itself
+            outcome = process_sample(queue.pop())
+            bar.advance(1)
+            yield outcome
+        pending: set[Future] = set()
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * workers:
+                    pending.add(pool.submit(process_sample, queue.pop()))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    bar.advance(1)
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -349,11 +541,46 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     import torch
 
     torch.set_num_threads(1)
     os.environ["MEDCTL_NO_PROGRESS"] = "1"
+    _die_with(parent_pid)
+
+
+def _die_with(parent_pid: int) -> None:
+    """End this worker when ``parent_pid`` (the medctl process) dies, even by SIGKILL: the kernel's
+    parent-death signal where Linux offers it (our parent is the forkserver, which exits with medctl),
+    and a thread that checks on medctl every half second everywhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), daemon=True, name="medctl-parent-watch"
+    ).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while _alive(parent_pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ----------------------------------------------------------------------------------- one sample
@@ -361,9 +588,10 @@ def process_sample(task: SampleTask) -> SampleOutcome:
     """Fetch, read, validate, transform and write one sample; any failure becomes a record."""
     settings = PreprocessConfig.model_validate(task.settings)
     stage, key = "fetch", task.image[0].key
+    downloads: dict[str, str] = {}  # local copy -> source URL, so messages name the source
     try:
-        image_paths = [_local(f, task) for f in task.image]
-        mask_paths = [_local(f, task) for f in task.mask]
+        image_paths = [_local(f, task, downloads) for f in task.image]
+        mask_paths = [_local(f, task, downloads) for f in task.mask]
         stage = "read"
         if task.eeg is not None:  # an EEG recording -> spectrogram windows, one cached array and row each
             eeg = EEGConfig.model_validate(task.eeg)
@@ -374,6 +602,10 @@ def process_sample(task: SampleTask) -> SampleOutcome:
             for window in windows:
                 save_npy_atomic(Path(task.cache_dir) / "images" / f"{window.row['id']}.npy", window.array)
             return SampleOutcome(task.id, [w.row for w in windows])
+        if len(image_paths) == 1:
+            problem = declared_size_problem(image_paths[0])  # before any pixel is allocated
+            if problem:
+                raise DataError(problem)
         image = read_image(image_paths)
         mask = None
         if mask_paths:
@@ -386,18 +618,25 @@ def process_sample(task: SampleTask) -> SampleOutcome:
         processed = preprocess_image(image, mask, settings)
         stage = "write"
         rows = [_write(task, image, p, sliced=bool(settings.slices)) for p in processed]
+    except StorageUnavailable as exc:  # an outage: not this file's fault, and not recorded as one
+        return SampleOutcome(task.id, [], "fetch", exc.reason, key, unreachable=exc.endpoint)
     except Exception as exc:  # a bad file is a record in data_errors.csv, never a crash of the run
         message = redact_secrets(str(exc) or type(exc).__name__).replace("\n", " ")
+        for local, url in downloads.items():
+            message = message.replace(local, url)
         if not isinstance(exc, DataError):
             message = f"{type(exc).__name__}: {message}"
         return SampleOutcome(task.id, [], stage, message, key)
     return SampleOutcome(task.id, rows)
 
 
-def _local(info: FileInfo, task: SampleTask) -> Path:
-    return local_copy(
+def _local(info: FileInfo, task: SampleTask, downloads: dict[str, str]) -> Path:
+    path = local_copy(
         info, download_dir=task.download_dir, endpoint_url=task.endpoint_url, retries=task.retries
     )
+    if is_remote(info.url):
+        downloads[str(path)] = info.url
+    return path
 
 
 def _write(task: SampleTask, image, processed, *, sliced: bool) -> dict[str, Any]:
@@ -542,13 +781,15 @@ def write_manifest(cache: Path, manifest: pd.DataFrame) -> None:
     _write_bytes_atomic(cache / "manifest.parquet", buffer.getvalue())
 
 
-def write_errors(cache: Path, manifest: pd.DataFrame) -> None:
+def write_errors(cache: Path, manifest: pd.DataFrame, root: str = "") -> None:
+    """``data_errors.csv``; the key is the source URL (``s3://bucket/key``) when ``root`` is remote."""
     failed = manifest[manifest.status == "failed"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(ERROR_COLUMNS)
     for row in failed.itertuples():
-        writer.writerow([row.source_id, row.source_key, row.stage, row.error])
+        key = join_url(root, row.source_key) if is_remote(root) and row.source_key else row.source_key
+        writer.writerow([row.source_id, key, row.stage, row.error])
     write_text_atomic(cache / "data_errors.csv", buffer.getvalue())
 
 

@@ -4,7 +4,7 @@ Conventions (every reader, every cache row, every map written back):
 - ``array`` is channel-first ``(C, D, H, W)`` for volumes and ``(C, H, W)`` for 2D images, in the
   file's own dtype. Spatial axes are in C order, slowest first: D is the slice axis (NRRD/NIfTI third
   index, the DICOM stacking direction), H the image rows, W the columns. A 4th NIfTI axis (time,
-  echoes) and NRRD "list"/"vector" axes become channels.
+  echoes) and NRRD "list"/"vector" axes become channels (``data.preprocess.volume_index`` keeps one).
 - ``spacing[a]`` is the physical step along array axis ``a`` (mm); ``origin`` the world position of
   voxel 0; ``direction[:, a]`` the unit world vector of axis ``a``. World coordinates are LPS (the
   DICOM/ITK/NRRD convention; NIfTI's RAS is converted), so
@@ -43,6 +43,7 @@ _FORMATS = {
     ".bmp": "pillow",
     **{s: "dicom" for s in DICOM_SUFFIXES},
 }
+GZIP_MAX_RATIO = 1032  # deflate never expands data more than ~1032:1
 _FORMAT_NAMES = {"dicom": "DICOM", "nrrd": "NRRD", "nifti": "NIfTI", "numpy": "NumPy", "pillow": "image"}
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -272,6 +273,75 @@ def _read_header(fmt: str, paths: Sequence[Path]) -> ImageHeader:
         shapes.append((int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)))
     depth = sum(s[0] for s in shapes)
     return ImageHeader((depth, shapes[0][1], shapes[0][2]), "dicom")
+
+
+def declared_size_problem(path: str | Path) -> str | None:
+    """Why ``path``'s header cannot be true (it declares more voxels than the file can hold), or None.
+
+    Read from the header alone, before any pixel is allocated: raw data must fit in the file, gzip data
+    in ~1032x the file (deflate's limit). NRRD, NIfTI and .npy are checked; other formats, and headers
+    that cannot be parsed (:func:`read_image` reports those), return None.
+    """
+    path = Path(path)
+    try:
+        declared = _declared_storage(path)
+    except Exception:  # an unparsable header is read_image's to report, in its words
+        return None
+    if declared is None:
+        return None
+    shape, dtype, encoding, room = declared
+    wanted = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    limit = {"raw": room, "gzip": room * GZIP_MAX_RATIO, "gz": room * GZIP_MAX_RATIO}.get(encoding)
+    if limit is None or wanted <= limit:
+        return None
+    return (
+        f"{path.name}: the header declares {'x'.join(map(str, shape))} {dtype.name} "
+        f"({wanted / 2**20:.1f} MiB) but the {encoding} file can hold at most {limit / 2**20:.1f} MiB: "
+        "the file is truncated or its header is wrong"
+    )
+
+
+def _declared_storage(path: Path) -> tuple[tuple[int, ...], np.dtype, str, int] | None:
+    """(shape, dtype, encoding, bytes after the header) from the header; None for unchecked formats."""
+    fmt = image_format(path)
+    size = path.stat().st_size
+    if fmt == "nrrd":
+        import nrrd
+        import nrrd.reader
+
+        header = nrrd.read_header(str(path))
+        if "data file" in header or "datafile" in header:  # detached data: the .nhdr holds no pixels
+            return None
+        shape = tuple(int(s) for s in reversed(header["sizes"]))
+        return (
+            shape,
+            np.dtype(nrrd.reader._determine_datatype(header)),
+            str(header.get("encoding", "raw")),
+            size,
+        )
+    if fmt == "nifti":
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        if path.name.lower().endswith(".gz"):
+            return tuple(reversed(img.shape)), np.dtype(img.get_data_dtype()), "gzip", size
+        return (
+            tuple(reversed(img.shape)),
+            np.dtype(img.get_data_dtype()),
+            "raw",
+            size - int(img.dataobj.offset),
+        )
+    if fmt == "numpy" and path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(fh)
+            return tuple(shape), np.dtype(dtype), "raw", size - fh.tell()
+    return None
 
 
 # ------------------------------------------------------------------------------------------- NRRD

@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
 from medctl.data.dataset import CacheDataset, read_summary, target_specs
-from medctl.data.preprocess import preprocess
+from medctl.data.preprocess import missing_ids, preprocess
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
 from medctl.evaluation.bootstrap import headline_metrics
@@ -727,6 +727,7 @@ def write_results(
         "data_fingerprint": result.data_fingerprint,
         "cache_fingerprint": preprocessing["cache_fingerprint"],
         "split_manifest_hash": preprocessing["split_manifest_hash"],
+        "missing_ids": missing_ids(result.cache_dir),  # not fetched (storage outage; data.allow_incomplete)
         "best_checkpoint": str(result.best_checkpoint),
         "warnings": result.warnings,
         "pretraining_overlap": result.pretraining_overlap,
