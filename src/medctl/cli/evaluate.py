@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
+from medctl.cli.common import ConfigOption, OverridesArgument, command_line, console, handle_errors
 
 
 @handle_errors
@@ -43,8 +43,9 @@ def evaluate_command(
     from medctl.evaluation.stage import run_evaluate  # torch and MONAI load only when this command runs
 
     result = run_evaluate(
-        ckpt, split=split, out_dir=out, n_bootstrap=bootstrap, config_file=config, overrides=overrides or []
-    )
+        ckpt, split=split, out_dir=out, n_bootstrap=bootstrap, config_file=config, overrides=overrides or [],
+        command=command_line(),
+    )  # fmt: skip
     metrics = result.metrics
     for name, target in metrics["targets"].items():
         table = Table(title=f"{name} ({target['kind']}) on {result.n_samples} {split} samples")
@@ -58,7 +59,14 @@ def evaluate_command(
             table.add_row(key.replace("_", " "), value, interval)
         console.print(table)
     console.print(
-        f"[green]✓[/] {result.out_dir}: {result.preds_path.name}, metrics.json, report.md",
+        f"[green]✓[/] {result.out_dir}: {result.preds_path.name}, metrics.json, report.md, env.json",
+        soft_wrap=True,
+        highlight=False,
+    )
+    origin = metrics["provenance"]
+    console.print(
+        f"  checkpoint sha256 {origin['checkpoint_sha256'][:12]}, cache {origin['cache_fingerprint']}, "
+        f"splits {origin['split_manifest_hash']}, git {(origin['git_sha'] or 'unknown')[:12]}",
         soft_wrap=True,
         highlight=False,
     )

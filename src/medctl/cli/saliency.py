@@ -110,6 +110,7 @@ def saliency_command(
 
     Example: medctl saliency --ckpt runs/ft/checkpoints/best.ckpt --ids sub-003 --method gradcam --gradcam-layer layer3
     """
+    from medctl.saliency.scoring import describe
     from medctl.saliency.stage import run_saliency_stage  # torch and Captum load only when this command runs
 
     layer_override = [f"saliency.gradcam_layer={json.dumps(gradcam_layer)}"] if gradcam_layer else []
@@ -131,33 +132,26 @@ def saliency_command(
         title=f"saliency of `{result.target_name}` on {result.n_samples} sample(s) ({result.samples})"
     )
     table.add_column("method", no_wrap=True)
-    for column in ("pointing game", "input baseline", "chance", "mass in mask", "random. ρ", "s/map"):
-        table.add_column(column, justify="right")
-    table.add_column("verdict")
+    for column in ("pointing game", "chance", "mass in mask", "random. ρ", "s/map"):
+        table.add_column(column, justify="right", no_wrap=column == "pointing game")
     saliency = result.result
     for method, scores in saliency.scores.items():
         table.add_row(
             method,
             _hits(scores),
-            _num(scores["input_baseline_rate"]),
             _num(scores["pointing_chance"]),
             _num(scores["mass_in_mask"]),
             _num(scores["randomisation_spearman"], 2),
             _num(scores["seconds"], 2),
-            scores["verdict"] or "—",
         )
-    for name, scores in saliency.baselines.items():
+    for name, scores in saliency.baselines.items():  # the same scores for maps made without the model
         table.add_row(
-            f"{name.replace('_', ' ')} (no model)",
-            _hits(scores),
-            "",
-            _num(scores["pointing_chance"]),
-            _num(scores["mass_in_mask"]),
-            "",
-            "",
-            "baseline",
-        )
+            f"[dim]{name.replace('_', ': ', 1)}[/]", _hits(scores), _num(scores["pointing_chance"]),
+            _num(scores["mass_in_mask"]), "", "",
+        )  # fmt: skip
     console.print(table)
+    for method, scores in saliency.scores.items():
+        console.print(f"  {describe(method, scores)}", soft_wrap=True, highlight=False)
     beating = [m for m, s in saliency.scores.items() if s["beats_input_baseline"]]
     if saliency.baselines:
         console.print(
@@ -174,9 +168,10 @@ def saliency_command(
             highlight=False,
         )
     console.print(
-        "  pointing game: share of lesion samples whose map peaks in the mask; input baseline: the better of "
-        "the image's own intensity and edge maps, no model; chance: the mask's share of the image. random. ρ: "
-        "rank correlation with the maps of a re-initialised model (high: the map shows the input, not the model).",
+        "  pointing game: share of lesion samples whose map peaks in the mask (a map with no peak is a miss); "
+        "input: the image's own intensity and edge maps scored the same way, no model (input baseline: the "
+        "better of the two); chance: the mask's share of the image. random. ρ: rank correlation with the maps "
+        "of a re-initialised model (high: the map shows the input, not the model).",
         highlight=False,
     )
     if saliency.cam_layer is not None:

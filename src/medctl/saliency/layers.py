@@ -123,7 +123,11 @@ def choose_cam_layer(
     layers = spatial_layers(classifier, x)
     if not layers:
         return CamLayerChoice(own, rule="no spatial map found in the forward pass; the encoder's own layer")
-    candidates = [{"name": layer.name, "shape": list(layer.shape), "stride": list(layer.stride)} for layer in layers]
+    deepest_per_shape = {layer.shape: layer for layer in layers}  # the last module to finish at each size
+    candidates = [
+        {"name": layer.name, "shape": list(layer.shape), "stride": list(layer.stride)}
+        for layer in deepest_per_shape.values()
+    ]
     extent = tuple(float(e) for e in target_extent) if target_extent else None
     if extent is not None and len(extent) == x.ndim - 2:
         limits = tuple(max(1.0, e / CELLS_ACROSS_TARGET) for e in extent)
