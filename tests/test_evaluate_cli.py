@@ -151,7 +151,12 @@ def test_evaluate_records_where_its_numbers_come_from(trained, tmp_path):
     assert origin["same_data_as_training"] is True
     assert origin["git_sha"] == git_state()["git_sha"] and origin["medctl"]
     env = json.loads((out / "env.json").read_text())
-    assert env["seed"] == 5 and env["torch"] and env["command"].startswith("medctl") and env["git_sha"] == origin["git_sha"]
+    assert (
+        env["seed"] == 5
+        and env["torch"]
+        and env["command"].startswith("medctl")
+        and env["git_sha"] == origin["git_sha"]
+    )
     report = (out / "report.md").read_text()
     assert "## Provenance" in report and sha in report and str(ckpt.resolve()) in report
     assert origin["split_manifest_hash"] in report and "env.json" in report

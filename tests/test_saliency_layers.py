@@ -24,10 +24,14 @@ def test_mt3_maps_are_found_in_forward_order_with_their_strides(seed):
     layers = {layer.name: layer for layer in spatial_layers(model, x)}
     names = list(layers)
     assert [n for n in names if n.count(".") == 1 and n.startswith("stem.")] == ["stem.0", "stem.1", "stem.2"]
-    assert names.index("stem.1.norm2") < names.index("stem.1") < names.index("stem.2")  # a stage after its parts
+    assert (
+        names.index("stem.1.norm2") < names.index("stem.1") < names.index("stem.2")
+    )  # a stage after its parts
     assert [layers[f"stem.{i}"].stride for i in range(3)] == [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
     assert layers["stem.2"].shape == (4, 8, 8)  # the encoder's own CAM layer: too coarse for small lesions
-    assert not any(n.startswith(("plane_embed", "transformer")) for n in names)  # 2D planes and tokens are not maps
+    assert not any(
+        n.startswith(("plane_embed", "transformer")) for n in names
+    )  # 2D planes and tokens are not maps
 
 
 def test_the_choice_follows_the_lesion_size(seed):

@@ -168,7 +168,10 @@ def test_zero_maps_stay_in_the_pointing_game_denominator():
     hit = np.zeros(mask.shape, np.float32)
     hit[2, 3, 3] = 1.0
     maps = [hit, np.zeros_like(hit), np.zeros_like(hit), hit]
-    rows = [{"method": "cam", "pointing_hit": pointing_game(m, mask), "mass_in_mask": mass_in_mask(m, mask)} for m in maps]
+    rows = [
+        {"method": "cam", "pointing_hit": pointing_game(m, mask), "mass_in_mask": mass_in_mask(m, mask)}
+        for m in maps
+    ]
     rows.append({"method": "cam", "pointing_hit": pointing_game(hit, np.zeros_like(mask))})  # no lesion
     summary = summarise(rows)["cam"]
     assert summary["n"] == 5 and summary["n_scored"] == 4 and summary["pointing_hits"] == 2
@@ -209,8 +212,12 @@ def test_judge_compares_with_the_stronger_input_baseline_and_flags_weight_indepe
             for h in hits
         ]  # fmt: skip
 
-    scores = summarise(rows("ig", [True, True, True, True], 0.66) + rows("cam", [True, True, True, False], 0.1))
-    baselines = summarise(rows("input_intensity", [True, True, False, False]) + rows("input_edges", [True, True, True, False]))
+    scores = summarise(
+        rows("ig", [True, True, True, True], 0.66) + rows("cam", [True, True, True, False], 0.1)
+    )
+    baselines = summarise(
+        rows("input_intensity", [True, True, False, False]) + rows("input_edges", [True, True, True, False])
+    )
     judged = judge(scores, baselines, threshold=0.5)
     ig, cam = judged["ig"], judged["cam"]
     assert ig["input_baseline"] == "input_edges" and ig["input_baseline_rate"] == 0.75

@@ -155,8 +155,9 @@ def saliency_command(
     beating = [m for m, s in saliency.scores.items() if s["beats_input_baseline"]]
     if saliency.baselines:
         console.print(
-            f"  beat the input baseline: {', '.join(beating)}" if beating else
-            "  no method beats the input baseline: the image alone points at the lesions as well",
+            f"  beat the input baseline: {', '.join(beating)}"
+            if beating
+            else "  no method beats the input baseline: the image alone points at the lesions as well",
             highlight=False,
         )
     flagged = [m for m, s in saliency.scores.items() if s["input_driven"]]

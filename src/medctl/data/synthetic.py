@@ -237,9 +237,10 @@ def synthetic_sample(
     for _ in range(distractors):  # brighter than any lesion, half a lesion's radius, never on one
         radius_mm = rng.uniform(0.05, 0.07) * extent.min()
         centre = organ_centre + rng.uniform(-0.5, 0.5, dims) * organ_radius
-        ball = sum(
-            ((g - c) * (e / 2) / radius_mm) ** 2 for g, c, e in zip(grids, centre, extent, strict=True)
-        ) <= 1.0
+        ball = (
+            sum(((g - c) * (e / 2) / radius_mm) ** 2 for g, c, e in zip(grids, centre, extent, strict=True))
+            <= 1.0
+        )
         tissue = np.where(ball & organ & (mask == 0), tissue + rng.uniform(2.6, 3.0), tissue)
     bias = np.exp(0.15 * _smooth_noise(size, rng, cells=2))  # smooth multiplicative field
     scale, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)

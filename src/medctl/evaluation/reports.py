@@ -325,4 +325,9 @@ def provenance_markdown(provenance: Mapping[str, Any]) -> list[str]:
             name = f"{key}.{sub}" if sub else key
             shown = "—" if item is None else f"`{_esc(item)}`"
             lines.append(f"| {name.replace('_', ' ')} | {shown} |")
-    return [*lines, "", "The environment (versions, device, command) is in `env.json` beside this report.", ""]
+    return [
+        *lines,
+        "",
+        "The environment (versions, device, command) is in `env.json` beside this report.",
+        "",
+    ]

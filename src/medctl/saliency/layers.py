@@ -119,7 +119,9 @@ def choose_cam_layer(
     own = next((name for name, m in encoder.named_modules() if m is encoder.gradcam_layer), "")
     layout = getattr(encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map"))
     if layout == "tokens":
-        return CamLayerChoice(own, rule="token encoder: every block keeps the patch grid; the deepest is read")
+        return CamLayerChoice(
+            own, rule="token encoder: every block keeps the patch grid; the deepest is read"
+        )
     layers = spatial_layers(classifier, x)
     if not layers:
         return CamLayerChoice(own, rule="no spatial map found in the forward pass; the encoder's own layer")
@@ -131,7 +133,9 @@ def choose_cam_layer(
     extent = tuple(float(e) for e in target_extent) if target_extent else None
     if extent is not None and len(extent) == x.ndim - 2:
         limits = tuple(max(1.0, e / CELLS_ACROSS_TARGET) for e in extent)
-        fine = [layer for layer in layers if all(s <= lim for s, lim in zip(layer.stride, limits, strict=True))]
+        fine = [
+            layer for layer in layers if all(s <= lim for s, lim in zip(layer.stride, limits, strict=True))
+        ]
         rule = (
             f"the deepest map with cells at most 1/{CELLS_ACROSS_TARGET} of the lesions' median extent "
             f"({'x'.join(f'{e:g}' for e in extent)} voxels)"

@@ -192,7 +192,9 @@ def run_saliency(
 
             folder = out_dir / "maps" / safe_name(sample_id)
             write_nrrd(folder / "image.nrrd", display, grid)
-            sample_baselines = baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
+            sample_baselines = (
+                baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
+            )
             baselines += sample_baselines
             check = randomised is not None and n_checked < randomisation_samples
             n_checked += check
@@ -283,7 +285,9 @@ def cam_layer_for(
         choice = choose_cam_layer(classifier, x, target_extent)
         log(f"saliency: the CAMs read {choice.name or 'the encoder output'}: {choice.rule}")
         return choice
-    rule = "the encoder's own last spatial layer" if gradcam_layer == "last" else "set by saliency.gradcam_layer"
+    rule = (
+        "the encoder's own last spatial layer" if gradcam_layer == "last" else "set by saliency.gradcam_layer"
+    )
     return CamLayerChoice(gradcam_layer, rule=rule)
 
 

@@ -178,9 +178,7 @@ def randomised_copy(
                 method()
                 reset.append(".".join(p for p in (name, sub_name) if p))
         if scope == "full":
-            covered = {
-                id(p) for m in model.modules() if id(m) in seen for p in m.parameters(recurse=False)
-            }
+            covered = {id(p) for m in model.modules() if id(m) in seen for p in m.parameters(recurse=False)}
             for param_name, param in model.named_parameters():
                 if id(param) not in covered:
                     with torch.no_grad():
