@@ -75,7 +75,7 @@ def demo_command(
     from medctl.saliency.scoring import describe
 
     for method, scores in result.saliency_scores.items():
-        console.print(f"saliency {describe(method, scores)}", highlight=False)
+        console.print(f"saliency {describe(method, scores)}", soft_wrap=True, highlight=False)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")
