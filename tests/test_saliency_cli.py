@@ -367,15 +367,8 @@ def test_two_dimensional_maps_and_a_second_target(synthetic_2d, classifier_2d):
 
 
 # ------------------------------------------------------------------------------- pointing game (slow)
-@pytest.fixture(scope="module")
-def lesion_scores(tmp_path_factory):
-    """A resnet fine-tuned 12 epochs on 48 synthetic volumes of 32x64x64, explained on its test split at
-    the source resolution: per-method scores, Grad-CAM both on layer4 (the default, 1/8 of the input) and
-    on layer2 (1/2). Figures in benchmarks/RESULTS.md."""
-    from medctl.data.synthetic import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("pointing")
-    dataset = make_synthetic_dataset(root / "data", n=48, dims=3, size=(32, 64, 64), seed=0)
+def finetune_fine_resnet(dataset, root: Path, *, epochs: int, name: str):
+    """resnet_test_3d without max-pool and with conv1 stride 1 (layer4 at 1/8 of the input), fine-tuned."""
     config = load_config(
         None,
         [
@@ -386,18 +379,30 @@ def lesion_scores(tmp_path_factory):
             'model.encoder="resnet_test_3d"',
             "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
             "model.freeze_encoder=false",
-            "train.epochs=12",
+            f"train.epochs={epochs}",
             "train.lr_head=3e-3",
             "train.lr_encoder=3e-3",
             "train.warmup_epochs=1",
             "train.patience=0",
             f"run.root={json.dumps(str(root / 'runs'))}",
-            'run.name="lesions"',
+            f'run.name="{name}"',
             "run.seed=0",
         ],
         env={},
     )
-    trained = run_finetune(config)
+    return run_finetune(config)
+
+
+@pytest.fixture(scope="module")
+def lesion_scores(tmp_path_factory):
+    """A resnet fine-tuned 12 epochs on 48 synthetic volumes of 32x64x64, explained on its test split at
+    the source resolution: per-method scores, Grad-CAM both on layer4 (``"last"``, the encoder's own layer,
+    1/8 of the input) and on layer2 (1/2). Figures in benchmarks/RESULTS.md."""
+    from medctl.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pointing")
+    dataset = make_synthetic_dataset(root / "data", n=48, dims=3, size=(32, 64, 64), seed=0)
+    trained = finetune_fine_resnet(dataset, root, epochs=12, name="lesions")
     settings = [
         "saliency.ig_steps=16",
         "saliency.max_samples=20",
@@ -405,7 +410,10 @@ def lesion_scores(tmp_path_factory):
         'saliency.target="true"',  # the pointing game's protocol: explain the labelled class
     ]
     scores = run_saliency_stage(
-        trained.best_checkpoint, split="test", methods=["integrated_gradients", "gradcam"], overrides=settings
+        trained.best_checkpoint,
+        split="test",
+        methods=["integrated_gradients", "gradcam"],
+        overrides=[*settings, 'saliency.gradcam_layer="last"'],
     ).result.scores
     layer2 = run_saliency_stage(
         trained.best_checkpoint, split="test", methods=["gradcam"], out_dir=root / "layer2",
@@ -444,28 +452,7 @@ def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_
     dataset = make_synthetic_dataset(
         tmp_path / "data", n=48, dims=3, size=(16, 32, 32), seed=0, distractors=2
     )
-    config = load_config(
-        None,
-        [
-            *dataset.config_overrides(),
-            "data.preprocess.workers=1",
-            "data.batch_size=4",
-            'run.device="cpu"',
-            'model.encoder="resnet_test_3d"',
-            "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
-            "model.freeze_encoder=false",
-            "train.epochs=8",
-            "train.lr_head=3e-3",
-            "train.lr_encoder=3e-3",
-            "train.warmup_epochs=1",
-            "train.patience=0",
-            f"run.root={json.dumps(str(tmp_path / 'runs'))}",
-            'run.name="ft"',
-            "run.seed=0",
-        ],
-        env={},
-    )
-    ckpt = run_finetune(config).best_checkpoint
+    ckpt = finetune_fine_resnet(dataset, tmp_path, epochs=8, name="ft").best_checkpoint
     out_dir = tmp_path / "explained"
     out = invoke(
         "--ckpt", str(ckpt), "--split", "test", "--out", str(out_dir),
