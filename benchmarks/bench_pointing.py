@@ -2,11 +2,14 @@
 
     uv run python benchmarks/bench_pointing.py                 # both scenarios below, about 4 minutes on 2 cores
     uv run python benchmarks/bench_pointing.py --scenario mt3 --no-write
+    uv run python benchmarks/bench_pointing.py --distractors 2   # lesions no longer the brightest structure
 
 Each scenario makes the synthetic lesion dataset, fine-tunes a classifier with `medctl finetune` and explains
 its test split with `medctl saliency` (target: the labelled class, pointing tolerance 0), once per CAM layer:
 the encoder's default (its last spatial map) and finer ones given with `--gradcam-layer`. Chance is the
-mask's share of the volume, the hit rate of a peak placed at random. The commands run as a user runs them,
+mask's share of the volume, the hit rate of a peak placed at random; the input rows score the image's own
+intensity and edge maps the same way, without a model (`--distractors N` adds N balls brighter than any
+lesion to every volume, so the intensity map misses). The commands run as a user runs them,
 in subprocesses; the figures come from each run's `scores.json`, are printed and appended, dated and with the
 machine, to benchmarks/RESULTS.md.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -66,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--n", type=int, default=48, help="synthetic volumes per scenario")
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--distractors", type=int, default=0, help="bright non-lesion balls per volume")
     parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     return parser.parse_args()
@@ -78,9 +83,11 @@ def medctl(*args: str) -> None:
         sys.exit(f"medctl {' '.join(args[:3])} ... failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-def finetune(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[Path, dict]:
+def finetune(scenario: Scenario, root: Path, n: int, epochs: int, distractors: int) -> tuple[Path, dict]:
     """Make the data, fine-tune the whole classifier; returns best.ckpt and results.json."""
-    dataset = make_synthetic_dataset(root / "data", n=n, dims=3, size=scenario.size, seed=0)
+    dataset = make_synthetic_dataset(
+        root / "data", n=n, dims=3, size=scenario.size, seed=0, distractors=distractors
+    )
     args = [
         *dataset.config_overrides(),
         "data.preprocess.workers=1",
@@ -105,23 +112,31 @@ def finetune(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[Path,
 
 
 def explain(ckpt: Path, out: Path, methods: tuple[str, ...], layer: str) -> dict:
-    """`medctl saliency` on the test split; the per-method scores of its scores.json."""
+    """`medctl saliency` on the test split; its scores.json."""
     method_args = [arg for method in methods for arg in ("--method", method)]
     layer_args = ["--gradcam-layer", layer] if layer else []
     medctl("saliency", "--ckpt", str(ckpt), "--split", "test", "--out", str(out), *method_args, *layer_args,
            *SALIENCY_SETTINGS)  # fmt: skip
-    return json.loads((out / "scores.json").read_text())["scores"]
+    return json.loads((out / "scores.json").read_text())
 
 
-def run_scenario(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[dict, list[dict]]:
+def run_scenario(
+    scenario: Scenario, root: Path, n: int, epochs: int, distractors: int
+) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
-    ckpt, results = finetune(scenario, root, n, epochs)
+    ckpt, results = finetune(scenario, root, n, epochs, distractors)
     rows = []
     runs = [("", scenario.methods)] + [(layer, scenario.layer_methods) for layer in scenario.finer_layers]
     for layer, methods in runs:
-        for method, scores in explain(ckpt, root / f"saliency_{layer or 'default'}", methods, layer).items():
+        report = explain(ckpt, root / f"saliency_{layer or 'default'}", methods, layer)
+        chosen = (report.get("cam_layer") or {}).get("name", "")
+        for method, scores in report["scores"].items():
             cam = method in ("gradcam", "hirescam")
-            rows.append({"method": method, "layer": (layer or "default") if cam else "-", **scores})
+            shown = (layer or f"default ({chosen})") if cam else "-"
+            rows.append({"method": method, "layer": shown, **scores})
+        if not layer:
+            for name, scores in report["baselines"].items():
+                rows.append({"method": name.replace("_", ": ", 1) + " (no model)", "layer": "-", **scores})
     info = {
         "val balanced accuracy": results["metrics"]["balanced_accuracy"],
         "seconds": time.perf_counter() - started,
@@ -129,23 +144,26 @@ def run_scenario(scenario: Scenario, root: Path, n: int, epochs: int) -> tuple[d
     return info, rows
 
 
-def table(scenario: Scenario, info: dict, rows: list[dict], n: int, epochs: int) -> list[str]:
+def table(
+    scenario: Scenario, info: dict, rows: list[dict], n: int, epochs: int, distractors: int
+) -> list[str]:
     lines = [
         f"### {scenario.encoder}{' ' + scenario.encoder_args if scenario.encoder_args else ''}, "
         f"{'x'.join(map(str, scenario.size))}",
         "",
-        f"- {n} synthetic volumes, fine-tuned {epochs} epochs (`medctl finetune`): val balanced accuracy "
+        f"- {n} synthetic volumes ({distractors} distractors each), fine-tuned {epochs} epochs (`medctl finetune`): "
+        "val balanced accuracy "
         f"{info['val balanced accuracy']:.3f}; scenario wall time {info['seconds']:.0f} s",
         "",
-        "| method | CAM layer | scored maps | pointing game | chance | mass in mask | s/map |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | CAM layer | scored maps | pointing game | chance | mass in mask | s/map | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
-        hits = round(row["pointing_hit_rate"] * row["n_scored"])
+        seconds = "" if math.isnan(row.get("seconds") or math.nan) else f"{row['seconds']:.2f}"
         lines.append(
             f"| {row['method']} | {row['layer']} | {row['n_scored']} | {row['pointing_hit_rate']:.2f} "
-            f"({hits}/{row['n_scored']}) | {row['pointing_chance']:.4f} | {row['mass_in_mask']:.3f} | "
-            f"{row['seconds']:.2f} |"
+            f"({row['pointing_hits']}/{row['n_scored']}) | {row['pointing_chance']:.4f} | "
+            f"{row['mass_in_mask']:.3f} | {seconds} | {row.get('verdict') or 'baseline'} |"
         )
     return lines
 
@@ -163,8 +181,8 @@ def main() -> None:
         base = Path(args.workdir) if args.workdir else Path(scratch)
         for name in args.scenario:
             scenario = SCENARIOS[name]
-            info, rows = run_scenario(scenario, base / name, args.n, args.epochs)
-            sections += ["", *table(scenario, info, rows, args.n, args.epochs)]
+            info, rows = run_scenario(scenario, base / name, args.n, args.epochs, args.distractors)
+            sections += ["", *table(scenario, info, rows, args.n, args.epochs, args.distractors)]
             print("\n".join(sections[-(len(rows) + 7) :]), flush=True)
     lines += [f"| {key} | {value} |" for key, value in machine().items()]
     text = "\n".join([*lines, *sections]) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nrrd
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image as PILImage
 from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import LogisticRegression
@@ -68,6 +69,22 @@ def test_lesions_grow_with_the_class_and_sit_under_the_masks(tmp_path):
             assert image[mask].mean() > 1.4 * image[ring].mean()
     assert max(volume_by_class["healthy"]) == 0
     assert 0 < np.mean(volume_by_class["mild"]) < np.mean(volume_by_class["severe"])
+
+
+def test_distractors_are_the_brightest_structure_in_every_class_and_outside_the_masks(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "distract", n=8, seed=3, distractors=2)
+    table = pd.read_csv(ds.table, sep="\t")
+    for row in table.itertuples():
+        name = f"{row.participant_id}.nrrd"
+        image = read_image(ds.image_root / name).array[0].astype(float)
+        mask = read_image(ds.mask_root / name).array[0] > 0
+        assert mask.any() == (row.label != "healthy")  # the masks hold the lesions only
+        # the brightest voxel -- where the image's own intensity map points -- is never on a lesion
+        assert not mask[np.unravel_index(np.argmax(image), image.shape)], row.participant_id
+        # every class carries them, so they say nothing of the class: a structure far above the organ
+        assert image.max() > 1.6 * np.percentile(image, 90), row.participant_id
+    with pytest.raises(ValueError, match="distractors"):
+        make_synthetic_dataset(tmp_path / "bad", n=8, distractors=-1)
 
 
 def test_a_linear_probe_on_local_features_separates_the_classes(tmp_path):

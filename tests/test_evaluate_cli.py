@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -20,12 +21,14 @@ from typer.testing import CliRunner
 
 from medctl.cli.app import app
 from medctl.config import load_config
-from medctl.data.dataset import CacheDataset
+from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.synthetic import make_synthetic_dataset
 from medctl.evaluation.stage import run_evaluate
 from medctl.finetune import run_finetune
-from medctl.models.checkpoints import encoder_payload, load_classifier, save_checkpoint
+from medctl.finetune.features import split_manifest_hash
+from medctl.models.checkpoints import encoder_payload, load_classifier, read_checkpoint, save_checkpoint
 from medctl.models.registry import build_encoder
+from medctl.runs import git_state
 
 runner = CliRunner()
 CLASSES = ["healthy", "mild", "severe"]
@@ -126,6 +129,38 @@ def test_evaluate_writes_every_artifact_with_values_equal_to_sklearn(trained):
     report = (folder / "report.md").read_text()
     assert "figures/test_confusion_label.png" in report and "figures/test_roc_label.png" in report
     assert "data:image/png;base64," in (folder / "report.html").read_text()
+
+
+def test_evaluate_records_where_its_numbers_come_from(trained, tmp_path):
+    """metrics.json and report.md name the checkpoint file, its training run, the data and the code;
+    env.json sits beside them (issue 18, item 7)."""
+    _, result = trained
+    ckpt, out = result.best_checkpoint, tmp_path / "e"
+    shown = invoke("evaluate", "--ckpt", str(ckpt), "--out", str(out), "--bootstrap", "0")
+    assert shown.exit_code == 0, shown.output
+    origin = json.loads((out / "metrics.json").read_text())["provenance"]
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert origin["checkpoint"] == str(ckpt.resolve()) and origin["checkpoint_sha256"] == sha
+    run = origin["training_run"]
+    assert run["dir"] == str(result.run_dir.resolve()) and run["name"] == "probe"
+    assert run["epoch"] == read_checkpoint(ckpt)["metrics"]["epoch"]
+    assert run["git_sha"] == json.loads((result.run_dir / "env.json").read_text())["git_sha"]
+    assert origin["cache"] == str(result.cache_dir.resolve())
+    assert origin["cache_fingerprint"] == read_summary(result.cache_dir)["fingerprint"]
+    assert origin["split_manifest_hash"] == split_manifest_hash(result.cache_dir)
+    assert origin["same_data_as_training"] is True
+    assert origin["git_sha"] == git_state()["git_sha"] and origin["medctl"]
+    env = json.loads((out / "env.json").read_text())
+    assert (
+        env["seed"] == 5
+        and env["torch"]
+        and env["command"].startswith("medctl")
+        and env["git_sha"] == origin["git_sha"]
+    )
+    report = (out / "report.md").read_text()
+    assert "## Provenance" in report and sha in report and str(ckpt.resolve()) in report
+    assert origin["split_manifest_hash"] in report and "env.json" in report
+    assert sha[:12] in " ".join(shown.output.split())
 
 
 def test_evaluating_the_validation_split_reproduces_the_training_val_preds(trained, tmp_path):

@@ -14,6 +14,7 @@ import nrrd
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
@@ -23,7 +24,7 @@ from medctl.data.dataset import read_summary, target_specs
 from medctl.data.preprocess import preprocess
 from medctl.data.readers import read_image
 from medctl.finetune import run_finetune
-from medctl.models.checkpoints import classifier_payload, save_checkpoint
+from medctl.models.checkpoints import classifier_payload, load_classifier, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder
 from medctl.saliency.stage import run_saliency_stage
@@ -158,12 +159,133 @@ def test_a_chosen_cam_layer_gives_finer_maps_and_is_recorded(trained_3d, tmp_pat
     assert result.exit_code == 0, result.output
     assert json.loads((out / "scores.json").read_text())["settings"]["gradcam_layer"] == "layer2"
     fine = nrrd.read(str(out / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
-    assert invoke(*args, "--out", str(tmp_path / "default")).exit_code == 0
+    assert invoke(*args, "--gradcam-layer", "last", "--out", str(tmp_path / "default")).exit_code == 0
     coarse = nrrd.read(str(tmp_path / "default" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
     assert fine.shape == coarse.shape == tuple(CACHED_SIZE)
     # layer4 is 1x2x2 at this size: its upsampled map has at most 4 distinct slopes per axis; layer2's many more
     assert len(np.unique(fine.round(6))) > len(np.unique(coarse.round(6)))
     assert (out / "maps" / sample_id / "hirescam.nrrd").is_file()
+
+
+def variant_checkpoint(trained, path: Path, change) -> Path:
+    """The trained classifier's checkpoint with ``change(classifier)`` applied to its weights."""
+    classifier, meta = load_classifier(trained.best_checkpoint)
+    with torch.no_grad():
+        change(classifier)
+    payload = classifier_payload(
+        classifier,
+        model_info=meta["model"],
+        targets=meta["targets"],
+        preprocessing=meta["preprocessing"],
+        config_text=meta["config"],
+    )
+    return save_checkpoint(path, payload)
+
+
+def lesion_count(trained, n: int) -> int:
+    """Lesion (edema) samples among the first ``n`` of the cached test split."""
+    test = pd.read_parquet(trained.cache_dir / "manifest.parquet").query("split == 'test' and status == 'ok'")
+    return int((test["label"].head(n) == 1).sum())
+
+
+def test_maps_with_no_peak_count_as_misses(trained_3d, tmp_path):
+    """A head that gives every input the same score: every map is zero, and each lesion sample is a miss
+    in the denominator, not left out (issue 18: "0.400 (15 scored)" for 22 lesion volumes)."""
+
+    def zero_head(classifier):
+        for parameter in classifier.heads.parameters():
+            parameter.zero_()
+
+    ckpt = variant_checkpoint(trained_3d, tmp_path / "flat" / "checkpoints" / "best.ckpt", zero_head)
+    out = invoke(
+        "--ckpt", str(ckpt), "--method", "ig", "--method", "gradcam", "--out", str(tmp_path / "s"), *FAST
+    )
+    assert out.exit_code == 0, out.output
+    lesions = lesion_count(trained_3d, 8)
+    assert lesions >= 2
+    scores = json.loads((tmp_path / "s" / "scores.json").read_text())
+    for method in ("integrated_gradients", "gradcam"):
+        entry = scores["scores"][method]
+        assert (
+            entry["n_scored"] == lesions and entry["pointing_hits"] == 0 and entry["pointing_hit_rate"] == 0.0
+        )
+        assert entry["mass_in_mask"] == 0.0
+    shown = " ".join(out.output.split())
+    assert f"integrated_gradients: pointing game 0.000 (0/{lesions}, input baseline" in shown
+    for baseline in scores["baselines"].values():  # the model-free maps are scored on the same samples
+        assert baseline["n_scored"] == lesions
+
+
+def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_3d, tmp_path):
+    """A classifier with random weights: IG from a zero baseline still follows the image (the lesions are
+    its brightest voxels), so its maps barely change under re-initialisation and are flagged; nothing it
+    does beats the model-free input baseline."""
+
+    def reinitialise(classifier):
+        torch.manual_seed(123)
+        for module in classifier.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    ckpt = variant_checkpoint(trained_3d, tmp_path / "random" / "checkpoints" / "best.ckpt", reinitialise)
+    out_dir = tmp_path / "s"
+    out = invoke(
+        "--ckpt", str(ckpt), "--method", "ig", "--method", "gradcam", "--out", str(out_dir),
+        "saliency.ig_steps=4", "saliency.randomisation_samples=3",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    shown = " ".join(out.output.split())
+    report = json.loads((out_dir / "scores.json").read_text())
+    ig, cam = report["scores"]["integrated_gradients"], report["scores"]["gradcam"]
+    assert (
+        report["settings"]["randomisation_scope"] == "full"
+        and report["settings"]["randomisation_samples"] == 3
+    )
+    assert ig["n_randomisation"] == 3 and cam["n_randomisation"] == 3  # the check ran on the first 3 only
+    assert ig["randomisation_spearman"] >= 0.5 and ig["input_driven"] is True
+    assert "depends on the input more than the model" in ig["verdict"]
+    assert ig["beats_input_baseline"] is False and cam["beats_input_baseline"] is False
+    baselines = report["baselines"]
+    assert set(baselines) == {"input_intensity", "input_edges"}
+    best = max(b["pointing_hit_rate"] for b in baselines.values())
+    assert (
+        ig["input_baseline_rate"] == best and best > 10 * ig["pointing_chance"]
+    )  # the image alone finds lesions
+    index = pd.read_csv(out_dir / "index.csv")
+    assert index["randomisation_spearman"].notna().sum() == 2 * 3
+    scored = index[index["pointing_hit"].notna()]
+    assert scored["input_intensity_hit"].notna().all() and scored["input_edges_hit"].notna().all()
+    assert "input: intensity" in shown and "input: edges" in shown
+    assert "integrated_gradients: randomisation ρ ≥ 0.5" in shown
+    assert "— no better than the input baseline; depends on the input more than the model)" in shown
+    markdown = (out_dir / "report.md").read_text()
+    assert "| input intensity (no model) |" in markdown and "Flagged by the randomisation check" in markdown
+    assert "No method beats the input baseline" in markdown
+
+
+def test_the_default_cam_layer_is_chosen_for_the_lesion_size_and_recorded(trained_3d, tmp_path):
+    ckpt = str(trained_3d.best_checkpoint)
+    sample_id = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("label == 1")["id"].iloc[0]
+    args = ["--ckpt", ckpt, "--ids", sample_id, "--method", "gradcam", *FAST]
+    assert invoke(*args, "--out", str(tmp_path / "auto")).exit_code == 0
+    chosen = json.loads((tmp_path / "auto" / "scores.json").read_text())["cam_layer"]
+    extent = chosen["target_extent"]  # measured on the cache's training masks, in cached voxels
+    assert extent and len(extent) == 3 and all(0 < e < s for e, s in zip(extent, CACHED_SIZE, strict=True))
+    by_name = {c["name"]: c for c in chosen["candidates"]}
+    assert chosen["name"] in by_name and "layer4" in by_name and chosen["name"] != "layer4"
+    assert chosen["stride"] == by_name[chosen["name"]]["stride"]
+    finer_than_needed = [
+        c
+        for c in chosen["candidates"]
+        if all(s <= max(1, e / 2) for s, e in zip(c["stride"], extent, strict=True))
+    ]
+    assert chosen["name"] == (finer_than_needed[-1]["name"] if finer_than_needed else chosen["name"])
+    assert invoke(*args, "--gradcam-layer", "last", "--out", str(tmp_path / "last")).exit_code == 0
+    last = json.loads((tmp_path / "last" / "scores.json").read_text())["cam_layer"]
+    assert last["name"] == "last" and "own last spatial layer" in last["rule"]
+    auto_map = nrrd.read(str(tmp_path / "auto" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
+    last_map = nrrd.read(str(tmp_path / "last" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
+    assert len(np.unique(auto_map.round(6))) > len(np.unique(last_map.round(6)))  # a finer map than layer4's
 
 
 def test_user_errors_are_one_line_and_exit_2(trained_3d):
@@ -245,15 +367,8 @@ def test_two_dimensional_maps_and_a_second_target(synthetic_2d, classifier_2d):
 
 
 # ------------------------------------------------------------------------------- pointing game (slow)
-@pytest.fixture(scope="module")
-def lesion_scores(tmp_path_factory):
-    """A resnet fine-tuned 12 epochs on 48 synthetic volumes of 32x64x64, explained on its test split at
-    the source resolution: per-method scores, Grad-CAM both on layer4 (the default, 1/8 of the input) and
-    on layer2 (1/2). Figures in benchmarks/RESULTS.md."""
-    from medctl.data.synthetic import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("pointing")
-    dataset = make_synthetic_dataset(root / "data", n=48, dims=3, size=(32, 64, 64), seed=0)
+def finetune_fine_resnet(dataset, root: Path, *, epochs: int, name: str):
+    """resnet_test_3d without max-pool and with conv1 stride 1 (layer4 at 1/8 of the input), fine-tuned."""
     config = load_config(
         None,
         [
@@ -264,18 +379,30 @@ def lesion_scores(tmp_path_factory):
             'model.encoder="resnet_test_3d"',
             "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
             "model.freeze_encoder=false",
-            "train.epochs=12",
+            f"train.epochs={epochs}",
             "train.lr_head=3e-3",
             "train.lr_encoder=3e-3",
             "train.warmup_epochs=1",
             "train.patience=0",
             f"run.root={json.dumps(str(root / 'runs'))}",
-            'run.name="lesions"',
+            f'run.name="{name}"',
             "run.seed=0",
         ],
         env={},
     )
-    trained = run_finetune(config)
+    return run_finetune(config)
+
+
+@pytest.fixture(scope="module")
+def lesion_scores(tmp_path_factory):
+    """A resnet fine-tuned 12 epochs on 48 synthetic volumes of 32x64x64, explained on its test split at
+    the source resolution: per-method scores, Grad-CAM both on layer4 (``"last"``, the encoder's own layer,
+    1/8 of the input) and on layer2 (1/2). Figures in benchmarks/RESULTS.md."""
+    from medctl.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pointing")
+    dataset = make_synthetic_dataset(root / "data", n=48, dims=3, size=(32, 64, 64), seed=0)
+    trained = finetune_fine_resnet(dataset, root, epochs=12, name="lesions")
     settings = [
         "saliency.ig_steps=16",
         "saliency.max_samples=20",
@@ -283,7 +410,10 @@ def lesion_scores(tmp_path_factory):
         'saliency.target="true"',  # the pointing game's protocol: explain the labelled class
     ]
     scores = run_saliency_stage(
-        trained.best_checkpoint, split="test", methods=["integrated_gradients", "gradcam"], overrides=settings
+        trained.best_checkpoint,
+        split="test",
+        methods=["integrated_gradients", "gradcam"],
+        overrides=[*settings, 'saliency.gradcam_layer="last"'],
     ).result.scores
     layer2 = run_saliency_stage(
         trained.best_checkpoint, split="test", methods=["gradcam"], out_dir=root / "layer2",
@@ -309,3 +439,31 @@ def test_gradcam_points_at_the_lesions_and_a_finer_layer_points_inside_them(lesi
     assert (
         layer2["pointing_hit_rate"] >= 0.75 and layer2["pointing_hit_rate"] > 20 * layer2["pointing_chance"]
     )
+
+
+# ------------------------------------------------- class evidence that is not the brightest structure (slow)
+@pytest.mark.slow
+def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_brightest(tmp_path):
+    """Two distractors brighter than any lesion in every volume: the image's own intensity map points at
+    them, so it misses the lesions; a trained classifier's IG has to find the lesions to beat it. About 10
+    minutes on 2 busy cores (measured with these settings: IG 2/4, intensity 0/4, edges 1/4)."""
+    from medctl.data.synthetic import make_synthetic_dataset
+
+    dataset = make_synthetic_dataset(
+        tmp_path / "data", n=48, dims=3, size=(16, 32, 32), seed=0, distractors=2
+    )
+    ckpt = finetune_fine_resnet(dataset, tmp_path, epochs=8, name="ft").best_checkpoint
+    out_dir = tmp_path / "explained"
+    out = invoke(
+        "--ckpt", str(ckpt), "--split", "test", "--out", str(out_dir),
+        "--method", "ig", "--method", "gradcam", "--method", "hirescam",
+        "saliency.ig_steps=16", "saliency.max_samples=20", 'saliency.target="true"',
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    report = json.loads((out_dir / "scores.json").read_text())
+    intensity = report["baselines"]["input_intensity"]
+    assert intensity["n_scored"] >= 3 and intensity["pointing_hit_rate"] == 0.0  # the distractors win it
+    beating = [m for m, e in report["scores"].items() if e["beats_input_baseline"]]
+    assert beating, report["scores"]
+    assert f"Beat the input baseline: {', '.join(beating)}." in (out_dir / "report.md").read_text()
+    assert f"beat the input baseline: {', '.join(beating)}" in " ".join(out.output.split())

@@ -19,7 +19,16 @@ from medctl.saliency import (
     randomised_copy,
     rank_correlation,
 )
-from medctl.saliency.scoring import last_block, peak_voxel, summarise
+from medctl.saliency.scoring import (
+    baseline_rows,
+    describe,
+    edge_map,
+    intensity_map,
+    judge,
+    last_block,
+    peak_voxel,
+    summarise,
+)
 from test_saliency_support import ball, blob_batch, make_model, train_blob_classifier
 
 
@@ -36,7 +45,7 @@ def test_pointing_game_on_hand_built_maps():
     assert pointing_game(amap, mask) is False
     assert pointing_game(amap, mask, tolerance=1) is True
     assert pointing_game(amap, np.zeros_like(mask)) is None  # nothing to point at
-    assert pointing_game(np.zeros_like(amap), mask) is None  # no peak
+    assert pointing_game(np.zeros_like(amap), mask) is False  # no peak: a miss, still in the denominator
 
 
 def test_a_plateau_points_with_its_centre_not_its_first_voxel():
@@ -60,7 +69,8 @@ def test_mass_in_mask_counts_positive_attribution_only():
     mask = np.array([[1, 1, 0, 0]], bool)
     amap = np.array([[3.0, 1.0, 4.0, -10.0]])
     assert mass_in_mask(amap, mask) == pytest.approx(4.0 / 8.0)
-    assert math.isnan(mass_in_mask(-np.abs(amap), mask))
+    assert mass_in_mask(-np.abs(amap), mask) == 0.0  # nothing positive: nothing lands in the mask
+    assert math.isnan(mass_in_mask(amap, np.zeros_like(mask)))  # no lesion: nothing to score
     assert mask_share(mask) == 0.5
     with pytest.raises(ValueError, match="shapes differ"):
         mass_in_mask(amap, mask[:, :2])
@@ -83,7 +93,7 @@ def test_rank_correlation_is_spearman_of_magnitudes():
 def test_randomised_copy_resets_heads_and_last_block_only(seed):
     model = make_model("tokens", 3, {"grade": 3}, (8, 16, 16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    copy, reset = randomised_copy(model)
+    copy, reset = randomised_copy(model, scope="top")
     after = copy.state_dict()
     assert "heads.grade" in reset and any(name.startswith("encoder.gradcam_layer") for name in reset)
     assert not torch.equal(after["heads.grade.weight"], before["heads.grade.weight"])
@@ -93,8 +103,21 @@ def test_randomised_copy_resets_heads_and_last_block_only(seed):
     for key, value in model.state_dict().items():  # the original is untouched
         assert torch.equal(value, before[key])
     state = torch.random.get_rng_state()
-    randomised_copy(model)
+    randomised_copy(model, scope="top")
     assert torch.equal(torch.random.get_rng_state(), state)  # global randomness untouched
+
+
+def test_full_randomisation_resets_every_weight(seed):
+    model = make_model("tokens", 3, {"grade": 3}, (8, 16, 16))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    copy, reset = randomised_copy(model, scope="full")
+    after = dict(copy.named_parameters())
+    for name, value in before.items():
+        if value.ndim >= 2:  # every weight matrix, kernel and embedding (norms reset to 1/0 may equal theirs)
+            assert not torch.equal(after[name], value), name
+    assert "heads.grade" in reset and "encoder.blocks.0.qkv" in reset
+    with pytest.raises(ValueError, match="full or top"):
+        randomised_copy(model, scope="half")
 
 
 def test_last_block_is_the_one_that_runs_last(seed):
@@ -104,7 +127,7 @@ def test_last_block_is_the_one_that_runs_last(seed):
     assert last_block(model)[0] == "encoder.decoder.1"  # without an example: the last registered
     name, block = last_block(model, torch.randn(1, 1, 8, 16, 16))
     assert name == "encoder.blocks.1" and block is model.encoder.blocks[1]
-    _, reset = randomised_copy(model, example=torch.randn(1, 1, 8, 16, 16))
+    _, reset = randomised_copy(model, example=torch.randn(1, 1, 8, 16, 16), scope="top")
     assert not any("decoder" in r for r in reset)
     assert last_block(make_model("cnn", 3, {"grade": 3}, (8, 16, 16))) is None  # CNN: no block list
 
@@ -136,6 +159,78 @@ def test_summary_reports_rates_and_chance_levels():
     assert summary["mass_in_mask"] == pytest.approx(0.4)
     assert summary["seconds"] == pytest.approx(2.0)
     assert math.isnan(summary["randomisation_spearman"])
+
+
+def test_zero_maps_stay_in_the_pointing_game_denominator():
+    """A CAM whose ReLU removed everything points nowhere: a miss among all lesion samples (issue 18)."""
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1:3, 2:4, 2:4] = True
+    hit = np.zeros(mask.shape, np.float32)
+    hit[2, 3, 3] = 1.0
+    maps = [hit, np.zeros_like(hit), np.zeros_like(hit), hit]
+    rows = [
+        {"method": "cam", "pointing_hit": pointing_game(m, mask), "mass_in_mask": mass_in_mask(m, mask)}
+        for m in maps
+    ]
+    rows.append({"method": "cam", "pointing_hit": pointing_game(hit, np.zeros_like(mask))})  # no lesion
+    summary = summarise(rows)["cam"]
+    assert summary["n"] == 5 and summary["n_scored"] == 4 and summary["pointing_hits"] == 2
+    assert summary["pointing_hit_rate"] == 0.5 and summary["mass_in_mask"] == 0.5
+
+
+def test_input_baselines_find_the_brightest_structure_and_edges_whatever_the_model():
+    shape = (8, 16, 16)
+    lesion = ball(shape, (4, 5, 5), 2.0)
+    image = np.random.default_rng(0).normal(0, 0.05, shape).astype(np.float32)
+    image[lesion] += 2.0
+    rows = {r["method"]: r for r in baseline_rows(image, lesion)}
+    assert set(rows) == {"input_intensity", "input_edges"}
+    assert rows["input_intensity"]["pointing_hit"] is True  # bright lesions: the image alone points at them
+    assert rows["input_intensity"]["pointing_chance"] == pytest.approx(lesion.mean())
+    np.testing.assert_allclose(edge_map(image), ndimage_edges(image))
+    assert peak_voxel(intensity_map(image)) == peak_voxel(image - image.min())
+    assert intensity_map(image).min() == 0.0
+    # the edge map peaks on the lesion's rim: one voxel of tolerance reaches it
+    assert baseline_rows(image, lesion, tolerance=1)[1]["pointing_hit"] is True
+    distractor = ball(shape, (4, 11, 11), 1.5)
+    image[distractor] += 4.0  # a brighter structure that is not the lesion
+    rows = {r["method"]: r for r in baseline_rows(image, lesion, tolerance=1)}
+    assert rows["input_intensity"]["pointing_hit"] is False and rows["input_edges"]["pointing_hit"] is False
+
+
+def ndimage_edges(image):
+    from scipy import ndimage
+
+    return ndimage.gaussian_gradient_magnitude(image, sigma=1.0)
+
+
+def test_judge_compares_with_the_stronger_input_baseline_and_flags_weight_independent_maps():
+    def rows(method, hits, rho=None):
+        return [
+            {"method": method, "pointing_hit": h, "pointing_chance": 0.01, "mask_share": 0.01, "mass_in_mask": 0.1,
+             "randomisation_spearman": rho}
+            for h in hits
+        ]  # fmt: skip
+
+    scores = summarise(
+        rows("ig", [True, True, True, True], 0.66) + rows("cam", [True, True, True, False], 0.1)
+    )
+    baselines = summarise(
+        rows("input_intensity", [True, True, False, False]) + rows("input_edges", [True, True, True, False])
+    )
+    judged = judge(scores, baselines, threshold=0.5)
+    ig, cam = judged["ig"], judged["cam"]
+    assert ig["input_baseline"] == "input_edges" and ig["input_baseline_rate"] == 0.75
+    assert ig["beats_input_baseline"] is True and ig["input_driven"] is True
+    assert cam["beats_input_baseline"] is False and cam["input_driven"] is False  # a tie does not beat
+    assert ig["verdict"] == "beats the input baseline; depends on the input more than the model"
+    assert cam["verdict"] == "no better than the input baseline; depends on the weights"
+    line = describe("ig", ig)
+    assert line.startswith("ig: pointing game 1.000 (4/4, input baseline 0.750")
+    assert "chance 0.010" in line and "randomisation ρ 0.66" in line and "depends on the input more" in line
+    unchecked = judge(summarise(rows("ig", [True])), {}, threshold=0.5)["ig"]
+    assert unchecked["beats_input_baseline"] is None and unchecked["input_driven"] is None
+    assert unchecked["verdict"] == ""
 
 
 @pytest.fixture(scope="module")

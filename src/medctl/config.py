@@ -401,10 +401,19 @@ class SaliencyConfig(Section):
     occlusion_window: list[int] = [4, 8, 8]
     occlusion_stride: list[int] = [4, 8, 8]
     randomisation_check: bool = True
+    # the check recomputes each method's map with a re-initialised model: one extra map per sample, so it
+    # runs on the first few samples only
+    randomisation_samples: int = Field(default=4, ge=1)
+    # full: every weight re-initialised (Adebayo et al.'s end point); top: heads + last encoder block only
+    randomisation_scope: Literal["full", "top"] = "full"
+    # Spearman rho at or above which a method is flagged as input-driven (see saliency/scoring.py for why 0.5)
+    randomisation_threshold: float = Field(default=0.5, gt=0, le=1)
     pointing_tolerance: int = Field(default=0, ge=0)  # voxels the pointing-game mask is grown by
     internal_batch_size: int = Field(default=0, ge=0)  # IG/occlusion batch; 0 sizes it to fit memory
     memory_budget_gb: float = Field(default=0.0, ge=0)  # for that sizing; 0: 80% of free CUDA, 2 GiB CPU
-    gradcam_layer: str = ""  # encoder module for Grad-CAM, e.g. "layer3" or "stem.1"; "" its last spatial layer
+    # encoder module the CAMs read, e.g. "layer3" or "stem.1"; "" chooses the deepest map fine enough for
+    # the lesions (saliency/layers.py); "last" the encoder's own last spatial layer
+    gradcam_layer: str = ""
 
 
 class Config(Section):

@@ -80,11 +80,10 @@ def demo_command(
         f"fine-tuned leader on test: balanced accuracy {_num(summary.get('balanced_accuracy'))}, "
         f"AUROC {_num(summary.get('auroc'))}"
     )
+    from medctl.saliency.scoring import describe
+
     for method, scores in result.saliency_scores.items():
-        console.print(
-            f"saliency {method}: pointing game {_num(scores.get('pointing_hit_rate'))} "
-            f"(chance {_num(scores.get('mask_share'))})"
-        )
+        console.print(f"saliency {describe(method, scores)}", soft_wrap=True, highlight=False)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
+from medctl.cli.common import ConfigOption, OverridesArgument, command_line, console, handle_errors
 from medctl.cli.output import show_table
 
 
@@ -54,6 +54,7 @@ def evaluate_command(
         config_file=config,
         overrides=overrides or [],
         overwrite=overwrite,
+        command=command_line(),
     )
     metrics = result.metrics
     for name, target in metrics["targets"].items():
@@ -68,7 +69,14 @@ def evaluate_command(
             table.add_row(key.replace("_", " "), value, interval)
         show_table(table)
     console.print(
-        f"[green]✓[/] {result.out_dir}: {result.preds_path.name}, metrics.json, report.md",
+        f"[green]✓[/] {result.out_dir}: {result.preds_path.name}, metrics.json, report.md, env.json",
+        soft_wrap=True,
+        highlight=False,
+    )
+    origin = metrics["provenance"]
+    console.print(
+        f"  checkpoint sha256 {origin['checkpoint_sha256'][:12]}, cache {origin['cache_fingerprint']}, "
+        f"splits {origin['split_manifest_hash']}, git {(origin['git_sha'] or 'unknown')[:12]}",
         soft_wrap=True,
         highlight=False,
     )

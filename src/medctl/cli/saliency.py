@@ -111,6 +111,7 @@ def saliency_command(
 
     Example: medctl saliency --ckpt runs/ft/checkpoints/best.ckpt --ids sub-003 --method gradcam --gradcam-layer layer3
     """
+    from medctl.saliency.scoring import describe
     from medctl.saliency.stage import run_saliency_stage  # torch and Captum load only when this command runs
 
     layer_override = [f"saliency.gradcam_layer={json.dumps(gradcam_layer)}"] if gradcam_layer else []
@@ -133,32 +134,64 @@ def saliency_command(
     )
     table.add_column("method", no_wrap=True)
     for column in ("pointing game", "chance", "mass in mask", "random. ρ", "s/map"):
-        table.add_column(column, justify="right")
-    for method, scores in result.result.scores.items():
-        scored = f" ({scores['n_scored']} scored)" if scores["n_scored"] else ""
+        table.add_column(column, justify="right", no_wrap=column == "pointing game")
+    saliency = result.result
+    for method, scores in saliency.scores.items():
         table.add_row(
             method,
-            _num(scores["pointing_hit_rate"]) + scored,
+            _hits(scores),
             _num(scores["pointing_chance"]),
             _num(scores["mass_in_mask"]),
-            _num(scores["randomisation_spearman"]),
+            _num(scores["randomisation_spearman"], 2),
             _num(scores["seconds"], 2),
         )
+    for name, scores in saliency.baselines.items():  # the same scores for maps made without the model
+        table.add_row(
+            f"[dim]{name.replace('_', ': ', 1)}[/]", _hits(scores), _num(scores["pointing_chance"]),
+            _num(scores["mass_in_mask"]), "", "",
+        )  # fmt: skip
     show_table(table)
+    for method, scores in saliency.scores.items():
+        console.print(f"  {describe(method, scores)}", soft_wrap=True, highlight=False)
+    beating = [m for m, s in saliency.scores.items() if s["beats_input_baseline"]]
+    if saliency.baselines:
+        console.print(
+            f"  beat the input baseline: {', '.join(beating)}"
+            if beating
+            else "  no method beats the input baseline: the image alone points at the lesions as well",
+            highlight=False,
+        )
+    flagged = [m for m, s in saliency.scores.items() if s["input_driven"]]
+    if flagged:
+        threshold = next(iter(saliency.scores.values()))["randomisation_threshold"]
+        console.print(
+            f"  [yellow]![/] {', '.join(flagged)}: randomisation ρ ≥ {threshold}, the maps depend on the input "
+            "more than on the model's weights (Adebayo et al. 2018)",
+            highlight=False,
+        )
     console.print(
-        "  pointing game: share of maps whose peak lies in the mask; chance: the mask's share of the image "
-        "(also the chance level of mass in mask). random. ρ: rank correlation with the maps of a partly "
-        "re-initialised model (low is good).",
+        "  pointing game: share of lesion samples whose map peaks in the mask (a map with no peak is a miss); "
+        "input: the image's own intensity and edge maps scored the same way, no model (input baseline: the "
+        "better of the two); chance: the mask's share of the image. random. ρ: rank correlation with the maps "
+        "of a re-initialised model (high: the map shows the input, not the model).",
         highlight=False,
     )
+    if saliency.cam_layer is not None:
+        console.print(f"  CAM layer {saliency.cam_layer.name}: {saliency.cam_layer.rule}", highlight=False)
     console.print(f"[green]✓[/] {result.out_dir}", soft_wrap=True, highlight=False)
     console.print(
-        "  index.csv (one row per sample and method), scores.json, maps/<id>/<method>.{nrrd,png}, "
+        "  report.md, index.csv (one row per sample and method), scores.json, maps/<id>/<method>.{nrrd,png}, "
         "maps/<id>/<method>_original.nrrd on the source grid, class_means/",
         soft_wrap=True,
         highlight=False,
     )
     console.print("  open the *_original.nrrd maps in 3D Slicer over the original scan", highlight=False)
+
+
+def _hits(scores: dict) -> str:
+    if not scores["n_scored"]:
+        return _num(scores["pointing_hit_rate"])
+    return f"{_num(scores['pointing_hit_rate'])} ({scores['pointing_hits']}/{scores['n_scored']})"
 
 
 def _num(value: float | None, digits: int = 3) -> str:

@@ -7,6 +7,11 @@ and size grow with k. Lesions are round in millimetres, so with spacing (2, 1, 1
 voxels, as in a real anisotropic scan. Their ground-truth masks go to a separate folder, aligned
 voxel for voxel with the images, so saliency can be scored against them.
 
+With ``distractors=k`` every sample, healthy or not, also carries ``k`` small balls brighter than any
+lesion and outside the masks: the class evidence is then no longer the brightest structure, so a map
+that merely follows the image's intensity points at the distractors, and one that explains the model
+has to find the (dimmer, larger) lesions.
+
 Layout under ``out_dir``::
 
     images/<id>.nrrd   int16, gzip, LPS spacing     (dims=2: images/<id>.png, uint8 or uint16)
@@ -89,6 +94,7 @@ def make_synthetic_dataset(
     png_bits: int = 8,
     n_excluded: int = 2,
     cache_dir: str | Path | None = "default",
+    distractors: int = 0,
 ) -> SyntheticDataset:
     """Write ``n`` labelled samples under ``out_dir`` (see the module docstring) and describe them.
 
@@ -98,6 +104,7 @@ def make_synthetic_dataset(
     n_excluded: training rows marked retinal_oct FALSE (dropped by the dataset's filter).
     cache_dir: where config_overrides() points data.cache_dir; "default" is ``out_dir/cache``,
     None leaves data.cache_dir alone.
+    distractors: bright non-lesion balls per sample, in every class (see the module docstring).
     """
     if dims not in (2, 3):
         raise ValueError(f"dims={dims}: synthetic data is 2D (PNG) or 3D (NRRD)")
@@ -105,6 +112,8 @@ def make_synthetic_dataset(
         raise ValueError(f"n_classes={n_classes}: need at least 2 (healthy + one lesion class)")
     if n < 2 * n_classes:
         raise ValueError(f"n={n} is too small for {n_classes} classes; use n >= {2 * n_classes}")
+    if distractors < 0:
+        raise ValueError(f"distractors={distractors}: give a count of 0 or more")
     if png_bits not in (8, 16):
         raise ValueError(f"png_bits={png_bits}: PNGs are 8- or 16-bit")
     size = tuple(int(s) for s in size)
@@ -130,7 +139,7 @@ def make_synthetic_dataset(
         png_root.mkdir(exist_ok=True)
         png_mask_root.mkdir(exist_ok=True)
     for row in rows:
-        image, mask = synthetic_sample(size, spacing, row["class_index"], rng)
+        image, mask = synthetic_sample(size, spacing, row["class_index"], rng, distractors=distractors)
         id_ = row["participant_id"]
         if dims == 3:
             write_nrrd(image_root / f"{id_}{suffix}", image, spacing=spacing)
@@ -193,9 +202,15 @@ def _exclude(rows: list[dict], n_excluded: int, n_classes: int) -> None:
 
 
 def synthetic_sample(
-    size: tuple[int, ...], spacing: tuple[float, ...], class_index: int, rng: np.random.Generator
+    size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    class_index: int,
+    rng: np.random.Generator,
+    *,
+    distractors: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (int16 volume or float 2D image in [0, 1]) and its 0/1 uint8 lesion mask."""
+    """One image (int16 volume or float 2D image in [0, 1]) and its 0/1 uint8 lesion mask (lesions only:
+    ``distractors`` bright balls are added outside it)."""
     dims = len(size)
     grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in size], indexing="ij")  # normalised coordinates
     extent = np.asarray(size) * np.asarray(spacing)  # mm
@@ -219,6 +234,14 @@ def synthetic_sample(
             )
             mask |= inside & organ
         tissue = np.where(mask > 0, tissue + rng.uniform(1.3, 1.6), tissue)  # lesions ~2.5x the organ
+    for _ in range(distractors):  # brighter than any lesion, half a lesion's radius, never on one
+        radius_mm = rng.uniform(0.05, 0.07) * extent.min()
+        centre = organ_centre + rng.uniform(-0.5, 0.5, dims) * organ_radius
+        ball = (
+            sum(((g - c) * (e / 2) / radius_mm) ** 2 for g, c, e in zip(grids, centre, extent, strict=True))
+            <= 1.0
+        )
+        tissue = np.where(ball & organ & (mask == 0), tissue + rng.uniform(2.6, 3.0), tissue)
     bias = np.exp(0.15 * _smooth_noise(size, rng, cells=2))  # smooth multiplicative field
     scale, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
     image = (tissue * bias * scale + offset + rng.normal(0.0, 0.06, size)).astype(np.float32)

@@ -9,8 +9,9 @@
 - ``metrics.json``: the split, ``n_samples``, bootstrap settings, and per target every metric of
   :func:`~medctl.evaluation.metrics.target_metrics` plus a 95% (``1 - alpha``) percentile interval for
   accuracy, balanced_accuracy, macro_f1 and auroc with the number of usable resamples; ``summary`` holds
-  the first (primary) target's headline numbers, ``<metric>`` and ``<metric>_ci``, for leaderboards.
-  Undefined values are ``null``.
+  the first (primary) target's headline numbers, ``<metric>`` and ``<metric>_ci``, for leaderboards;
+  ``provenance`` what the caller says the numbers come from (checkpoint, training run, data, code; see
+  :func:`medctl.evaluation.stage.provenance`). Undefined values are ``null``.
 - ``<split>_confusion_<target>.csv`` and ``figures/<split>_confusion_<target>.png`` (multilabel: one
   2x2 matrix per label), ``figures/<split>_roc_<target>.png``;
 - ``report.md`` (figures referenced by relative path) and its self-contained ``report.html``.
@@ -119,13 +120,15 @@ def evaluate_predictions(
     title: str = "",
     alpha: float = 0.05,
     threshold: float = 0.5,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics, CIs, predictions table, confusion matrices, ROC curves and a report for one split.
 
     ``targets``: dicts (or ``TargetSpec``) with ``name``, ``kind`` and ``classes``. ``y_true`` and
     ``probs``: for one target the arrays themselves, for several a dict keyed by target name. Per
     target ``y_true`` is (N,) class indices or (N, L) 0/1, ``probs`` (N, K) / (N, L) (binary: (N, 2)
-    [p0, p1], or (N,) p1). Returns what ``metrics.json`` holds, plus ``files`` (paths written).
+    [p0, p1], or (N,) p1). ``provenance`` goes into ``metrics.json`` and the report as given. Returns
+    what ``metrics.json`` holds, plus ``files`` (paths written).
     """
     out_dir = Path(out_dir)
     specs = [_target_fields(t) for t in targets]
@@ -201,6 +204,7 @@ def evaluate_predictions(
             "seed": seed,
             "primary_target": primary,
             "summary": summary,
+            "provenance": dict(provenance or {}),
             "targets": results,
             "files": {
                 **files,
@@ -330,4 +334,24 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
         if result.get("notes"):
             lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     lines += ["", f"Predictions: `{payload['files']['preds']}`; all numbers: `metrics.json`.", ""]
+    lines += provenance_markdown(payload.get("provenance") or {})
     return "\n".join(lines)
+
+
+def provenance_markdown(provenance: Mapping[str, Any]) -> list[str]:
+    """The report's provenance section: one line per fact, nested values flattened (``training_run.dir``)."""
+    if not provenance:
+        return []
+    lines = ["## Provenance", "", "| what | value |", "| --- | --- |"]
+    for key, value in provenance.items():
+        items = value.items() if isinstance(value, Mapping) else [("", value)]
+        for sub, item in items:
+            name = f"{key}.{sub}" if sub else key
+            shown = "—" if item is None else f"`{_esc(item)}`"
+            lines.append(f"| {name.replace('_', ' ')} | {shown} |")
+    return [
+        *lines,
+        "",
+        "The environment (versions, device, command) is in `env.json` beside this report.",
+        "",
+    ]

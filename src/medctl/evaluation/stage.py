@@ -8,11 +8,17 @@ cache on this machine); the cache must have been made with the same size, channe
 Steps: load the classifier -> resolve the data settings -> the cache (built when missing) -> logits on
 the split -> :func:`medctl.evaluation.reports.evaluate_predictions`, which writes ``<split>_preds.parquet``,
 ``metrics.json`` (with bootstrap CIs), confusion matrices (CSV + PNG), ROC curves, ``report.md`` and
-``report.html`` into ``<run dir>/eval_<split>/`` unless ``out_dir`` says otherwise.
+``report.html`` into ``<run dir>/eval_<split>/`` unless ``out_dir`` says otherwise, with ``env.json``
+(versions, device, git state, command, seed; no secrets) beside them. ``metrics.json`` and
+``report.md`` carry the provenance (:func:`provenance`): which checkpoint file (path and SHA-256), from
+which training run, on which cache (settings fingerprint, split-manifest hash, and whether both match
+what the classifier was trained on), and the git SHA the evaluation ran at.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from medctl.finetune.features import split_manifest_hash
 from medctl.finetune.predict import labels_of, predict_logits, probabilities
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
+from medctl.runs import environment_info, git_state, redact, write_text_atomic
 from medctl.training.precision import resolve_device, set_threads
 
 
@@ -70,6 +77,7 @@ def run_evaluate(
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
     overwrite: bool = False,
+    command: str = "",
 ) -> EvaluateResult:
     """Evaluate the classifier in ``checkpoint`` on ``split`` of its data (see the module docstring).
 
@@ -77,7 +85,8 @@ def run_evaluate(
     ``config_file`` / ``overrides``: a TOML file and ``key=value`` items layered over the checkpoint's
     config (what ``medctl evaluate -c FILE key=value`` passes). ``n_bootstrap`` defaults to
     ``train.bootstrap``; ``out_dir`` to ``<run dir>/eval_<split>/``. An earlier evaluation there
-    (``metrics.json``) is refused unless ``overwrite``.
+    (``metrics.json``) is refused unless ``overwrite``. ``command`` (the command line) goes into
+    ``env.json``, with secret-looking values hidden.
     """
     checkpoint = Path(checkpoint)
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, split)
@@ -112,6 +121,8 @@ def run_evaluate(
     )
     probs = {s.name: probabilities(logits[s.name], s.kind) for s in specs}
     model = meta.get("model") or {}
+    env = environment_info(out.parent) | {"command": redact(command), "seed": config.run.seed}
+    write_text_atomic(out / "env.json", json.dumps(env, indent=2) + "\n")
     payload = evaluate_predictions(
         dataset.ids,
         labels_of(dataset, specs),
@@ -122,9 +133,65 @@ def run_evaluate(
         n_bootstrap=config.train.bootstrap if n_bootstrap is None else n_bootstrap,
         seed=config.run.seed,
         title=f"{model.get('name', 'classifier')} ({checkpoint.name})",
+        provenance=provenance(checkpoint, meta, cache, git=env),
     )
     log(f"evaluate: {len(dataset)} {split} samples -> {out}")
     return EvaluateResult(out, split, checkpoint, len(dataset), payload)
+
+
+def provenance(
+    checkpoint: Path, meta: Mapping[str, Any], cache: Path, git: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Where an evaluation's numbers come from: the checkpoint file, its training run, the data, the code.
+
+    The training run is the checkpoint's run directory (``runs/<name>/`` for ``checkpoints/best.ckpt``)
+    with its name, best epoch and, from its ``env.json`` when there, the git SHA it was trained at. The
+    data is the cache evaluated, with its settings fingerprint and split-manifest hash next to the ones
+    recorded at training. ``git``: a mapping with ``git_sha`` / ``git_dirty`` (default: looked up now).
+    """
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    trained_config = _toml_or_empty(meta.get("config") or "")
+    training_env = run_dir / "env.json"
+    trained_at = json.loads(training_env.read_text()).get("git_sha") if training_env.is_file() else None
+    preprocessing = meta.get("preprocessing") or {}
+    fingerprint, manifest_hash = read_summary(cache).get("fingerprint"), split_manifest_hash(cache)
+    recorded = preprocessing.get("cache_fingerprint"), preprocessing.get("split_manifest_hash")
+    git = git if git is not None else git_state()
+    return {
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "training_run": {
+            "dir": str(run_dir.resolve()),
+            "name": (trained_config.get("run") or {}).get("name"),
+            "epoch": (meta.get("metrics") or {}).get("epoch"),
+            "git_sha": trained_at,
+        },
+        "cache": str(cache.resolve()),
+        "cache_fingerprint": fingerprint,
+        "split_manifest_hash": manifest_hash,
+        "trained_cache_fingerprint": recorded[0],
+        "trained_split_manifest_hash": recorded[1],
+        "same_data_as_training": None if None in recorded else recorded == (fingerprint, manifest_hash),
+        "git_sha": git.get("git_sha"),
+        "git_dirty": git.get("git_dirty"),
+        "medctl": (meta.get("medctl") or {}).get("version"),
+    }
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _toml_or_empty(text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {}
 
 
 def default_out_dir(checkpoint: Path, split: str) -> Path:

@@ -315,11 +315,13 @@ def _class_activation_map(
 
 def gradcam_target(encoder: nn.Module, path: str) -> tuple[nn.Module, Literal["map", "tokens"] | None]:
     """The module Grad-CAM reads and its declared layout: the encoder's own ``gradcam_layer`` for an empty
-    ``path``, else ``encoder.get_submodule(path)`` with the layout left to its output (None).
+    ``path`` or ``"last"``, else ``encoder.get_submodule(path)`` with the layout left to its output (None).
+    (:func:`medctl.saliency.pipeline.run_saliency` resolves an empty ``saliency.gradcam_layer`` to a
+    chosen layer first; see :mod:`medctl.saliency.layers`.)
 
     An unknown ``path`` is a ConfigError on ``saliency.gradcam_layer`` naming the closest module names.
     """
-    if not path:
+    if not path or path == "last":
         return encoder.gradcam_layer, getattr(
             encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map")
         )
@@ -335,7 +337,7 @@ def gradcam_target(encoder: nn.Module, path: str) -> tuple[nn.Module, Literal["m
     raise ConfigError(
         [
             f"`saliency.gradcam_layer` = {path!r}: {type(encoder).__name__} has no such module; {hint}"
-            f"its top-level modules are {top} (name nested ones with dots{nested}; leave it empty for the default)"
+            f"its top-level modules are {top} (name nested ones with dots{nested}; leave it empty to choose by lesion size)"
         ]
     )
 

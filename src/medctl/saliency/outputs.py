@@ -9,8 +9,9 @@ origin`` from :class:`~medctl.saliency.geometry.Geometry`; 3D files declare
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nrrd
 import numpy as np
@@ -39,9 +40,71 @@ INDEX_COLUMNS = [
     "pointing_chance",
     "mass_in_mask",
     "mask_share",
+    "input_intensity_hit",
+    "input_edges_hit",
     "randomisation_spearman",
     "seconds",
 ]
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md`` of a saliency run from its ``scores.json`` payload: every method next to the chance
+    level and the model-free input baselines, the randomisation check, and what that means."""
+    scores, baselines = report["scores"], report.get("baselines") or {}
+    settings = report["settings"]
+    lines = [
+        f"# Saliency of `{report['target_name']}` (explaining: {report['target']})",
+        "",
+        "| map | pointing game | hits | chance | mass in mask | randomisation ρ | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method, entry in scores.items():
+        lines.append(
+            f"| {method} | {_f(entry['pointing_hit_rate'])} | {entry['pointing_hits']}/{entry['n_scored']} | "
+            f"{_f(entry['pointing_chance'])} | {_f(entry['mass_in_mask'])} | "
+            f"{_f(entry['randomisation_spearman'], 2)} | {entry.get('verdict') or '—'} |"
+        )
+    for name, entry in baselines.items():
+        lines.append(
+            f"| {name.replace('_', ' ')} (no model) | {_f(entry['pointing_hit_rate'])} | "
+            f"{entry['pointing_hits']}/{entry['n_scored']} | {_f(entry['pointing_chance'])} | "
+            f"{_f(entry['mass_in_mask'])} | | baseline |"
+        )
+    beating = [m for m, e in scores.items() if e.get("beats_input_baseline")]
+    flagged = [m for m, e in scores.items() if e.get("input_driven")]
+    scored = any(e.get("n_scored") for e in scores.values())
+    lines += [""]
+    if scored:
+        lines.append(
+            f"Beat the input baseline: {', '.join(beating)}."
+            if beating
+            else "No method beats the input baseline: on these samples the image alone points at the "
+            "lesions as well as the maps do, so the pointing game says nothing about the model."
+        )
+    if flagged:
+        lines.append(
+            f"Flagged by the randomisation check (ρ ≥ {settings['randomisation_threshold']}): "
+            f"{', '.join(flagged)}: their maps barely change when the weights are re-initialised, so they "
+            "show the input more than what the model learned (Adebayo et al. 2018)."
+        )
+    lines += [
+        "",
+        "Pointing game: the share of lesion samples whose map peaks inside the lesion (a map with no peak "
+        "counts as a miss). Chance: the lesion's share of the image. Input baselines: the image's own "
+        "intensity and its edge map (gradient magnitude), scored the same way without any model. "
+        f"Randomisation ρ: Spearman correlation of |map| with the maps of a copy whose weights were "
+        f"re-initialised ({settings['randomisation_scope']}), on the first {settings['randomisation_samples']} "
+        "samples; low is good.",
+    ]
+    cam = report.get("cam_layer")
+    if cam:
+        shape = f" ({'x'.join(map(str, cam['shape']))})" if cam.get("shape") else ""
+        lines += ["", f"CAM layer: `{cam['name']}`{shape}: {cam['rule']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def safe_name(text: str) -> str:

@@ -1,15 +1,18 @@
 """``run_saliency``: every requested map for every sample, written to disk, scored and indexed.
 
 The stage reads like a recipe: check the settings -> wrap the classifier into one target's class scores
-(and a randomised copy for the sanity check) -> for each sample: predict, pick the class to explain,
-compute each method's map, write NRRDs and a panel, score against the mask -> per-class mean maps ->
-``index.csv`` and ``scores.json``. It needs nothing but a classifier and samples, so the CLI stage is
+(and a randomised copy for the sanity check) -> choose the CAM layer -> for each sample: predict, pick
+the class to explain, compute each method's map, write NRRDs and a panel, score against the mask next to
+the model-free input baselines -> per-class mean maps -> ``index.csv``, ``scores.json`` and
+``report.md`` (which methods beat the input baseline, which are flagged by the randomisation check). It needs nothing but a classifier and samples, so the CLI stage is
 "load checkpoint + cache, call this".
 
 Layout of ``out_dir``::
 
     index.csv                       one row per sample and method (outputs.INDEX_COLUMNS)
-    scores.json                     per-method summary, settings, what the randomisation reset
+    scores.json                     per-method summary with baselines and verdicts, settings, the CAM
+                                    layer and why, what the randomisation reset
+    report.md                       the scores table and what it means
     maps/<id>/image.nrrd            the preprocessed input (channel mean) on the preprocessed grid
     maps/<id>/<method>.nrrd         the map on the preprocessed grid
     maps/<id>/<method>_original.nrrd  the map resampled onto the source scan's grid (geometry known)
@@ -23,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from medctl.config import SaliencyConfig
 from medctl.errors import ConfigError, DataError, UserError
 from medctl.progress import log, progress_bar
 from medctl.runs import write_text_atomic
@@ -50,8 +54,11 @@ from medctl.saliency.geometry import (
     resample_to_shape,
     source_geometry,
 )
-from medctl.saliency.outputs import safe_name, save_panel, write_index, write_nrrd
+from medctl.saliency.layers import CamLayerChoice, choose_cam_layer
+from medctl.saliency.outputs import report_markdown, safe_name, save_panel, write_index, write_nrrd
 from medctl.saliency.scoring import (
+    baseline_rows,
+    judge,
     mask_share,
     mass_in_mask,
     pointing_chance,
@@ -61,6 +68,9 @@ from medctl.saliency.scoring import (
     summarise,
 )
 
+DEFAULTS = SaliencyConfig()  # the defaults of the keyword arguments below come from the config model
+CAM_METHODS = {"gradcam", "hirescam"}
+
 
 @dataclass
 class SaliencyResult:
@@ -68,9 +78,11 @@ class SaliencyResult:
 
     out_dir: Path
     index: pd.DataFrame  # one row per sample and method
-    scores: dict[str, dict[str, float]]  # method -> summary (scoring.summarise)
+    scores: dict[str, dict[str, Any]]  # method -> summary with baseline and verdict (scoring.judge)
     class_means: list[dict[str, Any]] = field(default_factory=list)  # method, class, n, nrrd, png
     randomised_modules: list[str] = field(default_factory=list)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # input_intensity, input_edges
+    cam_layer: CamLayerChoice | None = None  # the layer the CAMs read, when a CAM method ran
 
     @property
     def index_path(self) -> Path:
@@ -96,10 +108,14 @@ def run_saliency(
     randomisation_check: bool,
     device: str | torch.device,
     kind: TargetKind | None = None,
-    pointing_tolerance: int = 0,
-    internal_batch_size: int = 0,
-    memory_budget_gb: float = 0.0,
-    gradcam_layer: str = "",
+    pointing_tolerance: int = DEFAULTS.pointing_tolerance,
+    internal_batch_size: int = DEFAULTS.internal_batch_size,
+    memory_budget_gb: float = DEFAULTS.memory_budget_gb,
+    gradcam_layer: str = DEFAULTS.gradcam_layer,
+    randomisation_samples: int = DEFAULTS.randomisation_samples,
+    randomisation_scope: str = DEFAULTS.randomisation_scope,
+    randomisation_threshold: float = DEFAULTS.randomisation_threshold,
+    cam_target_extent: Sequence[float] | None = None,
 ) -> SaliencyResult:
     """Explain ``classifier``'s ``target_name`` head on each sample with each method.
 
@@ -111,7 +127,12 @@ def run_saliency(
     ``target``: ``pred`` (the predicted class), ``true`` (the label) or a class name. ``kind`` None
     infers binary from a one-logit head and multiclass otherwise; pass ``multilabel`` explicitly.
     ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing. ``gradcam_layer`` names
-    a module inside the encoder for Grad-CAM (empty: the encoder's own last spatial layer).
+    a module inside the encoder for the CAMs; empty chooses one on the first sample by
+    :func:`medctl.saliency.layers.choose_cam_layer` from ``cam_target_extent`` (the lesions' median
+    extent per axis, in voxels of the samples' grid; None: no masks known), ``"last"`` is the encoder's
+    own last spatial layer. The randomisation check (when on) runs on the first ``randomisation_samples``
+    samples with a copy re-initialised per ``randomisation_scope`` and flags a method whose mean rho is at
+    or above ``randomisation_threshold``.
     """
     out_dir = Path(out_dir)
     names = resolve_methods(methods)
@@ -125,7 +146,7 @@ def run_saliency(
         memory_budget_bytes=int(memory_budget_gb * 1024**3),
         gradcam_layer=gradcam_layer,
     )
-    if {"gradcam", "hirescam"} & set(names):
+    if CAM_METHODS & set(names):
         gradcam_target(classifier.encoder, gradcam_layer)  # an unknown layer fails before any work
     device = resolve_device(device)
     classifier = classifier.to(device).eval()
@@ -134,8 +155,11 @@ def run_saliency(
     scores: ClassScores | None = None
     randomised: ClassScores | None = None
     reset: list[str] = []
+    cam_layer: CamLayerChoice | None = None
     rows: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
     means = _ClassMeans()
+    n_checked = 0
     total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     with progress_bar("saliency", total) as bar:
         for sample in samples:
@@ -149,8 +173,11 @@ def run_saliency(
                     classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind)
                 )
                 if randomisation_check:
-                    random_model, reset = randomised_copy(classifier, example=x)
+                    random_model, reset = randomised_copy(classifier, example=x, scope=randomisation_scope)
                     randomised = ClassScores(random_model, target_name, scores.kind)
+                if CAM_METHODS & set(names):
+                    cam_layer = cam_layer_for(classifier, x, gradcam_layer, cam_target_extent)
+                    settings = replace(settings, gradcam_layer=cam_layer.name)
             with torch.no_grad():
                 probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
             predicted = int(probabilities.argmax())
@@ -167,6 +194,12 @@ def run_saliency(
 
             folder = out_dir / "maps" / safe_name(sample_id)
             write_nrrd(folder / "image.nrrd", display, grid)
+            sample_baselines = (
+                baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
+            )
+            baselines += sample_baselines
+            check = randomised is not None and n_checked < randomisation_samples
+            n_checked += check
             for method in names:
                 started = time.perf_counter()
                 amap = compute_map(method, scores, x, target_index, settings)  # (*S)
@@ -193,7 +226,8 @@ def run_saliency(
                     row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
                     row["mass_in_mask"] = mass_in_mask(amap, mask)
                     row["mask_share"] = mask_share(mask)
-                if randomised is not None:
+                    row.update({f"{b['method']}_hit": b["pointing_hit"] for b in sample_baselines})
+                if check:
                     random_map = compute_map(method, randomised, x, target_index, settings)
                     row["randomisation_spearman"] = rank_correlation(amap, random_map)
                 rows.append(row)
@@ -204,7 +238,8 @@ def run_saliency(
         raise DataError(f"saliency: no samples to explain for target `{target_name}`; check saliency.split")
     class_means = means.write(out_dir / "class_means", classes)
     index = write_index(out_dir / "index.csv", rows)
-    summary = summarise(rows)
+    baseline_scores = summarise(baselines)
+    summary = judge(summarise(rows), baseline_scores, threshold=randomisation_threshold)
     report = {
         "target_name": target_name,
         "kind": scores.kind,
@@ -220,14 +255,20 @@ def run_saliency(
             "internal_batch_size": internal_batch_size,
             "memory_budget_gb": memory_budget_gb,
             "randomisation_check": randomisation_check,
+            "randomisation_samples": randomisation_samples,
+            "randomisation_scope": randomisation_scope,
+            "randomisation_threshold": randomisation_threshold,
         },
         "scores": summary,
+        "baselines": baseline_scores,
+        "cam_layer": cam_layer.to_dict() if cam_layer is not None else None,
         "randomised_modules": reset,
         "class_means": class_means,
     }
     write_text_atomic(out_dir / "scores.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    write_text_atomic(out_dir / "report.md", report_markdown(_json_safe(report)))
     log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
-    return SaliencyResult(out_dir, index, summary, class_means, reset)
+    return SaliencyResult(out_dir, index, summary, class_means, reset, baseline_scores, cam_layer)
 
 
 def check_target(target: str, classes: Sequence[str], target_name: str) -> None:
@@ -238,6 +279,20 @@ def check_target(target: str, classes: Sequence[str], target_name: str) -> None:
                 f"`saliency.target` = {target!r}: use pred, true or a class of `{target_name}`: {', '.join(classes)}"
             ]
         )
+
+
+def cam_layer_for(
+    classifier: nn.Module, x: torch.Tensor, gradcam_layer: str, target_extent: Sequence[float] | None
+) -> CamLayerChoice:
+    """The layer the CAMs read: the configured one, or the one :func:`choose_cam_layer` picks for ``""``."""
+    if not gradcam_layer:
+        choice = choose_cam_layer(classifier, x, target_extent)
+        log(f"saliency: the CAMs read {choice.name or 'the encoder output'}: {choice.rule}")
+        return choice
+    rule = (
+        "the encoder's own last spatial layer" if gradcam_layer == "last" else "set by saliency.gradcam_layer"
+    )
+    return CamLayerChoice(gradcam_layer, rule=rule)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

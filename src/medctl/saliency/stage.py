@@ -16,6 +16,10 @@ are one of:
   readers and preprocessed exactly as the checkpoint's cache was, its own geometry kept so the maps
   resample back onto it; ``mask_path`` optionally gives its ground-truth mask for scoring.
 
+The CAM layer, unless ``saliency.gradcam_layer`` names one, is chosen for the size of the lesions:
+their median extent is measured on up to :data:`EXTENT_MASKS` masks of the cache's training split (or
+on the ``--input`` scan's mask); see :mod:`medctl.saliency.layers`.
+
 Output goes to ``<run dir of the checkpoint>/saliency_<split | ids | input stem>/`` unless ``out_dir``
 says otherwise; the resolved config is written there as ``config.toml``.
 """
@@ -41,9 +45,12 @@ from medctl.evaluation.stage import check_cache_fits, evaluation_config
 from medctl.models.checkpoints import load_classifier
 from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import resolve_methods
+from medctl.saliency.layers import lesion_extent
 from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency
 from medctl.storage import fetch, is_remote
 from medctl.training.precision import resolve_device, set_threads
+
+EXTENT_MASKS = 32  # training masks read to measure the lesions' size for the CAM layer choice
 
 
 @dataclass
@@ -112,9 +119,11 @@ def run_saliency_stage(
             input_path, mask_path, preprocessing, config, checkpoint
         )
         what, folder = f"input {Path(str(input_path)).name}", f"saliency_{file_stem(input_path)}"
+        extent = lesion_extent(np.asarray(s["mask"])[0] for s in samples if "mask" in s)
     else:
         cache = ensure_cache(config.data)
         check_cache_fits(cache, specs, preprocessing, checkpoint)
+        extent = lesion_extent(training_masks(cache, EXTENT_MASKS))
         if ids:
             samples = CachedSamples.from_ids(cache, ids, spec.name)
             what, folder = "ids", "saliency_ids"
@@ -145,6 +154,10 @@ def run_saliency_stage(
         internal_batch_size=settings.internal_batch_size,
         memory_budget_gb=settings.memory_budget_gb,
         gradcam_layer=settings.gradcam_layer,
+        randomisation_samples=settings.randomisation_samples,
+        randomisation_scope=settings.randomisation_scope,
+        randomisation_threshold=settings.randomisation_threshold,
+        cam_target_extent=extent,
     )
     write_text_atomic(out / "config.toml", config.to_toml())
     return SaliencyStageResult(out, result, len(samples), checkpoint, spec.name, what)
@@ -230,6 +243,22 @@ class CachedSamples:
                 )  # (1, *S)
             item["geometry"] = row.to_dict()
             yield item
+
+
+def training_masks(cache: Path, limit: int) -> Iterator[np.ndarray]:
+    """Up to ``limit`` lesion masks ``(*S)`` of the cache's training split (any split when it has none)."""
+    manifest = read_manifest(cache)
+    has_mask = manifest["has_mask"].fillna(False).astype(bool) if "has_mask" in manifest else False
+    usable = manifest[(manifest["status"] == "ok") & has_mask]
+    train = usable[usable["split"] == "train"]
+    found = 0
+    for sample_id in (train if len(train) else usable)["id"].astype(str):
+        mask = np.load(cache / "masks" / f"{sample_id}.npy")[0]  # (1, *S) -> (*S)
+        if mask.any():
+            found += 1
+            yield mask
+        if found >= limit:
+            return
 
 
 def unknown_id_message(cache: Path, sample_id: str) -> str:

@@ -1,0 +1,154 @@
+"""Which layer Grad-CAM and HiResCAM read by default: the deepest spatial map fine enough for the target.
+
+A CAM is no finer than the map it reads: a lesion five voxels across cannot be pointed at on a map whose
+cells are eight voxels wide (the upsampled peak lands on a cell centre or a border plateau). The deepest
+map is the most class-specific (Selvaraju et al. 2017), so the default is the deepest map that still
+resolves the target:
+
+- with lesion masks, the target's size is the median bounding-box extent of their connected lesions,
+  per axis (:func:`lesion_extent`); a map qualifies when each of its cells spans at most
+  1 / :data:`CELLS_ACROSS_TARGET` of that extent along every axis (two cells across a lesion);
+- without masks, a map qualifies when it has at least :data:`MIN_CELLS` cells along every axis (or
+  the input's own size, when smaller);
+- no map qualifies: the finest one.
+
+The candidates are the encoder's modules whose output, in the classifier's own forward pass on the
+first sample, is a map ``(1, C>1, *s)`` with the input's number of spatial axes, ordered by when they
+finish (a container finishes after its last child, so a whole stage wins over its last activation).
+By encoder family (strides for the default builders):
+
+- ``resnet*`` (MONAI): ``act`` (1/2), ``layer1`` (1/4), ``layer2`` (1/8), ``layer3`` (1/16), ``layer4``
+  (1/32); without max-pool and with conv1 stride 1 each is 4x finer;
+- ``convnext_tiny_cbam``: ``stages.0``-``stages.3`` and ``cbam.*`` (1/4 to 1/32);
+- ``unet2d``: ``down.0``-``down.3`` (1, 1/2, 1/4, 1/8);
+- ``mt3``: ``stem.0``-``stem.3`` (1, 1/2, 1/4, 1/8): its last map is too coarse for small lesions at
+  small inputs, so the choice usually falls on ``stem.1`` or ``stem.0``;
+- token encoders (``vit3d_*``; ``gradcam_layout == "tokens"``): every block keeps the patch grid, so the
+  deepest -- the encoder's own ``gradcam_layer`` (the final norm) -- is taken; no finer map exists.
+
+``saliency.gradcam_layer`` set to a module name overrides the choice; ``"last"`` reads the encoder's own
+last spatial layer (the choice before this rule existed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+CELLS_ACROSS_TARGET = 2  # with masks: at least two map cells across the median lesion, along every axis
+MIN_CELLS = 8  # without masks: at least this many cells along every axis
+
+
+@dataclass(frozen=True)
+class SpatialLayer:
+    """An encoder module whose output is a spatial map, and how coarse that map is."""
+
+    name: str
+    shape: tuple[int, ...]  # the map's spatial shape
+    stride: tuple[float, ...]  # input voxels per map cell, per axis
+
+
+@dataclass(frozen=True)
+class CamLayerChoice:
+    """The layer a CAM reads, why, and what else there was (recorded in ``scores.json``)."""
+
+    name: str
+    shape: tuple[int, ...] = ()
+    stride: tuple[float, ...] = ()
+    rule: str = ""
+    target_extent: tuple[float, ...] | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spatial_layers(classifier: nn.Module, x: torch.Tensor) -> list[SpatialLayer]:
+    """The encoder's modules that output a map ``(1, C>1, *s)`` on input ``x`` ``(1, C, *S)``, in the
+    order they finish in one forward pass of ``classifier`` (without gradients)."""
+    encoder = classifier.encoder
+    spatial = tuple(x.shape[2:])
+    finished: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def keep(_module: nn.Module, _inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == x.ndim and output.shape[1] > 1:
+                finished.pop(name, None)  # a module called twice (a shared activation) counts when last done
+                finished[name] = tuple(int(s) for s in output.shape[2:])
+
+        return keep
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in encoder.named_modules() if name]
+    try:
+        with torch.no_grad():
+            classifier(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        SpatialLayer(name, shape, tuple(round(s / m, 3) for s, m in zip(spatial, shape, strict=True)))
+        for name, shape in finished.items()
+    ]
+
+
+def lesion_extent(masks: Iterable[np.ndarray]) -> tuple[float, ...] | None:
+    """Median bounding-box extent per axis (voxels) of the connected lesions in ``masks`` ``(*S)``;
+    None when there is no lesion."""
+    extents: list[tuple[int, ...]] = []
+    for mask in masks:
+        labelled, count = ndimage.label(np.asarray(mask) > 0)
+        if count:
+            extents += [tuple(s.stop - s.start for s in box) for box in ndimage.find_objects(labelled)]
+    if not extents:
+        return None
+    return tuple(float(v) for v in np.median(np.asarray(extents, dtype=float), axis=0))
+
+
+def choose_cam_layer(
+    classifier: nn.Module, x: torch.Tensor, target_extent: Sequence[float] | None = None
+) -> CamLayerChoice:
+    """The default CAM layer for inputs like ``x`` ``(1, C, *S)`` (see the module docstring)."""
+    encoder = classifier.encoder
+    own = next((name for name, m in encoder.named_modules() if m is encoder.gradcam_layer), "")
+    layout = getattr(encoder, "gradcam_layout", getattr(encoder, "feature_layout", "map"))
+    if layout == "tokens":
+        return CamLayerChoice(
+            own, rule="token encoder: every block keeps the patch grid; the deepest is read"
+        )
+    layers = spatial_layers(classifier, x)
+    if not layers:
+        return CamLayerChoice(own, rule="no spatial map found in the forward pass; the encoder's own layer")
+    deepest_per_shape = {layer.shape: layer for layer in layers}  # the last module to finish at each size
+    candidates = [
+        {"name": layer.name, "shape": list(layer.shape), "stride": list(layer.stride)}
+        for layer in deepest_per_shape.values()
+    ]
+    extent = tuple(float(e) for e in target_extent) if target_extent else None
+    if extent is not None and len(extent) == x.ndim - 2:
+        limits = tuple(max(1.0, e / CELLS_ACROSS_TARGET) for e in extent)
+        fine = [
+            layer for layer in layers if all(s <= lim for s, lim in zip(layer.stride, limits, strict=True))
+        ]
+        rule = (
+            f"the deepest map with cells at most 1/{CELLS_ACROSS_TARGET} of the lesions' median extent "
+            f"({'x'.join(f'{e:g}' for e in extent)} voxels)"
+        )
+    else:
+        extent = None
+        need = tuple(min(MIN_CELLS, int(s)) for s in x.shape[2:])
+        fine = [layer for layer in layers if all(m >= n for m, n in zip(layer.shape, need, strict=True))]
+        rule = f"no lesion masks: the deepest map with at least {MIN_CELLS} cells per axis"
+    if fine:
+        chosen = fine[-1]
+    else:
+        finest = min(math.prod(layer.stride) for layer in layers)
+        chosen = [layer for layer in layers if math.prod(layer.stride) == finest][-1]
+        rule += "; none is that fine, so the deepest of the finest"
+    return CamLayerChoice(chosen.name, chosen.shape, chosen.stride, rule, extent, candidates)
