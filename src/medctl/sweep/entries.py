@@ -6,6 +6,11 @@ An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
 - ``random_init``: the same probe on a randomly initialised encoder (``sweep.random_baseline``);
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
   ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
+
+With ``sweep.seeds = [s, ...]`` every entry runs once per seed, in ``<entry>/seed<s>/``: ``run.seed = s``
+(the probe's head initialisation and batch order, and the random baseline's initial weights), and a
+``{seed}`` in a checkpoint path becomes ``s`` (``runs/byol_s{seed}/checkpoints/encoder.ckpt``), so seed
+``s`` of a pretrained entry pairs pretraining seed ``s`` with probe seed ``s``.
 """
 
 from __future__ import annotations
@@ -38,13 +43,25 @@ class SweepEntry:
     name: str
     checkpoint: str
     kind: str  # "linear_probe" | "finetune"
+    seed: int | None = None  # sweep.seeds: run.seed of this run; None keeps run.seed
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> SweepEntry:
-        return cls(str(value["name"]), str(value["checkpoint"]), str(value["kind"]))
+        seed = value.get("seed")
+        return cls(
+            str(value["name"]),
+            str(value["checkpoint"]),
+            str(value["kind"]),
+            None if seed is None else int(seed),
+        )
+
+    @property
+    def base(self) -> str:
+        """The entry's name without its seed: ``byol/seed1`` -> ``byol``; the leaderboard row it joins."""
+        return self.name.split("/")[0]
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -87,7 +104,8 @@ def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_IN
     taken = set(reserved)
     names = []
     for path in checkpoints:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem).strip("_.") or "checkpoint"
+        stem = Path(path).stem.replace("{seed}", "")  # a template names the runs of every seed
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-") or "checkpoint"
         name, i = stem, 2
         while name in taken:
             name, i = f"{stem}_{i}", i + 1
@@ -97,7 +115,8 @@ def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_IN
 
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
-    """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``."""
+    """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``;
+    with ``sweep.seeds``, one per checkpoint and seed (see the module docstring)."""
     suffix = "_ft" if kind == FINETUNE else ""
     entries = [
         SweepEntry(f"{name}{suffix}", path, kind)
@@ -105,12 +124,23 @@ def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[
     ]
     if config.sweep.random_baseline:
         entries.append(SweepEntry(f"{RANDOM_INIT}{suffix}", "", kind))
-    return entries
+    return [seeded for entry in entries for seeded in with_seeds(entry, config.sweep.seeds)]
+
+
+def with_seeds(entry: SweepEntry, seeds: Sequence[int]) -> list[SweepEntry]:
+    """``entry`` once per seed (``<name>/seed<s>``, ``{seed}`` filled in its checkpoint); as is without seeds."""
+    if not seeds:
+        return [entry]
+    return [
+        SweepEntry(f"{entry.base}/seed{s}", entry.checkpoint.replace("{seed}", str(s)), entry.kind, s)
+        for s in seeds
+    ]
 
 
 def finetune_of(entry: SweepEntry) -> SweepEntry:
-    """The fine-tune entry of a probe entry: ``<name>_ft`` on the same checkpoint."""
-    return SweepEntry(f"{entry.name}_ft", entry.checkpoint, FINETUNE)
+    """The fine-tune entry of a probe entry: ``<name>_ft`` (``<name>_ft/seed<s>``) on the same checkpoint."""
+    name = f"{entry.base}_ft" + (f"/seed{entry.seed}" if entry.seed is not None else "")
+    return SweepEntry(name, entry.checkpoint, FINETUNE, entry.seed)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -123,6 +153,8 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     tree = config.model_dump(mode="json")
     set_dotted(tree, "model.checkpoint", entry.checkpoint)
     set_dotted(tree, "model.freeze_encoder", True)
+    if entry.seed is not None:
+        set_dotted(tree, "run.seed", entry.seed)
     problems: list[str] = []
     if entry.kind == FINETUNE:
         set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)
