@@ -28,15 +28,22 @@ def test_collapse_stats_tell_spread_from_collapsed_embeddings():
         mon.collapse_stats(np.ones((1, 4)))
 
 
-def test_a_warning_is_logged_only_when_the_spread_falls_toward_zero(caplog):
-    low = {"embed_std_mean": 1e-4, "embed_std_min": 0.0, "embed_std_reference": 0.125}
-    high = {**low, "embed_std_mean": 0.1}
-    assert mon.collapse_warning(high, previous=0.2) == ""
-    assert mon.collapse_warning(low, previous=None) == ""  # a fresh encoder may start low
-    assert mon.collapse_warning(low, previous=5e-5) == ""  # low but rising
-    assert "collapsing" in mon.collapse_warning(low, previous=1e-3)
+def test_a_warning_needs_a_representation_worse_than_the_untrained_encoder(caplog):
+    reference = {"embed_std_mean": 0.02, "embed_std_min": 0.0, "embed_std_reference": 0.125, "knn_accuracy": 0.6}
+    low = {"embed_std_mean": 0.004, "embed_std_min": 0.0, "embed_std_reference": 0.125}  # 0.2x the reference
+    kept = {**low, "embed_std_mean": 0.015}  # 0.75x: far below 0.1/sqrt(D) yet no worse than before
+    assert mon.std_ratio(low, reference) == pytest.approx(0.2)
+    assert mon.collapse_warning(kept, reference, "byol", knn=0.5) == ""
+    assert mon.collapse_warning(low, reference, "byol", knn=0.8) == ""  # narrower but better separated
+    assert mon.collapse_warning(low, None, "byol") == ""  # nothing to compare with: no claim
+    byol = mon.collapse_warning(low, reference, "byol", knn=0.55)
+    assert "0.20x" in byol and "0.55" in byol and "pretrain.ema_momentum" in byol
+    assert "collapsing" in mon.collapse_warning(low, {k: v for k, v in reference.items() if k != "knn_accuracy"}, "byol")
+    mim = mon.collapse_warning(low, reference, "mim_contrastive", knn=0.5)
+    assert "ema_momentum" not in mim and "pretrain.contrastive_weight" in mim  # no EMA in that method
+    assert "pretrain.ema_momentum" in mon.collapse_warning(low, reference, "jepa")
     with caplog.at_level(logging.INFO, logger="medctl"):
-        mon.warn_if_collapsing(low, previous=1e-3)
+        mon.warn_if_collapsing(low, reference, "byol", knn=0.5)
     assert any("warning: embeddings are collapsing" in r.getMessage() for r in caplog.records)
 
 

@@ -108,10 +108,11 @@ def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
     }  # fmt: skip
     assert "corrupt.pt" in state["corrupt"]["reason"]
 
-    # sorted by validation balanced accuracy; every number is the entry's own
+    # ranked on test (val picked each probe's epoch), and says so; every number is the entry's own
     ok = board[board["status"] == "ok"].reset_index(drop=True)
     assert ok["rank"].tolist() == [1, 2, 3]
-    assert ok["val_balanced_accuracy"].is_monotonic_decreasing
+    assert ok["test_balanced_accuracy"].is_monotonic_decreasing
+    assert set(board["selected_on"]) == {"val"} and set(board["ranked_on"]) == {"test"}
     hashes = set()
     for _, row in ok.iterrows():
         run_dir = sweep_dir / row["entry"]
@@ -177,3 +178,70 @@ def test_jobs_two_and_mode_both_fine_tune_the_probe_leader(synthetic_3d, checkpo
     results = json.loads((sweep_dir / f"{leader_probe}_ft" / "results.json").read_text())
     assert results["mode"] == "finetune" and results["epochs_run"] == 2
     assert board.loc[board["entry"] == "corrupt", "status"].tolist() == ["failed"]
+
+
+def test_seeds_give_mean_spread_and_paired_tests_ranked_on_test(synthetic_3d, checkpoint_dir, tmp_path):
+    """``sweep.seeds``: each entry once per seed ({seed} picks the checkpoint of that seed), one row each
+    with mean and std over seeds; p-values are paired t-tests across seeds on the ranking split."""
+    templates = tmp_path / "seeded"
+    templates.mkdir()
+    for seed, source in ((0, "byol_a"), (1, "byol_b")):
+        (templates / f"ssl_{seed}.pt").write_bytes((checkpoint_dir / f"{source}.pt").read_bytes())
+    template = str(templates / "ssl_{seed}.pt")
+    args = sweep_args(
+        synthetic_3d, checkpoint_dir, tmp_path / "runs", "seeded", "--listed-only",
+        f"sweep.checkpoints={json.dumps([template])}", "sweep.seeds=[0, 1]", "train.epochs=4",
+    )  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    sweep_dir = tmp_path / "runs" / "seeded"
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    seeds = pd.read_csv(sweep_dir / "leaderboard_seeds.csv")
+    assert sorted(board["entry"]) == ["random_init", "ssl"]
+    assert sorted(seeds["entry"]) == ["random_init/seed0", "random_init/seed1", "ssl/seed0", "ssl/seed1"]
+
+    # each seed is its own run: the probe's run.seed and, for ssl, the checkpoint of that seed
+    for seed in (0, 1):
+        resolved = (sweep_dir / "ssl" / f"seed{seed}" / "config.toml").read_text()
+        assert f"seed = {seed}" in resolved and f"ssl_{seed}.pt" in resolved
+    assert json.loads((sweep_dir / "random_init" / "seed1" / "done.json").read_text())["seed"] == 1
+
+    # one row per entry: mean and std over its seeds, ranked on test
+    by_entry = {
+        entry: group.sort_values("seed")
+        for entry, group in seeds.groupby(seeds["entry"].str.split("/").str[0])
+    }
+    for _, row in board.iterrows():
+        values = by_entry[row["entry"]]["test_balanced_accuracy"].to_numpy()
+        assert row["n_seeds"] == 2
+        assert row["test_balanced_accuracy"] == pytest.approx(values.mean())
+        assert row["test_balanced_accuracy_std"] == pytest.approx(values.std(ddof=1))
+    assert board["test_balanced_accuracy"].is_monotonic_decreasing
+    assert set(board["ranked_on"]) == {"test"}
+
+    # the paired comparison with the random baseline, seed by seed
+    ssl = board[board["entry"] == "ssl"].iloc[0]
+    diffs = (
+        by_entry["ssl"]["test_balanced_accuracy"].to_numpy()
+        - by_entry["random_init"]["test_balanced_accuracy"].to_numpy()
+    )
+    assert ssl["delta_vs_random"] == pytest.approx(diffs.mean())
+    assert ssl["delta_vs_random_std"] == pytest.approx(diffs.std(ddof=1))
+    md = (sweep_dir / "leaderboard.md").read_text()
+    assert "mean ± std over seeds [0, 1]" in md and "ranked on test" in md and " ± " in md
+    assert "ranked on test" in " ".join(result.output.split())
+
+
+def test_paired_seed_test_matches_scipy():
+    from scipy import stats
+
+    from medctl.evaluation.leaderboard import paired_seed_test
+
+    a = {0: 0.71, 1: 0.64, 2: 0.80, 3: 0.55}
+    b = {0: 0.52, 1: 0.58, 2: 0.61, 3: 0.50, 9: 0.9}  # seed 9 has no pair
+    out = paired_seed_test(a, b)
+    reference = stats.ttest_rel([a[s] for s in range(4)], [b[s] for s in range(4)])
+    assert out["n"] == 4 and out["p"] == pytest.approx(reference.pvalue)
+    assert out["mean"] == pytest.approx(sum(a[s] - b[s] for s in range(4)) / 4)
+    assert math.isnan(paired_seed_test({0: 0.5}, {0: 0.4})["p"])
+    assert paired_seed_test({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})["p"] == 1.0

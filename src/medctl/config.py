@@ -337,6 +337,8 @@ class PretrainConfig(Section):
     halves_noise_std: float = Field(default=0.02, ge=0)
     halves_blur_prob: float = Field(default=0.1, ge=0, le=1)
     halves_blur_sigma: float = Field(default=0.5, ge=0)
+    # each half's own crop-resize before InfoNCE (MIM keeps the halves aligned): breaks the midline shortcut
+    halves_crop_scale: list[float] = [0.6, 1.0]
     # jepa
     predictor_dim: int = Field(default=96, ge=1)
     predictor_depth: int = Field(default=2, ge=1)
@@ -355,7 +357,7 @@ class PretrainConfig(Section):
     monitor_samples: int = Field(default=256, ge=2)  # per split: a fixed, seeded subset keeps monitoring cheap
     subset: str = ""  # pretrain on a subset of train: "fraction:0.5" (seeded) or "column:value" (manifest column)
 
-    @field_validator("view_crop_scale", "mask_block_scale", "mask_depth_scale")
+    @field_validator("view_crop_scale", "halves_crop_scale", "mask_block_scale", "mask_depth_scale")
     @classmethod
     def _share_range(cls, value: list[float]) -> list[float]:
         if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
@@ -389,6 +391,20 @@ class SweepConfig(Section):
     # a text file of the participant ids a foreign checkpoint (one without medctl provenance) was pretrained on,
     # one per line; finetune, sweep and `check data` count the val/test participants among them ("" : unknown)
     pretrain_ids: str = ""
+    # the split the leaderboard ranks on. Each probe picks its best epoch on val (train.monitor), so val
+    # flatters every entry; "test" ranks on held-out samples that selected nothing
+    rank_on: Literal["test", "val"] = "test"
+    # run every entry once per seed: run.seed of its probe (and of the random baseline's initial weights);
+    # "{seed}" in a checkpoint path picks the pretraining run of that seed. The leaderboard shows the mean and
+    # std over seeds and a paired t-test across seeds; [] runs each entry once, at run.seed
+    seeds: list[int] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a seed twice; give distinct seeds, e.g. [0, 1, 2]")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ saliency

@@ -79,7 +79,11 @@ def sweep_command(
         jobs=jobs,
         fresh=fresh,
     )
-    print_leaderboard(result.leaderboard, f"sweep {result.sweep_dir.name} ({result.mode})")
+    ranked_on = str(result.leaderboard["ranked_on"].iloc[0]) if "ranked_on" in result.leaderboard else "val"
+    print_leaderboard(
+        result.leaderboard,
+        f"sweep {result.sweep_dir.name} ({result.mode}), ranked on {ranked_on} balanced accuracy",
+    )
     skipped = sum(o.status == "skipped" for o in result.outcomes)
     console.print(
         f"[green]✓[/] {len(result.outcomes)} entries ({skipped} already finished, {len(result.failed)} failed) "
@@ -93,14 +97,15 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
     """The ranked entries as a rich table; failed entries below it, one line each with the reason."""
     import pandas as pd
 
-    from medctl.evaluation.leaderboard import format_ci, format_duration, format_p
+    from medctl.evaluation.leaderboard import format_duration, format_metric, format_p
 
+    seeded = "n_seeds" in board.columns
     table = Table(title=title)
     table.add_column("rank", justify="right")
     table.add_column("entry", no_wrap=True)
     table.add_column("mode")
     table.add_column("architecture")
-    for column in (
+    columns = [
         "val bal. acc.",
         "test bal. acc.",
         "test macro-F1",
@@ -108,7 +113,9 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
         "epochs",
         "time",
         "p vs leader",
-    ):
+    ]
+    columns += ["seeds", "Δ vs random", "p vs random"] if seeded else []
+    for column in columns:
         table.add_column(column, justify="right")
     failed = []
     for _, row in board.iterrows():
@@ -118,13 +125,19 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
         rank = "—" if pd.isna(row["rank"]) else str(int(row["rank"]))
         architecture = row.get("architecture")
         cells = [rank, str(row["entry"]), str(row.get("mode", "")), "—" if pd.isna(architecture) else str(architecture)]
-        cells.append(format_ci(row.get("val_balanced_accuracy")))
+        cells.append(
+            format_metric(
+                {"v": row.get("val_balanced_accuracy"), "v_std": row.get("val_balanced_accuracy_std")}, "v"
+            )
+        )
         for metric in ("balanced_accuracy", "macro_f1", "auroc"):
-            key = f"test_{metric}"
-            cells.append(format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")))
+            cells.append(format_metric(row, f"test_{metric}"))
         epochs = row.get("epochs")
-        cells += ["—" if pd.isna(epochs) else str(int(epochs)), format_duration(row.get("wall_time_s"))]
+        cells += ["—" if pd.isna(epochs) else str(round(epochs)), format_duration(row.get("wall_time_s"))]
         cells.append("leader" if rank == "1" else format_p(row.get("p_vs_leader")))
+        if seeded:
+            delta = {"d": row.get("delta_vs_random"), "d_std": row.get("delta_vs_random_std")}
+            cells += [str(row.get("n_seeds")), format_metric(delta, "d"), format_p(row.get("p_vs_random"))]
         table.add_row(*cells)
     show_table(table)
     for row in failed:

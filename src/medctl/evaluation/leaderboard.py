@@ -10,7 +10,9 @@ summaries, or by hand):
   val, test and metric in accuracy, balanced_accuracy, macro_f1, auroc. Any other key is kept as a column.
 
 ``p_vs_leader`` is the paired bootstrap p-value that an entry and the leader differ on the same test
-samples (:func:`p_values_vs_leader`); the leader is rank 1 after sorting.
+samples (:func:`p_values_vs_leader`); the leader is rank 1 after sorting. A row that summarises several
+seeds carries ``<split>_<metric>_std`` (shown as ``mean ± std``) and may carry ``n_seeds``,
+``delta_vs_random`` (``_std``) and ``p_vs_random`` (:func:`paired_seed_test`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from medctl.errors import DataError
 from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
@@ -122,7 +125,7 @@ def leaderboard(rows: Sequence[Mapping[str, Any]], sort_by: str = "val_balanced_
         f"{split}_{metric}{suffix}"
         for split in SPLITS
         for metric in METRICS
-        for suffix in ("", "_low", "_high")
+        for suffix in ("", "_std", "_low", "_high")
         if f"{split}_{metric}{suffix}" in frame.columns
     ]
     rest = [c for c in frame.columns if c not in {*FRONT, *BACK, *metric_columns, "_group", "_key"}]
@@ -147,6 +150,29 @@ def p_values_vs_leader(
     }
 
 
+def paired_seed_test(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, float]:
+    """Paired two-sided t-test of ``a - b`` over the seeds both have: ``{"mean", "std", "p", "n"}``.
+
+    The pairs are runs that share a seed (the same probe seed and, for pretrained checkpoints, the same
+    pretraining seed index). NaN p below two pairs; a constant difference gives p = 1 when it is 0, else 0.
+    """
+    common = sorted(set(a) & set(b))
+    diffs = np.array([a[s] - b[s] for s in common], dtype=np.float64)  # (n,)
+    n = len(diffs)
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "p": math.nan, "n": 0}
+    mean = float(diffs.mean())
+    std = float(diffs.std(ddof=1)) if n > 1 else math.nan
+    if n < 2:
+        p = math.nan
+    elif std == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        t = mean / (std / math.sqrt(n))
+        p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    return {"mean": mean, "std": std, "p": p, "n": n}
+
+
 # ------------------------------------------------------------------------------------------ markdown
 def format_ci(value: Any, low: Any = None, high: Any = None) -> str:
     """``0.812 [0.75, 0.87]``; the value alone without an interval; an em dash when missing."""
@@ -156,6 +182,15 @@ def format_ci(value: Any, low: Any = None, high: Any = None) -> str:
     if math.isnan(low) or math.isnan(high):
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def format_metric(row: Mapping[str, Any], key: str) -> str:
+    """``key`` of a leaderboard row: ``mean ± std`` over seeds when the row has ``<key>_std``, else with its CI."""
+    std = _number(row.get(f"{key}_std"))
+    value = _number(row.get(key))
+    if not math.isnan(std) and not math.isnan(value):
+        return f"{value:.3f} ± {std:.3f}"
+    return format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high"))
 
 
 def format_duration(seconds: Any) -> str:
@@ -186,17 +221,19 @@ def _cell(text: Any) -> str:
 
 def leaderboard_markdown(df: pd.DataFrame) -> str:
     """A pipe table: rank, entry, checkpoint, architecture (when rows name one), status, val/test balanced
-    accuracy, macro-F1 and AUROC as ``0.812 [0.75, 0.87]``, epochs, wall time, p vs leader; failed rows show
-    their reason."""
+    accuracy, macro-F1 and AUROC as ``0.812 [0.75, 0.87]`` (``0.812 ± 0.031`` over seeds), epochs, wall time,
+    p vs leader; with seeds the seed count, Δ vs random and p vs random; the pretraining overlap when audited.
+    Failed rows show their reason."""
     architecture = "architecture" in df.columns and df["architecture"].fillna("").astype(str).str.len().gt(0).any()
+    seeded = "n_seeds" in df.columns
+    audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
     header = ["rank", "entry", "checkpoint", *(["architecture"] if architecture else []), "status"]
     header += [f"{split} {label}" for split in SPLITS for _, label in SHOWN]
     header += ["epochs", "wall time", "p vs leader"]
-    align = ["---:"] + ["---"] * (len(header) - 1 - len(SPLITS) * len(SHOWN) - 3) + ["---:"] * (len(SPLITS) * len(SHOWN) + 3)
-    audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
-    if audited:
-        header.append("pretrain overlap")
-        align.append("---:")
+    header += ["seeds", "Δ vs random", "p vs random"] if seeded else []
+    header += ["pretrain overlap"] if audited else []
+    text_columns = {"entry", "checkpoint", "architecture", "status"}
+    align = ["---" if column in text_columns else "---:" for column in header]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for _, row in df.iterrows():
         ok = str(row.get("status", "ok")) == "ok"
@@ -212,12 +249,18 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
         ]
         for split in SPLITS:
             for metric, _ in SHOWN:
-                key = f"{split}_{metric}"
-                cells.append(format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")))
+                cells.append(format_metric(row, f"{split}_{metric}"))
         epochs = _number(row.get("epochs"))
-        cells.append("—" if math.isnan(epochs) else str(int(epochs)))
+        cells.append("—" if math.isnan(epochs) else str(round(epochs)))
         cells.append(format_duration(row.get("wall_time_s")))
         cells.append("leader" if is_leader else format_p(row.get("p_vs_leader")))
+        if seeded:
+            delta = {"delta": row.get("delta_vs_random"), "delta_std": row.get("delta_vs_random_std")}
+            cells += [
+                str(row.get("seeds") or "—"),
+                format_metric(delta, "delta"),
+                format_p(row.get("p_vs_random")),
+            ]
         if audited:
             overlap = row.get("pretrain_overlap")
             cells.append(_cell(overlap) if isinstance(overlap, str) and overlap else "—")
@@ -225,12 +268,14 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(df: pd.DataFrame, out_dir: str | Path, title: str = "Leaderboard") -> tuple[Path, Path]:
-    """``leaderboard.csv`` (every column) and ``leaderboard.md`` (the formatted table) in ``out_dir``."""
+def write_leaderboard(
+    df: pd.DataFrame, out_dir: str | Path, title: str = "Leaderboard", note: str = ""
+) -> tuple[Path, Path]:
+    """``leaderboard.csv`` (every column) and ``leaderboard.md`` (the formatted table, under ``note``)."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "leaderboard.csv", out_dir / "leaderboard.md"
     write_text_atomic(csv_path, df.to_csv(index=False))
-    note = (
+    note = note or (
         "Ranked on validation; test values with 95% bootstrap intervals; p vs leader: paired bootstrap "
         "on the test samples, two-sided."
     )

@@ -14,10 +14,17 @@ One step on a batch x (B, C, *S):
    projector, no gradient) gives z1, z2; ``loss_byol = (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))``;
 3. ``reconstruction`` (weight > 0): a light decoder maps each view's pooled embedding back to the view
    (Linear to a coarse grid, transposed convs up to the input size), MSE;
-4. ``rotation``: view 1 rotated by k * 90 degrees in ``rotation_plane``; a linear head on the pooled
-   embedding predicts k (cross-entropy);
-5. ``jigsaw`` (3D only): view 2's 2x2x2 blocks shuffled by one of K fixed, far-apart permutations; a
-   linear head predicts which one.
+4. ``rotation``: a pretext view rotated by k * 90 degrees in ``rotation_plane``; a linear head on the
+   pooled embedding predicts k (cross-entropy);
+5. ``jigsaw`` (3D only): the pretext view's 2x2x2 blocks shuffled by one of K fixed, far-apart
+   permutations; a linear head predicts which one.
+
+The pretext view is a BYOL view without flips (crop-resize and photometric jitter only). The BYOL views
+flip every axis with probability ``view_flip_prob``, and flips destroy both labels: a 180 degree rotation
+is the double flip of its plane (and 90 equals 270 after it), so a rotation of a flipped view has at most
+two tell-apart classes out of four; a flip also swaps the blocks along its axis, so a shuffled flipped
+volume is another permutation of the unflipped one. Rotations and block orders only mean something
+relative to the data's own orientation, which the pretext view keeps.
 
 ``loss = loss_byol + w_rec * loss_reconstruction + w_rot * loss_rotation + w_jig * loss_jigsaw``. The
 caller moves the target after each optimizer step with ``update_target(momentum)``.
@@ -35,7 +42,14 @@ from torch import nn
 
 from medctl.errors import ConfigError
 from medctl.models.encoders.base import Encoder
-from medctl.pretrain.views import PLANES, byol_views, jigsaw_permutations, random_jigsaw, random_rotation
+from medctl.pretrain.views import (
+    PLANES,
+    byol_view,
+    byol_views,
+    jigsaw_permutations,
+    random_jigsaw,
+    random_rotation,
+)
 from medctl.training.ema import ema_update
 from medctl.training.ssl_losses import byol_symmetric_loss
 
@@ -160,14 +174,16 @@ class BYOL(nn.Module):
         if self.decoder is not None:
             out["loss_reconstruction"] = F.mse_loss(self.decoder(y).float(), views.float())
             loss = loss + self.weights["reconstruction"] * out["loss_reconstruction"]
+        if self.rotation_head is not None or self.jigsaw_head is not None:
+            pretext = byol_view(x, **{**self.view_settings, "flip_prob": 0.0})  # (B, C, *S), orientation kept
         if self.rotation_head is not None:
-            rotated, labels = random_rotation(v1, plane=self.rotation_plane)  # (B, C, *S), (B,) in 0..3
+            rotated, labels = random_rotation(pretext, plane=self.rotation_plane)  # (B, C, *S), (B,) in 0..3
             logits = self.rotation_head(self.encoder(rotated))  # (B, 4)
             out["loss_rotation"] = F.cross_entropy(logits.float(), labels)
             out["acc_rotation"] = (logits.argmax(1) == labels).float().mean()
             loss = loss + self.weights["rotation"] * out["loss_rotation"]
         if self.jigsaw_head is not None:
-            shuffled, labels = random_jigsaw(v2, self.permutations)  # (B, C, D, H, W), (B,) in 0..K-1
+            shuffled, labels = random_jigsaw(pretext, self.permutations)  # (B, C, D, H, W), (B,) in 0..K-1
             logits = self.jigsaw_head(self.encoder(shuffled))  # (B, K)
             out["loss_jigsaw"] = F.cross_entropy(logits.float(), labels)
             out["acc_jigsaw"] = (logits.argmax(1) == labels).float().mean()

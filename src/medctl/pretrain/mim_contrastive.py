@@ -11,10 +11,15 @@ preprocessing with ``data.preprocess.unsharp``), split into a left and a right h
 and each half gets its own photometric augmentation only (intensity jitter, noise, light blur), so
 the halves stay anatomically aligned. Then:
 
-- contrastive: both halves, unmasked, go through the U-Net encoder; the global average of the
-  bottleneck -> 2-layer projection MLP with BatchNorm -> 128-d, L2-normalised; symmetric 2N InfoNCE
-  (temperature 0.2) with the other half of the same slice as the positive and every other half in
-  the batch as a negative.
+- contrastive: each half, unmasked, gets its own random crop-resize (``halves_crop_scale``, no flips),
+  then both go through the U-Net encoder; the global average of the bottleneck -> 2-layer projection
+  MLP with BatchNorm -> 128-d, L2-normalised; symmetric 2N InfoNCE (temperature 0.2) with the other half
+  of the same slice as the positive and every other half in the batch as a negative. Without the crops
+  the halves of one slice are told apart from the others by a shortcut: the two pixel columns either
+  side of the midline are neighbours, and a half's position and size in the slice are fixed. InfoNCE
+  then falls while the embedding's spread stays at ~0.07 of ``1/sqrt(D)`` with dead dimensions and its
+  k-NN accuracy drops below the untrained encoder's (0.42 -> 0.35 on 4 synthetic lesion classes, 64x64
+  slices, unet2d_tiny, 6 epochs); with the independent crops it rose instead (0.42 -> 0.44-0.46).
 - masked image modelling: each half loses ``round(mask_ratio * gh * gw)`` distinct 16 x 16 patches
   under the anti-mirror rule (where the left half is masked, the mirror-image patch of the right half
   is visible, ``masks.mirror_masks``). The two masked halves are put back side by side and the U-Net
@@ -32,6 +37,8 @@ contrastive branch and the embedding used downstream see unmasked halves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +52,7 @@ from medctl.pretrain.masks import (
     mirror_masks_batch,
     patch_mask_to_pixels,
 )
-from medctl.pretrain.views import halves_views, unsharp
+from medctl.pretrain.views import byol_view, halves_views, unsharp
 from medctl.training.ssl_losses import info_nce
 
 PANEL_SEED = 0  # the reconstruction panels mask the same patches every epoch
@@ -71,6 +78,7 @@ class MIMContrastive(nn.Module):
         halves_noise_std: float,
         halves_blur_prob: float,
         halves_blur_sigma: float,
+        halves_crop_scale: Sequence[float],
     ):
         super().__init__()
         self.grid = _check_settings(
@@ -89,6 +97,7 @@ class MIMContrastive(nn.Module):
             blur_prob=halves_blur_prob,
             blur_sigma=halves_blur_sigma,
         )
+        self.crop_scale = tuple(halves_crop_scale)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, H, W) -> {"loss", "loss_contrastive", "loss_mim"}."""
@@ -97,7 +106,16 @@ class MIMContrastive(nn.Module):
         out: dict[str, torch.Tensor] = {}
         loss = x.new_zeros(())
         if self.contrastive_weight > 0:
-            bottleneck = self.encoder.forward_features(torch.cat([left, right]))  # (2B, E, h, w/2)
+            crop = dict(
+                crop_scale=self.crop_scale,
+                flip_prob=0.0,
+                intensity_jitter=0.0,
+                noise_std=0.0,
+                blur_prob=0.0,
+                blur_sigma=0.0,
+            )  # geometry only: the photometric jitter is already each half's own
+            halves = torch.cat([byol_view(left, **crop), byol_view(right, **crop)])  # (2B, C, H, W/2)
+            bottleneck = self.encoder.forward_features(halves)  # (2B, E, h, w/2)
             z = F.normalize(self.projector(bottleneck.mean(dim=(2, 3))), dim=1)  # (2B, P), unit length
             out["loss_contrastive"] = info_nce(*z.split(batch), self.temperature)
             loss = loss + self.contrastive_weight * out["loss_contrastive"]

@@ -5,7 +5,13 @@ each), embedded with the method's online encoder in eval mode without gradients:
 
 - collapse: the per-dimension standard deviation of the L2-normalised embeddings, mean and min. Spread
   out unit vectors in D dimensions have a std near ``1 / sqrt(D)`` per dimension; a collapsed encoder
-  (every input mapped to one point) drives it to 0. A warning is logged below ``0.1 / sqrt(D)``.
+  (every input mapped to one point) drives it to 0. An absolute threshold cannot tell a good encoder from
+  a bad one (mean-pooled tokens, or GroupNorm + ReLU maps, sit far below ``1 / sqrt(D)`` at any stage), so
+  the check is calibrated: :func:`calibrate` measures the same encoder before pretraining (its random
+  initialisation, or ``model.checkpoint``), every check reports ``embed_std_ratio`` (now / before), and a
+  warning is logged only when the representation is worse than before: the ratio below
+  ``COLLAPSE_RATIO`` and, where labels allow a k-NN, its accuracy no better than before. The advice
+  names what controls collapse in that method (:data:`COLLAPSE_ADVICE`).
 - k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
   embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
   Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.
@@ -41,7 +47,14 @@ from medctl.evaluation.plots import plot_training_curves
 from medctl.progress import log
 from medctl.training.precision import autocast_context
 
-COLLAPSE_FACTOR = 0.1  # warn when the mean std falls below COLLAPSE_FACTOR / sqrt(D)
+COLLAPSE_RATIO = 0.5  # warn below half the spread the encoder had before pretraining (and no k-NN gain)
+COLLAPSE_ADVICE = {
+    "byol": "the EMA target is what keeps BYOL apart: raise pretrain.ema_momentum (e.g. 0.996) or lower pretrain.lr",
+    "jepa": "the EMA target encoder moves too fast: raise pretrain.ema_momentum (e.g. 0.999) or lower pretrain.lr; "
+    "smaller target blocks (pretrain.mask_block_scale) make the prediction easier to learn",
+    "mim_contrastive": "InfoNCE spreads the projections, not the pooled embedding: raise pretrain.contrastive_weight "
+    "relative to pretrain.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
+}
 PANEL_ROWS = 4
 DPI = 110
 
@@ -114,20 +127,36 @@ def collapse_stats(vectors: np.ndarray) -> dict[str, float]:
     }
 
 
-def collapse_warning(stats: dict[str, float], previous: float | None) -> str:
-    """A warning line when the embeddings are collapsing, "" otherwise.
+def std_ratio(stats: dict[str, float], reference: dict[str, float]) -> float:
+    """Mean per-dimension std now over the same before pretraining (inf when the reference is 0)."""
+    before = reference.get("embed_std_mean", 0.0)
+    return stats["embed_std_mean"] / before if before > 0 else math.inf
 
-    Collapsing means falling toward zero: below ``0.1 / sqrt(D)`` and lower than at the ``previous``
-    check. A fresh encoder can sit below the threshold (a transformer's mean-pooled tokens are dominated
-    by position embeddings at initialisation), so a low first value alone is not a warning.
+
+def collapse_warning(
+    stats: dict[str, float], reference: dict[str, float] | None, method: str, knn: float | None = None
+) -> str:
+    """A warning line when the representation is worse than the encoder's own before pretraining, "" otherwise.
+
+    Worse: the mean per-dimension std below ``COLLAPSE_RATIO`` times ``reference["embed_std_mean"]`` and,
+    when both k-NN accuracies are known, ``knn`` no higher than ``reference["knn_accuracy"]``. Without a
+    reference (monitoring that was never calibrated) nothing is claimed.
     """
-    threshold = COLLAPSE_FACTOR * stats["embed_std_reference"]
-    value = stats["embed_std_mean"]
-    if value >= threshold or previous is None or value >= previous:
+    if not reference:
         return ""
+    ratio = std_ratio(stats, reference)
+    knn_before = reference.get("knn_accuracy")
+    if ratio >= COLLAPSE_RATIO or (knn is not None and knn_before is not None and knn > knn_before):
+        return ""
+    knn_text = (
+        f" and k-NN accuracy {knn:.2f} is no better than its {knn_before:.2f}"
+        if knn is not None and knn_before is not None
+        else ""
+    )
+    advice = COLLAPSE_ADVICE.get(method, "lower pretrain.lr or check the augmentations")
     return (
-        f"embeddings are collapsing: mean per-dimension std {value:.2e} < {threshold:.2e} (0.1/sqrt(D)) and falling "
-        f"(was {previous:.2e}); lower pretrain.lr, raise pretrain.ema_momentum, or check the augmentations"
+        f"embeddings are collapsing: mean per-dimension std {stats['embed_std_mean']:.2e} is {ratio:.2f}x that of "
+        f"the encoder before pretraining ({reference['embed_std_mean']:.2e}){knn_text}; {advice}"
     )
 
 
@@ -268,8 +297,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def warn_if_collapsing(stats: dict[str, float], previous: float | None) -> None:
-    message = collapse_warning(stats, previous)
+def warn_if_collapsing(
+    stats: dict[str, float], reference: dict[str, float] | None, method: str, knn: float | None = None
+) -> None:
+    message = collapse_warning(stats, reference, method, knn)
     if message:
         log(f"warning: {message}")
 
@@ -287,7 +318,8 @@ class Monitor:
     figures: Path
     batch_size: int
     device: torch.device
-    previous_std: float | None = None  # the last collapse check, to tell a falling value
+    method: str = ""  # pretrain.method, for the advice of a collapse warning
+    reference: dict[str, float] = field(default_factory=dict)  # calibrate(): the encoder before pretraining
 
 
 def make_monitor(
@@ -301,6 +333,7 @@ def make_monitor(
     batch_size: int,
     device: torch.device,
     precision: str,
+    method_name: str = "",
 ) -> Monitor:
     """Fixed subsets of at most ``limit`` items per split, and ``method.embed`` under the run's autocast."""
 
@@ -313,7 +346,19 @@ def make_monitor(
         fixed_subset(len(train), limit, seed),
         fixed_subset(len(val), limit, seed + 1),
     )
-    return Monitor(train, train_indices, val, val_indices, embed, Path(figures), batch_size, device)
+    return Monitor(
+        train, train_indices, val, val_indices, embed, Path(figures), batch_size, device, method_name
+    )
+
+
+def calibrate(monitor: Monitor) -> dict[str, float]:
+    """Collapse stats and k-NN accuracy of the encoder as it is now, before pretraining: the reference
+    every later collapse check is compared with (kept in ``monitor.reference``)."""
+    train, val = embed_splits(monitor)
+    reference = collapse_stats(val.vectors if len(val.vectors) >= 2 else train.vectors)
+    reference |= knn_metrics(train, val)
+    monitor.reference = reference
+    return reference
 
 
 def due(epoch: int, every: int, epochs: int) -> bool:
@@ -351,15 +396,16 @@ def monitor_epoch(
     train, val = embed_splits(monitor)
     metrics: dict[str, float] = {}
     tag = f"epoch{epoch + 1:03d}"
+    if knn:
+        metrics |= knn_metrics(train, val)
     if check:
         stats = collapse_stats(val.vectors if len(val.vectors) >= 2 else train.vectors)
-        warn_if_collapsing(stats, monitor.previous_std)
-        monitor.previous_std = stats["embed_std_mean"]
+        if monitor.reference:
+            stats["embed_std_ratio"] = std_ratio(stats, monitor.reference)
+        warn_if_collapsing(stats, monitor.reference, monitor.method, metrics.get("knn_accuracy"))
         metrics |= stats
         drawn("the reconstruction panel", draw_panel, method, monitor,
               monitor.figures / f"reconstruction_{tag}.png", f"epoch {epoch + 1}")  # fmt: skip
-    if knn:
-        metrics |= knn_metrics(train, val)
     if tsne:
         drawn("the t-SNE", draw_tsne, train, val, monitor.train.targets, monitor.figures / f"tsne_{tag}.png",
               f"epoch {epoch + 1}")  # fmt: skip

@@ -169,7 +169,15 @@ def run_pretrain(
             batch_size=batch_size,
             device=device,
             precision=settings.precision,
+            method_name=settings.method,
         )
+        initial: dict[str, float] = {}
+        if is_rank0() and (settings.monitor_every > 0 or settings.knn_every > 0):
+            initial = mon.calibrate(monitor)  # the reference of every collapse check: this encoder untrained
+            log(
+                f"before pretraining: mean per-dimension std {initial['embed_std_mean']:.2e}"
+                + (f", k-NN accuracy {initial['knn_accuracy']:.3f}" if "knn_accuracy" in initial else "")
+            )
 
         def evaluate(epoch: int) -> dict[str, float]:
             metrics: dict[str, float] = {}
@@ -236,6 +244,7 @@ def run_pretrain(
                 "final_loss": final_loss,
                 "samples_per_s": throughput,
                 "final_monitoring": final,
+                "initial_monitoring": initial,
                 "encoder_checkpoint": str(encoder_path),
                 "figures": [str(p) for p in drawn],
                 "wall_time_s": time.perf_counter() - start,

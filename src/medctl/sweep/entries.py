@@ -8,6 +8,11 @@ An entry is a normal ``medctl finetune`` run in ``<sweep dir>/<entry name>/``:
   ``model.encoder = "auto"`` it has the architecture of the first checkpoint whose architecture reads;
 - ``<stem>_ft`` / ``random_init_ft``: a fine-tune (the encoder trains from epoch
   ``sweep.finetune_unfreeze_at_epoch``, with ``sweep.finetune_overrides`` on top).
+
+With ``sweep.seeds = [s, ...]`` every entry runs once per seed, in ``<entry>/seed<s>/``: ``run.seed = s``
+(the probe's head initialisation and batch order, and the random baseline's initial weights), and a
+``{seed}`` in a checkpoint path becomes ``s`` (``runs/byol_s{seed}/checkpoints/encoder.ckpt``), so seed
+``s`` of a pretrained entry pairs pretraining seed ``s`` with probe seed ``s``.
 """
 
 from __future__ import annotations
@@ -41,15 +46,26 @@ class SweepEntry:
     checkpoint: str
     kind: str  # "linear_probe" | "finetune"
     architecture_of: str = ""  # random baseline under model.encoder = "auto": the file whose architecture it has
+    seed: int | None = None  # sweep.seeds: run.seed of this run; None keeps run.seed
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> SweepEntry:
+        seed = value.get("seed")
         return cls(
-            str(value["name"]), str(value["checkpoint"]), str(value["kind"]), str(value.get("architecture_of", ""))
+            str(value["name"]),
+            str(value["checkpoint"]),
+            str(value["kind"]),
+            str(value.get("architecture_of", "")),
+            None if seed is None else int(seed),
         )
+
+    @property
+    def base(self) -> str:
+        """The entry's name without its seed: ``byol/seed1`` -> ``byol``; the leaderboard row it joins."""
+        return self.name.split("/")[0]
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -93,7 +109,8 @@ def entry_names(checkpoints: Sequence[str], reserved: Iterable[str] = (RANDOM_IN
     taken = set(reserved)
     names = []
     for path in checkpoints:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", checkpoint_label(Path(path))).strip("_.") or "checkpoint"
+        stem = checkpoint_label(Path(path)).replace("{seed}", "")  # a template names the runs of every seed
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-") or "checkpoint"
         name, i = stem, 2
         while name in taken:
             name, i = f"{stem}_{i}", i + 1
@@ -112,7 +129,8 @@ def checkpoint_label(path: Path) -> str:
 
 def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[SweepEntry]:
     """One entry of ``kind`` per checkpoint, then the random baseline when ``sweep.random_baseline``
-    (under ``model.encoder = "auto"``: of the first checkpoint's architecture that reads)."""
+    (under ``model.encoder = "auto"``: of the first checkpoint's architecture that reads); with
+    ``sweep.seeds``, one per checkpoint and seed (see the module docstring)."""
     suffix = "_ft" if kind == FINETUNE else ""
     entries = [
         SweepEntry(f"{name}{suffix}", path, kind)
@@ -121,7 +139,23 @@ def plan_entries(config: Config, checkpoints: Sequence[str], kind: str) -> list[
     if config.sweep.random_baseline:
         source = baseline_architecture(config, checkpoints)
         entries.append(SweepEntry(f"{RANDOM_INIT}{suffix}", "", kind, source))
-    return entries
+    return [seeded for entry in entries for seeded in with_seeds(entry, config.sweep.seeds)]
+
+
+def with_seeds(entry: SweepEntry, seeds: Sequence[int]) -> list[SweepEntry]:
+    """``entry`` once per seed (``<name>/seed<s>``, ``{seed}`` filled in its paths); as is without seeds."""
+    if not seeds:
+        return [entry]
+    return [
+        SweepEntry(
+            f"{entry.base}/seed{s}",
+            entry.checkpoint.replace("{seed}", str(s)),
+            entry.kind,
+            entry.architecture_of.replace("{seed}", str(s)),
+            s,
+        )
+        for s in seeds
+    ]
 
 
 def baseline_architecture(config: Config, checkpoints: Sequence[str]) -> str:
@@ -141,8 +175,9 @@ def baseline_architecture(config: Config, checkpoints: Sequence[str]) -> str:
 
 
 def finetune_of(entry: SweepEntry) -> SweepEntry:
-    """The fine-tune entry of a probe entry: ``<name>_ft`` on the same checkpoint."""
-    return SweepEntry(f"{entry.name}_ft", entry.checkpoint, FINETUNE)
+    """The fine-tune entry of a probe entry: ``<name>_ft`` (``<name>_ft/seed<s>``) on the same checkpoint."""
+    name = f"{entry.base}_ft" + (f"/seed{entry.seed}" if entry.seed is not None else "")
+    return SweepEntry(name, entry.checkpoint, FINETUNE, entry.architecture_of, entry.seed)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -157,6 +192,8 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     if entry.architecture_of:
         set_dotted(tree, "model.architecture_from", entry.architecture_of)
     set_dotted(tree, "model.freeze_encoder", True)
+    if entry.seed is not None:
+        set_dotted(tree, "run.seed", entry.seed)
     problems: list[str] = []
     if entry.kind == FINETUNE:
         set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)

@@ -14,8 +14,11 @@ The recipe, top to bottom:
    One failing entry never stops the others: its row says why. ``jobs > 1`` runs entries in spawned
    processes, each pinned to one GPU (round-robin) or, on CPU, to its share of the cores;
 4. mode ``both``: the probes first, then fine-tunes of the ``sweep.finetune_top`` pretrained checkpoints
-   with the best validation balanced accuracy;
-5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`) and ``sweep_state.json``.
+   with the best validation balanced accuracy (mean over seeds);
+5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`), ranked on ``sweep.rank_on`` (test
+   by default: val already picked each probe's epoch), and ``sweep_state.json``. With ``sweep.seeds`` each
+   entry runs once per seed and its row holds the mean and std over seeds (``leaderboard_seeds.csv`` keeps
+   the per-seed rows).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from medctl.finetune import run_finetune
 from medctl.finetune.features import split_manifest_hash
 from medctl.progress import log, progress_bar
 from medctl.runs import environment_info, held_run, redact, write_text_atomic
-from medctl.sweep.board import SORT_BY, build_leaderboard, entry_row, failed_row
+from medctl.sweep.board import SELECT_BY, build_leaderboard, entry_row, failed_row
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
@@ -142,7 +145,7 @@ def run_sweep(
         pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
             f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
-            f"{pretrained} pretrained checkpoint(s) by {SORT_BY} (sweep.finetune_top = {config.sweep.finetune_top}; "
+            f"{pretrained} pretrained checkpoint(s) by {SELECT_BY} (sweep.finetune_top = {config.sweep.finetune_top}; "
             f"the {RANDOM_INIT} baseline is not fine-tuned, whatever its rank)"
         )
         outcomes += runner.run([finetune_of(e) for e in chosen])
@@ -166,6 +169,8 @@ def run_sweep(
         n_bootstrap=config.sweep.bootstrap,
         seed=config.run.seed,
         title=f"Sweep {sweep_dir.name}: {mode}, split manifest {manifest_hash}",
+        rank_on=config.sweep.rank_on,
+        seeds=config.sweep.seeds,
     )
     for entry, overlap in zip(board["entry"], board.get("pretrain_overlap", [""] * len(board)), strict=True):
         if isinstance(overlap, str) and overlap.endswith(" test"):  # Overlap.cell(): "2 val / 1 test"
@@ -186,16 +191,21 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
 def top_pretrained(
     outcomes: Sequence[EntryOutcome], sweep_dir: Path, manifest_hash: str, k: int
 ) -> list[SweepEntry]:
-    """The ``k`` finished entries with a checkpoint (not the random baseline), best validation score first."""
-    scored = []
+    """Every seed of the ``k`` finished entries with a checkpoint (not the random baseline) that score best
+    on validation (mean over their seeds), best first. Validation, not the ranking split: choosing what to
+    fine-tune is a selection, and the ranking split stays out of it."""
+    values: dict[str, list[float]] = {}
+    seeds: dict[str, list[SweepEntry]] = {}
     for outcome in outcomes:
         if outcome.status == "failed" or not outcome.entry.checkpoint:
             continue
         row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
-        value = row.get(SORT_BY)
+        value = row.get(SELECT_BY)
         if row["status"] == "ok" and value is not None:
-            scored.append((-float(value), len(scored), outcome.entry))
-    return [entry for _, _, entry in sorted(scored)[:k]]
+            values.setdefault(outcome.entry.base, []).append(float(value))
+            seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
+    order = sorted(values, key=lambda base: -sum(values[base]) / len(values[base]))  # stable: ties keep order
+    return [entry for base in order[:k] for entry in seeds[base]]
 
 
 # ------------------------------------------------------------------------------------------- entries

@@ -104,4 +104,5 @@ def finished(run_dir: Path, entry: SweepEntry, split_manifest_hash: str) -> bool
         and done.get("checkpoint") == entry.checkpoint
         and done.get("checkpoint_stat") == checkpoint_stat(entry.checkpoint)
         and done.get("split_manifest_hash") == split_manifest_hash
+        and done.get("seed") == entry.seed
     )

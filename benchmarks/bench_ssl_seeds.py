@@ -1,0 +1,198 @@
+"""Does each SSL method beat its own random initialisation on held-out test, over pretraining seeds?
+
+Everything runs through the real CLI (``python -m medctl``), on the synthetic lesion volumes of
+``medctl.data.synthetic`` (2 classes):
+
+1. ``medctl pretrain`` for seeds 0, 1, 2 (``run.seed``: the initial weights, the views, the batches) of
+   BYOL on ``mt3_tiny`` with the auxiliary heads off and on (reconstruction, rotation, jigsaw), JEPA on
+   ``vit3d_test`` and mim_contrastive on ``unet2d_tiny`` (axial slices of the same volumes);
+2. one ``medctl sweep`` per encoder with ``sweep.seeds = [0, 1, 2]``: seed s probes pretraining run s
+   (``{seed}`` in the checkpoint path) and the random baseline initialised with seed s; every probe picks
+   its epoch on val and the leaderboard ranks on test (``sweep.rank_on = "test"``);
+3. the figures: per entry the test balanced accuracy mean and std over seeds, its per-seed values, the
+   per-seed gain over random initialisation (mean, std) and the paired t-test across seeds; plus, from
+   the pretraining runs, the heads' final losses against chance and the collapse check's std ratio.
+
+    uv run python benchmarks/bench_ssl_seeds.py              # ~15 min on 2 cores; appends to RESULTS.md
+    uv run python benchmarks/bench_ssl_seeds.py --no-append  # print only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+from medctl.data.synthetic import make_synthetic_dataset
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SEEDS = [0, 1, 2]
+SIZE = (16, 32, 32)
+COMMON = ["data.preprocess.workers=1", 'run.device="cpu"', "data.num_workers=0"]
+MT3 = ['model.encoder="mt3_tiny"']
+METHODS = {  # name -> (encoder group, overrides)
+    "byol": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=0", "pretrain.rotation_weight=0",
+                     "pretrain.jigsaw_weight=0"]),
+    "byol_heads": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=1.0",
+                           "pretrain.rotation_weight=0.5", "pretrain.jigsaw_weight=0.5"]),
+    "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.predictor_dim=32",
+                     "pretrain.predictor_heads=2", "pretrain.predictor_depth=1", "pretrain.mask_blocks=2"]),
+    "mim_contrastive": ("slices", ['model.encoder="unet2d_tiny"', 'pretrain.method="mim_contrastive"',
+                                   "pretrain.patch_size=8"]),
+}  # fmt: skip
+GROUPS = {
+    "mt3": MT3,
+    "vit": ['model.encoder="vit3d_test"'],
+    "slices": ['model.encoder="unet2d_tiny"'],
+}
+SLICES = [
+    'data.preprocess.slices="axial"',
+    "data.preprocess.spatial_size=[32, 32]",
+    "data.preprocess.slice_count=3",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=60, help="synthetic volumes")
+    parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
+    parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
+    return parser.parse_args()
+
+
+def medctl(*args: str) -> None:
+    """One CLI call in a fresh process; its last lines are shown when it fails."""
+    env = {**os.environ, "MEDCTL_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, "-m", "medctl", *args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"medctl {' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="bench_ssl_seeds_"))
+    try:
+        dataset = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=SIZE, seed=0)
+        data = [*dataset.config_overrides(), *COMMON, f'run.root="{root / "runs"}"']
+        ckpts = root / "ckpts"
+        ckpts.mkdir()
+
+        # 1. pretraining: every method, every seed
+        pretrain_results: dict[str, list[dict]] = {}
+        for method, (group, overrides) in METHODS.items():
+            for seed in SEEDS:
+                name = f"{method}_{seed}"
+                t0 = time.perf_counter()
+                medctl(
+                    "pretrain", *data, *(SLICES if group == "slices" else []), *overrides, f'run.name="{name}"',
+                    f"run.seed={seed}", f"pretrain.epochs={args.epochs}", "pretrain.warmup_epochs=1",
+                    "data.batch_size=8", f"pretrain.monitor_every={args.epochs}", f"pretrain.knn_every={args.epochs}",
+                    "pretrain.projector_dim=32", "pretrain.projector_hidden=64",
+                )  # fmt: skip
+                results = json.loads((root / "runs" / name / "results.json").read_text())
+                pretrain_results.setdefault(method, []).append(results)
+                shutil.copy(root / "runs" / name / "checkpoints" / "encoder.ckpt", ckpts / f"{name}.ckpt")
+                print(
+                    f"pretrain {name}: {time.perf_counter() - t0:.0f} s, loss {results['final_loss']:.3f}",
+                    flush=True,
+                )
+
+        # 2. one sweep per encoder, over the seeds, ranked on test
+        boards, per_seed = [], []
+        for group, encoder in GROUPS.items():
+            templates = [str(ckpts / f"{m}_{{seed}}.ckpt") for m, (g, _) in METHODS.items() if g == group]
+            medctl(
+                "sweep", "--listed-only", *data, *(SLICES if group == "slices" else []), *encoder,
+                f'run.name="sweep_{group}"', f"sweep.checkpoints={json.dumps(templates)}", f"sweep.seeds={SEEDS}",
+                'sweep.rank_on="test"', "sweep.bootstrap=200", "train.epochs=30", "train.lr_head=0.01",
+                "train.patience=0", "train.warmup_epochs=0", "train.log_every=0", "data.batch_size=8",
+            )  # fmt: skip
+            sweep_dir = root / "runs" / f"sweep_{group}"
+            boards.append(pd.read_csv(sweep_dir / "leaderboard.csv").assign(encoder=encoder[0].split('"')[1]))
+            per_seed.append(pd.read_csv(sweep_dir / "leaderboard_seeds.csv"))
+        board, seeds = pd.concat(boards), pd.concat(per_seed)
+        wall = time.perf_counter() - start
+        lines = report(board, seeds, pretrain_results, args, wall)
+        print("\n".join(lines))
+        if not args.no_append:
+            with RESULTS.open("a") as fh:
+                fh.write("\n" + "\n".join(lines) + "\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall: float) -> list[str]:
+    info = machine()
+    lines = [
+        f"## bench_ssl_seeds.py — {datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        f"- setting: synthetic lesion volumes ({args.n}, 2 classes, {SIZE[0]}x{SIZE[1]}x{SIZE[2]}; mim_contrastive on "
+        f"3 axial 32x32 slices per volume), pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
+        "linear probe 30 epochs, epoch picked on val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
+        "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI",
+        f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
+        f"load average {info['load average (1 min) at the end']}; wall time {wall / 60:.1f} min",
+        "",
+        "| encoder | entry | test bal. acc. mean ± std | per seed | Δ vs random (mean ± std) | p vs random (paired t) | val bal. acc. mean |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    seeds = seeds.assign(base=seeds["entry"].astype(str).str.split("/").str[0])
+    for _, row in board.iterrows():
+        values = seeds[(seeds["base"] == row["entry"]) & (seeds["status"] == "ok")].sort_values("seed")
+        per = ", ".join(fmt(v, 2) for v in values["test_balanced_accuracy"])
+        delta = (
+            f"{fmt(row.get('delta_vs_random'))} ± {fmt(row.get('delta_vs_random_std'))}"
+            if not pd.isna(row.get("delta_vs_random"))
+            else "—"
+        )
+        lines.append(
+            f"| {row['encoder']} | {row['entry']} | {fmt(row['test_balanced_accuracy'])} ± "
+            f"{fmt(row['test_balanced_accuracy_std'])} | {per} | {delta} | {fmt(row.get('p_vs_random'))} | "
+            f"{fmt(row['val_balanced_accuracy'])} |"
+        )
+    lines += ["", "Pretraining, last epoch (mean over seeds):", ""]
+    for method, runs in pretrain.items():
+        last = [r["history"][-1] for r in runs]
+        parts = [f"loss {fmt(sum(r['final_loss'] for r in runs) / len(runs))}"]
+        for head, chance in (("rotation", math.log(4)), ("jigsaw", math.log(24))):
+            key = f"train_loss_{head}"
+            if all(key in row for row in last):
+                parts.append(
+                    f"{head} loss {fmt(sum(r[key] for r in last) / len(last))} (chance {chance:.2f})"
+                )
+        ratios = [r.get("val_embed_std_ratio") for r in last if r.get("val_embed_std_ratio") is not None]
+        if ratios:
+            parts.append(f"embed std ratio vs untrained {fmt(sum(ratios) / len(ratios), 2)}")
+        knn = [
+            (r["initial_monitoring"].get("knn_accuracy"), r["final_monitoring"].get("knn_accuracy"))
+            for r in runs
+        ]
+        knn = [(a, b) for a, b in knn if a is not None and b is not None]
+        if knn:
+            parts.append(
+                f"k-NN untrained {fmt(sum(a for a, _ in knn) / len(knn), 2)} -> {fmt(sum(b for _, b in knn) / len(knn), 2)}"
+            )
+        lines.append(f"- {method}: " + "; ".join(parts))
+    return lines
+
+
+if __name__ == "__main__":
+    main()
