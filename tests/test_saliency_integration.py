@@ -85,7 +85,8 @@ def test_run_saliency_on_a_registry_encoder_and_the_cache(synthetic_3d, cache, t
     assert len(index) == 2 * len(samples)
     assert index["mask_share"].notna().all()  # the synthetic masks came through the cache
     assert index["randomisation_spearman"].notna().any()
-    assert any(name.startswith("encoder.gradcam_layer") for name in result.randomised_modules)
+    assert any(name.startswith("encoder.layer4") for name in result.randomised_modules)  # full re-initialisation
+    assert any(name.startswith("encoder.conv1") for name in result.randomised_modules)
     for _, row in index.iterrows():
         original = read_image(tmp_path / row["map_original_nrrd"])
         source = read_image(synthetic_3d.image_root / synthetic_3d.pattern.format(participant_id=row["id"]))
