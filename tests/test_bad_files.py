@@ -29,8 +29,8 @@ def invoke(*args: str):
 
 
 def one_error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip() and not line.startswith(("INFO", " "))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    lines = [line for line in output.splitlines() if line.startswith(("error:", "failed:", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error:"), output  # log lines before it carry no prefix
     return " ".join(output.split())
 
 

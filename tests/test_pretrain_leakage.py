@@ -118,7 +118,7 @@ def test_sweep_leaderboard_has_a_pretrain_overlap_column(synthetic_3d, planted, 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     board = pd.read_csv(tmp_path / "sw" / "leaderboard.csv").set_index("entry")
-    assert board.loc["encoder", "pretrain_overlap"] == "2 val / 1 test"
+    assert board.loc["pool", "pretrain_overlap"] == "2 val / 1 test"  # the entry takes its pretraining run's name
     assert board.loc["foreign", "pretrain_overlap"] == "unknown"
     assert board.loc["random_init", "pretrain_overlap"] == "none"
     markdown = (tmp_path / "sw" / "leaderboard.md").read_text()

@@ -35,8 +35,8 @@ def named(tmp_path: Path, name: str) -> list[str]:
 
 def one_error_line(result) -> str:
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("INFO", " "))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(("error:", "failed:", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output  # log lines before it carry no prefix
     return " ".join(result.output.split())
 
 

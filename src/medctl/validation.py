@@ -56,11 +56,11 @@ def config_problems(config: Config, stages: Collection[str]) -> list[str]:
     problems = registry_problems(config.model_dump())
     if problems or not set(stages) & {"pretrain", "finetune", "sweep"}:
         return problems
-    if config.model.encoder == AUTO_ENCODER:
-        return problems  # the architecture comes from the checkpoint, checked when it loads
-    encoder, problems = _meta_encoder(config)
-    if encoder is None:
-        return problems
+    encoder = None  # "auto": the architecture comes from the checkpoint and is checked when it loads
+    if config.model.encoder != AUTO_ENCODER:
+        encoder, problems = _meta_encoder(config)
+        if encoder is None:
+            return problems
     if "pretrain" in stages:
         problems += pretrain_problems(config, encoder)
     if set(stages) & {"finetune", "sweep"}:
@@ -103,8 +103,13 @@ def _did_you_mean(name: str, known: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ model
-def input_size_of(config: Config, spatial_dims: int, default: tuple[int, ...]) -> tuple[int, ...]:
-    """The size the encoder will see: data.preprocess.spatial_size, or the encoder's default when it is []."""
+def input_size_of(config: Config, spatial_dims: int, default: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The size the encoder will see: data.preprocess.spatial_size, or the encoder's default when it is [];
+    for EEG the spectrogram's (H, W), None when only the recordings can tell it."""
+    if config.data.modality == "eeg":
+        from medctl.data.spectrogram import expected_image_size
+
+        return expected_image_size(config.data.eeg)
     size = tuple(config.data.preprocess.spatial_size)
     return size if size else default[-spatial_dims:]
 
@@ -118,6 +123,8 @@ def _meta_encoder(config: Config):
     model = config.model
     spec = get_spec(model.encoder)
     size = input_size_of(config, spec.spatial_dims, spec.default_input_size)
+    if size is None:
+        return None, []  # EEG whose spectrogram size the recordings decide: checked when the cache is built
     if len(size) != spec.spatial_dims:
         kind = "2D images (H, W)" if spec.spatial_dims == 2 else "3D volumes (D, H, W)"
         return None, [
@@ -176,7 +183,7 @@ def pretrain_problems(config: Config, encoder) -> list[str]:
             f"`data.batch_size` = {config.data.batch_size}: {method} needs at least {MIN_BATCH[method]} samples per "
             "batch (BatchNorm in the projector, negatives for InfoNCE)"
         )
-    if method not in METHODS:
+    if method not in METHODS or encoder is None:  # None under "auto": built when the checkpoint loads
         return problems
     try:
         with torch.device("meta"):
@@ -187,8 +194,16 @@ def pretrain_problems(config: Config, encoder) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- finetune
+def _data_dims(config: Config) -> int | None:
+    """2 or 3 as the data says (EEG spectrograms are images); None when only the encoder can say."""
+    if config.data.modality == "eeg":
+        return 2
+    return len(config.data.preprocess.spatial_size) or None
+
+
 def finetune_problems(config: Config, encoder) -> list[str]:
-    """Heads, losses, monitor, the unfreeze schedule and augmentations against the encoder and targets."""
+    """Heads, losses, monitor, the unfreeze schedule and augmentations against the encoder and targets
+    (``encoder`` None under "auto": the checks that need it wait for the checkpoint)."""
     import numpy as np
     import torch
 
@@ -207,12 +222,13 @@ def finetune_problems(config: Config, encoder) -> list[str]:
         if t.classes or t.columns  # classes read from the table are checked when the table is read
     ]
     checks = [lambda: encoder_trainable_from(config.model, train.epochs)]
-    if train.augment.enabled:  # disabled augmentations are never built
-        checks.append(lambda: check_augment(train.augment, encoder.spatial_dims))
+    spatial_dims = encoder.spatial_dims if encoder is not None else _data_dims(config)
+    if train.augment.enabled and spatial_dims:  # disabled augmentations are never built
+        checks.append(lambda: check_augment(train.augment, spatial_dims))
     if config.data.targets:
         named = [TargetSpec(t.name, t.kind, list(t.classes or t.columns or ["?"])) for t in config.data.targets]
         checks.append(lambda: check_monitor(train.monitor, named))
-    if specs:
+    if specs and encoder is not None:
 
         def build_heads() -> None:
             with torch.device("meta"):

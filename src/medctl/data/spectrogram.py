@@ -59,6 +59,21 @@ def check_rate(eeg: EEGConfig, sfreq: float, what: str) -> None:
         raise DataError(f"{what}: " + "; ".join(problems))
 
 
+def expected_image_size(eeg: EEGConfig) -> tuple[int, int] | None:
+    """(H, W) of every cached spectrogram when the settings alone fix it; None when it depends on the
+    recordings (their sampling rate without ``resample_hz``, their channel count when tiled without
+    ``channels``). Mirrors :func:`spectrogram_windows`: ``scipy.signal.spectrogram`` without padding."""
+    if eeg.image_size:
+        return (int(eeg.image_size[0]), int(eeg.image_size[1]))
+    if not eeg.resample_hz or (eeg.layout == "tiled" and not eeg.channels):
+        return None
+    sfreq = float(eeg.resample_hz)
+    freqs = np.fft.rfftfreq(eeg.n_fft, 1.0 / sfreq)
+    n_freqs = int(((freqs >= eeg.fmin) & (freqs <= (eeg.fmax or sfreq / 2))).sum())
+    n_times = 1 + (int(round(eeg.window_s * sfreq)) - eeg.n_fft) // eeg.stft_hop
+    return (n_freqs * (len(eeg.channels) if eeg.layout == "tiled" else 1), n_times)
+
+
 def prepare_signal(raw, eeg: EEGConfig, what: str):
     """Steps 1-3 on an ``mne.io.Raw`` (changed in place and returned)."""
     if eeg.reference:
