@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from medctl.data.splits import SPLITS
 from medctl.data.tables import TargetSpec
 from medctl.errors import DataError
 
-__all__ = ["CacheDataset", "TargetSpec", "read_summary", "target_specs"]
+__all__ = ["CacheDataset", "TargetSpec", "read_summary", "split_manifest_hash", "target_specs"]
 
 
 def read_summary(cache_dir: str | Path) -> dict[str, Any]:
@@ -158,3 +159,11 @@ class NpyReader:
                     if array.size == self.count:
                         return array.reshape(self.shape)
         return np.load(path, allow_pickle=False)
+
+
+def split_manifest_hash(cache_dir: str | Path) -> str:
+    """A digest of which sample (and which version of its files) is in which split."""
+    manifest = read_manifest(cache_dir)
+    ok = manifest[manifest.status == "ok"].sort_values("id")
+    rows = [f"{i}\t{s}\t{f}" for i, s, f in zip(ok["id"], ok["split"], ok["fingerprint"], strict=True)]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]

@@ -41,7 +41,7 @@ from medctl.data.readers import read_image
 from medctl.data.tables import TargetSpec
 from medctl.data.transforms import preprocess_image, validate_image
 from medctl.errors import CheckpointError, DataError, UserError
-from medctl.evaluation.stage import check_cache_fits, evaluation_config
+from medctl.evaluate.stage import check_cache_fits, evaluation_config
 from medctl.models.checkpoints import load_classifier
 from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import resolve_methods

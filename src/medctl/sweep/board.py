@@ -2,7 +2,7 @@
 
 A finished entry's row comes from its ``results.json`` (epochs, training wall time, split manifest
 hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (the primary target's headline
-metrics with 95% bootstrap intervals, as :func:`medctl.evaluation.stage.run_evaluate` wrote them), so the
+metrics with 95% bootstrap intervals, as :func:`medctl.evaluate.stage.run_evaluate` wrote them), so the
 table holds exactly the entries' own numbers. The p-value of each entry against the leader is the paired
 bootstrap on the same test samples (``eval_test/test_preds.parquet``), balanced accuracy. Each row names
 the encoder the entry built (``architecture``: a sweep may mix widths and position schemes).

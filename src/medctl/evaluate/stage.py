@@ -26,17 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from medctl.config import Config, load_config
-from medctl.data.dataset import CacheDataset, read_summary
+from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash
 from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
 from medctl.errors import CheckpointError, ConfigError, DataError
 from medctl.evaluation.reports import evaluate_predictions
-from medctl.finetune.features import split_manifest_hash
-from medctl.finetune.predict import labels_of, predict_logits, probabilities
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
 from medctl.runs import environment_info, git_state, redact, write_text_atomic
 from medctl.training.precision import resolve_device, set_threads
+from medctl.training.predict import labels_of, predict_logits, probabilities
 
 
 @dataclass
