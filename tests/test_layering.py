@@ -148,3 +148,18 @@ def test_library_imports_neither_typer_nor_rich_console():
 def test_the_contract_sees_function_level_imports():
     """The scanner itself: cli/check.py imports medctl.validation only inside a function, and that counts."""
     assert ("cli", "validation") in package_edges()
+
+
+def test_libraries_take_config_sections_not_the_whole_config():
+    """STYLE: data, models, training and evaluation get the values or the section they need, never ``Config``."""
+    libraries = {name for name, rank in RANKS.items() if rank == 2}
+    found = [
+        f"{path.relative_to(SRC.parent)}:{node.lineno} imports the whole Config"
+        for path in sorted(SRC.rglob("*.py"))
+        if package_of(path) in libraries
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.module == "medctl.config"
+        and any(alias.name == "Config" for alias in node.names)
+    ]
+    assert not found, "\n".join(found)
