@@ -3,8 +3,9 @@
 Every import in every module counts, function-level ones included (a lazy import is still a dependency).
 Each top-level module or package of ``medctl`` has a rank; a module may import its own package and
 packages of a lower or equal rank, never a higher one, and the package graph has no cycles (so two
-packages of the same rank never import each other, directly or round about). Library code (everything
-below the CLI) never imports typer or rich's console.
+packages of the same rank never import each other, directly or round about); the stages import no other
+stage. Library code (everything below the CLI) never imports typer or rich's console, and the libraries
+take config sections, never the whole ``Config``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def test_no_package_imports_one_above_it():
         if source in RANKS and target in RANKS and RANKS[target] > RANKS[source]
     ]
     assert not upward, "imports pointing up a layer:\n" + "\n".join(upward)
+
+
+def test_stages_do_not_import_each_other():
+    """What two stages share (predictions, the split-manifest hash, a checkpoint's config) lives below both."""
+    stages = {name for name, rank in RANKS.items() if rank == 3}
+    sideways = [
+        f"{where[0]} (stage {source}) imports the stage medctl.{target}"
+        for (source, target), where in sorted(package_edges().items())
+        if source in stages and target in stages
+    ]
+    assert not sideways, "stages importing stages; move the shared code down a layer:\n" + "\n".join(sideways)
 
 
 def test_no_package_cycles():
