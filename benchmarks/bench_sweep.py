@@ -28,7 +28,7 @@ from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when
 from medctl.config import load_config
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
-from medctl.evaluation.stage import run_evaluate
+from medctl.evaluate import run_evaluate
 from medctl.finetune import run_finetune
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.models.registry import build_encoder

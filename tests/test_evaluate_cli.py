@@ -21,11 +21,10 @@ from typer.testing import CliRunner
 
 from medctl.cli.app import app
 from medctl.config import load_config
-from medctl.data.dataset import CacheDataset, read_summary
+from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash
 from medctl.data.synthetic import make_synthetic_dataset
-from medctl.evaluation.stage import run_evaluate
+from medctl.evaluate import run_evaluate
 from medctl.finetune import run_finetune
-from medctl.finetune.features import split_manifest_hash
 from medctl.models.checkpoints import encoder_payload, load_classifier, read_checkpoint, save_checkpoint
 from medctl.models.registry import build_encoder
 from medctl.runs import git_state

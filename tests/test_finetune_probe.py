@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from medctl.config import AugmentConfig, load_config
+from medctl.data.dataset import split_manifest_hash
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError
 from medctl.evaluation.metrics import val_metrics
 from medctl.finetune import run_finetune
 from medctl.finetune.augment import build_augment
-from medctl.finetune.features import data_fingerprint, encoder_fingerprint, feature_key, split_manifest_hash
+from medctl.finetune.features import data_fingerprint, encoder_fingerprint, feature_key
 from medctl.finetune.run import epoch_metrics
 from medctl.training.state import read_train_state
 

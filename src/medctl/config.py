@@ -29,7 +29,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medctl.errors import ConfigError, redact_url_credentials
+from medctl.errors import CheckpointError, ConfigError, redact_url_credentials
 
 ENV_PREFIX = "MEDCTL_"
 
@@ -478,6 +478,30 @@ def load_config(
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def checkpoint_config(
+    meta: Mapping[str, Any],
+    checkpoint: str | Path,
+    config_overrides: Config | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """The training config a checkpoint holds (``meta["config"]``), with the given Config's data/run, the file,
+    ``MEDCTL_*`` variables and overrides layered on top (:func:`load_config`); what evaluate and saliency run with."""
+    text = meta.get("config") or ""
+    try:
+        layered: dict[str, Any] = tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise CheckpointError(
+            f"{checkpoint}: its config text is not valid TOML ({exc}); pass the data settings with -c"
+        ) from None
+    if not text and config_file is None and config_overrides is None:
+        raise CheckpointError(f"{checkpoint}: holds no config; pass the data settings with -c CONFIG.toml")
+    if config_overrides is not None:
+        dumped = config_overrides.model_dump(mode="json")
+        layered |= {"data": dumped["data"], "run": dumped["run"]}
+    return load_config(config_file, overrides, base=layered, source=str(checkpoint))
 
 
 def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

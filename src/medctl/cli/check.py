@@ -80,7 +80,8 @@ def check_checkpoint_command(
     from medctl.data.readers import describe_geometry
     from medctl.models.checks import check_checkpoint  # torch and MONAI load only when this command runs
 
-    report = check_checkpoint(ckpt, resolve_config(config, overrides))
+    resolved = resolve_config(config, overrides)
+    report = check_checkpoint(ckpt, resolved.model, resolved.data.preprocess.spatial_size, resolved.run.device)
     console.print(f"[bold]{report.path}[/] into [bold]{report.description}[/] ({report.parameters:,} parameters)", highlight=False)
     for line in report.architecture.lines() if report.architecture else []:
         console.print(f"  {line}", highlight=False, markup=False)

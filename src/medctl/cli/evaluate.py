@@ -44,7 +44,7 @@ def evaluate_command(
 
     Example: medctl evaluate --ckpt runs/oct_ft/checkpoints/best.ckpt --split test
     """
-    from medctl.evaluation.stage import run_evaluate  # torch and MONAI load only when this command runs
+    from medctl.evaluate import run_evaluate  # torch and MONAI load only when this command runs
 
     result = run_evaluate(
         ckpt,

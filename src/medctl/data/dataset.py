@@ -10,8 +10,9 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from medctl.data.preprocess import read_manifest
 from medctl.data.splits import SPLITS
 from medctl.data.tables import TargetSpec
 from medctl.errors import DataError
+from medctl.progress import log
 
-__all__ = ["CacheDataset", "TargetSpec", "read_summary", "target_specs"]
+__all__ = ["CacheDataset", "TargetSpec", "check_cache_fits", "read_summary", "split_manifest_hash", "target_specs"]
 
 
 def read_summary(cache_dir: str | Path) -> dict[str, Any]:
@@ -158,3 +160,44 @@ class NpyReader:
                     if array.size == self.count:
                         return array.reshape(self.shape)
         return np.load(path, allow_pickle=False)
+
+
+def split_manifest_hash(cache_dir: str | Path) -> str:
+    """A digest of which sample (and which version of its files) is in which split."""
+    manifest = read_manifest(cache_dir)
+    ok = manifest[manifest.status == "ok"].sort_values("id")
+    rows = [f"{i}\t{s}\t{f}" for i, s, f in zip(ok["id"], ok["split"], ok["fingerprint"], strict=True)]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def check_cache_fits(
+    cache: Path, specs: Sequence[TargetSpec], preprocessing: Mapping[str, Any], checkpoint: Path
+) -> None:
+    """The cache must have the classifier's input size, channels and targets (same kinds and classes)."""
+    summary = read_summary(cache)
+    for key, setting in (
+        ("spatial_size", "data.preprocess.spatial_size"),
+        ("in_channels", "the images' channels"),
+    ):
+        trained = preprocessing.get(key)
+        if trained is not None and summary.get(key) != trained:
+            raise DataError(
+                f"{cache}: {key} {summary.get(key)} but {checkpoint.name} was trained on {trained}; "
+                f"evaluate on data preprocessed like its training data ({setting} = {trained})"
+            )
+    cached = {t["name"]: TargetSpec.from_dict(t) for t in summary["targets"]}
+    for spec in specs:
+        have = cached.get(spec.name)
+        if have is None:
+            raise DataError(
+                f"{cache}: no target `{spec.name}`, which {checkpoint.name} predicts; add it to data.targets "
+                f"(it has: {', '.join(cached) or 'none'})"
+            )
+        if (have.kind, have.classes) != (spec.kind, spec.classes):
+            raise DataError(
+                f"target `{spec.name}`: the classifier predicts {spec.kind} {spec.classes} but the data has "
+                f"{have.kind} {have.classes}; set data.targets to the classifier's classes, in its order"
+            )
+    trained_split = preprocessing.get("split_manifest_hash")
+    if trained_split and trained_split != split_manifest_hash(cache):
+        log(f"note: the splits of {cache} differ from those {checkpoint.name} was trained with")

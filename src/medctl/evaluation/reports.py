@@ -11,7 +11,7 @@
   accuracy, balanced_accuracy, macro_f1 and auroc with the number of usable resamples; ``summary`` holds
   the first (primary) target's headline numbers, ``<metric>`` and ``<metric>_ci``, for leaderboards;
   ``provenance`` what the caller says the numbers come from (checkpoint, training run, data, code; see
-  :func:`medctl.evaluation.stage.provenance`). Undefined values are ``null``.
+  :func:`medctl.evaluate.stage.provenance`). Undefined values are ``null``.
 - ``<split>_confusion_<target>.csv`` and ``figures/<split>_confusion_<target>.png`` (multilabel: one
   2x2 matrix per label), ``figures/<split>_roc_<target>.png``;
 - ``report.md`` (figures referenced by relative path) and its self-contained ``report.html``.

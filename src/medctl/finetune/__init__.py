@@ -3,7 +3,7 @@
 - :mod:`~medctl.finetune.run`: ``run_finetune(config) -> FinetuneResult``, the stage (read its docstring).
 - :mod:`~medctl.finetune.features`: the on-disk embedding cache of the linear probe.
 - :mod:`~medctl.finetune.augment`: ``[train.augment]`` as MONAI array transforms.
-- :mod:`~medctl.finetune.predict`: logits, probabilities and prediction tables (shared with evaluate).
+- logits, probabilities and prediction tables come from :mod:`medctl.training.predict` (shared with evaluate).
 """
 
 from medctl.finetune.run import FinetuneResult, run_finetune

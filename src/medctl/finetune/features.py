@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from medctl import __version__
-from medctl.data.dataset import CacheDataset, read_summary
-from medctl.data.preprocess import read_manifest
+from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash
 from medctl.progress import log, progress_bar
 from medctl.training.distributed import barrier, is_rank0
 from medctl.training.precision import autocast_context
@@ -75,14 +74,6 @@ def encoder_fingerprint(
     if not checkpoint or allow_partial:
         source["seed"] = seed  # random weights: the initialisation seed decides them
     return source
-
-
-def split_manifest_hash(cache_dir: str | Path) -> str:
-    """A digest of which sample (and which version of its files) is in which split."""
-    manifest = read_manifest(cache_dir)
-    ok = manifest[manifest.status == "ok"].sort_values("id")
-    rows = [f"{i}\t{s}\t{f}" for i, s, f in zip(ok["id"], ok["split"], ok["fingerprint"], strict=True)]
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def data_fingerprint(cache_dir: str | Path) -> str:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
-from medctl.data.dataset import CacheDataset, read_summary, target_specs
+from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash, target_specs
 from medctl.data.preprocess import missing_ids, preprocess
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
@@ -61,10 +61,8 @@ from medctl.finetune.features import (
     encoder_fingerprint,
     feature_key,
     split_features,
-    split_manifest_hash,
 )
 from medctl.finetune.leakage import audit_checkpoint
-from medctl.finetune.predict import labels_of, predict_logits, predictions_frame, probabilities
 from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
 from medctl.models.architecture import describe_encoder, pretrained_encoder
 from medctl.models.checkpoints import classifier_payload, save_checkpoint
@@ -94,6 +92,7 @@ from medctl.training.losses import MultiTargetLoss, build_target_loss, label_cou
 from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
 from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
 from medctl.training.precision import autocast_context, resolve_device, set_threads
+from medctl.training.predict import labels_of, predict_logits, predictions_frame, probabilities
 from medctl.training.seed import set_seed
 
 VAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")

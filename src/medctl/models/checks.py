@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from medctl.config import Config
+from medctl.config import ModelConfig
 from medctl.models.architecture import Architecture, describe_encoder, plan_model_encoder, read_architecture
 from medctl.models.checkpoints import LoadReport
 from medctl.models.registry import get_spec
@@ -44,17 +45,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_checkpoint(path: str | Path, config: Config) -> CheckpointReport:
-    """Build ``model.encoder`` (``auto``: what ``path`` holds) for ``data.preprocess.spatial_size`` and
-    ``model.in_channels``, plan the load of ``path``, and unless refused load it and time one forward pass
-    of a (1, C, *spatial_size) tensor.
+def check_checkpoint(
+    path: str | Path, model: ModelConfig, spatial_size: Sequence[int], device: str = "auto"
+) -> CheckpointReport:
+    """Build ``model.encoder`` (``auto``: what ``path`` holds) for ``spatial_size``
+    (``data.preprocess.spatial_size``) and ``model.in_channels``, plan the load of ``path``, and unless
+    refused load it and time one forward pass of a (1, C, *spatial_size) tensor on ``device`` (``run.device``).
 
     Unreadable files (unsafe pickles, truncated files) and unreadable architectures raise
     CheckpointError; a load that ``model.allow_partial_load`` does not allow comes back as ``report.refused``.
     """
-    model = config.model.model_copy(update={"checkpoint": str(path)})
+    model = model.model_copy(update={"checkpoint": str(path)})
     notes = []
-    input_size = tuple(config.data.preprocess.spatial_size)
+    input_size = tuple(spatial_size)
     if not input_size:
         name = read_architecture(path, model.checkpoint_key).name if model.encoder == "auto" else model.encoder
         input_size = get_spec(name).default_input_size
@@ -71,18 +74,18 @@ def check_checkpoint(path: str | Path, config: Config) -> CheckpointReport:
         return report
     encoder.load_state_dict(to_load, strict=False)
 
-    device = resolve_device(config.run.device)
-    encoder = encoder.to(device).eval()
-    x = torch.randn(1, encoder.in_channels, *input_size, device=device)  # (1, C, *spatial)
+    torch_device = resolve_device(device)
+    encoder = encoder.to(torch_device).eval()
+    x = torch.randn(1, encoder.in_channels, *input_size, device=torch_device)  # (1, C, *spatial)
     with torch.inference_mode():
         start = time.perf_counter()
         features = encoder.forward_features(x)
         embedding = encoder(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
         report.seconds = (time.perf_counter() - start) / 2
     if not torch.isfinite(embedding).all():
         report.notes.append("the embedding has NaN or Inf values: the weights or the input scale are off")
-    report.input_shape, report.device = tuple(x.shape), str(device)
+    report.input_shape, report.device = tuple(x.shape), str(torch_device)
     report.embedding_shape, report.feature_shape = tuple(embedding.shape), tuple(features.shape)
     return report

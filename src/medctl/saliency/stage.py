@@ -34,14 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medctl.config import Config, PreprocessConfig
-from medctl.data.dataset import CacheDataset
+from medctl.config import Config, PreprocessConfig, checkpoint_config
+from medctl.data.dataset import CacheDataset, check_cache_fits
 from medctl.data.preprocess import ensure_cache, read_manifest
 from medctl.data.readers import read_image
 from medctl.data.tables import TargetSpec
 from medctl.data.transforms import preprocess_image, validate_image
 from medctl.errors import CheckpointError, DataError, UserError
-from medctl.evaluation.stage import check_cache_fits, evaluation_config
 from medctl.models.checkpoints import load_classifier
 from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import resolve_methods
@@ -103,7 +102,7 @@ def run_saliency_stage(
         raise UserError("--mask scores the map of an --input scan; cached samples bring their own masks")
 
     classifier, meta = load_classifier(checkpoint)
-    config = evaluation_config(meta, checkpoint, None, config_file, overrides)
+    config = checkpoint_config(meta, checkpoint, None, config_file, overrides)
     settings = config.saliency
     names = resolve_methods(list(methods) if methods else settings.methods)
     specs = [TargetSpec.from_dict(t) for t in meta.get("targets") or []]

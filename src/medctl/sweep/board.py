@@ -2,7 +2,7 @@
 
 A finished entry's row comes from its ``results.json`` (epochs, training wall time, split manifest
 hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (the primary target's headline
-metrics with 95% bootstrap intervals, as :func:`medctl.evaluation.stage.run_evaluate` wrote them), so the
+metrics with 95% bootstrap intervals, as :func:`medctl.evaluate.stage.run_evaluate` wrote them), so the
 table holds exactly the entries' own numbers. Rows are ranked on ``<rank_on>_balanced_accuracy``
 (``sweep.rank_on``; each probe picked its epoch on val, so test is the unbiased default) and say so in
 ``selected_on`` / ``ranked_on``. The p-value of each entry against the leader is the paired bootstrap on

@@ -9,7 +9,7 @@ The recipe, top to bottom:
    ``results.json`` must carry it (otherwise the entry's row fails);
 3. the entries, each a normal run directory ``<run.root>/<run.name>/<entry>/`` made by
    :func:`medctl.finetune.run_finetune` and then evaluated on val and test by
-   :func:`medctl.evaluation.stage.run_evaluate` (``eval_val/``, ``eval_test/``); a finished entry
+   :func:`medctl.evaluate.stage.run_evaluate` (``eval_val/``, ``eval_test/``); a finished entry
    (``done.json``) is skipped, a failed one retried, an interrupted one resumed from its ``last.ckpt``.
    One failing entry never stops the others: its row says why. ``jobs > 1`` runs entries in spawned
    processes, each pinned to one GPU (round-robin) or, on CPU, to its share of the cores;
@@ -36,11 +36,11 @@ from typing import Any
 import pandas as pd
 
 from medctl.config import Config
+from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
 from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
-from medctl.evaluation.stage import run_evaluate
+from medctl.evaluate import run_evaluate
 from medctl.finetune import run_finetune
-from medctl.finetune.features import split_manifest_hash
 from medctl.progress import log, progress_bar
 from medctl.runs import environment_info, held_run, redact, write_text_atomic
 from medctl.sweep.board import SELECT_BY, build_leaderboard, entry_row, failed_row

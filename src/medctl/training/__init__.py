@@ -14,4 +14,6 @@ Free functions, one concern per module (no Trainer class, no callbacks):
 - :mod:`~medctl.training.distributed`: torchrun/DDP helpers, ``make_loader``.
 - :mod:`~medctl.training.losses`: supervised losses per target kind (CE, focal, BCE).
 - :mod:`~medctl.training.ssl_losses`: ``byol_loss``, ``info_nce``.
+- :mod:`~medctl.training.predict`: logits over a dataset, probabilities, prediction tables (fine-tune
+  and evaluate both use them).
 """

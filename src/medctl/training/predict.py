@@ -1,6 +1,6 @@
 """Predictions of a classifier: logits over a dataset, probabilities per target kind, a predictions table.
 
-Shared by fine-tuning (validation every epoch, ``val_preds.parquet``) and ``medctl evaluate``.
+Shared by the stages fine-tune (validation every epoch, ``val_preds.parquet``) and evaluate, hence below both.
 Probabilities follow :mod:`medctl.evaluation.metrics`: binary ``(N, 1)`` = p(classes[1]) from a sigmoid,
 multiclass ``(N, K)`` from a softmax, multilabel ``(N, L)`` independent sigmoids.
 """

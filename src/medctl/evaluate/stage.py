@@ -20,23 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medctl.config import Config, load_config
-from medctl.data.dataset import CacheDataset, read_summary
+from medctl.config import Config, checkpoint_config
+from medctl.data.dataset import CacheDataset, check_cache_fits, read_summary, split_manifest_hash
 from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
-from medctl.errors import CheckpointError, ConfigError, DataError
+from medctl.errors import ConfigError, DataError
 from medctl.evaluation.reports import evaluate_predictions
-from medctl.finetune.features import split_manifest_hash
-from medctl.finetune.predict import labels_of, predict_logits, probabilities
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
 from medctl.runs import environment_info, git_state, redact, write_text_atomic
 from medctl.training.precision import resolve_device, set_threads
+from medctl.training.predict import labels_of, predict_logits, probabilities
 
 
 @dataclass
@@ -97,7 +96,7 @@ def run_evaluate(
             "--out",
         )  # fmt: skip
     classifier, meta = load_classifier(checkpoint)
-    config = evaluation_config(meta, checkpoint, config_overrides, config_file, overrides)
+    config = checkpoint_config(meta, checkpoint, config_overrides, config_file, overrides)
     device = resolve_device(config.run.device)
     set_threads(config.run.threads, config.data.num_workers)
     classifier = classifier.to(device)
@@ -198,60 +197,3 @@ def default_out_dir(checkpoint: Path, split: str) -> Path:
     """``runs/x/checkpoints/best.ckpt`` -> ``runs/x/eval_<split>``; elsewhere, beside the checkpoint."""
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     return run_dir / f"eval_{split}"
-
-
-def evaluation_config(
-    meta: Mapping[str, Any],
-    checkpoint: Path,
-    config_overrides: Config | None = None,
-    config_file: str | Path | None = None,
-    overrides: Iterable[str] = (),
-) -> Config:
-    """The checkpoint's training config, with the given Config's data/run, the file, ``MEDCTL_*`` variables
-    and overrides layered on top (:func:`medctl.config.load_config`, the loader of every command)."""
-    text = meta.get("config") or ""
-    try:
-        layered: dict[str, Any] = tomllib.loads(text) if text else {}
-    except tomllib.TOMLDecodeError as exc:
-        raise CheckpointError(
-            f"{checkpoint}: its config text is not valid TOML ({exc}); pass the data settings with -c"
-        ) from None
-    if not text and config_file is None and config_overrides is None:
-        raise CheckpointError(f"{checkpoint}: holds no config; pass the data settings with -c CONFIG.toml")
-    if config_overrides is not None:
-        dumped = config_overrides.model_dump(mode="json")
-        layered |= {"data": dumped["data"], "run": dumped["run"]}
-    return load_config(config_file, overrides, base=layered, source=str(checkpoint))
-
-
-def check_cache_fits(
-    cache: Path, specs: Sequence[TargetSpec], preprocessing: Mapping[str, Any], checkpoint: Path
-) -> None:
-    """The cache must have the classifier's input size, channels and targets (same kinds and classes)."""
-    summary = read_summary(cache)
-    for key, setting in (
-        ("spatial_size", "data.preprocess.spatial_size"),
-        ("in_channels", "the images' channels"),
-    ):
-        trained = preprocessing.get(key)
-        if trained is not None and summary.get(key) != trained:
-            raise DataError(
-                f"{cache}: {key} {summary.get(key)} but {checkpoint.name} was trained on {trained}; "
-                f"evaluate on data preprocessed like its training data ({setting} = {trained})"
-            )
-    cached = {t["name"]: TargetSpec.from_dict(t) for t in summary["targets"]}
-    for spec in specs:
-        have = cached.get(spec.name)
-        if have is None:
-            raise DataError(
-                f"{cache}: no target `{spec.name}`, which {checkpoint.name} predicts; add it to data.targets "
-                f"(it has: {', '.join(cached) or 'none'})"
-            )
-        if (have.kind, have.classes) != (spec.kind, spec.classes):
-            raise DataError(
-                f"target `{spec.name}`: the classifier predicts {spec.kind} {spec.classes} but the data has "
-                f"{have.kind} {have.classes}; set data.targets to the classifier's classes, in its order"
-            )
-    trained_split = preprocessing.get("split_manifest_hash")
-    if trained_split and trained_split != split_manifest_hash(cache):
-        log(f"note: the splits of {cache} differ from those {checkpoint.name} was trained with")
