@@ -37,6 +37,7 @@ from medctl.errors import UserError
 from medctl.evaluation.markdown import write_report
 from medctl.evaluation.stage import run_evaluate
 from medctl.finetune.run import run_finetune
+from medctl.io import write_json
 from medctl.pretrain.run import run_pretrain
 from medctl.progress import log
 from medctl.saliency.stage import run_saliency_stage
@@ -257,8 +258,7 @@ def synthetic_dataset(folder: Path, settings: DemoSize, *, cache_dir: Path) -> t
     dataset = make_synthetic_dataset(
         folder, n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=cache_dir
     )
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataset.__dict__.items()}
-    described.write_text(json.dumps(plain, indent=2, default=list))
+    write_json(described, dataset.__dict__)
     return dataset, False
 
 

@@ -38,8 +38,9 @@ from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
 from medctl.evaluation.stage import run_evaluate
 from medctl.finetune import run_finetune
 from medctl.finetune.features import split_manifest_hash
+from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
-from medctl.runs import environment_info, held_run, redact, write_text_atomic
+from medctl.runs import environment_info, held_run, redact
 from medctl.sweep.board import SORT_BY, build_leaderboard, entry_row, failed_row
 from medctl.sweep.entries import (
     FINETUNE,
@@ -180,7 +181,7 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
     """The sweep folder's resolved ``config.toml`` and secret-free ``env.json``."""
     write_text_atomic(sweep_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root)) | {"command": redact(command), "seed": config.run.seed}
-    write_text_atomic(sweep_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    write_json(sweep_dir / "env.json", env)
 
 
 def top_pretrained(
