@@ -62,7 +62,14 @@ from medctl.data.spectrogram import prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.errors import DataError, RunFailure, StorageUnavailable
-from medctl.io import atomic_write, dumps_json, write_bytes_atomic, write_json, write_text_atomic
+from medctl.io import (
+    atomic_write,
+    dumps_json,
+    process_alive,
+    write_bytes_atomic,
+    write_json,
+    write_text_atomic,
+)
 from medctl.progress import log, progress_bar
 from medctl.storage import FileInfo, Listing, is_remote, join_url, list_files, local_copy, redact_secrets
 
@@ -564,23 +571,9 @@ def _die_with(parent_pid: int) -> None:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    while _alive(parent_pid):
+    while process_alive(parent_pid):
         time.sleep(0.5)
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 # ----------------------------------------------------------------------------------- one sample
