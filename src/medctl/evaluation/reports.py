@@ -47,7 +47,7 @@ from medctl.evaluation.regression import (
     regression_metrics,
     regression_report_lines,
 )
-from medctl.io import to_jsonable, write_json, write_text_atomic
+from medctl.io import atomic_write, to_jsonable, write_json, write_text_atomic
 from medctl.progress import log
 
 __all__ = [
@@ -171,7 +171,8 @@ def evaluate_predictions(
 
     preds_path = out_dir / f"{split}_preds.parquet"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(columns).to_parquet(preds_path, index=False)
+    with atomic_write(preds_path, "wb") as fh:
+        pd.DataFrame(columns).to_parquet(fh, index=False)
     files["preds"] = preds_path.name
 
     primary = names[0]

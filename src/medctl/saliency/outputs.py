@@ -207,8 +207,8 @@ def save_panel(
     colorbar_axes.tick_params(labelsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as fh:
+        figure.savefig(fh, format="png", dpi=100)
     return path
 
 
