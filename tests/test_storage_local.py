@@ -1,26 +1,16 @@
-"""Storage without a server: retry policy, local listings and fingerprints, secrets kept out of messages."""
+"""Storage without moto: botocore's retry policy against a tiny endpoint, local listings and fingerprints, secrets kept out of messages."""
 
 from __future__ import annotations
 
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from medctl.errors import DataError
-from medctl.storage import fetch, is_transient, list_files, redact_secrets, with_retries
-
-
-def flaky(failures: list[BaseException]):
-    calls = []
-
-    def fn():
-        calls.append(1)
-        if failures:
-            raise failures.pop(0)
-        return "done"
-
-    return fn, calls
+from medctl.errors import DataError, StorageUnavailable
+from medctl.storage import fetch, is_transient, list_files, redact_secrets
 
 
 def client_error(status: int, code: str) -> ClientError:
@@ -30,39 +20,65 @@ def client_error(status: int, code: str) -> ClientError:
     )
 
 
-def test_transient_failures_are_retried_with_backoff(monkeypatch):
-    sleeps = []
-    monkeypatch.setattr("medctl.storage.time.sleep", sleeps.append)
-    fn, calls = flaky(
-        [
-            ConnectionError("reset"),
-            EndpointConnectionError(endpoint_url="http://x"),
-            client_error(503, "SlowDown"),
-        ]
-    )
-    assert with_retries(fn, retries=3, what="get") == "done"
-    assert len(calls) == 4 and sleeps == [0.5, 1.0, 2.0]  # exponential backoff
+class Answers(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request with the class's status (and counts them)."""
+
+    status = 503
+    seen: list[str] = []
+
+    def _answer(self) -> None:
+        type(self).seen.append(self.command)
+        code = {503: "SlowDown", 403: "AccessDenied"}[self.status]
+        body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args) -> None:
+        pass
 
 
-def test_403_and_404_are_not_retried(monkeypatch):
-    monkeypatch.setattr("medctl.storage.time.sleep", lambda s: pytest.fail("slept on a permanent error"))
-    for error in (PermissionError("denied"), FileNotFoundError("gone"), client_error(403, "AccessDenied")):
-        fn, calls = flaky([error])
-        with pytest.raises(type(error)):
-            with_retries(fn, retries=5, what="get")
-        assert len(calls) == 1
-    assert not is_transient(client_error(404, "NoSuchKey")) and is_transient(
-        client_error(500, "InternalError")
-    )
+@pytest.fixture
+def answering_endpoint(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    Answers.seen = []
+    yield Answers
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_botocore_retries_transient_failures_data_source_retries_times(answering_endpoint, retries):
+    answering_endpoint.status = 503  # throttled: botocore's standard mode retries it, with backoff
+    with pytest.raises(StorageUnavailable, match=r"^cannot list s3://bucket/d/: .*SlowDown$"):
+        list_files("s3://bucket/d/", retries=retries)
+    assert len(answering_endpoint.seen) == retries + 1  # one request, then data.source.retries more
+
+
+def test_403_is_not_retried_and_is_said_in_plain_words(answering_endpoint):
+    answering_endpoint.status = 403
+    with pytest.raises(DataError, match=r"cannot list s3://bucket/d/: access denied") as caught:
+        list_files("s3://bucket/d/", retries=3)
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert len(answering_endpoint.seen) == 1
+
+
+def test_what_counts_as_transient():
+    assert not is_transient(client_error(404, "NoSuchKey")) and is_transient(client_error(500, "InternalError"))
+    assert not is_transient(PermissionError("denied")) and not is_transient(FileNotFoundError("gone"))
+    assert is_transient(ConnectionError("reset")) and is_transient(EndpointConnectionError(endpoint_url="http://x"))
     assert is_transient(OSError("s3fs maps 5xx to a bare OSError")) and not is_transient(ValueError("bug"))
-
-
-def test_retries_give_up_after_the_limit(monkeypatch):
-    monkeypatch.setattr("medctl.storage.time.sleep", lambda s: None)
-    fn, calls = flaky([TimeoutError("slow")] * 5)
-    with pytest.raises(TimeoutError):
-        with_retries(fn, retries=2, what="get")
-    assert len(calls) == 3
 
 
 def test_local_listing_skips_hidden_files_and_fingerprints_change(tmp_path):

@@ -198,7 +198,7 @@ def test_a_crash_while_writing_the_checkpoint_never_corrupts_last_ckpt(tmp_path,
     def failed_rename(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(state_module.os, "replace", failed_rename)
+    monkeypatch.setattr("medctl.io.os.replace", failed_rename)  # the one atomic writer
     with pytest.raises(OSError):
         run(make_problem(), tmp_path, epochs=2, resume=True, extend=True)
     monkeypatch.undo()

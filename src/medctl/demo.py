@@ -37,6 +37,7 @@ from medctl.errors import UserError
 from medctl.evaluate import run_evaluate
 from medctl.evaluation.markdown import write_report
 from medctl.finetune.run import run_finetune
+from medctl.io import format_number, write_json
 from medctl.pretrain.run import run_pretrain
 from medctl.progress import log
 from medctl.saliency.stage import run_saliency_stage
@@ -257,8 +258,7 @@ def synthetic_dataset(folder: Path, settings: DemoSize, *, cache_dir: Path) -> t
     dataset = make_synthetic_dataset(
         folder, n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=cache_dir
     )
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataset.__dict__.items()}
-    described.write_text(json.dumps(plain, indent=2, default=list))
+    write_json(described, dataset.__dict__)
     return dataset, False
 
 
@@ -367,15 +367,15 @@ def demo_report(
     for method, scores in saliency.result.scores.items():
         hits = f" ({scores['pointing_hits']}/{scores['n_scored']})" if scores.get("n_scored") else ""
         lines.append(
-            f"| {method} | {_fmt(scores.get('pointing_hit_rate'))}{hits} | {_fmt(scores.get('mask_share'))} | "
-            f"{_fmt(scores.get('mass_in_mask'))} | {_fmt(scores.get('randomisation_spearman'))} | "
+            f"| {method} | {format_number(scores.get('pointing_hit_rate'), 2)}{hits} | {format_number(scores.get('mask_share'), 2)} | "
+            f"{format_number(scores.get('mass_in_mask'), 2)} | {format_number(scores.get('randomisation_spearman'), 2)} | "
             f"{scores.get('verdict') or '—'} |"
         )
     for name, scores in saliency.result.baselines.items():
         lines.append(
-            f"| {name.replace('_', ' ')} (no model) | {_fmt(scores.get('pointing_hit_rate'))} "
-            f"({scores['pointing_hits']}/{scores['n_scored']}) | {_fmt(scores.get('mask_share'))} | "
-            f"{_fmt(scores.get('mass_in_mask'))} | | baseline |"
+            f"| {name.replace('_', ' ')} (no model) | {format_number(scores.get('pointing_hit_rate'), 2)} "
+            f"({scores['pointing_hits']}/{scores['n_scored']}) | {format_number(scores.get('mask_share'), 2)} | "
+            f"{format_number(scores.get('mass_in_mask'), 2)} | | baseline |"
         )
     beating = [m for m, s in saliency.result.scores.items() if s.get("beats_input_baseline")]
     cam = saliency.result.cam_layer
@@ -441,5 +441,3 @@ def _first_figure(folder: Path, words: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.2f}"

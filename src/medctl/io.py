@@ -10,6 +10,7 @@ A ``kill -9`` between 1 and 3 leaves a temp file behind; :func:`remove_stale_tem
 
 JSON policy (:func:`to_jsonable`): numpy scalars and arrays become Python values, tuples lists, paths
 strings, and non-finite floats ``null`` (JSON has no NaN; ``json.dumps`` would write invalid ``NaN``).
+The same values in text (tables, report lines) go through :func:`format_number`.
 """
 
 from __future__ import annotations
@@ -81,22 +82,25 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     removed = []
     for candidate in folder.glob(f".*{TEMP_MARK}*"):
         stem, _, pid = candidate.name.rpartition(TEMP_MARK)
-        if stem and pid.isdigit() and candidate.is_file() and not _alive(int(pid)):
+        # our own pid: leftovers of an earlier, failed write of this process
+        if stem and pid.isdigit() and candidate.is_file() and (int(pid) == os.getpid() or not process_alive(int(pid))):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers from an earlier, failed write
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def to_jsonable(value: Any) -> Any:
@@ -114,6 +118,13 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def format_number(value: Any, digits: int = 3, missing: str = "n/a") -> str:
+    """A number for a table or a report line: ``digits`` decimals; ``missing`` for None, NaN, inf or text."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        return missing
+    return f"{value:.{digits}f}" if math.isfinite(value) else missing
 
 
 def dumps_json(value: Any, *, indent: int | None = 2) -> str:

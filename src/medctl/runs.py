@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -20,6 +19,7 @@ from typing import Any
 from medctl import __version__
 from medctl.config import Config
 from medctl.errors import ConfigError, redact_url_credentials
+from medctl.io import remove_stale_temps, write_json, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
 from medctl.progress import log
 
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
@@ -29,7 +29,6 @@ SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_ke
 RESUME_FREE = ("run.device", "run.threads", "data.num_workers", "data.preprocess.workers", "data.cache_dir",
                "data.download_dir", "train.log_every", "pretrain.log_every")  # fmt: skip
 EPOCH_KEYS = ("train.epochs", "pretrain.epochs")  # changed on --resume only with --extend
-TEMP_FILE = re.compile(r"^\..+\.(tmp|part)(\d+)$")  # what write_text_atomic / torch saves leave when killed
 
 
 def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, act: bool = True) -> None:
@@ -52,7 +51,9 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, act: bool = T
             log(f"--overwrite: deleting the earlier run in {run_dir}")
             shutil.rmtree(run_dir)
     if act:
-        remove_stale_temps(run_dir)
+        removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints")
+        if removed:
+            log(f"removed {len(removed)} temp file(s) left by a killed write in {run_dir}")
 
 
 def held_run(run_dir: Path) -> str:
@@ -61,36 +62,6 @@ def held_run(run_dir: Path) -> str:
         if (run_dir / name).is_file():
             return str(run_dir / name)
     return ""
-
-
-def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Delete the temp files of atomic writes that a killed process left in ``run_dir`` and its
-    ``checkpoints/`` (``.last.ckpt.tmp<pid>``: GBs for a large model). Those of a live process stay."""
-    removed, size = [], 0
-    for folder in (run_dir, run_dir / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            match = TEMP_FILE.match(path.name)
-            if match and path.is_file() and not process_alive(int(match.group(2))):
-                size += path.stat().st_size
-                path.unlink()
-                removed.append(path)
-    if removed:
-        log(f"removed {len(removed)} temp file(s) ({size / 1e6:.1f} MB) left by a killed write in {run_dir}")
-    return removed
-
-
-def process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but is not ours
-        return True
-    return True
 
 
 def check_resume_settings(run_dir: Path, config: Config, *, extend: bool) -> None:
@@ -140,7 +111,7 @@ def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
     write_text_atomic(run_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root))
     env.update(command=redact(command), seed=config.run.seed, deterministic=config.run.deterministic)
-    write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    write_json(run_dir / "env.json", env)
     return run_dir
 
 
@@ -158,8 +129,8 @@ def write_results_and_timing(run_dir: Path, results: dict[str, Any]) -> None:
     timing["epochs"] = [
         {"epoch": row.get("epoch"), **{k: row[k] for k in TIMING_KEYS if k in row}} for row in history
     ]
-    write_text_atomic(run_dir / "results.json", json.dumps(computed, indent=2, default=float) + "\n")
-    write_text_atomic(run_dir / "timing.json", json.dumps(timing, indent=2, default=float) + "\n")
+    write_json(run_dir / "results.json", computed)
+    write_json(run_dir / "timing.json", timing)
 
 
 def environment_info(run_root: Path | None = None) -> dict[str, Any]:
@@ -245,12 +216,3 @@ def redact(command: str) -> str:
     return redact_url_credentials(" ".join(words))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, flush + fsync, then ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -4,8 +4,10 @@
   (Backblaze B2, MinIO, AWS); empty means AWS itself.
 - Credentials come from the usual AWS variables or profile through botocore. They are never passed
   around, printed, logged or written anywhere; error messages are scrubbed of them as a last guard.
-- Transient failures (connection drops, timeouts, 5xx, throttling) are retried with exponential
-  backoff; "access denied" and "not found" are not, since a retry cannot fix them.
+- Transient failures (connection drops, timeouts, 5xx, throttling) are retried by botocore itself
+  (its ``standard`` retry mode: exponential backoff with jitter, ``data.source.retries`` retries per
+  request); "access denied" and "not found" are not, since a retry cannot fix them. What outlives the
+  retries is put in plain words here (:func:`describe_storage_error`, :func:`unavailable`).
 - A root is listed ONCE per run (:func:`list_files`); ids are matched against that listing.
 - Remote files are downloaded into ``data.download_dir`` under a name keyed by URL + ETag + size, so a
   rerun never downloads an unchanged object again.
@@ -17,24 +19,23 @@ import bisect
 import functools
 import hashlib
 import os
-import time
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import fsspec
 
 from medctl.errors import DataError, StorageUnavailable, redact_url_credentials
-from medctl.progress import log
-
-T = TypeVar("T")
+from medctl.io import atomic_write
 
 REMOTE_PROTOCOLS = ("s3://", "s3a://")
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
+COPY_CHUNK = 8 * 2**20  # bytes per read of a download
 
 
 # ------------------------------------------------------------------------------------------ urls
@@ -93,15 +94,16 @@ def _credential_marker() -> str:
 
 
 # ------------------------------------------------------------------------------------ filesystems
-def filesystem(url: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``url``: local, or s3fs at the resolved endpoint (one per process)."""
+def filesystem(url: str, endpoint_url: str = "", *, retries: int = 3) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``url``: local, or s3fs at the resolved endpoint (one per process)
+    whose botocore client retries each transient failure ``retries`` times (``data.source.retries``)."""
     if not is_remote(url):
         return fsspec.filesystem("file")
-    return _s3_filesystem(endpoint_for(endpoint_url), _credential_marker())
+    return _s3_filesystem(endpoint_for(endpoint_url), _credential_marker(), retries)
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str, _credentials: str) -> fsspec.AbstractFileSystem:
+def _s3_filesystem(endpoint: str, _credentials: str, retries: int) -> fsspec.AbstractFileSystem:
     import s3fs
 
     fs = s3fs.S3FileSystem(
@@ -110,16 +112,18 @@ def _s3_filesystem(endpoint: str, _credentials: str) -> fsspec.AbstractFileSyste
         config_kwargs={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
-            "retries": {"max_attempts": 1, "mode": "standard"},  # medctl retries, with backoff
+            # botocore's own policy: 5xx, throttling, timeouts and refused connections, with backoff
+            "retries": {"mode": "standard", "total_max_attempts": retries + 1},
         },
     )
-    fs.retries = 1  # s3fs's own retry loop off: with_retries below is the one policy
+    fs.retries = 1  # s3fs's own loop on top would multiply the attempts: botocore's is the one policy
     return fs
 
 
 # ---------------------------------------------------------------------------------------- retries
 def is_transient(exc: BaseException) -> bool:
-    """True for failures a retry may fix (network, timeouts, 5xx, throttling); never 403/404."""
+    """True for failures a retry may fix (network, timeouts, 5xx, throttling); never 403/404. Raised
+    here only once botocore's retries are spent: an outage (exit 1), not bad data."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -144,20 +148,6 @@ def is_transient(exc: BaseException) -> bool:
         pass
     # s3fs maps unknown S3 errors (InternalError, ServiceUnavailable) to a bare OSError
     return type(exc) is OSError
-
-
-def with_retries(fn: Callable[[], T], *, retries: int, what: str, base_delay: float = 0.5) -> T:
-    """Call ``fn``; on a transient failure wait 0.5 s, 1 s, 2 s, ... and try again, ``retries`` times."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt >= retries or not is_transient(exc):
-                raise
-            delay = base_delay * 2**attempt
-            log(f"{what}: {type(exc).__name__}; retrying in {delay:.1f} s ({attempt + 1}/{retries})")
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def describe_storage_error(exc: BaseException, url: str, endpoint_url: str = "") -> str:
@@ -226,13 +216,13 @@ def list_files(root: str, *, endpoint_url: str = "", retries: int = 3, prefix: s
     """
     if not root:
         raise DataError("data.source.root is empty: set it to a local folder or s3://bucket/prefix/")
-    fs = filesystem(root, endpoint_url)
+    fs = filesystem(root, endpoint_url, retries=retries)
     base = strip_protocol(root).rstrip("/")
     target = f"{base}/{prefix}".rstrip("/") if prefix else base
     if not is_remote(root) and not Path(base).is_dir():
         raise DataError(f"data.source.root {root} is not a folder: check the path")
     try:
-        found = with_retries(lambda: fs.find(target, detail=True), retries=retries, what=f"listing {root}")
+        found = fs.find(target, detail=True)
     except Exception as exc:
         message = f"cannot list {root}: {describe_storage_error(exc, root, endpoint_url)}"
         if is_transient(exc):  # an outage (exit 1), not the user's input
@@ -268,10 +258,10 @@ def _fingerprint(info: dict[str, Any]) -> str:
 
 def stat(url: str, *, endpoint_url: str = "", retries: int = 3) -> FileInfo:
     """One file's info (used for the table, which is not part of a listing)."""
-    fs = filesystem(url, endpoint_url)
+    fs = filesystem(url, endpoint_url, retries=retries)
     path = strip_protocol(url)
     try:
-        info = with_retries(lambda: fs.info(path), retries=retries, what=f"stat {url}")
+        info = fs.info(path)
     except Exception as exc:
         raise DataError(describe_storage_error(exc, url, endpoint_url)) from exc
     if info.get("type", "file") != "file":
@@ -283,8 +273,9 @@ def stat(url: str, *, endpoint_url: str = "", retries: int = 3) -> FileInfo:
 def local_copy(info: FileInfo, *, download_dir: str | Path, endpoint_url: str = "", retries: int = 3) -> Path:
     """A local path holding ``info``'s content: the file itself when local, else a cached download.
 
-    Downloads land in ``download_dir/<digest of url+fingerprint>/<name>`` through a temp file and
-    ``os.replace``, so a rerun finds the finished copy and an interrupted one leaves nothing half-written.
+    Downloads land in ``download_dir/<digest of url+fingerprint>/<name>`` through
+    :func:`medctl.io.atomic_write`, so a rerun finds the finished copy and an interrupted one leaves
+    nothing half-written.
     """
     if not is_remote(info.url):
         return Path(info.url)
@@ -292,21 +283,14 @@ def local_copy(info: FileInfo, *, download_dir: str | Path, endpoint_url: str = 
     target = Path(download_dir).expanduser() / digest / Path(info.key).name
     if target.is_file() and target.stat().st_size == info.size:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part{os.getpid()}")
-    fs = filesystem(info.url, endpoint_url)
+    fs = filesystem(info.url, endpoint_url, retries=retries)
     try:
-        with_retries(
-            lambda: fs.get_file(strip_protocol(info.url), str(tmp)),
-            retries=retries,
-            what=f"download {info.url}",
-        )
+        with atomic_write(target, "wb") as fh, fs.open(strip_protocol(info.url), "rb") as remote:
+            shutil.copyfileobj(remote, fh, COPY_CHUNK)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         if is_transient(exc):  # the endpoint is away after the retries: an outage, not a bad file
             raise unavailable(exc, endpoint_url) from exc
         raise DataError(describe_storage_error(exc, info.url, endpoint_url)) from exc
-    os.replace(tmp, target)
     return target
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
 from medctl.cli.output import show_table
+from medctl.io import format_number
 
 
 @handle_errors
@@ -70,15 +71,15 @@ def demo_command(
     for row in result.leaderboard:
         board.add_row(
             str(row.get("entry")),
-            _num(row.get("val_balanced_accuracy")),
-            _num(row.get("test_balanced_accuracy")),
+            format_number(row.get("val_balanced_accuracy")),
+            format_number(row.get("test_balanced_accuracy")),
             str(row.get("status")),
         )
     show_table(board)
     summary = result.test_metrics
     console.print(
-        f"fine-tuned leader on test: balanced accuracy {_num(summary.get('balanced_accuracy'))}, "
-        f"AUROC {_num(summary.get('auroc'))}"
+        f"fine-tuned leader on test: balanced accuracy {format_number(summary.get('balanced_accuracy'))}, "
+        f"AUROC {format_number(summary.get('auroc'))}"
     )
     from medctl.saliency.scoring import describe
 
@@ -99,12 +100,10 @@ def _eeg_demo(out: Path, size: str, fresh: bool, overrides: list[str]) -> None:
     for column in ("task", "test metric", "value", "chance", "above chance"):
         table.add_column(column)
     for name, task in result.tasks.items():
-        table.add_row(name, task["metric"], _num(task["value"]), _num(task["chance"]), "yes" if task["beats_chance"] else "no")
+        table.add_row(name, task["metric"], format_number(task["value"]), format_number(task["chance"]), "yes" if task["beats_chance"] else "no")
     console.print(table)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")
 
 
-def _num(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) and value == value else "n/a"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
 from medctl.cli.output import show_table
+from medctl.io import format_number
 
 
 @handle_errors
@@ -195,4 +195,4 @@ def _hits(scores: dict) -> str:
 
 
 def _num(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+    return format_number(value, digits, missing="—")

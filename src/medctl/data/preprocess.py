@@ -62,8 +62,15 @@ from medctl.data.spectrogram import prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.errors import DataError, RunFailure, StorageUnavailable
+from medctl.io import (
+    atomic_write,
+    dumps_json,
+    process_alive,
+    write_bytes_atomic,
+    write_json,
+    write_text_atomic,
+)
 from medctl.progress import log, progress_bar
-from medctl.runs import write_text_atomic
 from medctl.storage import FileInfo, Listing, is_remote, join_url, list_files, local_copy, redact_secrets
 
 CACHE_FORMAT = 1
@@ -237,7 +244,7 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
         )
     summary = _summary(table, manifest, settings, cache)
     summary.update(missing=missing, incomplete=incomplete)
-    write_text_atomic(cache / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(cache / "summary.json", summary)
     if incomplete and not data.allow_incomplete:
         raise RunFailure(incomplete)
     n_failed = int((manifest.drop_duplicates("source_id").status == "failed").sum())
@@ -383,7 +390,7 @@ def _journal(fh, outcome: SampleOutcome, fingerprint: str) -> None:
         "fingerprint": fingerprint,
         **{k: getattr(outcome, k) for k in ("id", "rows", "stage", "error", "key")},
     }
-    fh.write(json.dumps(record) + "\n")
+    fh.write(dumps_json(record, indent=None) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
 
@@ -564,23 +571,9 @@ def _die_with(parent_pid: int) -> None:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    while _alive(parent_pid):
+    while process_alive(parent_pid):
         time.sleep(0.5)
     os._exit(1)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 # ----------------------------------------------------------------------------------- one sample
@@ -661,14 +654,9 @@ def _write(task: SampleTask, image, processed, *, sliced: bool) -> dict[str, Any
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temp file in the same folder, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    """``np.save`` through :func:`medctl.io.atomic_write`."""
+    with atomic_write(path, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -778,7 +766,7 @@ def read_manifest(cache_dir: str | Path) -> pd.DataFrame:
 def write_manifest(cache: Path, manifest: pd.DataFrame) -> None:
     buffer = io.BytesIO()
     manifest.to_parquet(buffer, index=False)
-    _write_bytes_atomic(cache / "manifest.parquet", buffer.getvalue())
+    write_bytes_atomic(cache / "manifest.parquet", buffer.getvalue())
 
 
 def write_errors(cache: Path, manifest: pd.DataFrame, root: str = "") -> None:
@@ -791,15 +779,6 @@ def write_errors(cache: Path, manifest: pd.DataFrame, root: str = "") -> None:
         key = join_url(root, row.source_key) if is_remote(root) and row.source_key else row.source_key
         writer.writerow([row.source_id, key, row.stage, row.error])
     write_text_atomic(cache / "data_errors.csv", buffer.getvalue())
-
-
-def _write_bytes_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------- summary

@@ -31,9 +31,10 @@ from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
 from medctl.evaluation.reports import evaluate_predictions
+from medctl.io import write_json
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
-from medctl.runs import environment_info, git_state, redact, write_text_atomic
+from medctl.runs import environment_info, git_state, redact
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.predict import labels_of, predict_logits, probabilities
 
@@ -121,7 +122,7 @@ def run_evaluate(
     probs = {s.name: probabilities(logits[s.name], s.kind) for s in specs}
     model = meta.get("model") or {}
     env = environment_info(out.parent) | {"command": redact(command), "seed": config.run.seed}
-    write_text_atomic(out / "env.json", json.dumps(env, indent=2) + "\n")
+    write_json(out / "env.json", env)
     payload = evaluate_predictions(
         dataset.ids,
         labels_of(dataset, specs),

@@ -28,7 +28,7 @@ from scipy import stats
 
 from medctl.errors import DataError
 from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
-from medctl.runs import write_text_atomic
+from medctl.io import write_text_atomic
 
 SPLITS = ("val", "test")
 METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")

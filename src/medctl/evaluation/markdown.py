@@ -20,8 +20,8 @@ from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 from markdown_it.utils import OptionsDict
 
+from medctl.io import write_text_atomic
 from medctl.progress import log
-from medctl.runs import write_text_atomic
 
 MIME = {
     ".png": "image/png",

@@ -17,14 +17,16 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
 from medctl.errors import DataError
+from medctl.io import atomic_write
 
 DPI = 120
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path`` (through :func:`medctl.io.atomic_write`): every plot medctl writes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 
@@ -62,7 +64,7 @@ def plot_confusion_matrix(
             colour = "white" if shown[i, j] > threshold else "black"
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
     ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix"))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_multilabel_confusion(mcm: Any, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -88,7 +90,7 @@ def plot_multilabel_confusion(mcm: Any, labels: Sequence[str], path: str | Path,
         ax.set_ylabel("true", fontsize=8)
     fig.suptitle(title or "confusion per label")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _epoch_row(row: dict[str, Any], position: int) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ke
         else:
             ax.text(0.5, 0.5, f"no values for {key!r}", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(
@@ -182,4 +184,4 @@ def plot_roc(
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title("ROC (AUROC in legend)")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)

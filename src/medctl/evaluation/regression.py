@@ -120,7 +120,7 @@ def plot_regression_scatter(y_true: Any, pred: Any, path: str | Path, *, title: 
     """Predicted against true values with the identity line; MAE and r in the title."""
     from matplotlib.figure import Figure
 
-    from medctl.evaluation.plots import _save
+    from medctl.evaluation.plots import save_figure
 
     y, p = np.asarray(y_true, dtype=np.float64).reshape(-1), _flat(pred)
     fig = Figure(figsize=(4.5, 4.5))
@@ -133,7 +133,7 @@ def plot_regression_scatter(y_true: Any, pred: Any, path: str | Path, *, title: 
     r = _s_pearson(y, p)
     ax.set_title(f"{title}\nMAE {_s_mae(y, p):.3g}, r {'—' if r is None else f'{r:.3f}'}".strip())
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def regression_report_lines(name: str, result: dict[str, Any], level: int) -> list[str]:

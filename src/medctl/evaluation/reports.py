@@ -22,8 +22,6 @@ One split per ``out_dir``: a second call with another split keeps the split-name
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,8 +47,8 @@ from medctl.evaluation.regression import (
     regression_metrics,
     regression_report_lines,
 )
+from medctl.io import atomic_write, to_jsonable, write_json, write_text_atomic
 from medctl.progress import log
-from medctl.runs import write_text_atomic
 
 __all__ = [
     "evaluate_predictions",
@@ -91,19 +89,6 @@ def _per_target(values: Any, names: list[str], what: str) -> dict[str, Any]:
 def file_stem(name: str) -> str:
     """A target or class name made safe for a file name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "target"
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON: numpy scalars unwrapped, NaN/inf as null, tuples as lists."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -186,7 +171,8 @@ def evaluate_predictions(
 
     preds_path = out_dir / f"{split}_preds.parquet"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(columns).to_parquet(preds_path, index=False)
+    with atomic_write(preds_path, "wb") as fh:
+        pd.DataFrame(columns).to_parquet(fh, index=False)
     files["preds"] = preds_path.name
 
     primary = names[0]
@@ -194,7 +180,7 @@ def evaluate_predictions(
     for key in REGRESSION_HEADLINE if specs[0][1] == "regression" else HEADLINE:
         summary[key] = results[primary][key]
         summary[f"{key}_ci"] = [results[primary]["ci"][key]["low"], results[primary]["ci"][key]["high"]]
-    payload = jsonable(
+    payload = to_jsonable(
         {
             "split": split,
             "title": title,
@@ -214,7 +200,7 @@ def evaluate_predictions(
             },
         }
     )
-    write_text_atomic(out_dir / "metrics.json", json.dumps(payload, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", payload)
     write_report(report_markdown(payload), out_dir)
     return payload
 

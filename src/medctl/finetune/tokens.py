@@ -35,9 +35,9 @@ from medctl import __version__
 from medctl.data.dataset import CacheDataset
 from medctl.errors import RunFailure
 from medctl.finetune.features import feature_path
+from medctl.io import dumps_json, fsync_dir, temp_path, write_text_atomic
 from medctl.models.classifier import Classifier
 from medctl.progress import log, progress_bar
-from medctl.runs import write_text_atomic
 from medctl.training.distributed import barrier, is_rank0
 from medctl.training.precision import autocast_context
 
@@ -142,7 +142,7 @@ def write_tokens(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)  # medctl.io's contract; a memory map needs the file name, not a handle
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.float16, shape=(len(dataset), *shape)
     )  # (N, T, D)
@@ -170,6 +170,7 @@ def write_tokens(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def split_tokens(
@@ -206,7 +207,7 @@ def split_tokens(
             "data_fingerprint": data_print,
             "split": split,
         }
-        write_text_atomic(meta_path, json.dumps(meta) + "\n")
+        write_text_atomic(meta_path, dumps_json(meta, indent=None) + "\n")
         tokens = read_tokens(array_path, meta_path, dataset.ids, shape)
     barrier()
     if tokens is None:

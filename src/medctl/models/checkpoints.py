@@ -23,7 +23,6 @@ read by :mod:`medctl.models.architecture`. Nothing is ever unpickled with ``weig
 
 from __future__ import annotations
 
-import os
 import pickle
 import pickletools
 from collections import Counter
@@ -37,6 +36,7 @@ import torch
 
 from medctl import __version__
 from medctl.errors import CheckpointError
+from medctl.io import atomic_write
 from medctl.models.classifier import Classifier, build_classifier
 from medctl.models.encoders.base import Encoder
 from medctl.models.registry import build_encoder
@@ -123,19 +123,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write atomically: a temp file in the same folder, flush + fsync, then ``os.replace``."""
+    """Write through :func:`medctl.io.atomic_write`: never a half-written checkpoint."""
     path = Path(path)
     check_plain(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(dict(payload), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as fh:
+        torch.save(dict(payload), fh)
     return path
 
 

@@ -13,6 +13,7 @@ from medctl.config import ModelConfig
 from medctl.models.architecture import Architecture, describe_encoder, plan_model_encoder, read_architecture
 from medctl.models.checkpoints import LoadReport
 from medctl.models.registry import get_spec
+from medctl.training.precision import resolve_device
 
 
 @dataclass
@@ -36,13 +37,6 @@ class CheckpointReport:
     @property
     def ok(self) -> bool:
         return not self.refused
-
-
-def resolve_device(name: str) -> torch.device:
-    """``run.device``: "auto" is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_checkpoint(

@@ -43,7 +43,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
 from medctl.data.tables import TargetSpec
-from medctl.evaluation.plots import plot_training_curves
+from medctl.evaluation.plots import plot_training_curves, save_figure
 from medctl.progress import log
 from medctl.training.precision import autocast_context
 
@@ -56,7 +56,6 @@ COLLAPSE_ADVICE = {
     "relative to pretrain.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
 }
 PANEL_ROWS = 4
-DPI = 110
 
 
 @dataclass
@@ -231,7 +230,7 @@ def plot_tsne(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def centre_slice(x: torch.Tensor) -> np.ndarray:
@@ -277,7 +276,7 @@ def plot_reconstruction(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -288,13 +287,6 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path
     if any("val_knn_accuracy" in row for row in history):
         keys.append("knn_accuracy")
     return plot_training_curves(list(history), path, keys)
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
-    return path
 
 
 def warn_if_collapsing(

@@ -22,6 +22,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from medctl.io import atomic_write, write_text_atomic
 from medctl.saliency.geometry import Geometry
 from medctl.saliency.scoring import peak_voxel
 
@@ -120,19 +121,15 @@ def write_nrrd(path: Path, volume: np.ndarray, geometry: Geometry | None) -> Pat
         if tuple(geometry.shape) != tuple(volume.shape):
             raise ValueError(f"geometry shape {geometry.shape} does not match the volume {volume.shape}")
         header.update(geometry.nrrd_header())
-    tmp = path.with_name(f".{path.name}.tmp")
-    nrrd.write(str(tmp), np.ascontiguousarray(volume, dtype=np.float32), header, index_order="C")
-    tmp.replace(path)
+    with atomic_write(path, "wb") as fh:
+        nrrd.write(fh, np.ascontiguousarray(volume, dtype=np.float32), header, index_order="C")
     return path
 
 
 def write_index(path: Path, rows: Sequence[dict]) -> pd.DataFrame:
     """``index.csv``: one row per sample and method (columns :data:`INDEX_COLUMNS`)."""
     frame = pd.DataFrame(list(rows), columns=INDEX_COLUMNS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_text_atomic(path, frame.to_csv(index=False))
     return frame
 
 
@@ -210,8 +207,8 @@ def save_panel(
     colorbar_axes.tick_params(labelsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as fh:
+        figure.savefig(fh, format="png", dpi=100)
     return path
 
 

@@ -22,7 +22,6 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,8 +36,8 @@ from torch import nn
 
 from medctl.config import SaliencyConfig
 from medctl.errors import ConfigError, DataError, UserError
+from medctl.io import to_jsonable, write_json, write_text_atomic
 from medctl.progress import log, progress_bar
-from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import (
     AttributionSettings,
     ClassScores,
@@ -67,6 +66,7 @@ from medctl.saliency.scoring import (
     rank_correlation,
     summarise,
 )
+from medctl.training.precision import resolve_device
 
 DEFAULTS = SaliencyConfig()  # the defaults of the keyword arguments below come from the config model
 CAM_METHODS = {"gradcam", "hirescam"}
@@ -265,8 +265,9 @@ def run_saliency(
         "randomised_modules": reset,
         "class_means": class_means,
     }
-    write_text_atomic(out_dir / "scores.json", json.dumps(_json_safe(report), indent=2) + "\n")
-    write_text_atomic(out_dir / "report.md", report_markdown(_json_safe(report)))
+    report = to_jsonable(report)
+    write_json(out_dir / "scores.json", report)
+    write_text_atomic(out_dir / "report.md", report_markdown(report))
     log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
     return SaliencyResult(out_dir, index, summary, class_means, reset, baseline_scores, cam_layer)
 
@@ -293,13 +294,6 @@ def cam_layer_for(
         "the encoder's own last spatial layer" if gradcam_layer == "last" else "set by saliency.gradcam_layer"
     )
     return CamLayerChoice(gradcam_layer, rule=rule)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when there is one, else CPU; anything else as torch spells it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -490,12 +484,3 @@ def _label_text(label: int | list[int] | None, classes: Sequence[str]) -> str:
     return classes[label] if 0 <= label < len(classes) else str(label)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN -> None (JSON has no NaN), recursively."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value

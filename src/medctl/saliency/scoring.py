@@ -30,6 +30,7 @@ from scipy import ndimage, stats
 from torch import nn
 
 from medctl.errors import RunFailure
+from medctl.io import format_number
 
 # Spearman rho of |map| between the trained and the fully re-initialised model at or above which a method
 # is flagged. Adebayo et al. (2018, Fig. 4) find methods that pass the check falling to about 0.1-0.3 once
@@ -311,17 +312,15 @@ def describe(method: str, entry: dict) -> str:
     if entry.get("n_scored"):
         parts.append(f"{entry.get('pointing_hits', 0)}/{entry['n_scored']}")
     if entry.get("input_baseline"):
-        parts.append(f"input baseline {_text(entry.get('input_baseline_rate'))}")
-    parts.append(f"chance {_text(chance)}")
+        parts.append(f"input baseline {format_number(entry.get('input_baseline_rate'))}")
+    parts.append(f"chance {format_number(chance)}")
     rho = entry.get("randomisation_spearman", math.nan)
     if rho is not None and not math.isnan(rho):
         parts.append(f"randomisation ρ {rho:.2f}")
     verdict = entry.get("verdict")
-    return f"{method}: pointing game {_text(rate)} ({', '.join(parts)}{' — ' + verdict if verdict else ''})"
+    return f"{method}: pointing game {format_number(rate)} ({', '.join(parts)}{' — ' + verdict if verdict else ''})"
 
 
-def _text(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def _mean(values: Iterable[float | None]) -> float:

@@ -41,8 +41,8 @@ from medctl.data.readers import read_image
 from medctl.data.tables import TargetSpec
 from medctl.data.transforms import preprocess_image, validate_image
 from medctl.errors import CheckpointError, DataError, UserError
+from medctl.io import write_text_atomic
 from medctl.models.checkpoints import load_classifier
-from medctl.runs import write_text_atomic
 from medctl.saliency.attribution import resolve_methods
 from medctl.saliency.layers import lesion_extent
 from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency

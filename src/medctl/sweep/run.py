@@ -41,8 +41,9 @@ from medctl.data.preprocess import preprocess
 from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
 from medctl.evaluate import run_evaluate
 from medctl.finetune import run_finetune
+from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
-from medctl.runs import environment_info, held_run, redact, write_text_atomic
+from medctl.runs import environment_info, held_run, redact
 from medctl.sweep.board import SELECT_BY, build_leaderboard, entry_row, failed_row
 from medctl.sweep.entries import (
     FINETUNE,
@@ -185,7 +186,7 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
     """The sweep folder's resolved ``config.toml`` and secret-free ``env.json``."""
     write_text_atomic(sweep_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root)) | {"command": redact(command), "seed": config.run.seed}
-    write_text_atomic(sweep_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    write_json(sweep_dir / "env.json", env)
 
 
 def top_pretrained(

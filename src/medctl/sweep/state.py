@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from medctl.runs import write_text_atomic
+from medctl.io import write_json
 from medctl.sweep.entries import SweepEntry
 
 STATE_FILE = "sweep_state.json"
@@ -76,7 +76,7 @@ class SweepState:
             "updated": now(),
             "entries": self.entries,
         }
-        write_text_atomic(self.path, json.dumps(payload, indent=2) + "\n")
+        write_json(self.path, payload)
 
 
 def write_done(run_dir: Path, entry: SweepEntry, split_manifest_hash: str, **fields: Any) -> None:
@@ -87,7 +87,7 @@ def write_done(run_dir: Path, entry: SweepEntry, split_manifest_hash: str, **fie
         "finished": now(),
         **fields,
     }
-    write_text_atomic(run_dir / DONE_FILE, json.dumps(payload, indent=2) + "\n")
+    write_json(run_dir / DONE_FILE, payload)
 
 
 def finished(run_dir: Path, entry: SweepEntry, split_manifest_hash: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medctl.runs import write_text_atomic
+from medctl.io import dumps_json, write_text_atomic
 from medctl.training.distributed import is_rank0
 
 
@@ -45,7 +45,7 @@ class MetricsLogger:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(dumps_json(row, indent=None) + "\n")
         writer = self._tb()
         for name, value in scalars.items():
             if math.isfinite(value):
@@ -60,7 +60,7 @@ class MetricsLogger:
             return
         if self.path.exists():
             kept = [row for row in _parse_rows(self.path.read_text()) if row["epoch"] < epoch]
-            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            write_text_atomic(self.path, "".join(dumps_json(row, indent=None) + "\n" for row in kept))
         self._purge_step = step
         if self._writer is not None:
             self._writer.close()

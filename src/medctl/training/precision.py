@@ -15,9 +15,10 @@ from medctl.progress import log
 PRECISIONS = ("fp32", "bf16")
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``run.device`` -> a torch device: ``auto`` is CUDA when visible (the local rank's under torchrun)."""
-    spec = spec.strip().lower()
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """``run.device`` -> a torch device: ``auto`` is CUDA when visible (the local rank's under torchrun).
+    The one resolver of every stage: an unknown or unavailable device is a one-line ConfigError."""
+    spec = str(spec).strip().lower()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

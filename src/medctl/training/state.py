@@ -12,7 +12,6 @@ Layout (tensors and plain values only, so ``torch.load(weights_only=True)`` read
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from medctl import __version__
 from medctl.errors import CheckpointError
+from medctl.io import atomic_write
 from medctl.models.checkpoints import read_checkpoint
 from medctl.training.distributed import rank, unwrap
 from medctl.training.seed import restore_rng_state, rng_state
@@ -41,22 +41,9 @@ class TrainState:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, flush + fsync, then ``os.replace``.
-
-    A crash or an exception at any point leaves the previous file at ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`medctl.io.atomic_write`: a crash leaves the previous file untouched."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_train_state(
@@ -169,17 +156,3 @@ def _load_module(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
         raise CheckpointError(
             f"{path}: the saved {what} does not fit this one ({detail}); resume with the same config"
         ) from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the file itself is already synced
-    finally:
-        os.close(fd)
