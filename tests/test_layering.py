@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medctl"
 RANKS = {
     # foundations: the error family, atomic writes, progress on stderr, the version
     "__init__": 0,
+    "devices": 0,
     "errors": 0,
     "io": 0,
     "progress": 0,

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from medctl.config import ModelConfig
+from medctl.devices import resolve_device
 from medctl.models.architecture import Architecture, describe_encoder, plan_model_encoder, read_architecture
 from medctl.models.checkpoints import LoadReport
 from medctl.models.registry import get_spec
-from medctl.training.precision import resolve_device
 
 
 @dataclass

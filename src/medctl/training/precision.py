@@ -9,39 +9,11 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from medctl.devices import resolve_device as resolve_device  # every stage imports it from here too
 from medctl.errors import ConfigError
 from medctl.progress import log
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """``run.device`` -> a torch device: ``auto`` is CUDA when visible (the local rank's under torchrun).
-    The one resolver of every stage: an unknown or unavailable device is a one-line ConfigError."""
-    spec = str(spec).strip().lower()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(
-            [f"`run.device` = {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps"]
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                [f"`run.device` = {spec!r} but no CUDA device is visible; use run.device=auto or cpu"]
-            )
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                [f"`run.device` = {spec!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"]
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError([f"`run.device` = {spec!r} but MPS is not available; use run.device=cpu"])
-    return device
 
 
 def set_threads(threads: int, num_workers: int = 0) -> int:
