@@ -111,3 +111,21 @@ def test_debug_is_taken_after_the_subcommand(monkeypatch: pytest.MonkeyPatch, tm
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"medctl {__version__}"
+
+
+def test_check_json_documents(synthetic_3d, tmp_path) -> None:
+    runner = CliRunner()
+    valid = runner.invoke(app, ["check", "config", 'model.encoder="mt3_tiny"', "train.epochs=3", "--json"])
+    assert valid.exit_code == 0, valid.output
+    assert json.loads(valid.stdout) == {
+        "valid": True, "config": None, "stages": ["finetune", "preprocess"], "encoder": "mt3_tiny", "targets": []
+    }  # fmt: skip
+    data = runner.invoke(app, ["check", "data", *synthetic_3d.config_overrides(), "--json"])
+    report = json.loads(data.stdout)
+    assert data.exit_code == (0 if report["ok"] else 2)
+    assert {row["name"] for row in report["rows"]} >= {"table", "readable"}
+    assert sum(report["counts"]["splits"].values()) == report["n_samples"] == 22
+    env = runner.invoke(app, ["check", "env", "--root", str(tmp_path), "--json"])
+    deps = json.loads(env.stdout)["dependencies"]
+    assert env.exit_code == 0 and {"torch", "monai", "pydicom"} <= {d["name"] for d in deps}
+    assert all(d["ok"] for d in deps)

@@ -237,3 +237,13 @@ def test_bad_evaluate_input_is_one_line_with_exit_2(trained, tmp_path):
         assert out.exit_code == 2, out.output
         errors = [line for line in out.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], out.output
+
+
+def test_evaluate_json_is_the_metrics_file_on_stdout(trained, tmp_path):
+    _, result = trained
+    out = tmp_path / "j"
+    shown = invoke("evaluate", "--ckpt", str(result.best_checkpoint), "--out", str(out), "--bootstrap", "0", "--json")
+    assert shown.exit_code == 0, shown.output
+    printed = json.loads(shown.stdout)  # logs went to stderr: stdout is one JSON document
+    assert printed["metrics"] == json.loads((out / "metrics.json").read_text())
+    assert printed["out_dir"] == str(out) and printed["n_samples"] > 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors, resolve_config
-from medctl.cli.output import show_table
+from medctl.cli.output import JsonOption, print_json, show_table
 from medctl.config import load_config
 from medctl.errors import CheckpointError, UserError
 from medctl.runs import dependency_versions, environment_info
@@ -19,7 +20,7 @@ app = typer.Typer(help="Check a config, the environment, a bucket, a dataset or 
 
 @app.command("config")
 @handle_errors
-def check_config(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
+def check_config(config: ConfigOption = None, overrides: OverridesArgument = None, as_json: JsonOption = False) -> None:
     """Validate a config: every problem at once; exit 0 when valid, 2 otherwise.
 
     Beyond each key: registry names (encoder, method, loss, head, attribution) with the closest name,
@@ -33,6 +34,10 @@ def check_config(config: ConfigOption = None, overrides: OverridesArgument = Non
     resolved = load_config(config, overrides or [], name_checks=registry_problems)
     stages = sorted(stages_of(resolved))
     validate_config(resolved, stages, str(config) if config else "config")
+    if as_json:
+        names = [t.name for t in resolved.data.targets]
+        print_json({"valid": True, "config": config, "stages": stages, "encoder": resolved.model.encoder, "targets": names})
+        return
     targets = ", ".join(t.name for t in resolved.data.targets) or "none"
     console.print(
         f"[green]✓[/] {config or 'defaults'} is valid for {', '.join(stages)} "
@@ -43,15 +48,22 @@ def check_config(config: ConfigOption = None, overrides: OverridesArgument = Non
 
 @app.command("env")
 @handle_errors
-def check_env(root: Path = typer.Option(Path("runs"), help="Run root whose free disk is reported.")) -> None:
+def check_env(
+    root: Path = typer.Option(Path("runs"), help="Run root whose free disk is reported."), as_json: JsonOption = False
+) -> None:
     """Versions, devices (CUDA / MPS / CPU, bf16), free disk in the run root, and every dependency against
     the lower bound pyproject.toml declares; exit 2 when one is missing or older."""
     info = environment_info(root)
+    dependencies = dependency_versions()
+    if as_json:
+        print_json({"environment": info, "dependencies": [dataclasses.asdict(d) | {"ok": d.ok} for d in dependencies]})
+        if not all(d.ok for d in dependencies):
+            raise typer.Exit(2)
+        return
     table = Table(title="medctl environment", show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
     show_table(table)
-    dependencies = dependency_versions()
     listed = ", ".join(f"{d.name} {d.installed or 'missing'} ({d.bound})" for d in dependencies)
     stale = [d for d in dependencies if not d.ok]
     if stale:
@@ -71,6 +83,7 @@ def check_checkpoint_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (.pt, .pth, .ckpt) to read and load into model.encoder."),
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The encoder a checkpoint holds (family, size, heads, positions, entry, prefix, channels), its load into
     model.encoder ("auto": that one): keys loaded, missing, mis-shaped; one forward pass.
@@ -82,6 +95,11 @@ def check_checkpoint_command(
 
     resolved = resolve_config(config, overrides)
     report = check_checkpoint(ckpt, resolved.model, resolved.data.preprocess.spatial_size, resolved.run.device)
+    if as_json:
+        print_json(dataclasses.asdict(report) | {"ok": report.ok})
+        if report.refused:
+            raise typer.Exit(2)
+        return
     console.print(f"[bold]{report.path}[/] into [bold]{report.description}[/] ({report.parameters:,} parameters)", highlight=False)
     for line in report.architecture.lines() if report.architecture else []:
         console.print(f"  {line}", highlight=False, markup=False)
@@ -106,6 +124,7 @@ def check_bucket_command(
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
     ids: int = typer.Option(5, "--ids", min=1, help="How many sample ids to resolve to keys."),
+    as_json: JsonOption = False,
 ) -> None:
     """Endpoint, credentials (never shown), listing, keys for N ids, one volume read; exit 2 on a ✗.
 
@@ -114,7 +133,7 @@ def check_bucket_command(
     from medctl.data.checks import check_bucket  # pandas, s3fs and the readers load only when this runs
 
     rows = check_bucket(resolve_config(config, overrides).data, n_ids=ids)
-    _print_rows(rows)
+    _print_rows(rows, as_json)
     if not all(row.ok for row in rows):
         raise typer.Exit(2)
 
@@ -125,6 +144,7 @@ def check_data_command(
     config: ConfigOption = None,
     overrides: OverridesArgument = None,
     reads: int = typer.Option(50, "--reads", min=0, help="Headers to read, spread over the table."),
+    as_json: JsonOption = False,
 ) -> None:
     """Columns, class values, duplicate ids, splits and leakage, missing/unreadable files, class counts, and
     how many val/test participants each configured checkpoint was pretrained on.
@@ -137,6 +157,12 @@ def check_data_command(
 
     resolved = resolve_config(config, overrides)
     report = check_data(resolved.data, max_reads=reads, pools=config_pools(resolved))
+    if as_json:
+        warnings = [redact_secrets(w) for w in report.warnings]
+        _print_rows(report.rows, as_json, counts=report.counts, warnings=warnings, n_samples=report.n_samples)
+        if not report.ok:
+            raise typer.Exit(2)
+        return
     _print_rows(report.rows)
     print_class_counts(report.counts)
     for warning in report.warnings:
@@ -146,7 +172,12 @@ def check_data_command(
         raise typer.Exit(2)
 
 
-def _print_rows(rows) -> None:
+def _print_rows(rows, as_json: bool = False, **extra) -> None:
+    """One ✓/✗ line per check; with ``as_json`` one document: ``ok``, ``rows`` and ``extra``."""
+    if as_json:
+        listed = [{"name": r.name, "ok": r.ok, "detail": redact_secrets(r.detail)} for r in rows]
+        print_json({"ok": all(r.ok for r in rows), "rows": listed, **extra})
+        return
     for row in rows:
         mark = "[green]✓[/]" if row.ok else "[red]✗[/]"
         console.print(f"{mark} [bold]{row.name}[/]: ", end="", highlight=False)

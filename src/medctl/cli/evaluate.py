@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from medctl.cli.common import ConfigOption, OverridesArgument, command_line, console, handle_errors
-from medctl.cli.output import show_table
+from medctl.cli.output import JsonOption, print_json, show_table
 
 
 @handle_errors
@@ -36,6 +36,7 @@ def evaluate_command(
         bool, typer.Option("--overwrite", help="Replace an earlier evaluation in the output folder.")
     ] = False,
     overrides: OverridesArgument = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Predict a split with a trained classifier; metrics.json with 95% CIs, confusion matrices, ROC, report.md.
 
@@ -57,6 +58,9 @@ def evaluate_command(
         command=command_line(),
     )
     metrics = result.metrics
+    if as_json:
+        print_json({"out_dir": result.out_dir, "n_samples": result.n_samples, "metrics": metrics})
+        return
     for name, target in metrics["targets"].items():
         table = Table(title=f"{name} ({target['kind']}) on {result.n_samples} {split} samples")
         table.add_column("metric")

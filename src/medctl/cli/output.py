@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -23,6 +24,10 @@ from medctl.io import to_jsonable
 
 console = Console()
 err_console = Console(stderr=True)
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="One JSON document on stdout instead of text (exit codes unchanged).")
+]
 
 
 def cell_text(cell: Any) -> str:

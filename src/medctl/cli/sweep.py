@@ -16,7 +16,7 @@ from medctl.cli.common import (
     handle_errors,
     resolve_config,
 )
-from medctl.cli.output import show_table
+from medctl.cli.output import JsonOption, print_json, show_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,6 +61,7 @@ def sweep_command(
             "not finish is otherwise a failed row).",
         ),
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Probe (and fine-tune) every checkpoint on one frozen split; leaderboard.csv / leaderboard.md.
 
@@ -79,6 +80,20 @@ def sweep_command(
         jobs=jobs,
         fresh=fresh,
     )
+    if as_json:
+        print_json(
+            {
+                "sweep_dir": result.sweep_dir,
+                "mode": result.mode,
+                "leaderboard": result.leaderboard.to_dict(orient="records"),
+                "leaderboard_md": result.leaderboard_md,
+                "entries": len(result.outcomes),
+                "failed": [o.entry.name for o in result.failed],
+                "split_manifest_hash": result.split_manifest_hash,
+                "wall_time_s": result.wall_time_s,
+            }
+        )
+        return
     ranked_on = str(result.leaderboard["ranked_on"].iloc[0]) if "ranked_on" in result.leaderboard else "val"
     print_leaderboard(
         result.leaderboard,
