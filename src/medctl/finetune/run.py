@@ -197,9 +197,10 @@ def _finetune(
 
     # 5. the mode: cached embeddings, cached tokens, or the encoder every step (the global RNG is left alone)
     inputs = ModeInputs(
-        classifier, names, train_set, val_set, loss_fn, config.data.batch_size, config.data.num_workers,
-        config.run.seed, needs_drop_last(first_trainable, len(train_set), config.data.batch_size), device,
-        train.precision,
+        classifier=classifier, names=names, train_set=train_set, val_set=val_set, loss_fn=loss_fn,
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, seed=config.run.seed,
+        drop_last=needs_drop_last(first_trainable, len(train_set), config.data.batch_size), device=device,
+        precision=train.precision,
     )  # fmt: skip
     mode = build_mode(
         inputs, feature_cache=use_feature_cache, encoder=encoder, model=model_cfg, train=train,
