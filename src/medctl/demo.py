@@ -148,31 +148,7 @@ def run_demo(
             reused.append("preprocess")
 
     with stage("pretrain"):
-        checkpoints = []
-        for name, subset, seed in PRETRAIN_RUNS:
-            run_config = with_overrides(
-                config,
-                [
-                    f'run.name="{name}"',
-                    f'pretrain.subset="{subset}"',
-                    f"run.seed={seed}",
-                    f"run.root={json.dumps(str(out / 'pretrain'))}",
-                ],
-            )
-            encoder_ckpt = out / "pretrain" / name / "checkpoints" / "encoder.ckpt"
-            if (out / "pretrain" / name / "results.json").exists() and encoder_ckpt.exists():
-                reused.append(f"pretrain {name}")
-                checkpoints.append(encoder_ckpt)
-                continue
-            resume = (out / "pretrain" / name / "checkpoints" / "last.ckpt").exists()
-            checkpoints.append(
-                run_pretrain(run_config, command="medctl demo", resume=resume).encoder_checkpoint
-            )
-        # a folder of named checkpoints, as a lab has them: the sweep names its entries after the files
-        checkpoints = [
-            publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt")
-            for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS, strict=False)
-        ]
+        checkpoints = pretrain_checkpoints(config, out, reused)
 
     with stage("sweep"):
         sweep_config = with_overrides(
@@ -229,6 +205,36 @@ def run_demo(
         stage_seconds=seconds,
         commands=commands,
     )
+
+
+def pretrain_checkpoints(config: Config, out: Path, reused: list[str]) -> list[Path]:
+    """The ``PRETRAIN_RUNS`` under ``out/pretrain`` (a finished one reused and noted in ``reused``, an
+    interrupted one resumed), published as named files in ``out/checkpoints``."""
+    checkpoints = []
+    for name, subset, seed in PRETRAIN_RUNS:
+        run_config = with_overrides(
+            config,
+            [
+                f'run.name="{name}"',
+                f'pretrain.subset="{subset}"',
+                f"run.seed={seed}",
+                f"run.root={json.dumps(str(out / 'pretrain'))}",
+            ],
+        )
+        encoder_ckpt = out / "pretrain" / name / "checkpoints" / "encoder.ckpt"
+        if (out / "pretrain" / name / "results.json").exists() and encoder_ckpt.exists():
+            reused.append(f"pretrain {name}")
+            checkpoints.append(encoder_ckpt)
+            continue
+        resume = (out / "pretrain" / name / "checkpoints" / "last.ckpt").exists()
+        checkpoints.append(
+            run_pretrain(run_config, command="medctl demo", resume=resume).encoder_checkpoint
+        )
+    # a folder of named checkpoints, as a lab has them: the sweep names its entries after the files
+    return [
+        publish_checkpoint(path, out / "checkpoints" / f"{name}.ckpt")
+        for path, (name, *_) in zip(checkpoints, PRETRAIN_RUNS, strict=False)
+    ]
 
 
 def publish_checkpoint(source: Path, target: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,6 +12,9 @@ from rich.table import Table
 from medctl.cli.common import ConfigOption, OverridesArgument, console, handle_errors
 from medctl.cli.output import show_table
 from medctl.io import format_number
+
+if TYPE_CHECKING:
+    from medctl.saliency.stage import SaliencyStageResult
 
 
 @handle_errors
@@ -111,7 +114,6 @@ def saliency_command(
 
     Example: medctl saliency --ckpt runs/ft/checkpoints/best.ckpt --ids sub-003 --method gradcam --gradcam-layer layer3
     """
-    from medctl.saliency.scoring import describe
     from medctl.saliency.stage import run_saliency_stage  # torch and Captum load only when this command runs
 
     layer_override = [f"saliency.gradcam_layer={json.dumps(gradcam_layer)}"] if gradcam_layer else []
@@ -129,6 +131,12 @@ def saliency_command(
         config_file=config,
         overrides=[*(overrides or []), *layer_override],
     )
+    show_saliency(result)
+
+
+def show_saliency(result: SaliencyStageResult) -> None:
+    """The scores table (each method beside the model-free input baselines), what they mean, and the files."""
+    from medctl.saliency.scoring import describe
     table = Table(
         title=f"saliency of `{result.target_name}` on {result.n_samples} sample(s) ({result.samples})"
     )

@@ -7,7 +7,8 @@ The recipe, top to bottom:
 2. the run directory (``config.toml``, ``env.json``, ``class_to_idx.json``);
 3. the model: the encoder from the registry at the cache's size and channels, ``model.checkpoint`` loaded
    into it (its load report logged), one head per target;
-4. how the encoder is used:
+4. how the encoder is used, one builder per mode in :mod:`medctl.finetune.modes`, each giving ``fit`` the
+   same :class:`~medctl.finetune.modes.Mode` (the module it trains, the loader and step, the validation logits):
 
    - **linear probe with cached features** (encoder frozen throughout, ``train.feature_cache`` on, no
      augmentation): each split's embeddings are computed once and cached (:mod:`medctl.finetune.features`),
@@ -29,14 +30,12 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import difflib
-import io
-import json
 import math
-import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
 from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash, target_specs
@@ -56,43 +54,32 @@ from medctl.evaluation.metrics import class_probs
 from medctl.evaluation.plots import plot_training_curves
 from medctl.evaluation.regression import REGRESSION_HEADLINE
 from medctl.finetune.augment import ImageAugment, build_augment
-from medctl.finetune.features import (
-    data_fingerprint,
-    encoder_fingerprint,
-    feature_key,
-    split_features,
-)
+from medctl.finetune.features import data_fingerprint
 from medctl.finetune.leakage import audit_checkpoint
-from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
+from medctl.finetune.modes import ModeInputs, build_mode
+from medctl.io import atomic_write, write_json
 from medctl.models.architecture import describe_encoder, pretrained_encoder
 from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
 from medctl.progress import log
-from medctl.runs import (
-    check_resume_settings,
-    claim_run_dir,
-    create_run_dir,
-    write_results_and_timing,
-    write_text_atomic,
-)
+from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
     init_distributed,
     is_distributed,
     is_rank0,
-    make_loader,
     rank0_value,
     unwrap,
     wrap_ddp,
 )
-from medctl.training.fit import fit
+from medctl.training.fit import FitResult, fit
 from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
 from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
 from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
-from medctl.training.precision import autocast_context, resolve_device, set_threads
-from medctl.training.predict import labels_of, predict_logits, predictions_frame, probabilities
+from medctl.training.precision import resolve_device, set_threads
+from medctl.training.predict import labels_of, predictions_frame, probabilities
 from medctl.training.seed import set_seed
 
 VAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")
@@ -181,7 +168,7 @@ def _finetune(
     run_dir = prepare_run_dir(config, command, run_dir, resume, overwrite=overwrite, extend=extend)
     if is_rank0():
         class_to_idx = {s.name: {c: i for i, c in enumerate(s.classes)} for s in specs}
-        write_text_atomic(run_dir / "class_to_idx.json", json.dumps(class_to_idx, indent=2) + "\n")
+        write_json(run_dir / "class_to_idx.json", class_to_idx)
 
     # 3. the model: seeded encoder with the pretrained weights, one head per target
     set_seed(config.run.seed, config.run.deterministic)
@@ -191,67 +178,221 @@ def _finetune(
         encoder, specs, kind=model_cfg.head.kind, hidden=model_cfg.head.hidden, dropout=model_cfg.head.dropout
     ).to(device)
 
-    # 4. data and losses; the probe's embeddings (or tokens) are computed once here (the global RNG is left alone)
+    # 4. the data and the losses; regression heads predict in the target's units
     names = [s.name for s in specs]
     train_set = CacheDataset(cache, "train", names, transform=augment)
     val_set = CacheDataset(cache, "val", names)
-    attentive = model_cfg.head.kind == "attentive"
-    token_shape = None  # (T, D) per sample when an attentive probe caches its tokens
-    if use_feature_cache and attentive:
-        token_shape = plan_token_cache(
-            classifier, (train_set, val_set), in_channels=int(summary["in_channels"]),
-            spatial_size=spatial_size, max_gb=train.feature_cache_max_gb, device=device, precision=train.precision,
-        )  # fmt: skip
-        use_feature_cache = token_shape is not None
-    scales = regression_scales(specs, config.data, train_set)  # regression heads predict in the target's units
+    scales = regression_scales(specs, config.data, train_set)
     for name, (mean, std) in scales.items():
         classifier.heads[name].set_scale(mean, std)
     loss_fn = build_loss(train, config.data, specs, train_set, scales).to(device)
-    val_labels = labels_of(val_set, specs)
-    val_targets = {s.name: torch.as_tensor(val_set.labels(s.name)).to(device) for s in specs}
-    batch_size, workers = config.data.batch_size, config.data.num_workers
-    # a last batch of one sample breaks BatchNorm in a training encoder: drop it then
-    drop_last = (
-        first_trainable is not None and len(train_set) > batch_size and len(train_set) % batch_size == 1
-    )
-    if use_feature_cache:
-        info = encoder_fingerprint(
-            name=encoder.name,
-            args=encoder.build_args,
-            checkpoint=model_cfg.checkpoint,
-            checkpoint_key=model_cfg.checkpoint_key,
-            allow_partial=model_cfg.allow_partial_load,
-            seed=config.run.seed,
-        )
-        key = feature_key(info, data_print)
-        common = dict(
-            key=key, encoder_info=info, data_print=data_print, batch_size=batch_size, num_workers=workers,
-            device=device, precision=train.precision,
-        )  # fmt: skip
-        train_labels = [torch.as_tensor(train_set.labels(name)) for name in names]
-        if token_shape is not None:
-            tokens = {
-                s.split: split_tokens(classifier, s, shape=token_shape, **common)
-                for s in (train_set, val_set)
-            }
-            train_data = TokenRows(tokens["train"].tokens, train_labels)  # (T, D) float32, labels...
-            val_inputs = tokens["val"].tokens  # (N_val, T, D) float16 memory map
-        else:
-            cached = {s.split: split_features(classifier.encoder, s, **common) for s in (train_set, val_set)}
-            train_data = TensorDataset(cached["train"].embeddings, *train_labels)  # (N, D), labels...
-            val_inputs = cached["val"].embeddings.to(device)  # (N_val, D)
-        module: nn.Module = ProbeHeads(classifier.heads)
-        train_loader = make_loader(train_data, batch_size, True, 0, config.run.seed, drop_last)
-    else:
-        module = classifier
-        train_loader = make_loader(train_set, batch_size, True, workers, config.run.seed, drop_last)
-    # under torchrun, DDP registers only trainable parameters: an encoder that unfreezes later is wrapped
-    # trainable, and its frozen epochs leave it unused
-    set_trainable(classifier.encoder, first_trainable == 0 or bool(is_distributed() and first_trainable))
-    model = wrap_ddp(module, find_unused_parameters=bool(first_trainable))
-    set_trainable(classifier.encoder, first_trainable == 0)
 
-    # 5. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder)
+    # 5. the mode: cached embeddings, cached tokens, or the encoder every step (the global RNG is left alone)
+    inputs = ModeInputs(
+        classifier=classifier, names=names, train_set=train_set, val_set=val_set, loss_fn=loss_fn,
+        batch_size=config.data.batch_size, num_workers=config.data.num_workers, seed=config.run.seed,
+        drop_last=needs_drop_last(first_trainable, len(train_set), config.data.batch_size), device=device,
+        precision=train.precision,
+    )  # fmt: skip
+    mode = build_mode(
+        inputs, feature_cache=use_feature_cache, encoder=encoder, model=model_cfg, train=train,
+        in_channels=int(summary["in_channels"]), spatial_size=spatial_size, data_print=data_print,
+    )  # fmt: skip
+    model = wrap_for_fit(mode.module, classifier.encoder, first_trainable)
+
+    # 6. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder)
+    optimizer, scheduler = build_optimization(classifier, loss_fn, train, first_trainable, len(mode.train_loader))
+    kind = "linear_probe" if first_trainable is None else "finetune"
+    log(describe_run(kind, encoder, len(train_set), len(val_set), mode.feature_cache, first_trainable))
+
+    # 7. the loop: validation every epoch, the best epoch exported as a classifier with its predictions
+    preprocessing = preprocessing_info(summary, spatial_size, data_print, cache)
+    validate = Validation.of(val_set, specs, mode.val_logits, loss_fn, device)
+    model_info = {"name": encoder.name, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
+    fitted = fit(
+        model=model,
+        train_step=mode.train_step,
+        train_loader=mode.train_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=train.epochs,
+        run_dir=run_dir,
+        device=device,
+        precision=train.precision,
+        grad_clip=train.grad_clip,
+        evaluate=validate,
+        monitor=train.monitor,
+        patience=train.patience,
+        export_best=BestExport(classifier, model_info, config, specs, preprocessing, kind, run_dir, val_set.ids, validate),
+        resume=resume,
+        start_epoch_hook=partial(start_epoch, classifier.encoder, first_trainable, train.lr_encoder, augment),
+        log_every=train.log_every,
+        extend=extend,
+    )
+
+    # 8. results
+    result = finetune_result(
+        fitted, config, run_dir=run_dir, mode=kind, feature_cache=bool(mode.feature_cache), cache=cache,
+        data_print=data_print, warnings=warnings, overlap=overlap.to_dict(), encoder=encoder,
+        wall_time_s=time.perf_counter() - start,
+    )  # fmt: skip
+    if is_rank0():
+        write_results(result, config, preprocessing, specs)
+        plot_curves(fitted.history, specs, train.monitor, run_dir)
+    barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------- what fit calls
+def start_epoch(
+    encoder: nn.Module, first_trainable: int | None, lr_encoder: float, augment: ImageAugment | None, epoch: int
+) -> None:
+    """``fit``'s ``start_epoch_hook``: the encoder trains from ``first_trainable`` (0-based) on and is otherwise
+    frozen in eval mode (no dropout, BatchNorm statistics untouched); the augmentation draws follow the epoch."""
+    trains = first_trainable is not None and epoch >= first_trainable
+    set_trainable(encoder, trains)
+    if not trains:
+        encoder.eval()
+    if first_trainable is not None and epoch == first_trainable and epoch > 0:  # 0-based index
+        log(f"epoch {epoch + 1}: the encoder is unfrozen (lr_encoder {lr_encoder:g})")
+    if isinstance(augment, ImageAugment):
+        augment.set_epoch(epoch)
+
+
+@dataclass
+class Validation:
+    """``fit``'s ``evaluate``: the mode's validation logits, their loss and metrics; the probabilities of the
+    latest epoch are kept for :class:`BestExport`."""
+
+    logits: Callable[[], dict[str, torch.Tensor]]
+    loss_fn: nn.Module
+    specs: Sequence[TargetSpec]
+    labels: dict[str, np.ndarray]  # {target: (N_val,) or (N_val, K)}, as the predictions frame reads them
+    targets: dict[str, torch.Tensor]  # the same on device, as the loss reads them
+    device: torch.device
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        val_set: CacheDataset,
+        specs: Sequence[TargetSpec],
+        logits: Callable[[], dict[str, torch.Tensor]],
+        loss_fn: nn.Module,
+        device: torch.device,
+    ) -> Validation:
+        targets = {s.name: torch.as_tensor(val_set.labels(s.name)).to(device) for s in specs}
+        return cls(logits, loss_fn, specs, labels_of(val_set, specs), targets, device)
+
+    def __call__(self, epoch: int) -> dict[str, float]:
+        logits = self.logits()
+        with torch.no_grad():
+            loss = float(self.loss_fn({k: v.to(self.device) for k, v in logits.items()}, self.targets)["loss"])
+        metrics, self.probs = validation_metrics(logits, self.labels, self.specs, loss)
+        return metrics
+
+
+@dataclass
+class BestExport:
+    """``fit``'s ``export_best``: ``checkpoints/best.ckpt`` (a self-contained classifier) and ``val_preds.parquet``."""
+
+    classifier: nn.Module
+    model_info: Mapping[str, Any]  # the encoder's registry name and build arguments, the head settings
+    config: Config
+    specs: Sequence[TargetSpec]
+    preprocessing: Mapping[str, Any]
+    mode: str
+    run_dir: Path
+    val_ids: Sequence[str]
+    validation: Validation
+
+    def __call__(self, epoch: int, record: dict[str, float]) -> None:
+        val = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
+        payload = classifier_payload(
+            unwrap(self.classifier),
+            model_info=dict(self.model_info),
+            targets=[s.to_dict() for s in self.specs],
+            preprocessing=self.preprocessing,
+            config_text=self.config.to_toml(),
+            metrics={"epoch": record["epoch"], "monitor": self.config.train.monitor, "val": val, "mode": self.mode},
+        )
+        save_checkpoint(self.run_dir / "checkpoints" / "best.ckpt", payload)
+        frame = predictions_frame(self.val_ids, self.validation.labels, self.validation.probs, self.specs)
+        write_parquet_atomic(frame, self.run_dir / "val_preds.parquet")
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def describe_run(
+    kind: str, encoder: Encoder, n_train: int, n_val: int, feature_cache: str, first_trainable: int | None
+) -> str:
+    """The one log line that says what this run trains, on what."""
+    return (
+        f"finetune: {kind} of {describe_encoder(encoder)} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
+        f"on {n_train} train / {n_val} val samples"
+        + (f", heads on cached {feature_cache}" if feature_cache else "")
+        + (f", encoder trains from epoch {first_trainable + 1}" if first_trainable else "")
+    )
+
+
+def finetune_result(
+    fitted: FitResult,
+    config: Config,
+    *,
+    run_dir: Path,
+    mode: str,
+    feature_cache: bool,
+    cache: Path,
+    data_print: str,
+    warnings: list[str],
+    overlap: dict[str, Any],
+    encoder: Encoder,
+    wall_time_s: float,
+) -> FinetuneResult:
+    """The run's :class:`FinetuneResult`: the best epoch's validation metrics and what identifies the run."""
+    best_row = next((r for r in fitted.history if r["epoch"] == fitted.best_epoch), {})
+    return FinetuneResult(
+        run_dir=run_dir,
+        best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        best_epoch=fitted.best_epoch,
+        monitor=config.train.monitor,
+        best_metric=fitted.best_metric,
+        metrics={k.removeprefix("val_"): v for k, v in best_row.items() if k.startswith("val_")},
+        history=fitted.history,
+        epochs_run=fitted.epochs_run,
+        stopped_early=fitted.stopped_early,
+        wall_time_s=wall_time_s,
+        mode=mode,
+        feature_cache=feature_cache,
+        cache_dir=cache,
+        data_fingerprint=data_print,
+        warnings=warnings,
+        pretraining_overlap=overlap,
+        encoder=encoder.name,
+        architecture=describe_encoder(encoder),
+    )
+
+
+def needs_drop_last(first_trainable: int | None, n_train: int, batch_size: int) -> bool:
+    """A last batch of one sample breaks BatchNorm in a training encoder: drop it then."""
+    return first_trainable is not None and n_train > batch_size and n_train % batch_size == 1
+
+
+def wrap_for_fit(module: nn.Module, encoder: nn.Module, first_trainable: int | None) -> nn.Module:
+    """``module`` wrapped for DDP under torchrun, with the encoder trainable iff it trains from the start.
+
+    DDP registers only trainable parameters: an encoder that unfreezes later is wrapped trainable, and its
+    frozen epochs leave it unused."""
+    set_trainable(encoder, first_trainable == 0 or bool(is_distributed() and first_trainable))
+    model = wrap_ddp(module, find_unused_parameters=bool(first_trainable))
+    set_trainable(encoder, first_trainable == 0)
+    return model
+
+
+def build_optimization(
+    classifier: nn.Module, loss_fn: nn.Module, train: TrainConfig, first_trainable: int | None, steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the heads (``lr_head``), learned task weights and, when it ever trains, the encoder
+    (``lr_encoder``); a cosine schedule with warmup over ``train.epochs * steps`` optimizer steps."""
     groups = param_groups_with_decay(classifier.heads, train.lr_head, train.weight_decay, name="head")
     if isinstance(loss_fn, UncertaintyWeightedLoss):  # the learned task weights train with the heads
         groups.append({"params": [loss_fn.log_vars], "lr": train.lr_head, "weight_decay": 0.0, "name": "task_weights"})
@@ -260,75 +401,20 @@ def _finetune(
             classifier.encoder, train.lr_encoder, train.weight_decay, name="encoder"
         )
     optimizer = build_optimizer(groups, train.weight_decay)
-    steps = len(train_loader)
     scheduler = build_scheduler(
         optimizer,
         warmup_steps=train.warmup_epochs * steps,
         total_steps=train.epochs * steps,
         min_lr_ratio=train.min_lr_ratio,
     )
-    mode = "linear_probe" if first_trainable is None else "finetune"
-    log(
-        f"finetune: {mode} of {describe_encoder(encoder)} ({sum(p.numel() for p in encoder.parameters()):,} parameters) "
-        f"on {len(train_set)} train / {len(val_set)} val samples"
-        + (f", heads on cached {'tokens' if token_shape else 'embeddings'}" if use_feature_cache else "")
-        + (f", encoder trains from epoch {first_trainable + 1}" if first_trainable else "")
-    )
+    return optimizer, scheduler
 
-    # 6. the functions fit calls
-    if use_feature_cache:
 
-        def train_step(model: nn.Module, batch: Sequence[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-            z, *labels = batch  # (B, D) or tokens (B, T, D), then one label tensor per target
-            return loss_fn(model(z), dict(zip(names, labels, strict=True)))
-
-    else:
-
-        def train_step(model: nn.Module, batch: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
-            return loss_fn(model(batch["image"]), batch)  # image (B, C, *spatial)
-
-    def start_epoch(epoch: int) -> None:
-        trains = first_trainable is not None and epoch >= first_trainable
-        set_trainable(classifier.encoder, trains)
-        if not trains:
-            classifier.encoder.eval()  # frozen: no dropout, BatchNorm statistics untouched
-        if first_trainable is not None and epoch == first_trainable and epoch > 0:  # 0-based index
-            log(f"epoch {epoch + 1}: the encoder is unfrozen (lr_encoder {train.lr_encoder:g})")
-        if isinstance(augment, ImageAugment):
-            augment.set_epoch(epoch)
-
-    latest: dict[str, Any] = {}
-
-    def evaluate(epoch: int) -> dict[str, float]:
-        if use_feature_cache:
-            with (
-                torch.no_grad(),
-                torch.random.fork_rng(devices=[]),
-                autocast_context(device, train.precision),
-            ):
-                classifier.heads.eval()
-                rows = (
-                    batch_size if token_shape else len(val_inputs)
-                )  # tokens from the memory map, a batch at a time
-                logits = cached_logits(
-                    classifier.forward_from_head_inputs, val_inputs, batch_size=rows, device=device
-                )
-                classifier.heads.train()
-        else:
-            logits = predict_logits(
-                classifier,
-                val_set,
-                batch_size=batch_size,
-                num_workers=workers,
-                device=device,
-                precision=train.precision,
-            )
-        with torch.no_grad():
-            loss = float(loss_fn({k: v.to(device) for k, v in logits.items()}, val_targets)["loss"])
-        metrics, latest["probs"] = validation_metrics(logits, val_labels, specs, loss)
-        return metrics
-
-    preprocessing = {
+def preprocessing_info(
+    summary: Mapping[str, Any], spatial_size: Sequence[int], data_print: str, cache: Path
+) -> dict[str, Any]:
+    """What ``best.ckpt`` and ``results.json`` record of the cache the classifier was trained on."""
+    return {
         "settings": summary["settings"],
         "spatial_dims": int(summary["spatial_dims"]),
         "in_channels": int(summary["in_channels"]),
@@ -338,90 +424,14 @@ def _finetune(
         "split_manifest_hash": split_manifest_hash(cache),
         "geometry": GEOMETRY_CONVENTION,
     }
-    model_info = {"name": encoder.name, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
-
-    def export_best(epoch: int, record: dict[str, float]) -> None:
-        val = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
-        payload = classifier_payload(
-            unwrap(classifier),
-            model_info=model_info,
-            targets=[s.to_dict() for s in specs],
-            preprocessing=preprocessing,
-            config_text=config.to_toml(),
-            metrics={"epoch": record["epoch"], "monitor": train.monitor, "val": val, "mode": mode},
-        )
-        save_checkpoint(run_dir / "checkpoints" / "best.ckpt", payload)
-        frame = predictions_frame(val_set.ids, val_labels, latest["probs"], specs)
-        write_parquet_atomic(frame, run_dir / "val_preds.parquet")
-
-    # 7. the loop
-    fitted = fit(
-        model=model,
-        train_step=train_step,
-        train_loader=train_loader,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        epochs=train.epochs,
-        run_dir=run_dir,
-        device=device,
-        precision=train.precision,
-        grad_clip=train.grad_clip,
-        evaluate=evaluate,
-        monitor=train.monitor,
-        patience=train.patience,
-        export_best=export_best,
-        resume=resume,
-        start_epoch_hook=start_epoch,
-        log_every=train.log_every,
-        extend=extend,
-    )
-
-    # 8. results
-    best_row = next((r for r in fitted.history if r["epoch"] == fitted.best_epoch), {})
-    result = FinetuneResult(
-        run_dir=run_dir,
-        best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
-        best_epoch=fitted.best_epoch,
-        monitor=train.monitor,
-        best_metric=fitted.best_metric,
-        metrics={k.removeprefix("val_"): v for k, v in best_row.items() if k.startswith("val_")},
-        history=fitted.history,
-        epochs_run=fitted.epochs_run,
-        stopped_early=fitted.stopped_early,
-        wall_time_s=time.perf_counter() - start,
-        mode=mode,
-        feature_cache=use_feature_cache,
-        cache_dir=cache,
-        data_fingerprint=data_print,
-        warnings=warnings,
-        pretraining_overlap=overlap.to_dict(),
-        encoder=encoder.name,
-        architecture=describe_encoder(encoder),
-    )
-    if is_rank0():
-        write_results(result, config, preprocessing, specs)
-        curves = ["loss", "balanced_accuracy"] if any(s.kind != "regression" for s in specs) else ["loss"]
-        monitored = train.monitor.removeprefix("val_").removeprefix("train_")
-        curves += [monitored] if monitored not in curves else []
-        plot_training_curves(fitted.history, run_dir / "figures" / "training_curves.png", curves)
-    barrier()
-    return result
 
 
-# ------------------------------------------------------------------------------------------ pieces
-class ProbeHeads(nn.Module):
-    """The heads alone, reading cached embeddings: ``(B, D) -> {target: logits (B, K)}``.
-
-    What ``fit`` trains (and saves in ``last.ckpt``) for a probe on cached features; the head modules
-    are the classifier's own, so ``best.ckpt`` holds the trained heads with the frozen encoder.
-    """
-
-    def __init__(self, heads: nn.ModuleDict):
-        super().__init__()
-        self.heads = heads
-
-    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(z) for name, head in self.heads.items()}
+def plot_curves(history: Sequence[Mapping[str, float]], specs: Sequence[TargetSpec], monitor: str, run_dir: Path) -> None:
+    """``figures/training_curves.png``: the loss, balanced accuracy (with a classification target) and the monitor."""
+    curves = ["loss", "balanced_accuracy"] if any(s.kind != "regression" for s in specs) else ["loss"]
+    monitored = monitor.removeprefix("val_").removeprefix("train_")
+    curves += [monitored] if monitored not in curves else []
+    plot_training_curves(list(history), run_dir / "figures" / "training_curves.png", curves)
 
 
 def encoder_trainable_from(model: ModelConfig, epochs: int) -> int | None:
@@ -693,14 +703,8 @@ def check_splits(
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(buffer.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        frame.to_parquet(fh, index=False)
 
 
 def write_results(
@@ -732,15 +736,4 @@ def write_results(
         "pretraining_overlap": result.pretraining_overlap,
         "history": result.history,
     }
-    write_results_and_timing(result.run_dir, _finite(payload))
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None so that results.json is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    write_results_and_timing(result.run_dir, payload)  # strict JSON: medctl.io's policy

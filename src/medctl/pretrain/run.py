@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from medctl.config import Config
+from medctl.config import Config, PretrainConfig
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.provenance import pool_provenance
@@ -57,7 +57,7 @@ from medctl.training.distributed import (
     world_size,
     wrap_ddp,
 )
-from medctl.training.fit import fit
+from medctl.training.fit import FitResult, fit
 from medctl.training.optim import build_optimizer, build_scheduler, momentum_schedule, param_groups_with_decay
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.seed import set_seed
@@ -85,187 +85,257 @@ def run_pretrain(
 
     ``resume`` continues ``last.ckpt`` with the run's own settings (``extend``: to a larger
     ``pretrain.epochs``); ``overwrite`` deletes an earlier run of that name first."""
-    settings, joined = config.pretrain, init_distributed()
+    joined = init_distributed()
     try:
-        # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
-        device = resolve_device(config.run.device)
-        set_threads(config.run.threads, config.data.num_workers)
-        run_dir = run_dir_for(config, resume, overwrite=overwrite, extend=extend)
-        start = time.perf_counter()
-
-        # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
-        cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
-        summary = read_summary(cache)
-        input_size = summary_input_size(summary, cache)
-        train_full = CacheDataset(cache, "train")
-        train_set = select_subset(train_full, settings.subset, seed=config.run.seed)
-        val_set = CacheDataset(cache, "val")
-        batch_size = check_batch_size(settings.method, config.data.batch_size, len(train_set))
-        loader = make_loader(
-            train_set,
-            batch_size,
-            shuffle=True,
-            num_workers=config.data.num_workers,
-            seed=config.run.seed,
-            drop_last=True,
-        )
-        log(
-            f"pretrain {settings.method}: {len(train_set)} training samples of {list(input_size)}, {len(loader)} steps/epoch"
-        )
-
-        # 3. the encoder, optionally from a checkpoint, inside the method module; seeded right here, so
-        #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
-        set_seed(config.run.seed, config.run.deterministic)
-        built = pretrained_encoder(
-            config.model,
-            in_channels=int(summary["in_channels"]),
-            input_size=input_size,
-            spatial_dims=int(summary["spatial_dims"]),
-        )
-        encoder = built.encoder
-        if built.report is not None:
-            log(f"encoder initialised from {config.model.checkpoint}: " + "; ".join(built.report.lines()))
-        method = build_method(settings.method, encoder, settings).to(device)
-        model = wrap_ddp(method, find_unused_parameters=True)
-        if world_size() > 1:
-            set_seed(config.run.seed + rank(), config.run.deterministic)
-
-        # 4. optimizer over the online parts only, cosine schedule, EMA momentum per step
-        steps_per_epoch = len(loader)
-        total_steps = settings.epochs * steps_per_epoch
-        groups = param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
-        optimizer = build_optimizer(groups, settings.weight_decay)
-        scheduler = build_scheduler(
-            optimizer,
-            warmup_steps=settings.warmup_epochs * steps_per_epoch,
-            total_steps=total_steps,
-            min_lr_ratio=settings.min_lr_ratio,
-        )
-
-        def train_step(model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-            return model(batch["image"])  # (B, C, *S) -> {"loss", ...}
-
-        def after_step(step: int) -> None:
-            momentum = momentum_schedule(step, total_steps, settings.ema_momentum, settings.ema_momentum_end)
-            unwrap(model).update_target(momentum)
-
-        # 5. the run directory (config.toml, env.json), monitoring and exports
-        if is_rank0():
-            create_run_dir(config, command, name=run_dir.name)
-        barrier()
-        encoder_path = run_dir / "checkpoints" / "encoder.ckpt"
-        preprocessing = preprocessing_info(summary)
-        provenance = pool_provenance(
-            trained_ids(train_set), cache_fingerprint=summary["fingerprint"], id_column=config.data.id_column,
-            subset=settings.subset,
-        )  # fmt: skip
-        monitor = mon.make_monitor(
-            method,
-            train_full,
-            val_set,
-            limit=settings.monitor_samples,
-            seed=config.run.seed,
-            figures=run_dir / "figures",
-            batch_size=batch_size,
-            device=device,
-            precision=settings.precision,
-            method_name=settings.method,
-        )
-        initial: dict[str, float] = {}
-        if is_rank0() and (settings.monitor_every > 0 or settings.knn_every > 0):
-            initial = mon.calibrate(monitor)  # the reference of every collapse check: this encoder untrained
-            log(
-                f"before pretraining: mean per-dimension std {initial['embed_std_mean']:.2e}"
-                + (f", k-NN accuracy {initial['knn_accuracy']:.3f}" if "knn_accuracy" in initial else "")
-            )
-
-        def evaluate(epoch: int) -> dict[str, float]:
-            metrics: dict[str, float] = {}
-            if is_rank0():
-                metrics = mon.monitor_epoch(
-                    method,
-                    monitor,
-                    epoch,
-                    settings.epochs,
-                    monitor_every=settings.monitor_every,
-                    knn_every=settings.knn_every,
-                    tsne_every=settings.tsne_every,
-                )
-            return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
-
-        def export_last(epoch: int, record: dict[str, float]) -> None:
-            export_encoders(encoder_path.parent, method, config, preprocessing, record, provenance)
-
-        # 6. train
-        result = fit(
-            model=model,
-            train_step=train_step,
-            train_loader=loader,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epochs=settings.epochs,
-            run_dir=run_dir,
-            device=device,
-            precision=settings.precision,
-            grad_clip=settings.grad_clip,
-            evaluate=evaluate,
-            after_step=after_step,
-            export_last=export_last,
-            resume=resume,
-            log_every=settings.log_every,
-            extend=extend,
-        )
-
-        # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
-        history = result.history
-        final = (
-            {k[len("val_") :]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-        )
-        throughput = statistics.median(row["samples_per_s"] for row in history) if history else 0.0
-        final_loss = float(history[-1]["train_loss"]) if history else float("nan")
-        drawn: list[Path] = []
-        if is_rank0():
-            summary_metrics = {
-                "loss": final_loss,
-                "samples_per_s": throughput,
-                "epochs": result.epochs_run,
-                **final,
-            }
-            export_encoders(encoder_path.parent, method, config, preprocessing, summary_metrics, provenance)
-            drawn = mon.final_figures(method, monitor, history, seed=config.run.seed)
-            results = {
-                "method": settings.method,
-                "encoder": encoder.name,
-                "epochs_run": result.epochs_run,
-                "train_samples": len(train_set),
-                "input_size": list(input_size),
-                "device": str(device),
-                "precision": settings.precision,
-                "final_loss": final_loss,
-                "samples_per_s": throughput,
-                "final_monitoring": final,
-                "initial_monitoring": initial,
-                "encoder_checkpoint": str(encoder_path),
-                "figures": [str(p) for p in drawn],
-                "wall_time_s": time.perf_counter() - start,
-                "history": history,
-            }
-            write_results_and_timing(run_dir, results)
-        barrier()
-        return PretrainResult(
-            run_dir=run_dir,
-            encoder_checkpoint=encoder_path,
-            epochs_run=result.epochs_run,
-            final_loss=final_loss,
-            samples_per_s=throughput,
-            knn_accuracy=last_value(history, "val_knn_accuracy"),
-            monitoring=final,
-            history=history,
-            figures=drawn,
-        )
+        return _pretrain(config, command=command, resume=resume, overwrite=overwrite, extend=extend)
     finally:
         if joined:
             cleanup_distributed()
+
+
+def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, extend: bool) -> PretrainResult:
+    settings = config.pretrain
+
+    # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
+    device = resolve_device(config.run.device)
+    set_threads(config.run.threads, config.data.num_workers)
+    run_dir = run_dir_for(config, resume, overwrite=overwrite, extend=extend)
+    start = time.perf_counter()
+
+    # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
+    cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
+    summary = read_summary(cache)
+    input_size = summary_input_size(summary, cache)
+    train_full = CacheDataset(cache, "train")
+    train_set = select_subset(train_full, settings.subset, seed=config.run.seed)
+    val_set = CacheDataset(cache, "val")
+    batch_size = check_batch_size(settings.method, config.data.batch_size, len(train_set))
+    loader = make_loader(
+        train_set,
+        batch_size,
+        shuffle=True,
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
+        drop_last=True,
+    )
+    log(f"pretrain {settings.method}: {len(train_set)} training samples of {list(input_size)}, {len(loader)} steps/epoch")
+
+    # 3. the encoder, optionally from a checkpoint, inside the method module; seeded right here, so
+    #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
+    set_seed(config.run.seed, config.run.deterministic)
+    encoder = build_encoder(config, summary, input_size)
+    method = build_method(settings.method, encoder, settings).to(device)
+    model = wrap_ddp(method, find_unused_parameters=True)
+    if world_size() > 1:
+        set_seed(config.run.seed + rank(), config.run.deterministic)
+
+    # 4. optimizer over the online parts only, cosine schedule, EMA momentum per step
+    optimizer, scheduler = build_optimization(method, settings, len(loader))
+    ema = EmaUpdate(model, settings.epochs * len(loader), settings.ema_momentum, settings.ema_momentum_end)
+
+    # 5. the run directory (config.toml, env.json), monitoring and exports
+    if is_rank0():
+        create_run_dir(config, command, name=run_dir.name)
+    barrier()
+    preprocessing = preprocessing_info(summary)
+    provenance = pool_provenance(
+        trained_ids(train_set), cache_fingerprint=summary["fingerprint"], id_column=config.data.id_column,
+        subset=settings.subset,
+    )  # fmt: skip
+    export = EncoderExport(run_dir / "checkpoints", method, config, preprocessing, provenance)
+    monitor = mon.make_monitor(
+        method,
+        train_full,
+        val_set,
+        limit=settings.monitor_samples,
+        seed=config.run.seed,
+        figures=run_dir / "figures",
+        batch_size=batch_size,
+        device=device,
+        precision=settings.precision,
+        method_name=settings.method,
+    )
+    initial = calibrate_monitor(monitor, settings)
+
+    # 6. train
+    fitted = fit(
+        model=model,
+        train_step=method_step,
+        train_loader=loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epochs=settings.epochs,
+        run_dir=run_dir,
+        device=device,
+        precision=settings.precision,
+        grad_clip=settings.grad_clip,
+        evaluate=MonitorEpochs(method, monitor, settings),
+        after_step=ema,
+        export_last=export,
+        resume=resume,
+        log_every=settings.log_every,
+        extend=extend,
+    )
+
+    # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
+    facts = {
+        "method": settings.method, "encoder": encoder.name, "train_samples": len(train_set),
+        "input_size": list(input_size), "device": str(device), "precision": settings.precision,
+        "initial_monitoring": initial,
+    }  # fmt: skip
+    return finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
+
+
+# -------------------------------------------------------------------------------- what fit calls
+def method_step(model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+    """``fit``'s ``train_step``: the method module computes its own loss."""
+    return model(batch["image"])  # (B, C, *S) -> {"loss", ...}
+
+
+@dataclass
+class EmaUpdate:
+    """``fit``'s ``after_step``: the target networks follow the online ones with the scheduled momentum."""
+
+    model: nn.Module
+    total_steps: int
+    start: float
+    end: float
+
+    def __call__(self, step: int) -> None:
+        momentum = momentum_schedule(step, self.total_steps, self.start, self.end)
+        unwrap(self.model).update_target(momentum)
+
+
+@dataclass
+class MonitorEpochs:
+    """``fit``'s ``evaluate``: rank 0 measures collapse, k-NN and t-SNE as ``pretrain.*_every`` say; every
+    rank returns rank 0's figures."""
+
+    method: nn.Module
+    monitor: Any  # mon.make_monitor's fixed train/val samples
+    settings: PretrainConfig
+
+    def __call__(self, epoch: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if is_rank0():
+            metrics = mon.monitor_epoch(
+                self.method,
+                self.monitor,
+                epoch,
+                self.settings.epochs,
+                monitor_every=self.settings.monitor_every,
+                knn_every=self.settings.knn_every,
+                tsne_every=self.settings.tsne_every,
+            )
+        return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
+
+
+@dataclass
+class EncoderExport:
+    """``fit``'s ``export_last``: ``encoder.ckpt`` (and the method's other exports) in ``folder`` every epoch."""
+
+    folder: Path
+    method: nn.Module
+    config: Config
+    preprocessing: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def __call__(self, epoch: int, record: dict[str, float]) -> None:
+        self.save(record)
+
+    def save(self, metrics: dict) -> None:
+        export_encoders(self.folder, self.method, self.config, self.preprocessing, metrics, self.provenance)
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def build_encoder(config: Config, summary: dict[str, Any], input_size: tuple[int, ...]) -> nn.Module:
+    """``model.encoder`` for the cache's channels and size, ``model.checkpoint`` loaded into it (report logged)."""
+    built = pretrained_encoder(
+        config.model,
+        in_channels=int(summary["in_channels"]),
+        input_size=input_size,
+        spatial_dims=int(summary["spatial_dims"]),
+    )
+    if built.report is not None:
+        log(f"encoder initialised from {config.model.checkpoint}: " + "; ".join(built.report.lines()))
+    return built.encoder
+
+
+def build_optimization(
+    method: nn.Module, settings: PretrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the method's online (trainable) parameters, cosine schedule with warmup per step."""
+    groups = param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
+    optimizer = build_optimizer(groups, settings.weight_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=settings.warmup_epochs * steps_per_epoch,
+        total_steps=settings.epochs * steps_per_epoch,
+        min_lr_ratio=settings.min_lr_ratio,
+    )
+    return optimizer, scheduler
+
+
+def calibrate_monitor(monitor: Any, settings: Any) -> dict[str, float]:
+    """The untrained encoder's collapse statistics (and k-NN accuracy): the reference of every later
+    collapse check; {} when monitoring is off or on ranks other than 0."""
+    if not is_rank0() or (settings.monitor_every <= 0 and settings.knn_every <= 0):
+        return {}
+    initial = mon.calibrate(monitor)
+    log(
+        f"before pretraining: mean per-dimension std {initial['embed_std_mean']:.2e}"
+        + (f", k-NN accuracy {initial['knn_accuracy']:.3f}" if "knn_accuracy" in initial else "")
+    )
+    return initial
+
+
+def finish(
+    fitted: FitResult,
+    run_dir: Path,
+    export: EncoderExport,
+    monitor: Any,
+    facts: dict[str, Any],
+    *,
+    seed: int,
+    start: float,
+) -> PretrainResult:
+    """The final exports (rank 0): ``encoder.ckpt`` with the last monitoring figures, the final figures and
+    ``results.json`` (``facts`` first: method, encoder, sizes, device); then the :class:`PretrainResult`."""
+    history = fitted.history
+    final = {k[len("val_") :]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+    throughput = statistics.median(row["samples_per_s"] for row in history) if history else 0.0
+    final_loss = float(history[-1]["train_loss"]) if history else float("nan")
+    encoder_path = export.folder / "encoder.ckpt"
+    drawn: list[Path] = []
+    if is_rank0():
+        export.save({"loss": final_loss, "samples_per_s": throughput, "epochs": fitted.epochs_run, **final})
+        drawn = mon.final_figures(export.method, monitor, history, seed=seed)
+        results = {
+            "method": facts["method"],
+            "encoder": facts["encoder"],
+            "epochs_run": fitted.epochs_run,
+            **{k: v for k, v in facts.items() if k not in ("method", "encoder")},
+            "final_loss": final_loss,
+            "samples_per_s": throughput,
+            "final_monitoring": final,
+            "encoder_checkpoint": str(encoder_path),
+            "figures": [str(p) for p in drawn],
+            "wall_time_s": time.perf_counter() - start,
+            "history": history,
+        }
+        write_results_and_timing(run_dir, results)
+    barrier()
+    return PretrainResult(
+        run_dir=run_dir,
+        encoder_checkpoint=encoder_path,
+        epochs_run=fitted.epochs_run,
+        final_loss=final_loss,
+        samples_per_s=throughput,
+        knn_accuracy=last_value(history, "val_knn_accuracy"),
+        monitoring=final,
+        history=history,
+        figures=drawn,
+    )
 
 
 # -------------------------------------------------------------------------------------------- data

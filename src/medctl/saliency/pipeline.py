@@ -152,10 +152,7 @@ def run_saliency(
     classifier = classifier.to(device).eval()
     spatial_dims = getattr(classifier.encoder, "spatial_dims", None)
 
-    scores: ClassScores | None = None
-    randomised: ClassScores | None = None
-    reset: list[str] = []
-    cam_layer: CamLayerChoice | None = None
+    explainers: Explainers | None = None  # built on the first sample, which sizes the model's inputs
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
     means = _ClassMeans()
@@ -165,111 +162,190 @@ def run_saliency(
         for sample in samples:
             if "image" not in sample or "id" not in sample:
                 raise DataError(f"saliency samples need `image` and `id`; got keys {sorted(sample)}")
-            sample_id = str(sample["id"])
             image = _image(sample, spatial_dims)  # (C, *S)
             x = image[None].to(device)  # (1, C, *S)
-            if scores is None:
-                scores = ClassScores(
-                    classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind)
-                )
-                if randomisation_check:
-                    random_model, reset = randomised_copy(classifier, example=x, scope=randomisation_scope)
-                    randomised = ClassScores(random_model, target_name, scores.kind)
-                if CAM_METHODS & set(names):
-                    cam_layer = cam_layer_for(classifier, x, gradcam_layer, cam_target_extent)
-                    settings = replace(settings, gradcam_layer=cam_layer.name)
-            with torch.no_grad():
-                probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
-            predicted = int(probabilities.argmax())
-            label = _label(sample, target_name, scores.kind)
-            target_index = _choose_target(target, predicted, label, classes, sample_id)
-            spatial = tuple(image.shape[1:])
-            mask = _mask(sample, spatial, sample_id)  # (*S) or None
-            record = sample.get("geometry")
-            # an EEG spectrogram window has axes in Hz and s but no source grid (its recording is channels x samples)
-            spectrogram = row_is_spectrogram(record)
-            source = None if spectrogram else source_geometry(record, len(spatial))  # the scan's grid or None
-            grid = cache_geometry(record, spatial, source)  # the cached array's grid
-            display = image.float().mean(dim=0).numpy()  # (*S)
-
-            folder = out_dir / "maps" / safe_name(sample_id)
-            write_nrrd(folder / "image.nrrd", display, grid)
-            sample_baselines = (
-                baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
-            )
-            baselines += sample_baselines
-            check = randomised is not None and n_checked < randomisation_samples
+            if explainers is None:
+                explainers = build_explainers(
+                    classifier, x, target_name, classes, kind, names, settings,
+                    randomisation_check=randomisation_check, randomisation_scope=randomisation_scope,
+                    cam_target_extent=cam_target_extent,
+                )  # fmt: skip
+            check = explainers.randomised is not None and n_checked < randomisation_samples
             n_checked += check
-            for method in names:
-                started = time.perf_counter()
-                amap = compute_map(method, scores, x, target_index, settings)  # (*S)
-                seconds = time.perf_counter() - started
-                if not np.all(np.isfinite(amap)):
-                    log(
-                        f"saliency: {method} gave non-finite values for {sample_id}; they are kept in the files"
-                    )
-                row = {
-                    "id": sample_id,
-                    "label": _label_text(label, classes),
-                    "prediction": classes[predicted],
-                    "probability": float(probabilities[predicted]),
-                    "target_class": classes[target_index],
-                    "target_probability": float(probabilities[target_index]),
-                    "method": method,
-                    "seconds": seconds,
-                }
-                row.update(
-                    _write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram)
-                )
-                if mask is not None:
-                    row["pointing_hit"] = pointing_game(amap, mask, tolerance=pointing_tolerance)
-                    row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
-                    row["mass_in_mask"] = mass_in_mask(amap, mask)
-                    row["mask_share"] = mask_share(mask)
-                    row.update({f"{b['method']}_hit": b["pointing_hit"] for b in sample_baselines})
-                if check:
-                    random_map = compute_map(method, randomised, x, target_index, settings)
-                    row["randomisation_spearman"] = rank_correlation(amap, random_map)
-                rows.append(row)
-                means.add(method, target_index, amap, display, grid)
+            sample_rows, sample_baselines = explain_sample(
+                sample, image, x, explainers, names, classes, target, target_name, out_dir,
+                pointing_tolerance=pointing_tolerance, check=check, means=means,
+            )  # fmt: skip
+            rows += sample_rows
+            baselines += sample_baselines
             bar.advance(1)
 
-    if scores is None:
+    if explainers is None:
         raise DataError(f"saliency: no samples to explain for target `{target_name}`; check saliency.split")
     class_means = means.write(out_dir / "class_means", classes)
     index = write_index(out_dir / "index.csv", rows)
     baseline_scores = summarise(baselines)
     summary = judge(summarise(rows), baseline_scores, threshold=randomisation_threshold)
+    recorded = {
+        "ig_steps": ig_steps,
+        "occlusion_window": list(occlusion_window),
+        "occlusion_stride": list(occlusion_stride),
+        "pointing_tolerance": pointing_tolerance,
+        "gradcam_layer": gradcam_layer,
+        "internal_batch_size": internal_batch_size,
+        "memory_budget_gb": memory_budget_gb,
+        "randomisation_check": randomisation_check,
+        "randomisation_samples": randomisation_samples,
+        "randomisation_scope": randomisation_scope,
+        "randomisation_threshold": randomisation_threshold,
+    }
+    write_scores(
+        out_dir, explainers, target_name=target_name, classes=classes, target=target, methods=names,
+        settings=recorded, scores=summary, baselines=baseline_scores, class_means=class_means,
+    )  # fmt: skip
+    log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
+    return SaliencyResult(
+        out_dir, index, summary, class_means, explainers.reset, baseline_scores, explainers.cam_layer
+    )
+
+
+def write_scores(
+    out_dir: Path,
+    explainers: Explainers,
+    *,
+    target_name: str,
+    classes: Sequence[str],
+    target: str,
+    methods: Sequence[str],
+    settings: dict[str, Any],
+    scores: dict[str, dict[str, Any]],
+    baselines: dict[str, dict[str, float]],
+    class_means: list[dict[str, Any]],
+) -> None:
+    """``scores.json`` (the per-method summary with baselines and verdicts, the settings, the CAM layer and
+    what the randomisation reset) and ``report.md``."""
     report = {
         "target_name": target_name,
-        "kind": scores.kind,
+        "kind": explainers.scores.kind,
         "classes": classes,
         "target": target,
-        "methods": names,
-        "settings": {
-            "ig_steps": ig_steps,
-            "occlusion_window": list(occlusion_window),
-            "occlusion_stride": list(occlusion_stride),
-            "pointing_tolerance": pointing_tolerance,
-            "gradcam_layer": gradcam_layer,
-            "internal_batch_size": internal_batch_size,
-            "memory_budget_gb": memory_budget_gb,
-            "randomisation_check": randomisation_check,
-            "randomisation_samples": randomisation_samples,
-            "randomisation_scope": randomisation_scope,
-            "randomisation_threshold": randomisation_threshold,
-        },
-        "scores": summary,
-        "baselines": baseline_scores,
-        "cam_layer": cam_layer.to_dict() if cam_layer is not None else None,
-        "randomised_modules": reset,
+        "methods": methods,
+        "settings": settings,
+        "scores": scores,
+        "baselines": baselines,
+        "cam_layer": explainers.cam_layer.to_dict() if explainers.cam_layer is not None else None,
+        "randomised_modules": explainers.reset,
         "class_means": class_means,
     }
     report = to_jsonable(report)
     write_json(out_dir / "scores.json", report)
     write_text_atomic(out_dir / "report.md", report_markdown(report))
-    log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
-    return SaliencyResult(out_dir, index, summary, class_means, reset, baseline_scores, cam_layer)
+
+
+@dataclass
+class Explainers:
+    """The class scores every method explains, their randomised copy for the sanity check (None when off),
+    and the attribution settings with the CAM layer chosen."""
+
+    scores: ClassScores
+    randomised: ClassScores | None
+    reset: list[str]  # the modules the randomised copy re-initialised
+    cam_layer: CamLayerChoice | None
+    settings: AttributionSettings
+
+
+def build_explainers(
+    classifier: nn.Module,
+    x: torch.Tensor,
+    target_name: str,
+    classes: Sequence[str],
+    kind: TargetKind | None,
+    names: Sequence[str],
+    settings: AttributionSettings,
+    *,
+    randomisation_check: bool,
+    randomisation_scope: str,
+    cam_target_extent: Sequence[float] | None,
+) -> Explainers:
+    """:class:`Explainers` from the first sample ``x`` ``(1, C, *S)``: it fixes the target's kind, the
+    randomised copy's example input and the CAM layer's output sizes."""
+    scores = ClassScores(classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind))
+    randomised, reset, cam_layer = None, [], None
+    if randomisation_check:
+        random_model, reset = randomised_copy(classifier, example=x, scope=randomisation_scope)
+        randomised = ClassScores(random_model, target_name, scores.kind)
+    if CAM_METHODS & set(names):
+        cam_layer = cam_layer_for(classifier, x, settings.gradcam_layer, cam_target_extent)
+        settings = replace(settings, gradcam_layer=cam_layer.name)
+    return Explainers(scores, randomised, reset, cam_layer, settings)
+
+
+def explain_sample(
+    sample: Mapping[str, Any],
+    image: torch.Tensor,
+    x: torch.Tensor,
+    explainers: Explainers,
+    names: Sequence[str],
+    classes: Sequence[str],
+    target: str,
+    target_name: str,
+    out_dir: Path,
+    *,
+    pointing_tolerance: int,
+    check: bool,
+    means: _ClassMeans,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One sample: predict, pick the class to explain, each method's map written and scored (and compared
+    with the randomised model's when ``check``); its index rows and its input-baseline rows."""
+    scores, settings = explainers.scores, explainers.settings
+    sample_id = str(sample["id"])
+    with torch.no_grad():
+        probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
+    predicted = int(probabilities.argmax())
+    label = _label(sample, target_name, scores.kind)
+    target_index = _choose_target(target, predicted, label, classes, sample_id)
+    spatial = tuple(image.shape[1:])
+    mask = _mask(sample, spatial, sample_id)  # (*S) or None
+    record = sample.get("geometry")
+    # an EEG spectrogram window has axes in Hz and s but no source grid (its recording is channels x samples)
+    spectrogram = row_is_spectrogram(record)
+    source = None if spectrogram else source_geometry(record, len(spatial))  # the scan's grid or None
+    grid = cache_geometry(record, spatial, source)  # the cached array's grid
+    display = image.float().mean(dim=0).numpy()  # (*S)
+
+    folder = out_dir / "maps" / safe_name(sample_id)
+    write_nrrd(folder / "image.nrrd", display, grid)
+    sample_baselines = baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
+    rows = []
+    for method in names:
+        started = time.perf_counter()
+        amap = compute_map(method, scores, x, target_index, settings)  # (*S)
+        seconds = time.perf_counter() - started
+        if not np.all(np.isfinite(amap)):
+            log(f"saliency: {method} gave non-finite values for {sample_id}; they are kept in the files")
+        row = {
+            "id": sample_id,
+            "label": _label_text(label, classes),
+            "prediction": classes[predicted],
+            "probability": float(probabilities[predicted]),
+            "target_class": classes[target_index],
+            "target_probability": float(probabilities[target_index]),
+            "method": method,
+            "seconds": seconds,
+        }
+        row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram))
+        if mask is not None:
+            row["pointing_hit"] = pointing_game(amap, mask, tolerance=pointing_tolerance)
+            row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
+            row["mass_in_mask"] = mass_in_mask(amap, mask)
+            row["mask_share"] = mask_share(mask)
+            row.update({f"{b['method']}_hit": b["pointing_hit"] for b in sample_baselines})
+        if check:
+            random_map = compute_map(method, explainers.randomised, x, target_index, settings)
+            row["randomisation_spearman"] = rank_correlation(amap, random_map)
+        rows.append(row)
+        means.add(method, target_index, amap, display, grid)
+    return rows, sample_baselines
 
 
 def check_target(target: str, classes: Sequence[str], target_name: str) -> None:
