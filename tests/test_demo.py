@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_demo_config_is_the_embedded_default():
-    assert tomllib.loads((ROOT / "config" / "demo.toml").read_text()) == tomllib.loads(default_config_text())
+    shipped = ROOT / "config" / "demo.toml"  # a link to the one file, src/medctl/demo.toml, not a copy
+    assert shipped.is_symlink() and shipped.resolve() == (ROOT / "src" / "medctl" / "demo.toml").resolve()
+    assert tomllib.loads(shipped.read_text()) == tomllib.loads(default_config_text())
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ StageCallback = Callable[[int, int, str], None]
 
 
 def default_config_text() -> str:
-    """The embedded default config (identical to ``config/demo.toml``)."""
+    """The embedded default config (``config/demo.toml`` is a link to this one file)."""
     return resources.files("medctl").joinpath("demo.toml").read_text()
 
 
