@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import multiprocessing
 import os
-import resource
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -49,25 +49,31 @@ def one_volume_config(tmp_path, array: np.ndarray, size, name="ct", *extra):
     )
 
 
-def _measure(config, queue) -> None:
-    """In a forked child: peak RSS growth (resource.getrusage) while preprocessing the one volume."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = preprocess(config.data, workers=1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put((before, after, result.n_new, str(result.cache_dir)))
+MEASURE = """
+import json, resource, sys
+from medctl.config import DataConfig
+from medctl.data.preprocess import preprocess
+
+warm, big = (DataConfig.model_validate_json(text) for text in sys.argv[1:3])
+preprocess(warm, workers=1)  # imports and allocator pools first, so the growth below is the volume's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = preprocess(big, workers=1)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps([before, after, result.n_new, str(result.cache_dir)]))
+"""
 
 
 def test_a_200x256x256_ct_preprocesses_within_the_memory_bound(tmp_path):
     source = volume((200, 256, 256))
-    # warm up in this process (imports, allocator pools), so the child measures the volume, not them
-    preprocess(one_volume_config(tmp_path / "warm", source[:20, :32, :32], [8, 16, 16]).data, workers=1)
+    warm = one_volume_config(tmp_path / "warm", source[:20, :32, :32], [8, 16, 16])
     config = one_volume_config(tmp_path / "big", source, [32, 64, 64])
-    context = multiprocessing.get_context("fork")  # the child starts at this process's RSS, not its peak
-    queue = context.Queue()
-    child = context.Process(target=_measure, args=(config, queue))
-    child.start()
-    before, after, n_new, cache = queue.get(timeout=300)
-    child.join(timeout=60)
+    # a fresh interpreter, not a fork: a forked child of a process with torch's thread pools can deadlock
+    child = subprocess.run(
+        [sys.executable, "-c", MEASURE, warm.data.model_dump_json(), config.data.model_dump_json()],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-2000:]
+    before, after, n_new, cache = json.loads(child.stdout.strip().splitlines()[-1])
     as_float32 = source.size * 4  # 50 MiB
     assert n_new == 1
     # the bound: peak <= 3 x the source as float32 + 1 GB for the interpreter; the growth alone is
