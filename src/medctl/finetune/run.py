@@ -77,7 +77,7 @@ from medctl.training.distributed import (
 from medctl.training.fit import FitResult, fit
 from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
 from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
-from medctl.training.optim import build_optimizer, build_scheduler, param_groups_with_decay
+from medctl.training.optim import adamw_with_cosine, param_groups_with_decay
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.predict import labels_of, predictions_frame, probabilities
 from medctl.training.seed import set_seed
@@ -400,14 +400,10 @@ def build_optimization(
         groups += param_groups_with_decay(
             classifier.encoder, train.lr_encoder, train.weight_decay, name="encoder"
         )
-    optimizer = build_optimizer(groups, train.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        warmup_steps=train.warmup_epochs * steps,
-        total_steps=train.epochs * steps,
-        min_lr_ratio=train.min_lr_ratio,
-    )
-    return optimizer, scheduler
+    return adamw_with_cosine(
+        groups, weight_decay=train.weight_decay, steps_per_epoch=steps, warmup_epochs=train.warmup_epochs,
+        epochs=train.epochs, min_lr_ratio=train.min_lr_ratio,
+    )  # fmt: skip
 
 
 def preprocessing_info(

@@ -58,7 +58,7 @@ from medctl.training.distributed import (
     wrap_ddp,
 )
 from medctl.training.fit import FitResult, fit
-from medctl.training.optim import build_optimizer, build_scheduler, momentum_schedule, param_groups_with_decay
+from medctl.training.optim import adamw_with_cosine, momentum_schedule, param_groups_with_decay
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.seed import set_seed
 
@@ -266,14 +266,10 @@ def build_optimization(
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the method's online (trainable) parameters, cosine schedule with warmup per step."""
     groups = param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
-    optimizer = build_optimizer(groups, settings.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        warmup_steps=settings.warmup_epochs * steps_per_epoch,
-        total_steps=settings.epochs * steps_per_epoch,
-        min_lr_ratio=settings.min_lr_ratio,
-    )
-    return optimizer, scheduler
+    return adamw_with_cosine(
+        groups, weight_decay=settings.weight_decay, steps_per_epoch=steps_per_epoch,
+        warmup_epochs=settings.warmup_epochs, epochs=settings.epochs, min_lr_ratio=settings.min_lr_ratio,
+    )  # fmt: skip
 
 
 def calibrate_monitor(monitor: Any, settings: Any) -> dict[str, float]:

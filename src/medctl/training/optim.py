@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,3 +128,24 @@ def momentum_schedule(step: int, total: int, start: float, end: float) -> float:
         raise ValueError(f"momentum_schedule needs total >= 1 steps (got {total})")
     progress = min(max(step, 0), total) / total
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_with_cosine(
+    groups: list[dict[str, Any]],
+    *,
+    weight_decay: float,
+    steps_per_epoch: int,
+    warmup_epochs: int,
+    epochs: int,
+    min_lr_ratio: float,
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """The recipe of every stage: AdamW over ``groups`` and its per-step cosine schedule with linear warmup."""
+    optimizer = build_optimizer(groups, weight_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=warmup_epochs * steps_per_epoch,
+        total_steps=epochs * steps_per_epoch,
+        min_lr_ratio=min_lr_ratio,
+    )
+    return optimizer, scheduler
+
