@@ -19,7 +19,7 @@ from typing import Any
 from medctl import __version__
 from medctl.config import Config
 from medctl.errors import ConfigError, redact_url_credentials
-from medctl.io import remove_stale_temps, write_json, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
+from medctl.io import remove_stale_temps, write_json, write_text_atomic
 from medctl.progress import log
 
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)

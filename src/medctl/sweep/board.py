@@ -38,8 +38,8 @@ from medctl.evaluation.leaderboard import (
     paired_seed_test,
     write_leaderboard,
 )
+from medctl.io import write_text_atomic
 from medctl.progress import log
-from medctl.runs import write_text_atomic
 from medctl.sweep.entries import RANDOM_INIT, SweepEntry
 
 SELECT_BY = (
