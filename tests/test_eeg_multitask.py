@@ -164,3 +164,49 @@ def test_a_non_numeric_regression_value_names_its_row(study, tmp_path):
         f"column 'age' (data.targets[2].column) holds 'unknown' for id {table.recording_id[3]}"
         in result.output
     )
+
+
+def test_resume_restores_the_learned_uncertainty_weights(study, tmp_path, monkeypatch):
+    """``train.task_weights = "uncertainty"`` learns log-variances in the loss; --resume must go on with them."""
+    import medctl.finetune.run as run_module
+    from medctl.training.state import read_train_state
+
+    common = [*study.config_overrides(), "model.encoder=resnet_test_2d", "train.epochs=4", "train.warmup_epochs=0",
+              "train.lr_head=5e-2", "data.batch_size=8", f'run.root="{tmp_path}"', 'train.monitor="val_loss"',
+              'train.task_weights="uncertainty"', "train.patience=0"]  # fmt: skip
+    full = invoke("finetune", *common, 'run.name="full"')
+    assert full.exit_code == 0, full.output
+
+    original, calls = run_module.validation_metrics, []
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during epoch 3's validation: epochs 1 and 2 are in last.ckpt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "validation_metrics", interrupt_in_epoch_3)
+    interrupted = runner.invoke(app, ["finetune", *common, 'run.name="resumed"'])
+    assert interrupted.exit_code != 0
+    monkeypatch.setattr(run_module, "validation_metrics", original)
+    saved = read_train_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert saved["epoch"] == 1
+    log_vars_at_2 = saved["extra_modules"]["task_weights"]["log_vars"]
+    assert not torch.equal(log_vars_at_2, torch.zeros(3))  # learned in epochs 1-2, not the initial zeros
+    resumed = invoke("finetune", *common, 'run.name="resumed"', "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+    def train_rows(name: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["phase"] == "train"]
+
+    full_rows, resumed_rows = train_rows("full"), train_rows("resumed")
+    assert [r["epoch"] for r in resumed_rows] == [1, 2, 3, 4]
+    for a, b in zip(full_rows, resumed_rows, strict=True):  # the weights each epoch trained with, and the losses
+        for key in ("weight_health", "weight_gender", "weight_age", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (a["epoch"], key)
+    final = {name: read_train_state(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("full", "resumed")}
+    torch.testing.assert_close(
+        final["resumed"]["extra_modules"]["task_weights"]["log_vars"],
+        final["full"]["extra_modules"]["task_weights"]["log_vars"],
+    )

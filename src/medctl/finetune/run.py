@@ -24,6 +24,8 @@ The recipe, top to bottom:
    ``data.targets[].weight``; AdamW, cosine schedule with warmup, ``train.precision``;
 6. :func:`medctl.training.fit.fit`: validation every epoch, early stopping on ``train.monitor``, the best
    epoch exported as a self-contained classifier (``checkpoints/best.ckpt``) with ``val_preds.parquet``;
+   ``last.ckpt`` also holds learned task weights (``train.task_weights = "uncertainty"``), so ``--resume``
+   goes on with them;
 7. ``results.json`` and ``figures/training_curves.png``.
 """
 
@@ -224,6 +226,7 @@ def _finetune(
         monitor=train.monitor,
         patience=train.patience,
         export_best=BestExport(classifier, model_info, config, specs, preprocessing, kind, run_dir, val_set.ids, validate),
+        extra_modules=learned_loss_state(loss_fn),
         resume=resume,
         start_epoch_hook=partial(start_epoch, classifier.encoder, first_trainable, train.lr_encoder, augment),
         log_every=train.log_every,
@@ -601,6 +604,12 @@ def build_loss(
         )
     weights = {t.name: t.weight for t in data.targets if t.name in losses} | dict(train.task_weights)
     return MultiTargetLoss(losses, weights)
+
+
+def learned_loss_state(loss_fn: nn.Module) -> dict[str, nn.Module]:
+    """What of the loss ``last.ckpt`` must hold for ``--resume``: the learned task weights (``log_vars`` of
+    ``train.task_weights = "uncertainty"``) live in the loss, not the model; fixed weights have nothing to keep."""
+    return {"task_weights": loss_fn} if isinstance(loss_fn, UncertaintyWeightedLoss) else {}
 
 
 def validation_metrics(
