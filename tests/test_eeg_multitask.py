@@ -59,8 +59,8 @@ def check_against_sklearn(frame: pd.DataFrame, metrics: dict[str, float], sep: s
     """``metrics`` keyed ``<target><sep><metric>`` against scikit-learn on the saved prediction columns."""
     for target, positive in BINARY.items():
         y, pred, prob = (
-            frame[f"{target}_y_true"],
-            frame[f"{target}_y_pred"],
+            frame[f"{target}_true"],
+            frame[f"{target}_pred"],
             frame[f"{target}_prob_{positive}"],
         )
         expected = {
@@ -71,7 +71,7 @@ def check_against_sklearn(frame: pd.DataFrame, metrics: dict[str, float], sep: s
         }
         for key, value in expected.items():
             assert metrics[f"{target}{sep}{key}"] == pytest.approx(value, abs=1e-6), (target, key)
-    y, pred = frame["age_y_true"].to_numpy(), frame["age_y_pred"].to_numpy()
+    y, pred = frame["age_true"].to_numpy(), frame["age_pred"].to_numpy()
     expected = {
         "mae": mean_absolute_error(y, pred),
         "rmse": np.sqrt(mean_squared_error(y, pred)),
@@ -85,13 +85,13 @@ def check_against_sklearn(frame: pd.DataFrame, metrics: dict[str, float], sep: s
 def test_multitask_probe_metrics_equal_sklearn_on_its_saved_predictions(trained, study):
     results = json.loads((trained / "results.json").read_text())
     frame = pd.read_parquet(trained / "val_preds.parquet")
-    assert {"health_y_true", "health_y_pred", "gender_y_true", "age_y_true", "age_y_pred"} <= set(
+    assert {"health_true", "health_pred", "gender_true", "age_true", "age_pred"} <= set(
         frame.columns
     )
-    assert frame["age_y_true"].dtype == np.float64
+    assert frame["age_true"].dtype == np.float64
     table = pd.read_csv(study.table, sep="\t").set_index("recording_id")
     truth = table.loc[[i.rsplit("_w", 1)[0] for i in frame["id"]], "age"].to_numpy()
-    np.testing.assert_array_equal(frame["age_y_true"].to_numpy(), truth)  # ages as written in the table
+    np.testing.assert_array_equal(frame["age_true"].to_numpy(), truth)  # ages as written in the table
     check_against_sklearn(frame, results["metrics"])
 
     # early stopping minimised the monitored error: the best epoch has the smallest val_age_mae
@@ -126,7 +126,7 @@ def test_evaluate_reports_every_task_with_sklearn_equal_metrics(trained, tmp_pat
     check_against_sklearn(frame, flat)
     age = metrics["targets"]["age"]
     assert age["ci"]["mae"]["low"] <= age["mae"] <= age["ci"]["mae"]["high"]
-    assert age["mae_of_mean"] == pytest.approx(np.abs(frame.age_y_true - frame.age_y_true.mean()).mean())
+    assert age["mae_of_mean"] == pytest.approx(np.abs(frame.age_true - frame.age_true.mean()).mean())
     assert (tmp_path / "eval" / "figures" / "test_scatter_age.png").stat().st_size > 1000
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Target `age` (regression)" in report and "figures/test_scatter_age.png" in report

@@ -108,8 +108,8 @@ def test_evaluate_several_targets_prefixes_columns(tmp_path):
         n_bootstrap=50,
     )
     preds = pd.read_parquet(tmp_path / "val_preds.parquet")
-    assert {"id", "edema_y_true", "edema_prob_present", "findings_y_pred", "findings_prob_dent"} <= set(preds)
-    assert preds["findings_y_true"].iloc[0].tolist() == y_ml[0].tolist()
+    assert {"id", "edema_true", "edema_prob_present", "findings_pred", "findings_prob_dent"} <= set(preds)
+    assert preds["findings_true"].iloc[0].tolist() == y_ml[0].tolist()
     assert result["summary"]["auroc"] == pytest.approx(skm.roc_auc_score(y_bin, p1))
     findings = result["targets"]["findings"]
     pred_ml = (p_ml >= 0.5).astype(int)

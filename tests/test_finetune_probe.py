@@ -162,10 +162,10 @@ def test_several_targets_sum_their_weighted_losses_and_average_the_monitored_met
         )
         mean = (row["val_label_balanced_accuracy"] + row["val_site_balanced_accuracy"]) / 2
         assert row["val_balanced_accuracy"] == pytest.approx(mean)
-    preds = pd.read_parquet(result.run_dir / "val_preds.parquet")
+    preds = pd.read_parquet(result.run_dir / "val_preds.parquet")  # one <target>_true / _pred pair per target
     assert list(preds.columns) == [
-        "id", "label_y_true", "label_y_pred", "label_prob_healthy", "label_prob_edema",
-        "site_y_true", "site_y_pred", "site_prob_east", "site_prob_north", "site_prob_south",
+        "id", "label_true", "label_pred", "label_prob_healthy", "label_prob_edema",
+        "site_true", "site_pred", "site_prob_east", "site_prob_north", "site_prob_south",
     ]  # fmt: skip
     assert json.loads((result.run_dir / "class_to_idx.json").read_text())["site"] == {
         "east": 0,

@@ -394,6 +394,12 @@ class SweepConfig(Section):
     # the split the leaderboard ranks on. Each probe picks its best epoch on val (train.monitor), so val
     # flatters every entry; "test" ranks on held-out samples that selected nothing
     rank_on: Literal["test", "val"] = "test"
+    # the metric the leaderboard ranks on (and mode "both" picks fine-tunes by, on val): "<metric>" of the primary
+    # (first) target or "<target>_<metric>", a headline metric of `medctl evaluate` (balanced_accuracy, macro_f1,
+    # auroc, accuracy; regression: mae, rmse, r2, pearson_r). "": train.monitor's metric, the one that picked each
+    # probe's epoch (a loss, which evaluate does not report: the primary target's balanced accuracy, or MAE).
+    # Errors (mae, rmse) rank lower first, every other metric higher first
+    rank_by: str = ""
     # run every entry once per seed: run.seed of its probe (and of the random baseline's initial weights);
     # "{seed}" in a checkpoint path picks the pretraining run of that seed. The leaderboard shows the mean and
     # std over seeds and a paired t-test across seeds; [] runs each entry once, at run.seed

@@ -94,10 +94,15 @@ def sweep_command(
             }
         )
         return
-    ranked_on = str(result.leaderboard["ranked_on"].iloc[0]) if "ranked_on" in result.leaderboard else "val"
+    board = result.leaderboard
+    ranked_on = str(board["ranked_on"].iloc[0]) if "ranked_on" in board else "val"
+    ranked_by = str(board["ranked_by"].iloc[0]) if "ranked_by" in board else "balanced_accuracy"
+    better = str(board["better"].iloc[0]) if "better" in board else "higher"
     print_leaderboard(
-        result.leaderboard,
-        f"sweep {result.sweep_dir.name} ({result.mode}), ranked on {ranked_on} balanced accuracy",
+        board,
+        f"sweep {result.sweep_dir.name} ({result.mode}), ranked on {ranked_on} {metric_label(ranked_by)} "
+        f"({better} is better)",
+        ranked_by,
     )
     skipped = sum(o.status == "skipped" for o in result.outcomes)
     console.print(
@@ -108,11 +113,22 @@ def sweep_command(
     console.print(f"  {result.leaderboard_md}", soft_wrap=True, highlight=False)
 
 
-def print_leaderboard(board: pd.DataFrame, title: str) -> None:
-    """The ranked entries as a rich table; failed entries below it, one line each with the reason."""
+def metric_label(key: str) -> str:
+    """``balanced_accuracy`` -> ``bal. acc.``, ``age_mae`` -> ``age MAE``: a leaderboard column for a reader."""
+    from medctl.evaluation.leaderboard import REGRESSION_SHOWN, SHOWN
+
+    for metric, label in (*SHOWN, *REGRESSION_SHOWN, ("accuracy", "accuracy")):
+        if key == metric or key.endswith(f"_{metric}"):
+            return f"{key.removesuffix(metric).replace('_', ' ')}{label}"
+    return key
+
+
+def print_leaderboard(board: pd.DataFrame, title: str, ranked_by: str = "balanced_accuracy") -> None:
+    """The ranked entries as a rich table (val and test of the ranking metric ``ranked_by``, then the primary
+    target's other test headline metrics); failed entries below it, one line each with the reason."""
     import pandas as pd
 
-    from medctl.evaluation.leaderboard import format_duration, format_metric, format_p
+    from medctl.evaluation.leaderboard import format_duration, format_metric, format_p, shown_metrics
 
     seeded = "n_seeds" in board.columns
     table = Table(title=title)
@@ -120,11 +136,10 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
     table.add_column("entry", no_wrap=True)
     table.add_column("mode")
     table.add_column("architecture")
+    tests = [ranked_by] + [metric for metric, _ in shown_metrics(board) if metric != ranked_by]
     columns = [
-        "val bal. acc.",
-        "test bal. acc.",
-        "test macro-F1",
-        "test AUROC",
+        f"val {metric_label(ranked_by)}",
+        *(f"test {metric_label(metric)}" for metric in tests),
         "epochs",
         "time",
         "p vs leader",
@@ -141,11 +156,9 @@ def print_leaderboard(board: pd.DataFrame, title: str) -> None:
         architecture = row.get("architecture")
         cells = [rank, str(row["entry"]), str(row.get("mode", "")), "—" if pd.isna(architecture) else str(architecture)]
         cells.append(
-            format_metric(
-                {"v": row.get("val_balanced_accuracy"), "v_std": row.get("val_balanced_accuracy_std")}, "v"
-            )
+            format_metric({"v": row.get(f"val_{ranked_by}"), "v_std": row.get(f"val_{ranked_by}_std")}, "v")
         )
-        for metric in ("balanced_accuracy", "macro_f1", "auroc"):
+        for metric in tests:
             cells.append(format_metric(row, f"test_{metric}"))
         epochs = row.get("epochs")
         cells += ["—" if pd.isna(epochs) else str(round(epochs)), format_duration(row.get("wall_time_s"))]

@@ -7,7 +7,9 @@ summaries, or by hand):
   else, e.g. "failed"), ``reason`` (why it failed), ``epochs``, ``wall_time_s``, ``p_vs_leader``;
 - per split and metric ``<split>_<metric>`` (float) with its interval either as
   ``<split>_<metric>_ci`` = ``[low, high]`` or as ``<split>_<metric>_low`` / ``_high``, for split in
-  val, test and metric in accuracy, balanced_accuracy, macro_f1, auroc. Any other key is kept as a column.
+  val, test and metric in accuracy, balanced_accuracy, macro_f1, auroc (a regression target: mae, rmse, r2,
+  pearson_r). Other ``<split>_...`` keys (another task's ``test_age_mae``) are metric columns too, and any
+  other key is kept as a column.
 
 ``p_vs_leader`` is the paired bootstrap p-value that an entry and the leader differ on the same test
 samples (:func:`p_values_vs_leader`); the leader is rank 1 after sorting. A row that summarises several
@@ -28,11 +30,15 @@ from scipy import stats
 
 from medctl.errors import DataError
 from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
+from medctl.evaluation.ranking import higher_is_better
 from medctl.io import write_text_atomic
 
 SPLITS = ("val", "test")
-METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+CLASSIFICATION_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
+REGRESSION_METRICS = ("mae", "rmse", "r2", "pearson_r")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 SHOWN = (("balanced_accuracy", "bal. acc."), ("macro_f1", "macro-F1"), ("auroc", "AUROC"))
+REGRESSION_SHOWN = (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²"), ("pearson_r", "r"))
 FRONT = ["rank", "entry", "checkpoint", "status", "reason"]
 BACK = ["epochs", "wall_time_s", "p_vs_leader"]
 
@@ -89,13 +95,9 @@ def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def higher_is_better(metric: str) -> bool:
-    """Every leaderboard metric is better when higher, except losses and errors."""
-    return not any(word in metric for word in ("loss", "error"))
-
-
 def leaderboard(rows: Sequence[Mapping[str, Any]], sort_by: str = "val_balanced_accuracy") -> pd.DataFrame:
-    """Rows ranked by ``sort_by`` (higher first unless it is a loss); failed rows last, unranked.
+    """Rows ranked by ``sort_by`` (higher first unless it is a loss or an error such as ``test_age_mae``:
+    :func:`medctl.evaluation.ranking.higher_is_better`); failed rows last, unranked.
 
     Entries that succeeded but lack a value for ``sort_by`` come after the ranked ones. ``rank`` is
     1..k over the ranked entries (nullable Int64, empty for the rest); CIs become ``_low``/``_high``.
@@ -121,13 +123,9 @@ def leaderboard(rows: Sequence[Mapping[str, Any]], sort_by: str = "val_balanced_
     for column in BACK:
         if column not in frame.columns:
             frame[column] = None
-    metric_columns = [
-        f"{split}_{metric}{suffix}"
-        for split in SPLITS
-        for metric in METRICS
-        for suffix in ("", "_std", "_low", "_high")
-        if f"{split}_{metric}{suffix}" in frame.columns
-    ]
+    primary = [f"{split}_{metric}{suffix}" for split in SPLITS for metric in METRICS for suffix in ("", "_std", "_low", "_high")]
+    tasks = [c for split in SPLITS for c in frame.columns if c.startswith(f"{split}_") and c not in primary]
+    metric_columns = [c for c in primary if c in frame.columns] + tasks
     rest = [c for c in frame.columns if c not in {*FRONT, *BACK, *metric_columns, "_group", "_key"}]
     return frame[FRONT + metric_columns + BACK + rest].reset_index(drop=True)
 
@@ -219,16 +217,24 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def leaderboard_markdown(df: pd.DataFrame) -> str:
-    """A pipe table: rank, entry, checkpoint, architecture (when rows name one), status, val/test balanced
-    accuracy, macro-F1 and AUROC as ``0.812 [0.75, 0.87]`` (``0.812 ± 0.031`` over seeds), epochs, wall time,
-    p vs leader; with seeds the seed count, Δ vs random and p vs random; the pretraining overlap when audited.
-    Failed rows show their reason."""
+def shown_metrics(df: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """The primary target's headline columns (without the split) and labels: balanced accuracy, macro-F1 and
+    AUROC; MAE, RMSE, R² and r when the board holds a regression target's columns instead."""
+    regression = "test_mae" in df.columns and "test_balanced_accuracy" not in df.columns
+    return REGRESSION_SHOWN if regression else SHOWN
+
+
+def leaderboard_markdown(df: pd.DataFrame, shown: Sequence[tuple[str, str]] | None = None) -> str:
+    """A pipe table: rank, entry, checkpoint, architecture (when rows name one), status, then per split the
+    ``shown`` metrics (``(column without the split, label)``; default :func:`shown_metrics`) as
+    ``0.812 [0.75, 0.87]`` (``0.812 ± 0.031`` over seeds), epochs, wall time, p vs leader; with seeds the seed
+    count, Δ vs random and p vs random; the pretraining overlap when audited. Failed rows show their reason."""
+    shown = shown_metrics(df) if shown is None else shown
     architecture = "architecture" in df.columns and df["architecture"].fillna("").astype(str).str.len().gt(0).any()
     seeded = "n_seeds" in df.columns
     audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
     header = ["rank", "entry", "checkpoint", *(["architecture"] if architecture else []), "status"]
-    header += [f"{split} {label}" for split in SPLITS for _, label in SHOWN]
+    header += [f"{split} {label}" for split in SPLITS for _, label in shown]
     header += ["epochs", "wall time", "p vs leader"]
     header += ["seeds", "Δ vs random", "p vs random"] if seeded else []
     header += ["pretrain overlap"] if audited else []
@@ -248,7 +254,7 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
             _cell(status),
         ]
         for split in SPLITS:
-            for metric, _ in SHOWN:
+            for metric, _ in shown:
                 cells.append(format_metric(row, f"{split}_{metric}"))
         epochs = _number(row.get("epochs"))
         cells.append("—" if math.isnan(epochs) else str(round(epochs)))
@@ -269,9 +275,14 @@ def leaderboard_markdown(df: pd.DataFrame) -> str:
 
 
 def write_leaderboard(
-    df: pd.DataFrame, out_dir: str | Path, title: str = "Leaderboard", note: str = ""
+    df: pd.DataFrame,
+    out_dir: str | Path,
+    title: str = "Leaderboard",
+    note: str = "",
+    shown: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[Path, Path]:
-    """``leaderboard.csv`` (every column) and ``leaderboard.md`` (the formatted table, under ``note``)."""
+    """``leaderboard.csv`` (every column) and ``leaderboard.md`` (the formatted table of the ``shown`` metrics,
+    see :func:`leaderboard_markdown`, under ``note``)."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "leaderboard.csv", out_dir / "leaderboard.md"
     write_text_atomic(csv_path, df.to_csv(index=False))
@@ -279,5 +290,5 @@ def write_leaderboard(
         "Ranked on validation; test values with 95% bootstrap intervals; p vs leader: paired bootstrap "
         "on the test samples, two-sided."
     )
-    write_text_atomic(md_path, f"# {title}\n\n{note}\n\n{leaderboard_markdown(df)}")
+    write_text_atomic(md_path, f"# {title}\n\n{note}\n\n{leaderboard_markdown(df, shown)}")
     return csv_path, md_path

@@ -4,8 +4,8 @@
 
 - ``<split>_preds.parquet``: ``id``, then per target ``y_true``, ``y_pred``, ``true_label``,
   ``pred_label`` and one ``prob_<class>`` column per class (multilabel: ``y_true`` / ``y_pred`` are
-  0/1 lists, labels joined by ``;``). With several targets every column but ``id`` is prefixed
-  ``<target>_``.
+  0/1 lists, labels joined by ``;``). With several targets the pair is ``<target>_true`` /
+  ``<target>_pred`` and every other column is prefixed ``<target>_`` (:mod:`medctl.evaluation.columns`).
 - ``metrics.json``: the split, ``n_samples``, bootstrap settings, and per target every metric of
   :func:`~medctl.evaluation.metrics.target_metrics` plus a 95% (``1 - alpha``) percentile interval for
   accuracy, balanced_accuracy, macro_f1 and auroc with the number of usable resamples; ``summary`` holds
@@ -32,6 +32,8 @@ import pandas as pd
 
 from medctl.errors import DataError
 from medctl.evaluation.bootstrap import BootstrapResult, bootstrap_many, headline_metrics
+from medctl.evaluation.columns import pred_name, true_name
+from medctl.evaluation.columns import prefix as column_prefix
 from medctl.evaluation.leaderboard import (
     leaderboard,
     leaderboard_markdown,
@@ -135,13 +137,13 @@ def evaluate_predictions(
             raise DataError(
                 f"target {name!r}: {len(ids)} ids, {len(y)} labels and {len(p)} predictions; they must match"
             )
-        prefix = f"{name}_" if len(specs) > 1 else ""
+        prefix, true, pred = column_prefix(name, len(specs)), true_name(name, len(specs)), pred_name(name, len(specs))
         if kind == "regression":  # MAE, RMSE, R², r with CIs, and a scatter plot (medctl.evaluation.regression)
             y, p = y.astype(np.float64), p.reshape(len(ids), -1)[:, :1]  # (N,), (N, 1)
             intervals = bootstrap_many(headline_metrics(kind), y, p, n=n_bootstrap, alpha=alpha, seed=seed)
             scatter = f"figures/{split}_scatter_{file_stem(name)}.png"
             plot_regression_scatter(y, p, out_dir / scatter, title=f"{name} ({split})")
-            columns.update({f"{prefix}y_true": y, f"{prefix}y_pred": p[:, 0]})
+            columns.update({true: y, pred: p[:, 0]})
             files[f"{name}:scatter_png"] = scatter
             results[name] = {
                 "kind": kind,
@@ -158,9 +160,9 @@ def evaluate_predictions(
         intervals = bootstrap_many(
             headline_metrics(kind, threshold), y, p, n=n_bootstrap, alpha=alpha, seed=seed
         )
-        columns.update(
-            {f"{prefix}{k}": v for k, v in _prediction_columns(y, p, kind, classes, threshold).items()}
-        )
+        values = _prediction_columns(y, p, kind, classes, threshold)
+        columns.update({true: values.pop("y_true"), pred: values.pop("y_pred")})
+        columns.update({f"{prefix}{k}": v for k, v in values.items()})
         target_files = _write_target_files(out_dir, split, name, kind, classes, y, p, metrics)
         files.update({f"{name}:{k}": v for k, v in target_files.items()})
         results[name] = {

@@ -1,25 +1,33 @@
 """The sweep's leaderboard, read back from the entries' own files.
 
 A finished entry's row comes from its ``results.json`` (epochs, training wall time, split manifest
-hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (the primary target's headline
-metrics with 95% bootstrap intervals, as :func:`medctl.evaluate.stage.run_evaluate` wrote them), so the
-table holds exactly the entries' own numbers. Rows are ranked on ``<rank_on>_balanced_accuracy``
-(``sweep.rank_on``; each probe picked its epoch on val, so test is the unbiased default) and say so in
-``selected_on`` / ``ranked_on``. The p-value of each entry against the leader is the paired bootstrap on
-the same test samples (``eval_test/test_preds.parquet``), balanced accuracy.
+hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (every target's headline metrics
+with 95% bootstrap intervals, as :func:`medctl.evaluate.stage.run_evaluate` wrote them: the primary, first
+target's as ``<split>_<metric>``, every other target's as ``<split>_<target>_<metric>``), so the table holds
+exactly the entries' own numbers.
+
+Rows are ranked on one metric of one target (:class:`RankMetric`, from ``sweep.rank_by``, else
+``train.monitor``: the metric that picked each probe's epoch; a loss, which evaluate does not report, gives the
+primary target's balanced accuracy, or MAE for a regression target) on the ``sweep.rank_on`` split (each probe
+picked its epoch on val, so test is the unbiased default), in that metric's direction (errors and losses:
+lower is better; :mod:`medctl.evaluation.ranking`). The rows say so in ``selected_on`` / ``ranked_on`` /
+``ranked_by`` / ``better``. The p-value of each entry against the leader is the paired bootstrap on the same
+test samples (``eval_test/test_preds.parquet``), on the ranking metric.
 
 With ``sweep.seeds`` the runs of one entry (``<entry>/seed<s>``) become one row: every metric's mean and
 ``_std`` over the seeds that finished, ``n_seeds``; ``p_vs_leader`` is then a paired t-test across seeds
-on the ranking metric, and ``delta_vs_random`` (``_std``) / ``p_vs_random`` compare each entry with the
-random baseline seed by seed. ``leaderboard_seeds.csv`` keeps the per-seed rows. Each row names
+on the ranking metric, and ``delta_vs_random`` (``_std``; entry minus baseline, so negative is better for an
+error) / ``p_vs_random`` compare each entry with the random baseline seed by seed on the same metric. ``leaderboard_seeds.csv`` keeps the per-seed rows. Each row names
 the encoder the entry built (``architecture``: a sweep may mix widths and position schemes).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +35,15 @@ import numpy as np
 import pandas as pd
 
 from medctl.data.provenance import Overlap
+from medctl.errors import ConfigError
 from medctl.evaluation.bootstrap import headline_metrics
+from medctl.evaluation.columns import prediction_column, truth_column
+from medctl.evaluation.columns import prefix as column_prefix
 from medctl.evaluation.leaderboard import (
-    METRICS,
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    REGRESSION_SHOWN,
+    SHOWN,
     SPLITS,
     _number,
     leaderboard,
@@ -38,14 +52,95 @@ from medctl.evaluation.leaderboard import (
     paired_seed_test,
     write_leaderboard,
 )
+from medctl.evaluation.ranking import direction, higher_is_better
 from medctl.io import write_text_atomic
 from medctl.progress import log
 from medctl.sweep.entries import RANDOM_INIT, SweepEntry
 
-SELECT_BY = (
-    "val_balanced_accuracy"  # what picked each probe's epoch (train.monitor on val) and the fine-tunes
-)
-RANK_METRIC = "balanced_accuracy"
+SELECTED_ON = "val"  # the split that picked each probe's epoch (train.monitor) and the entries to fine-tune
+LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
+          "auroc": "AUROC", "mae": "MAE", "rmse": "RMSE", "r2": "R²", "pearson_r": "Pearson r"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- the ranking metric
+@dataclass(frozen=True)
+class RankMetric:
+    """What the leaderboard ranks on: one headline metric of one target, better higher or lower.
+
+    ``key`` is its column without the split: ``balanced_accuracy`` / ``mae`` for the primary (first) target,
+    ``<target>_<metric>`` for another (``age_mae``), so the column is ``<split>_<key>`` (``test_age_mae``).
+    """
+
+    target: str
+    metric: str  # a headline metric of the target's kind: balanced_accuracy, macro_f1, auroc, accuracy | mae, ...
+    primary: bool  # the first target, whose columns carry no target prefix
+    source: str = "default"  # sweep.rank_by | train.monitor | default (the monitor is a loss, not evaluated)
+    n_targets: int = 1
+
+    @property
+    def key(self) -> str:
+        return self.metric if self.primary else f"{self.target}_{self.metric}"
+
+    def column(self, split: str) -> str:
+        return f"{split}_{self.key}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return higher_is_better(self.metric)
+
+    @property
+    def label(self) -> str:
+        """``balanced accuracy`` with one target, ``age MAE`` with several."""
+        return f"{self.target} {LABELS[self.metric]}" if self.n_targets > 1 else LABELS[self.metric]
+
+
+DEFAULT_RANK = RankMetric("", "balanced_accuracy", primary=True)
+
+
+def target_metrics(kind: str) -> tuple[str, ...]:
+    """The headline metrics ``medctl evaluate`` puts intervals on for a target of ``kind``."""
+    return REGRESSION_METRICS if kind == "regression" else CLASSIFICATION_METRICS
+
+
+def rank_metric(rank_by: str, monitor: str, targets: Sequence[tuple[str, str]]) -> RankMetric:
+    """The metric a sweep ranks on, from ``sweep.rank_by`` or else ``train.monitor`` (``val_``/``test_`` prefixes
+    dropped): ``<metric>`` names the primary (first) target's, ``<target>_<metric>`` any target's. A monitor that
+    evaluate does not report (a loss) gives the primary target's balanced accuracy (a regression target: MAE).
+    ``targets``: ``(name, kind)`` in ``data.targets`` order. A ``rank_by`` that names no metric is a ConfigError."""
+    if not targets:
+        return DEFAULT_RANK
+    choices: dict[str, tuple[str, str]] = {}
+    for i, (name, kind) in enumerate(targets):
+        for metric in target_metrics(kind):
+            choices[f"{name}_{metric}"] = (name, metric)
+            if i == 0:
+                choices[metric] = (name, metric)
+    if rank_by:
+        wanted, source = rank_by.removeprefix("val_").removeprefix("test_"), "sweep.rank_by"
+        if wanted not in choices:
+            close = difflib.get_close_matches(wanted, list(choices), n=1, cutoff=0.5)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(
+                [f"`sweep.rank_by` = {rank_by!r} is not a metric `medctl evaluate` reports for these targets; "
+                 f"{hint}use one of: {', '.join(choices)}"],
+                "sweep.rank_by",
+            )  # fmt: skip
+    else:
+        wanted, source = monitor.removeprefix("val_").removeprefix("train_"), "train.monitor"
+        if wanted not in choices:  # a loss: evaluate reports none, so the primary target's headline ranks
+            wanted, source = ("mae" if targets[0][1] == "regression" else "balanced_accuracy"), "default"
+    target, metric = choices[wanted]
+    return RankMetric(target, metric, primary=target == targets[0][0], source=source, n_targets=len(targets))
+
+
+def shown_columns(targets: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(column without the split, label)`` of every target's headline metrics, for leaderboard.md: one
+    target as before (``bal. acc.``), several each under its name (``age MAE``)."""
+    shown = []
+    for i, (name, kind) in enumerate(targets):
+        for metric, label in REGRESSION_SHOWN if kind == "regression" else SHOWN:
+            shown.append((metric if i == 0 else f"{name}_{metric}", f"{name} {label}" if len(targets) > 1 else label))
+    return shown
 
 
 def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dict[str, Any]:
@@ -82,7 +177,24 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         epochs=results.get("epochs_run"),
         wall_time_s=_wall_time(run_dir),
         **extra,
+        **task_columns(results.get("targets") or [], {"val": val, "test": test}),
     )
+
+
+def task_columns(targets: Sequence[Mapping[str, Any]], evaluated: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``<split>_<target>_<metric>`` and its ``_ci`` for every target but the primary (first) one, from the
+    ``metrics.json`` of each split (its ``targets`` section)."""
+    columns: dict[str, Any] = {}
+    for spec in targets[1:]:
+        name = spec["name"]
+        for split, payload in evaluated.items():
+            result = (payload.get("targets") or {}).get(name) or {}
+            for metric in target_metrics(spec["kind"]):
+                if metric in result:
+                    ci = (result.get("ci") or {}).get(metric) or {}
+                    columns[f"{split}_{name}_{metric}"] = result[metric]
+                    columns[f"{split}_{name}_{metric}_ci"] = [ci.get("low"), ci.get("high")]
+    return columns
 
 
 def _wall_time(run_dir: Path) -> float | None:
@@ -103,45 +215,55 @@ def failed_row(entry: SweepEntry, run_dir: Path, reason: str) -> dict[str, Any]:
     )
 
 
-def primary_test_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """``(ids, y_true, probs, kind)`` of the primary target from ``eval_test``.
+def test_predictions(run_dir: Path, target: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(ids, y_true, probs, kind)`` of ``target`` (default: the primary one) from ``eval_test``.
 
-    ``y_true`` is (N,) class indices or (N, L) 0/1; ``probs`` (N, K) / (N, L).
+    ``y_true`` is (N,) class indices, (N, L) 0/1 or (N,) values; ``probs`` (N, K) / (N, L), or a regression
+    target's predictions (N, 1). Reads either predictions layout (:mod:`medctl.evaluation.columns`).
     """
-    metrics = json.loads((run_dir / "eval_test" / "metrics.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
-    primary = metrics["primary_target"]
-    spec = next(t for t in results["targets"] if t["name"] == primary)
-    prefix = f"{primary}_" if len(results["targets"]) > 1 else ""
-    frame = pd.read_parquet(run_dir / "eval_test" / "test_preds.parquet")
-    y = np.stack([np.asarray(v) for v in frame[f"{prefix}y_true"]])  # (N,) or (N, L)
-    probs = np.stack(
-        [frame[f"{prefix}prob_{c}"].to_numpy(np.float64) for c in spec["classes"]], axis=1
-    )  # (N, K)
+    if not target:
+        target = json.loads((run_dir / "eval_test" / "metrics.json").read_text())["primary_target"]
+    spec = next(t for t in results["targets"] if t["name"] == target)
+    n_targets = len(results["targets"])
+    path = run_dir / "eval_test" / "test_preds.parquet"
+    frame = pd.read_parquet(path)
+    y = np.stack([np.asarray(v) for v in frame[truth_column(frame.columns, target, n_targets, str(path))]])
+    if spec["kind"] == "regression":
+        predicted = frame[prediction_column(frame.columns, target, n_targets, str(path))]
+        probs = predicted.to_numpy(np.float64)[:, None]  # (N, 1)
+    else:
+        prefix = column_prefix(target, n_targets)
+        probs = np.stack(
+            [frame[f"{prefix}prob_{c}"].to_numpy(np.float64) for c in spec["classes"]], axis=1
+        )  # (N, K)
     return frame["id"].astype(str).to_numpy(), y, probs, spec["kind"]
 
 
-def add_p_values(board: pd.DataFrame, run_dirs: Mapping[str, Path], n: int, seed: int) -> pd.DataFrame:
-    """``p_vs_leader`` for every ranked entry scored on the leader's test samples (NaN otherwise)."""
+def add_p_values(
+    board: pd.DataFrame, run_dirs: Mapping[str, Path], n: int, seed: int, rank: RankMetric = DEFAULT_RANK
+) -> pd.DataFrame:
+    """``p_vs_leader`` for every ranked entry scored on the leader's test samples (NaN otherwise), paired
+    bootstrap on the ranking metric of its target."""
     board = board.copy()
     board["p_vs_leader"] = math.nan
     ranked = board[board["rank"].notna()]
     if ranked.empty or n == 0:
         return board
     leader = str(ranked.iloc[0]["entry"])
-    ids, y_true, leader_probs, kind = primary_test_predictions(run_dirs[leader])
+    ids, y_true, leader_probs, kind = test_predictions(run_dirs[leader], rank.target)
     order = pd.Index(ids)
     probs_by_entry = {leader: leader_probs}
     for name in ranked["entry"].astype(str):
         if name == leader:
             continue
-        other_ids, _, probs, _ = primary_test_predictions(run_dirs[name])
+        other_ids, _, probs, _ = test_predictions(run_dirs[name], rank.target)
         position = pd.Index(other_ids).get_indexer(order)
         if len(other_ids) != len(ids) or (position < 0).any():
             log(f"sweep: {name} was tested on other samples than the leader {leader}; no p-value")
             continue
         probs_by_entry[name] = probs[position]
-    metric = headline_metrics(kind)["balanced_accuracy"]
+    metric = headline_metrics(kind)[rank.metric]
     p_values = p_values_vs_leader(y_true, probs_by_entry, leader, metric, n=n, seed=seed)
     board["p_vs_leader"] = board["entry"].map(lambda name: p_values.get(str(name), math.nan))
     return board
@@ -171,14 +293,19 @@ def seed_summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             "wall_time_s": float(np.nansum([_number(r.get("wall_time_s")) for r in ok])) if ok else None,
             "split_manifest_hash": members[0].get("split_manifest_hash"),
         }
-        for split in SPLITS:
-            for metric in METRICS:
-                values = [_number(r.get(f"{split}_{metric}")) for r in ok]
-                values = [v for v in values if math.isfinite(v)]
-                row[f"{split}_{metric}"] = float(np.mean(values)) if values else None
-                row[f"{split}_{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+        for key in metric_keys(members):
+            values = [_number(r.get(key)) for r in ok]
+            values = [v for v in values if math.isfinite(v)]
+            row[key] = float(np.mean(values)) if values else None
+            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         summary.append(row)
     return summary
+
+
+def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every ``<split>_...`` metric of the rows (every target's), in first-seen order, without the intervals."""
+    keys = (k for row in rows for k in row if k.startswith(tuple(f"{s}_" for s in SPLITS)))
+    return [k for k in dict.fromkeys(keys) if not k.endswith(("_ci", "_low", "_high", "_std"))]
 
 
 def per_seed_values(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[int, float]]:
@@ -224,28 +351,37 @@ def add_seed_tests(board: pd.DataFrame, rows: Sequence[Mapping[str, Any]], sort_
     return board
 
 
-def ranking_note(rank_on: str, seeds: Sequence[int]) -> str:
-    """What the leaderboard's numbers are: which split picked the epoch, which one ranks, what the p-values test."""
+def ranking_note(rank_on: str, seeds: Sequence[int], rank: RankMetric = DEFAULT_RANK, monitor: str = "") -> str:
+    """What the leaderboard's numbers are: which split picked the epoch, which metric ranks on which split and in
+    which direction, why that metric, what the p-values test."""
+    metric = f"{rank.label} ({direction(rank.metric)})"
     if rank_on == "val":
         ranked = (
-            "Ranked on val balanced accuracy: the split that also picked each probe's epoch (train.monitor), "
+            f"Ranked on val {metric}: the split that also picked each probe's epoch (train.monitor), "
             'so val flatters every entry; sweep.rank_on = "test" ranks on samples that selected nothing.'
         )
     else:
         ranked = (
-            "Each probe picked its epoch on val (train.monitor); ranked on test balanced accuracy, a split that "
+            f"Each probe picked its epoch on val (train.monitor); ranked on test {metric}, a split that "
             "selected nothing."
         )
+    why = {
+        "sweep.rank_by": f"The ranking metric is sweep.rank_by = {rank.key!r}.",
+        "train.monitor": f"The ranking metric is train.monitor = {monitor!r}'s (sweep.rank_by can name another).",
+        "default": f"train.monitor = {monitor!r} is not a metric `medctl evaluate` reports, so the primary target's "
+        "headline ranks (sweep.rank_by can name another).",
+    }[rank.source]
     if seeds:
         listed = ", ".join(str(s) for s in seeds)
+        sign = " (negative is better)" if not rank.higher_is_better else ""
         return (
-            f"{ranked} Values: mean ± std over seeds [{listed}] (the probe's run.seed; a {{seed}} checkpoint is "
-            "the pretraining run of that seed). p vs leader / p vs random: paired t-test across seeds on the "
-            "ranking metric, two-sided; Δ vs random: mean ± std of the per-seed difference."
+            f"{ranked} {why} Values: mean ± std over seeds [{listed}] (the probe's run.seed; a {{seed}} checkpoint "
+            "is the pretraining run of that seed). p vs leader / p vs random: paired t-test across seeds on the "
+            f"ranking metric, two-sided; Δ vs random: mean ± std of the per-seed difference, entry minus random{sign}."
         )
     return (
-        f"{ranked} Test values with 95% bootstrap intervals; p vs leader: paired bootstrap on the test samples, "
-        "two-sided."
+        f"{ranked} {why} Test values with 95% bootstrap intervals; p vs leader: paired bootstrap on the test "
+        "samples, on the ranking metric, two-sided."
     )
 
 
@@ -259,19 +395,31 @@ def build_leaderboard(
     title: str,
     rank_on: str = "test",
     seeds: Sequence[int] = (),
+    rank: RankMetric = DEFAULT_RANK,
+    targets: Sequence[tuple[str, str]] = (),
+    monitor: str = "",
 ) -> tuple[pd.DataFrame, Path, Path]:
-    """Rank the rows on ``<rank_on>`` balanced accuracy, add p-values, write leaderboard.csv and .md
-    (and ``leaderboard_seeds.csv`` with the per-seed rows when there are ``seeds``)."""
-    sort_by = f"{rank_on}_{RANK_METRIC}"
+    """Rank the rows on ``rank`` (its column on ``rank_on``, in its direction), add p-values on the same metric,
+    write leaderboard.csv and .md with every one of ``targets``' headline metrics (``(name, kind)``) (and
+    ``leaderboard_seeds.csv`` with the per-seed rows when there are ``seeds``)."""
+    sort_by = rank.column(rank_on)
     if seeds:
         per_seed = leaderboard(rows, sort_by=sort_by)
         write_text_atomic(out_dir / "leaderboard_seeds.csv", per_seed.to_csv(index=False))
         board = add_seed_tests(leaderboard(seed_summary_rows(rows), sort_by=sort_by), rows, sort_by)
     else:
-        board = add_p_values(leaderboard(rows, sort_by=sort_by), run_dirs, n_bootstrap, seed)
-    board.insert(board.columns.get_loc("reason") + 1, "selected_on", SELECT_BY.split("_")[0])
+        board = add_p_values(leaderboard(rows, sort_by=sort_by), run_dirs, n_bootstrap, seed, rank)
+    board.insert(board.columns.get_loc("reason") + 1, "selected_on", SELECTED_ON)
     board.insert(board.columns.get_loc("selected_on") + 1, "ranked_on", rank_on)
-    csv_path, md_path = write_leaderboard(board, out_dir, title=title, note=ranking_note(rank_on, seeds))
+    board.insert(board.columns.get_loc("ranked_on") + 1, "ranked_by", rank.key)
+    board.insert(board.columns.get_loc("ranked_by") + 1, "better", "higher" if rank.higher_is_better else "lower")
+    csv_path, md_path = write_leaderboard(
+        board,
+        out_dir,
+        title=title,
+        note=ranking_note(rank_on, seeds, rank, monitor),
+        shown=shown_columns(targets) if targets else None,
+    )
     return board, csv_path, md_path
 
 

@@ -14,9 +14,11 @@ The recipe, top to bottom:
    One failing entry never stops the others: its row says why. ``jobs > 1`` runs entries in spawned
    processes, each pinned to one GPU (round-robin) or, on CPU, to its share of the cores;
 4. mode ``both``: the probes first, then fine-tunes of the ``sweep.finetune_top`` pretrained checkpoints
-   with the best validation balanced accuracy (mean over seeds);
-5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`), ranked on ``sweep.rank_on`` (test
-   by default: val already picked each probe's epoch), and ``sweep_state.json``. With ``sweep.seeds`` each
+   best on validation by the ranking metric (mean over seeds);
+5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`) with every target's headline metrics,
+   ranked on the ranking metric (``sweep.rank_by``, else ``train.monitor``'s; :func:`medctl.sweep.board.rank_metric`)
+   on ``sweep.rank_on`` (test by default: val already picked each probe's epoch), in its direction (errors: lower
+   first), and ``sweep_state.json``. With ``sweep.seeds`` each
    entry runs once per seed and its row holds the mean and std over seeds (``leaderboard_seeds.csv`` keeps
    the per-seed rows).
 """
@@ -40,11 +42,20 @@ from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
 from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
 from medctl.evaluate import run_evaluate
+from medctl.evaluation.ranking import best_first
 from medctl.finetune import run_finetune
 from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
 from medctl.runs import environment_info, held_run, redact
-from medctl.sweep.board import SELECT_BY, build_leaderboard, entry_row, failed_row
+from medctl.sweep.board import (
+    DEFAULT_RANK,
+    SELECTED_ON,
+    RankMetric,
+    build_leaderboard,
+    entry_row,
+    failed_row,
+    rank_metric,
+)
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
@@ -127,6 +138,8 @@ def run_sweep(
     first = plan_entries(config, checkpoints, FINETUNE if mode == FINETUNE else PROBE)
     for entry in first + ([finetune_of(first[0])] if mode == "both" else []):
         entry_config(config, entry)
+    targets = [(t.name, t.kind) for t in config.data.targets]
+    rank = rank_metric(config.sweep.rank_by, config.train.monitor, targets)
     log(f"sweep: {len(checkpoints)} checkpoint(s), mode {mode}, {len(first)} entries first -> {sweep_dir}")
 
     # 2. the data, once; its split manifest is the sweep's
@@ -142,11 +155,12 @@ def run_sweep(
 
     # 4. mode both: fine-tune the best pretrained probes
     if mode == "both":
-        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top)
+        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top, rank)
         pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
             f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
-            f"{pretrained} pretrained checkpoint(s) by {SELECT_BY} (sweep.finetune_top = {config.sweep.finetune_top}; "
+            f"{pretrained} pretrained checkpoint(s) by {rank.column(SELECTED_ON)} "
+            f"(sweep.finetune_top = {config.sweep.finetune_top}; "
             f"the {RANDOM_INIT} baseline is not fine-tuned, whatever its rank)"
         )
         outcomes += runner.run([finetune_of(e) for e in chosen])
@@ -172,6 +186,9 @@ def run_sweep(
         title=f"Sweep {sweep_dir.name}: {mode}, split manifest {manifest_hash}",
         rank_on=config.sweep.rank_on,
         seeds=config.sweep.seeds,
+        rank=rank,
+        targets=targets,
+        monitor=config.train.monitor,
     )
     for entry, overlap in zip(board["entry"], board.get("pretrain_overlap", [""] * len(board)), strict=True):
         if isinstance(overlap, str) and overlap.endswith(" test"):  # Overlap.cell(): "2 val / 1 test"
@@ -190,22 +207,28 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
 
 
 def top_pretrained(
-    outcomes: Sequence[EntryOutcome], sweep_dir: Path, manifest_hash: str, k: int
+    outcomes: Sequence[EntryOutcome],
+    sweep_dir: Path,
+    manifest_hash: str,
+    k: int,
+    rank: RankMetric = DEFAULT_RANK,
 ) -> list[SweepEntry]:
     """Every seed of the ``k`` finished entries with a checkpoint (not the random baseline) that score best
-    on validation (mean over their seeds), best first. Validation, not the ranking split: choosing what to
-    fine-tune is a selection, and the ranking split stays out of it."""
+    on validation by the ranking metric, in its direction (mean over their seeds), best first. Validation, not
+    the ranking split: choosing what to fine-tune is a selection, and the ranking split stays out of it."""
     values: dict[str, list[float]] = {}
     seeds: dict[str, list[SweepEntry]] = {}
+    column = rank.column(SELECTED_ON)
     for outcome in outcomes:
         if outcome.status == "failed" or not outcome.entry.checkpoint:
             continue
         row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
-        value = row.get(SELECT_BY)
+        value = row.get(column)
         if row["status"] == "ok" and value is not None:
             values.setdefault(outcome.entry.base, []).append(float(value))
             seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
-    order = sorted(values, key=lambda base: -sum(values[base]) / len(values[base]))  # stable: ties keep order
+    means = {base: sum(v) / len(v) for base, v in values.items()}
+    order = best_first(means, rank.metric)  # stable: ties keep order
     return [entry for base in order[:k] for entry in seeds[base]]
 
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-LOWER_IS_BETTER = ("mae", "rmse", "mse")  # error metrics of regression targets; losses too
+from medctl.evaluation.ranking import LOWER_IS_BETTER, lower_is_better  # the sweep ranks the same way
 
-
-def lower_is_better(metric: str) -> bool:
-    """True for losses and errors (``loss``, ``val_age_mae``), False for scores (``auroc``, ``val_age_r2``)."""
-    name = metric.lower()
-    return "loss" in name or name in LOWER_IS_BETTER or name.endswith(tuple(f"_{m}" for m in LOWER_IS_BETTER))
+__all__ = ["LOWER_IS_BETTER", "EarlyStopping", "lower_is_better"]
 
 
 class EarlyStopping:

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 
 from medctl.data.dataset import CacheDataset
 from medctl.data.tables import TargetSpec
+from medctl.evaluation.columns import pred_name, true_name
+from medctl.evaluation.columns import prefix as column_prefix
 from medctl.evaluation.metrics import class_probs
 from medctl.progress import progress_bar
 from medctl.training.precision import autocast_context
@@ -86,27 +88,29 @@ def predictions_frame(
     specs: Sequence[TargetSpec],
     threshold: float = 0.5,
 ) -> pd.DataFrame:
-    """``id``, then per target ``y_true``, ``y_pred`` and one ``prob_<class>`` column per class.
+    """``id``, then per target its true and predicted values and one ``prob_<class>`` column per class.
 
-    Multilabel ``y_true`` / ``y_pred`` are 0/1 lists. With several targets every column but ``id`` is
-    prefixed ``<target>_`` (the layout of :func:`medctl.evaluation.reports.evaluate_predictions`).
+    One target: ``y_true``, ``y_pred``, ``prob_<class>``; several: ``<target>_true``, ``<target>_pred``,
+    ``<target>_prob_<class>`` (:mod:`medctl.evaluation.columns`, the layout of
+    :func:`medctl.evaluation.reports.evaluate_predictions`). Multilabel true/pred values are 0/1 lists.
     """
     columns: dict[str, object] = {"id": [str(i) for i in ids]}
+    n = len(specs)
     for spec in specs:
-        prefix = f"{spec.name}_" if len(specs) > 1 else ""
+        true, pred, prefix = true_name(spec.name, n), pred_name(spec.name, n), column_prefix(spec.name, n)
         y = np.asarray(y_true[spec.name])
         if spec.kind == "regression":  # true and predicted values, in the target's units
-            columns[f"{prefix}y_true"] = y.astype(np.float64)
-            columns[f"{prefix}y_pred"] = np.asarray(probs[spec.name], dtype=np.float64).reshape(len(y), -1)[:, 0]
+            columns[true] = y.astype(np.float64)
+            columns[pred] = np.asarray(probs[spec.name], dtype=np.float64).reshape(len(y), -1)[:, 0]
             continue
         if spec.kind == "multilabel":
             p = np.asarray(probs[spec.name], dtype=np.float64)  # (N, L)
-            columns[f"{prefix}y_true"] = [row.tolist() for row in y.astype(np.int64)]
-            columns[f"{prefix}y_pred"] = [row.tolist() for row in (p >= threshold).astype(np.int64)]
+            columns[true] = [row.tolist() for row in y.astype(np.int64)]
+            columns[pred] = [row.tolist() for row in (p >= threshold).astype(np.int64)]
         else:
             p = class_probs(probs[spec.name], len(spec.classes))  # (N, K)
-            columns[f"{prefix}y_true"] = y.astype(np.int64)
-            columns[f"{prefix}y_pred"] = p.argmax(axis=1).astype(np.int64)
+            columns[true] = y.astype(np.int64)
+            columns[pred] = p.argmax(axis=1).astype(np.int64)
         for k, name in enumerate(spec.classes):
             columns[f"{prefix}prob_{name}"] = p[:, k].astype(np.float32)
     return pd.DataFrame(columns)
