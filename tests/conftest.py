@@ -59,13 +59,9 @@ def tiny_byol() -> list[str]:
 @pytest.fixture(scope="session")
 def _moto_endpoint():
     """One moto S3 server on 127.0.0.1 at a free port for the session."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -85,3 +81,46 @@ def s3_server(_moto_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("S3_ENDPOINT_URL", _moto_endpoint)
     return _moto_endpoint
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def flaky_endpoint(monkeypatch):
+    """A moto server of this test's own (the session's must stay up), and a way to stop and restart it."""
+    port = free_port()
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    from moto.server import ThreadedMotoServer
+
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+
+    class Endpoint:
+        url = f"http://127.0.0.1:{port}"
+
+        def stop(self):
+            servers[-1].stop()
+
+        def restart(self):  # moto keeps its buckets in this process: they come back with the server
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+
+    yield Endpoint()
+    servers[-1].stop()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import pandas as pd
-import pytest
-from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 import medctl.data.preprocess as preprocess_module
@@ -20,45 +17,6 @@ from medctl.data.synthetic import make_synthetic_dataset
 from medctl.storage import filesystem
 
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def flaky_endpoint(monkeypatch):
-    """A moto server of this test's own (the session's must stay up), and a way to stop and restart it."""
-    port = free_port()
-    for name in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_SECURITY_TOKEN",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
-    servers[0].start()
-
-    class Endpoint:
-        url = f"http://127.0.0.1:{port}"
-
-        def stop(self):
-            servers[-1].stop()
-
-        def restart(self):  # moto keeps its buckets in this process: they come back with the server
-            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
-            servers[-1].start()
-
-    yield Endpoint()
-    servers[-1].stop()
 
 
 def test_an_outage_mid_run_exits_1_with_one_line_and_the_rerun_completes(

@@ -280,7 +280,37 @@ def local_copy(info: FileInfo, *, download_dir: str | Path, endpoint_url: str = 
     if not is_remote(info.url):
         return Path(info.url)
     digest = hashlib.sha256(f"{info.url}\0{info.fingerprint}".encode()).hexdigest()[:24]
-    target = Path(download_dir).expanduser() / digest / Path(info.key).name
+    return _download(info, Path(download_dir).expanduser() / digest / Path(info.key).name, endpoint_url, retries)
+
+
+def sibling_copy(info: FileInfo, name: str, beside: Path, *, endpoint_url: str = "", retries: int = 3) -> Path | None:
+    """The file ``name`` of ``info``'s folder (a BrainVision ``.eeg``, an EEGLAB ``.fdt``) beside ``beside``, the
+    local copy of ``info`` (:func:`local_copy`), where readers look for it; None when the folder has no such file.
+
+    Local: the file itself, already beside. Remote: downloaded next to ``beside`` (again when its size changed).
+    A name with a folder in it is a DataError; an outage is StorageUnavailable, as for any download.
+    """
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(f"{info.url}: names a file {name!r} outside its own folder; medctl reads side files beside it")
+    if not is_remote(info.url):
+        path = Path(info.url).parent / name
+        return path if path.is_file() else None
+    url = f"{info.url.rsplit('/', 1)[0]}/{name}"
+    fs = filesystem(url, endpoint_url, retries=retries)
+    try:
+        found = fs.info(strip_protocol(url))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        if is_transient(exc):  # the endpoint is away after the retries: an outage, not a bad file
+            raise unavailable(exc, endpoint_url) from exc
+        raise DataError(describe_storage_error(exc, url, endpoint_url)) from exc
+    side = FileInfo(name, url, int(found.get("size") or 0), _fingerprint(found))
+    return _download(side, beside.parent / name, endpoint_url, retries)
+
+
+def _download(info: FileInfo, target: Path, endpoint_url: str, retries: int) -> Path:
+    """``info``'s content at ``target`` (atomically), unless a file of its size is already there."""
     if target.is_file() and target.stat().st_size == info.size:
         return target
     fs = filesystem(info.url, endpoint_url, retries=retries)

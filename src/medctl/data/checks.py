@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig
-from medctl.data.eeg import read_recording_header
+from medctl.data.eeg import fetch_recording, read_recording_header
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.preprocess import aspect_warning, class_counts, memory_budget, worker_memory_bytes
 from medctl.data.provenance import PretrainPool, count_overlap
@@ -328,8 +328,9 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
         id_ = found[index]
         try:
             files = [listing.files[k] for k in resolution.matches[id_]]
+            fetch = fetch_recording if data.modality == "eeg" else local_copy  # with BrainVision/EEGLAB side files
             paths = [
-                local_copy(
+                fetch(
                     f,
                     download_dir=data.download_dir,
                     endpoint_url=source.endpoint_url,

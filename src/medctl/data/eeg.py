@@ -9,6 +9,10 @@ Formats, by file name (``data.modality = "eeg"``):
   (v5 files through scipy.io; v7.3 HDF5 files are refused with the fix), ``.csv`` with one column per
   channel (the header names them) and one row per sample.
 
+BrainVision and EEGLAB keep their samples in side files that the header names (``DataFile=`` / ``MarkerFile=``
+in a ``.vhdr``, the ``data`` field of a ``.set``): :func:`fetch_recording` brings them from a bucket next to the
+header's local copy, and a missing one is a DataError naming it.
+
 Problems a user can fix raise DataError naming the file, so the preprocessor records and skips them.
 """
 
@@ -21,6 +25,7 @@ import numpy as np
 
 from medctl.config import EEGConfig
 from medctl.errors import DataError
+from medctl.storage import FileInfo, is_remote, local_copy, sibling_copy
 
 _MNE_FORMATS = {".edf": "EDF", ".bdf": "BDF", ".vhdr": "BrainVision", ".set": "EEGLAB", ".fif": "FIF"}
 _ARRAY_FORMATS = {".npy": "NumPy", ".mat": "MATLAB", ".csv": "CSV"}
@@ -33,6 +38,98 @@ class RecordingHeader:
     channels: list[str]
     sfreq: float
     n_samples: int
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """A file a recording's header names: the first of ``names`` found beside the header is the one."""
+
+    what: str  # what the header calls it: "DataFile", "MarkerFile", "its .fdt data file"
+    names: tuple[str, ...]  # as named, then the fallback the reader tries (the header's stem)
+    required: bool  # MNE reads a BrainVision file without its markers, never without its samples
+
+
+def side_files(header: Path) -> list[SideFile]:
+    """What a local BrainVision ``.vhdr`` or EEGLAB ``.set`` needs beside it; nothing for other formats.
+
+    BrainVision: ``DataFile`` (required) and ``MarkerFile`` (optional; else ``<stem>.vmrk``, as MNE falls back)
+    from ``[Common Infos]``. EEGLAB: the ``.fdt`` its ``data`` field names (else ``<stem>.fdt``), none when the
+    samples are inside the ``.set``.
+    """
+    suffix = header.suffix.lower()
+    if suffix == ".vhdr":
+        named = _brainvision_common_infos(header)
+        sides = []
+        if named.get("datafile"):
+            sides.append(SideFile("DataFile", (named["datafile"],), True))
+        if named.get("markerfile"):
+            sides.append(SideFile("MarkerFile", _names(named["markerfile"], f"{header.stem}.vmrk"), False))
+        return sides
+    if suffix == ".set":
+        data = _eeglab_data_field(header)
+        return [SideFile("its .fdt data file", _names(data, f"{header.stem}.fdt"), True)] if data else []
+    return []
+
+
+def _names(*names: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _brainvision_common_infos(header: Path) -> dict[str, str]:
+    """``{lowercased key: value}`` of a ``.vhdr``'s ``[Common Infos]`` section (the file names it holds)."""
+    raw = header.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # Codepage=ANSI headers
+        text = raw.decode("latin-1")
+    section, found = "", {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+        elif section == "common infos" and "=" in line and not line.startswith(";"):
+            key, value = line.split("=", 1)
+            found[key.strip().lower()] = value.strip()
+    return found
+
+
+def _eeglab_data_field(header: Path) -> str:
+    """The ``.fdt`` file name an EEGLAB ``.set`` keeps its samples in; "" when they are inside it (or when scipy
+    cannot read the file, a MATLAB v7.3 one: MNE then says what is wrong)."""
+    from scipy.io import loadmat, whosmat
+
+    try:
+        variables = {name: kind for name, _, kind in whosmat(str(header))}
+        if variables.get("data") == "char":  # the fields at the top level (EEGLAB's own "-v7" files, eeglabio's)
+            data = loadmat(str(header), variable_names=["data"], squeeze_me=True)["data"]
+        elif "EEG" in variables:  # one EEG struct
+            eeg = loadmat(str(header), variable_names=["EEG"], squeeze_me=True, struct_as_record=False)["EEG"]
+            data = getattr(eeg, "data", None)
+        else:
+            return ""
+    except (NotImplementedError, ValueError, OSError):
+        return ""
+    return str(data).strip() if isinstance(data, str) else ""
+
+
+def fetch_recording(info: FileInfo, *, download_dir: str | Path, endpoint_url: str = "", retries: int = 3) -> Path:
+    """A local path to the recording ``info`` (a download when it is in a bucket) with every side file its header
+    names beside it (:func:`side_files`). A required one that is missing is a DataError naming it; an outage
+    while fetching any is StorageUnavailable, as for the recording itself."""
+    path = local_copy(info, download_dir=download_dir, endpoint_url=endpoint_url, retries=retries)
+    for side in side_files(path):
+        found = None
+        for name in side.names:
+            found = sibling_copy(info, name, path, endpoint_url=endpoint_url, retries=retries)
+            if found is not None:
+                break
+        if found is None and side.required:
+            folder = info.url.rsplit("/", 1)[0] if is_remote(info.url) else str(Path(info.url).parent)
+            raise DataError(
+                f"{info.url}: the header names {side.what} {side.names[0]!r}, which is not in {folder}/; put it "
+                "beside the header (or correct the name in the header)"
+            )
+    return path
 
 
 def recording_format(name: str | Path) -> str:

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig, EEGConfig, PreprocessConfig
-from medctl.data.eeg import read_recording
+from medctl.data.eeg import fetch_recording, read_recording
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.readers import axis_names, declared_size_problem, describe_geometry, read_header, read_image
 from medctl.data.spectrogram import prepare_signal, recording_windows
@@ -624,9 +624,8 @@ def process_sample(task: SampleTask) -> SampleOutcome:
 
 
 def _local(info: FileInfo, task: SampleTask, downloads: dict[str, str]) -> Path:
-    path = local_copy(
-        info, download_dir=task.download_dir, endpoint_url=task.endpoint_url, retries=task.retries
-    )
+    fetch = fetch_recording if task.eeg is not None else local_copy  # a recording brings the files its header names
+    path = fetch(info, download_dir=task.download_dir, endpoint_url=task.endpoint_url, retries=task.retries)
     if is_remote(info.url):
         downloads[str(path)] = info.url
     return path
