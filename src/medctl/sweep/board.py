@@ -366,10 +366,11 @@ def ranking_note(rank_on: str, seeds: Sequence[int], rank: RankMetric = DEFAULT_
             "selected nothing."
         )
     why = {
-        "sweep.rank_by": f"The ranking metric is sweep.rank_by = {rank.key!r}.",
-        "train.monitor": f"The ranking metric is train.monitor = {monitor!r}'s (sweep.rank_by can name another).",
-        "default": f"train.monitor = {monitor!r} is not a metric `medctl evaluate` reports, so the primary target's "
-        "headline ranks (sweep.rank_by can name another).",
+        "sweep.rank_by": f"Ranking metric: sweep.rank_by = {rank.key!r}.",
+        "train.monitor": f"Ranking metric: train.monitor = {monitor!r}, the metric that picked each epoch "
+        "(sweep.rank_by can name another).",
+        "default": f"Ranking metric: the primary target's headline, since train.monitor = {monitor!r} is not a "
+        "metric `medctl evaluate` reports (sweep.rank_by can name another).",
     }[rank.source]
     if seeds:
         listed = ", ".join(str(s) for s in seeds)
