@@ -17,8 +17,9 @@ test samples (``eval_test/test_preds.parquet``), on the ranking metric.
 With ``sweep.seeds`` the runs of one entry (``<entry>/seed<s>``) become one row: every metric's mean and
 ``_std`` over the seeds that finished, ``n_seeds``; ``p_vs_leader`` is then a paired t-test across seeds
 on the ranking metric, and ``delta_vs_random`` (``_std``; entry minus baseline, so negative is better for an
-error) / ``p_vs_random`` compare each entry with the random baseline seed by seed on the same metric. ``leaderboard_seeds.csv`` keeps the per-seed rows. Each row names
-the encoder the entry built (``architecture``: a sweep may mix widths and position schemes).
+error) / ``p_vs_random`` compare each entry with the random baseline seed by seed on the same metric.
+``leaderboard_seeds.csv`` keeps the per-seed rows. Each row names the encoder the entry built
+(``architecture``: a sweep may mix widths and position schemes).
 """
 
 from __future__ import annotations
@@ -372,16 +373,17 @@ def ranking_note(rank_on: str, seeds: Sequence[int], rank: RankMetric = DEFAULT_
         "default": f"Ranking metric: the primary target's headline, since train.monitor = {monitor!r} is not a "
         "metric `medctl evaluate` reports (sweep.rank_by can name another).",
     }[rank.source]
+    why = f"{why} " if monitor or rank.source == "sweep.rank_by" else ""  # a caller that did not say what monitored
     if seeds:
         listed = ", ".join(str(s) for s in seeds)
         sign = " (negative is better)" if not rank.higher_is_better else ""
         return (
-            f"{ranked} {why} Values: mean ± std over seeds [{listed}] (the probe's run.seed; a {{seed}} checkpoint "
+            f"{ranked} {why}Values: mean ± std over seeds [{listed}] (the probe's run.seed; a {{seed}} checkpoint "
             "is the pretraining run of that seed). p vs leader / p vs random: paired t-test across seeds on the "
             f"ranking metric, two-sided; Δ vs random: mean ± std of the per-seed difference, entry minus random{sign}."
         )
     return (
-        f"{ranked} {why} Test values with 95% bootstrap intervals; p vs leader: paired bootstrap on the test "
+        f"{ranked} {why}Test values with 95% bootstrap intervals; p vs leader: paired bootstrap on the test "
         "samples, on the ranking metric, two-sided."
     )
 
