@@ -263,10 +263,10 @@ def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_
     assert "No method beats the input baseline" in markdown
 
 
-def test_the_default_cam_layer_is_chosen_for_the_lesion_size_and_recorded(trained_3d, tmp_path):
+def test_without_a_check_the_cam_layer_is_chosen_for_the_lesion_size_and_recorded(trained_3d, tmp_path):
     ckpt = str(trained_3d.best_checkpoint)
     sample_id = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("label == 1")["id"].iloc[0]
-    args = ["--ckpt", ckpt, "--ids", sample_id, "--method", "gradcam", *FAST]
+    args = ["--ckpt", ckpt, "--ids", sample_id, "--method", "gradcam", *FAST, "saliency.cam_check_samples=0"]
     assert invoke(*args, "--out", str(tmp_path / "auto")).exit_code == 0
     chosen = json.loads((tmp_path / "auto" / "scores.json").read_text())["cam_layer"]
     extent = chosen["target_extent"]  # measured on the cache's training masks, in cached voxels
@@ -286,6 +286,52 @@ def test_the_default_cam_layer_is_chosen_for_the_lesion_size_and_recorded(traine
     auto_map = nrrd.read(str(tmp_path / "auto" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
     last_map = nrrd.read(str(tmp_path / "last" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
     assert len(np.unique(auto_map.round(6))) > len(np.unique(last_map.round(6)))  # a finer map than layer4's
+
+
+def test_the_default_cam_layer_is_the_best_on_held_out_lesions_and_recorded(trained_3d, tmp_path):
+    """With masks in the cache, the deepest map sizes are scored on val lesions (never the reported test
+    samples) and the best pointing one is read; scores.json and report.md say which, why and at what cost."""
+    ckpt, out_dir = str(trained_3d.best_checkpoint), tmp_path / "checked"
+    out = invoke(
+        "--ckpt", ckpt, "--split", "test", "--method", "gradcam", "--method", "hirescam", "--out", str(out_dir),
+        *FAST, "saliency.cam_check_samples=2",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    report = json.loads((out_dir / "scores.json").read_text())
+    chosen = report["cam_layer"]
+    check = chosen["check"]
+    manifest = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").set_index("id")
+    assert check["source"] == "val split" and len(check["ids"]) == 2  # the val split has 2 lesion samples
+    assert set(manifest.loc[check["ids"], "split"]) == {"val"} and all(
+        manifest.loc[check["ids"], "label"] == 1
+    )
+    reported = set(pd.read_csv(out_dir / "index.csv")["id"])
+    assert not reported & set(check["ids"])
+    assert check["methods"] == ["gradcam", "hirescam"] and check["seconds"] > 0
+    scored = [c for c in chosen["candidates"] if "check_pointing_hit_rate" in c]
+    assert [c["name"] for c in scored] == ["layer1", "layer2", "layer3", "layer4"]  # the 4 deepest map sizes
+    best = max(scored, key=lambda c: (c["check_pointing_hit_rate"], c["check_mass_in_mask"]))
+    assert chosen["name"] in {c["name"] for c in scored}
+    by_name = {c["name"]: c for c in scored}
+    assert (
+        by_name[chosen["name"]]["check_pointing_hit_rate"],
+        by_name[chosen["name"]]["check_mass_in_mask"],
+    ) == (best["check_pointing_hit_rate"], best["check_mass_in_mask"])
+    assert chosen["stride"] == by_name[chosen["name"]]["stride"] and "held-out" in chosen["rule"]
+    markdown = (out_dir / "report.md").read_text()
+    assert "Held-out check of the CAM layer (2 lesion samples of the val split" in markdown
+    assert f"| `{chosen['name']}` (chosen) |" in markdown
+    assert f"the CAMs read {chosen['name']}" in " ".join(out.output.split())
+    # explaining val itself: the check moves to train
+    val_dir = tmp_path / "val"
+    args = ["--ckpt", ckpt, "--split", "val", "--method", "gradcam", "--out", str(val_dir), *FAST]
+    assert invoke(*args, "saliency.cam_check_samples=2").exit_code == 0
+    val_check = json.loads((val_dir / "scores.json").read_text())["cam_layer"]["check"]
+    assert val_check["source"] == "train split" and set(manifest.loc[val_check["ids"], "split"]) == {"train"}
+    # a named layer wins and needs no check
+    assert invoke(*args, "--gradcam-layer", "layer3", "--out", str(tmp_path / "named")).exit_code == 0
+    named = json.loads((tmp_path / "named" / "scores.json").read_text())["cam_layer"]
+    assert named["name"] == "layer3" and named["check"] is None
 
 
 def test_user_errors_are_one_line_and_exit_2(trained_3d):

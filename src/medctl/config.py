@@ -430,6 +430,9 @@ class SaliencyConfig(Section):
     # encoder module the CAMs read, e.g. "layer3" or "stem.1"; "" chooses the deepest map fine enough for
     # the lesions (saliency/layers.py); "last" the encoder's own last spatial layer
     gradcam_layer: str = ""
+    # with gradcam_layer "": lesion samples held out from the reported ones (val; train when val is reported)
+    # on which the deepest map sizes are scored to choose the CAM layer; 0 keeps the resolution rule alone
+    cam_check_samples: int = Field(default=8, ge=0)
 
 
 class Config(Section):
