@@ -4,7 +4,8 @@ A finished entry's row comes from its ``results.json`` (epochs, training wall ti
 hash) and from ``eval_val/metrics.json`` / ``eval_test/metrics.json`` (the primary target's headline
 metrics with 95% bootstrap intervals, as :func:`medctl.evaluate.stage.run_evaluate` wrote them), so the
 table holds exactly the entries' own numbers. Rows are ranked on ``<rank_on>_balanced_accuracy``
-(``sweep.rank_on``; each probe picked its epoch on val, so test is the unbiased default) and say so in
+(``sweep.rank_on``; each probe picked its epoch on val, so test is the unbiased default, or on an inner val
+carved from train under ``sweep.select_on = "inner_val"``, so that val ranks without bias) and say so in
 ``selected_on`` / ``ranked_on``. The p-value of each entry against the leader is the paired bootstrap on
 the same test samples (``eval_test/test_preds.parquet``), balanced accuracy.
 
@@ -224,12 +225,19 @@ def add_seed_tests(board: pd.DataFrame, rows: Sequence[Mapping[str, Any]], sort_
     return board
 
 
-def ranking_note(rank_on: str, seeds: Sequence[int]) -> str:
+def ranking_note(rank_on: str, seeds: Sequence[int], selected_on: str = "val") -> str:
     """What the leaderboard's numbers are: which split picked the epoch, which one ranks, what the p-values test."""
-    if rank_on == "val":
+    if selected_on == "inner_val":
+        ranked = (
+            "Each probe fit on part of the train split and picked its epoch (train.monitor) on the rest, an inner "
+            f"val carved once for the sweep (inner_split.csv); ranked on {rank_on} balanced accuracy, a split that "
+            "selected nothing" + ("; test stays untouched for the final figure." if rank_on == "val" else ".")
+        )
+    elif rank_on == "val":
         ranked = (
             "Ranked on val balanced accuracy: the split that also picked each probe's epoch (train.monitor), "
-            'so val flatters every entry; sweep.rank_on = "test" ranks on samples that selected nothing.'
+            'so val flatters every entry; sweep.rank_on = "test" (or sweep.select_on = "inner_val") ranks on '
+            "samples that selected nothing."
         )
     else:
         ranked = (
@@ -259,6 +267,7 @@ def build_leaderboard(
     title: str,
     rank_on: str = "test",
     seeds: Sequence[int] = (),
+    selected_on: str = "val",
 ) -> tuple[pd.DataFrame, Path, Path]:
     """Rank the rows on ``<rank_on>`` balanced accuracy, add p-values, write leaderboard.csv and .md
     (and ``leaderboard_seeds.csv`` with the per-seed rows when there are ``seeds``)."""
@@ -269,9 +278,10 @@ def build_leaderboard(
         board = add_seed_tests(leaderboard(seed_summary_rows(rows), sort_by=sort_by), rows, sort_by)
     else:
         board = add_p_values(leaderboard(rows, sort_by=sort_by), run_dirs, n_bootstrap, seed)
-    board.insert(board.columns.get_loc("reason") + 1, "selected_on", SELECT_BY.split("_")[0])
+    board.insert(board.columns.get_loc("reason") + 1, "selected_on", selected_on)
     board.insert(board.columns.get_loc("selected_on") + 1, "ranked_on", rank_on)
-    csv_path, md_path = write_leaderboard(board, out_dir, title=title, note=ranking_note(rank_on, seeds))
+    note = ranking_note(rank_on, seeds, selected_on)
+    csv_path, md_path = write_leaderboard(board, out_dir, title=title, note=note)
     return board, csv_path, md_path
 
 
