@@ -44,7 +44,7 @@ By encoder family (strides for the default builders):
 What the held-out check picked, measured (benchmarks/RESULTS.md, bench_pointing.py with distractors): the
 check scores ``layer1``-``layer4`` (resnet) or ``stem.0``, ``stem.1``, ``stem`` (mt3) and keeps the one that
 points best: ``layer3`` (0.88 on the check, where the size rule took ``layer2``) in one resnet run at
-32x64x64, ``layer1`` in a weaker-trained one; ``stem.0`` for mt3_tiny at 16x32x32; ``layer2``/``layer3``
+32x64x64, ``layer1`` in a weaker-trained one; ``stem.0`` or ``stem.1`` for mt3_tiny at 16x32x32; ``layer2``/``layer3``
 for a 2D resnet at 32x32. With a handful of check lesions the choice is noisy; it is recorded with its
 scores so that a reader can see how clear it was.
 
