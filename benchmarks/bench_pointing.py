@@ -6,7 +6,8 @@
 
 Each scenario makes the synthetic lesion dataset, fine-tunes a classifier with `medctl finetune` and explains
 its test split with `medctl saliency` (target: the labelled class, pointing tolerance 0), once per CAM layer:
-the encoder's default (its last spatial map) and finer ones given with `--gradcam-layer`. Chance is the
+the default (chosen on a held-out check of val lesions, its candidates' check scores listed) and others given
+with `--gradcam-layer`. Chance is the
 mask's share of the volume, the hit rate of a peak placed at random; the input rows score the image's own
 intensity and edge maps the same way, without a model (`--distractors N` adds N balls brighter than any
 lesion to every volume, so the intensity map misses). The commands run as a user runs them,
@@ -130,6 +131,8 @@ def run_scenario(
     for layer, methods in runs:
         report = explain(ckpt, root / f"saliency_{layer or 'default'}", methods, layer)
         chosen = (report.get("cam_layer") or {}).get("name", "")
+        if not layer:
+            cam_layer = report.get("cam_layer") or {}
         for method, scores in report["scores"].items():
             cam = method in ("gradcam", "hirescam")
             shown = (layer or f"default ({chosen})") if cam else "-"
@@ -140,6 +143,7 @@ def run_scenario(
     info = {
         "val balanced accuracy": results["metrics"]["balanced_accuracy"],
         "seconds": time.perf_counter() - started,
+        "cam_layer": cam_layer,
     }
     return info, rows
 
@@ -155,6 +159,7 @@ def table(
         "val balanced accuracy "
         f"{info['val balanced accuracy']:.3f}; scenario wall time {info['seconds']:.0f} s",
         "",
+        *cam_check_lines(info["cam_layer"]),
         "| method | CAM layer | scored maps | pointing game | chance | mass in mask | s/map | verdict |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -166,6 +171,24 @@ def table(
             f"{row['mass_in_mask']:.3f} | {seconds} | {row.get('verdict') or 'baseline'} |"
         )
     return lines
+
+
+def cam_check_lines(cam_layer: dict) -> list[str]:
+    """How the default CAM layer was chosen: the held-out check's candidates and scores, or the rule."""
+    check = cam_layer.get("check")
+    if not check:
+        return [f"- default CAM layer `{cam_layer.get('name', '')}`: {cam_layer.get('rule', '')}", ""]
+    scored = ", ".join(
+        f"{c['name']} {c['check_pointing_hit_rate']:.2f} / {c['check_mass_in_mask']:.3f}"
+        for c in cam_layer["candidates"]
+        if "check_pointing_hit_rate" in c
+    )
+    return [
+        f"- default CAM layer `{cam_layer['name']}`, chosen on {len(check['ids'])} held-out lesion samples of the "
+        f"{check['source']} ({', '.join(check['methods'])}; pointing game / mass in mask per candidate: {scored}; "
+        f"{check['seconds']:.1f} s; the resolution rule alone: {check['resolution_rule_choice']})",
+        "",
+    ]
 
 
 def main() -> None:
@@ -183,7 +206,7 @@ def main() -> None:
             scenario = SCENARIOS[name]
             info, rows = run_scenario(scenario, base / name, args.n, args.epochs, args.distractors)
             sections += ["", *table(scenario, info, rows, args.n, args.epochs, args.distractors)]
-            print("\n".join(sections[-(len(rows) + 7) :]), flush=True)
+            print("\n".join(sections[-(len(rows) + 9) :]), flush=True)
     lines += [f"| {key} | {value} |" for key, value in machine().items()]
     text = "\n".join([*lines, *sections]) + "\n"
     if not args.no_write:

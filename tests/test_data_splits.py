@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medctl.data.splits import make_splits, normalize_split
+from medctl.data.splits import make_inner_split, make_splits, normalize_split
 
 RATIOS = st.sampled_from([(0.7, 0.15, 0.15), (0.6, 0.2, 0.2), (0.8, 0.2, 0.0), (0.5, 0.25, 0.25)])
 
@@ -85,3 +85,22 @@ def test_split_aliases():
     assert [normalize_split(v) for v in ("Train", "validation", "VALID", "dev", "testing", "holdout")] == [
         "train", "val", "val", "val", "test", None,
     ]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3), min_size=6, max_size=30),
+    share=st.floats(0.15, 0.5),
+    seed=st.integers(0, 1000),
+)
+def test_inner_split_keeps_subjects_whole_and_is_seeded(sizes, share, seed):
+    groups = [f"s{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    labels = np.eye(2)[[g % 2 for g, n in enumerate(sizes) for _ in range(n)]]  # (N, 2) one-hot
+    parts = make_inner_split(groups, labels, share, seed)
+    assert set(parts) <= {"inner_train", "inner_val"} and "inner_train" in set(parts)
+    for group in set(groups):  # one subject never on both sides
+        assert len({p for p, g in zip(parts, groups, strict=True) if g == group}) == 1
+    order = np.random.default_rng(seed).permutation(len(groups))  # row order does not matter
+    shuffled = make_inner_split([groups[i] for i in order], labels[order], share, seed)
+    assert list(shuffled) == [parts[i] for i in order]
+    assert (parts == "inner_val").sum() <= share * len(groups) + max(sizes)

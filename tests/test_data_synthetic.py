@@ -87,6 +87,18 @@ def test_distractors_are_the_brightest_structure_in_every_class_and_outside_the_
         make_synthetic_dataset(tmp_path / "bad", n=8, distractors=-1)
 
 
+def test_two_dimensional_distractors_are_not_clipped_to_the_lesions_level(tmp_path):
+    """2D images live in [0, 1]: at the plain scale the distractors would saturate together with bright
+    lesions, and the intensity map's peak could land on a lesion by a tie."""
+    ds = make_synthetic_dataset(tmp_path / "distract2d", n=24, dims=2, size=(32, 32), seed=0, distractors=2)
+    for sample_id in ds.ids:
+        image = read_image(ds.image_root / f"{sample_id}.png").array[0].astype(float)
+        mask = read_image(ds.mask_root / f"{sample_id}.png").array[0] > 0
+        assert image.max() < 255, sample_id  # nothing clipped
+        if mask.any():
+            assert image[mask].max() < image[~mask].max(), sample_id  # a distractor is strictly brighter
+
+
 def test_a_linear_probe_on_local_features_separates_the_classes(tmp_path):
     ds = make_synthetic_dataset(tmp_path / "probe", n=40, seed=4)
     table = pd.read_csv(ds.table, sep="\t")

@@ -232,6 +232,77 @@ def test_seeds_give_mean_spread_and_paired_tests_ranked_on_test(synthetic_3d, ch
     assert "ranked on test" in " ".join(result.output.split())
 
 
+def test_inner_split_selects_the_epochs_and_val_ranks(synthetic_3d, checkpoint_dir, tmp_path):
+    """``sweep.select_on = "inner_val"``: the train split is carved once (grouped, seeded, frozen in the sweep
+    folder); every entry and seed fits on inner_train and picks its epoch on inner_val, so the leaderboard
+    ranks on the outer val, which selected nothing, and test stays untouched."""
+    args = sweep_args(
+        synthetic_3d, checkpoint_dir, tmp_path / "runs", "inner", "--listed-only",
+        f"sweep.checkpoints={json.dumps([str(checkpoint_dir / 'byol_a.pt')])}", "sweep.seeds=[0, 1]",
+        "train.epochs=4", 'sweep.select_on="inner_val"', 'sweep.rank_on="val"', "sweep.inner_val_share=0.25",
+    )  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    sweep_dir = tmp_path / "runs" / "inner"
+
+    # the inner split: only training samples, both parts non-empty, no subject on both sides
+    inner = pd.read_csv(sweep_dir / "inner_split.csv", dtype=str)
+    cache = Path(json.loads((sweep_dir / "byol_a" / "seed0" / "results.json").read_text())["cache_dir"])
+    manifest = pd.read_parquet(cache / "manifest.parquet").query("status == 'ok'")
+    split_of = manifest.set_index("id")["split"]
+    assert set(inner["id"]) == set(manifest.loc[manifest["split"] == "train", "id"])
+    assert not set(inner["id"]) & set(manifest.loc[manifest["split"].isin(["val", "test"]), "id"])
+    assert set(inner["inner_split"]) == {"inner_train", "inner_val"}
+    assert inner.groupby("group")["inner_split"].nunique().max() == 1  # grouped like the outer split
+    record = json.loads((sweep_dir / "inner_split.json").read_text())
+    assert record["val_share"] == 0.25 and record["n_inner_val"] == (inner["inner_split"] == "inner_val").sum()
+    inner_val = set(inner.loc[inner["inner_split"] == "inner_val", "id"])
+
+    # every entry and seed selected on the same inner val: its validation predictions are those samples
+    entries = ["byol_a/seed0", "byol_a/seed1", "random_init/seed0", "random_init/seed1"]
+    for entry in entries:
+        run_dir = sweep_dir / entry
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["selected_on"] == "inner_val"
+        assert results["inner_split"] == str(sweep_dir / "inner_split.csv")
+        assert set(pd.read_parquet(run_dir / "val_preds.parquet")["id"].astype(str)) == inner_val
+        assert set(split_of[sorted(inner_val)]) == {"train"}
+        assert json.loads((run_dir / "done.json").read_text())["inner_split"] == record["digest"]
+        val = json.loads((run_dir / "eval_val" / "metrics.json").read_text())  # the outer val, evaluated after
+        assert val["n_samples"] == (manifest["split"] == "val").sum()
+
+    # ranked on the outer val, and the table says which split did what
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    assert set(board["selected_on"]) == {"inner_val"} and set(board["ranked_on"]) == {"val"}
+    assert board["val_balanced_accuracy"].is_monotonic_decreasing and board["rank"].tolist() == [1, 2]
+    seeds = pd.read_csv(sweep_dir / "leaderboard_seeds.csv")
+    for _, row in seeds.iterrows():
+        summary = json.loads((sweep_dir / row["entry"] / "eval_val" / "metrics.json").read_text())["summary"]
+        assert row["val_balanced_accuracy"] == pytest.approx(summary["balanced_accuracy"])
+    md = " ".join((sweep_dir / "leaderboard.md").read_text().split())
+    assert "picked its epoch (train.monitor) on the rest, an inner val" in md and "test stays untouched" in md
+    assert "ranked on val" in " ".join(result.output.split())
+
+    # a rerun keeps the frozen split and skips every finished entry
+    before = (sweep_dir / "inner_split.csv").read_bytes()
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert (sweep_dir / "inner_split.csv").read_bytes() == before
+    assert all(f"{entry} already finished, skipped" in again.output for entry in entries)
+
+
+def test_an_inner_split_file_from_other_data_is_one_line(synthetic_3d, tmp_path):
+    stray = tmp_path / "inner_split.csv"
+    stray.write_text("id,group,inner_split\nnot-a-sample,g,inner_val\nsub-000,g2,inner_train\n")
+    result = invoke(
+        "finetune", *synthetic_3d.config_overrides(), *EASY, f'model.encoder="{ENCODER}"', "train.epochs=1",
+        f"train.inner_split={json.dumps(str(stray))}", f"run.root={json.dumps(str(tmp_path / 'runs'))}",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "not-a-sample" in message and "rerun the sweep" in message and "Traceback" not in result.output
+
+
 def test_paired_seed_test_matches_scipy():
     from scipy import stats
 

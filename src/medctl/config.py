@@ -286,6 +286,10 @@ class TrainConfig(Section):
     # r2, pearson_r; higher is better unless it is a loss or an error (mae, rmse)
     monitor: str = "balanced_accuracy"
     patience: int = Field(default=10, ge=0)  # 0 disables early stopping
+    # an inner split file (id, inner_split = inner_train | inner_val; `medctl sweep` writes one under
+    # sweep.select_on = "inner_val"): fit on inner_train and pick the epoch on inner_val, both carved from the
+    # train split, so val and test select nothing. "" : fit on train, pick the epoch on val
+    inner_split: str = ""
     feature_cache: bool = True  # linear probe trains on cached embeddings, not the encoder
     # an attentive probe caches every token (float16, memory-mapped, under <data cache>/features/); when the
     # train + val tokens would take more than this many GB (or more than the free disk), the frozen encoder
@@ -400,6 +404,12 @@ class SweepConfig(Section):
     # probe's epoch (a loss, which evaluate does not report: the primary target's balanced accuracy, or MAE).
     # Errors (mae, rmse) rank lower first, every other metric higher first
     rank_by: str = ""
+    # the samples that pick each entry's epoch (train.monitor): "val", or "inner_val", a share of the train
+    # split carved once per sweep (seeded by data.split_seed, grouped by subject, stratified; frozen in
+    # <sweep dir>/inner_split.csv), so that rank_on = "val" ranks on samples that selected nothing and test
+    # stays untouched for the final figure
+    select_on: Literal["val", "inner_val"] = "val"
+    inner_val_share: float = Field(default=0.2, gt=0, lt=1)  # select_on = "inner_val": train's share carved off
     # run every entry once per seed: run.seed of its probe (and of the random baseline's initial weights);
     # "{seed}" in a checkpoint path picks the pretraining run of that seed. The leaderboard shows the mean and
     # std over seeds and a paired t-test across seeds; [] runs each entry once, at run.seed
@@ -436,6 +446,9 @@ class SaliencyConfig(Section):
     # encoder module the CAMs read, e.g. "layer3" or "stem.1"; "" chooses the deepest map fine enough for
     # the lesions (saliency/layers.py); "last" the encoder's own last spatial layer
     gradcam_layer: str = ""
+    # with gradcam_layer "": lesion samples held out from the reported ones (val; train when val is reported)
+    # on which the deepest map sizes are scored to choose the CAM layer; 0 keeps the resolution rule alone
+    cam_check_samples: int = Field(default=8, ge=0)
 
 
 class Config(Section):

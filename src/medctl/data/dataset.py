@@ -22,12 +22,21 @@ import torch
 from torch.utils.data import Dataset
 
 from medctl.data.preprocess import read_manifest
-from medctl.data.splits import SPLITS
-from medctl.data.tables import TargetSpec
+from medctl.data.splits import INNER_SPLITS, SPLITS, make_inner_split
+from medctl.data.tables import TargetSpec, label_matrix
 from medctl.errors import DataError
 from medctl.progress import log
 
-__all__ = ["CacheDataset", "TargetSpec", "check_cache_fits", "read_summary", "split_manifest_hash", "target_specs"]
+__all__ = [
+    "CacheDataset",
+    "TargetSpec",
+    "carve_inner_split",
+    "check_cache_fits",
+    "read_inner_split",
+    "read_summary",
+    "split_manifest_hash",
+    "target_specs",
+]
 
 
 def read_summary(cache_dir: str | Path) -> dict[str, Any]:
@@ -48,7 +57,8 @@ class CacheDataset(Dataset):
     Item: ``{"image": FloatTensor (C, *spatial), "id": str, "<target>": LongTensor () for binary and
     multiclass, FloatTensor (L,) for multilabel or FloatTensor () for regression, "mask": FloatTensor (1, *spatial) if with_mask}``.
     ``transform`` receives the item dict and returns it, so MONAI dictionary transforms
-    (``RandFlipd(keys=["image", "mask"])``) apply to image and mask alike.
+    (``RandFlipd(keys=["image", "mask"])``) apply to image and mask alike. ``ids`` keeps only those samples
+    of the split, and ``name`` then names the part (``inner_train``, ``inner_val``: feature files and logs).
     """
 
     def __init__(
@@ -58,6 +68,8 @@ class CacheDataset(Dataset):
         targets: list[str] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         with_mask: bool = False,
+        ids: Sequence[str] | None = None,
+        name: str | None = None,
     ):
         if split is not None and split not in SPLITS:
             raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -75,8 +87,10 @@ class CacheDataset(Dataset):
         keep = manifest.status == "ok"
         if split is not None:
             keep &= manifest.split == split
+        if ids is not None:
+            keep &= manifest["id"].astype(str).isin({str(i) for i in ids})
         self.manifest: pd.DataFrame = manifest[keep].reset_index(drop=True)
-        self.split = split
+        self.split = name or split
         self.transform = transform
         self.with_mask = with_mask
         self.ids: list[str] = self.manifest["id"].astype(str).tolist()
@@ -168,6 +182,43 @@ def split_manifest_hash(cache_dir: str | Path) -> str:
     ok = manifest[manifest.status == "ok"].sort_values("id")
     rows = [f"{i}\t{s}\t{f}" for i, s, f in zip(ok["id"], ok["split"], ok["fingerprint"], strict=True)]
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def carve_inner_split(cache_dir: str | Path, val_share: float, seed: int) -> pd.DataFrame:
+    """The cache's usable training samples split into ``inner_train`` / ``inner_val`` (columns ``id``,
+    ``group``, ``inner_split``): grouped by the manifest's subject, stratified by the first classification
+    target, seeded (:func:`medctl.data.splits.make_inner_split`)."""
+    manifest = read_manifest(cache_dir)
+    train = manifest[(manifest.status == "ok") & (manifest.split == "train")].sort_values("id")
+    first = next((s for s in target_specs(cache_dir) if s.kind != "regression"), None)
+    labels = label_matrix(train[first.name].tolist(), first) if first is not None and len(train) else None
+    groups = train["group"].astype(str).tolist() if "group" in train else train["id"].astype(str).tolist()
+    parts = make_inner_split(groups, labels, val_share, seed) if len(train) else []
+    return pd.DataFrame({"id": train["id"].astype(str).tolist(), "group": groups, "inner_split": list(parts)})
+
+
+def read_inner_split(path: str | Path, cache_dir: str | Path) -> dict[str, list[str]]:
+    """``{"inner_train": ids, "inner_val": ids}`` from an inner split file (``id``, ``inner_split``); every id
+    must be a usable training sample of the cache and both parts non-empty (DataError naming the file)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"train.inner_split = {str(path)!r}: no such file; give the inner_split.csv a sweep wrote")
+    frame = pd.read_csv(path, dtype=str)
+    if not {"id", "inner_split"} <= set(frame.columns) or not set(frame["inner_split"]) <= set(INNER_SPLITS):
+        raise DataError(f"{path}: needs columns id and inner_split with values {' / '.join(INNER_SPLITS)}")
+    manifest = read_manifest(cache_dir)
+    train = set(manifest.loc[(manifest.status == "ok") & (manifest.split == "train"), "id"].astype(str))
+    stray = sorted(set(frame["id"]) - train)
+    if stray:
+        raise DataError(
+            f"{path}: {len(stray)} id(s) are not training samples of the cache {cache_dir} (e.g. {stray[0]}); "
+            "the inner split was carved from other data: rerun the sweep to carve it again"
+        )
+    parts = {part: frame.loc[frame["inner_split"] == part, "id"].tolist() for part in INNER_SPLITS}
+    for part, ids in parts.items():
+        if not ids:
+            raise DataError(f"{path}: the {part} part is empty; carve it with a share that leaves both non-empty")
+    return parts
 
 
 def check_cache_fits(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+INNER_SPLITS = ("inner_train", "inner_val")  # a split carved from train: fit on one part, select on the other
 SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -98,3 +99,14 @@ def iterative_stratification(
         if fold_of[g] == -1:
             assign(g, want_total.copy())
     return fold_of
+
+
+def make_inner_split(
+    groups: Sequence[str], labels: np.ndarray | None, val_share: float, seed: int
+) -> np.ndarray:
+    """Assign each training row to "inner_train" or "inner_val", grouped and stratified like
+    :func:`make_splits` (one subject never on both sides); ``val_share`` in (0, 1) goes to inner_val."""
+    if not 0 < val_share < 1:
+        raise ValueError(f"inner val share {val_share}: give a share between 0 and 1, e.g. 0.2")
+    outer = make_splits(groups, labels, (1.0 - val_share, val_share, 0.0), seed)
+    return np.where(outer == "val", INNER_SPLITS[1], INNER_SPLITS[0]).astype(object)

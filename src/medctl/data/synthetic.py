@@ -10,7 +10,8 @@ voxel for voxel with the images, so saliency can be scored against them.
 With ``distractors=k`` every sample, healthy or not, also carries ``k`` small balls brighter than any
 lesion and outside the masks: the class evidence is then no longer the brightest structure, so a map
 that merely follows the image's intensity points at the distractors, and one that explains the model
-has to find the (dimmer, larger) lesions.
+has to find the (dimmer, larger) lesions. (2D images are then scaled into [0, 1] by 1/8 instead of 1/3, so
+that the distractors are not clipped to the lesions' level.)
 
 Layout under ``out_dir``::
 
@@ -40,6 +41,7 @@ CLASS_NAMES = {
     4: ["healthy", "mild", "moderate", "severe"],
 }
 SPLIT_SHARES = (0.6, 0.2, 0.2)  # recommended_split per class: train, val, test
+DISTRACTOR_DRAWS = 10  # tries to place a distractor off the lesions with a few voxels (small 2D images)
 
 
 @dataclass
@@ -234,20 +236,27 @@ def synthetic_sample(
             )
             mask |= inside & organ
         tissue = np.where(mask > 0, tissue + rng.uniform(1.3, 1.6), tissue)  # lesions ~2.5x the organ
+    placed = np.zeros(size, dtype=bool)
     for _ in range(distractors):  # brighter than any lesion, half a lesion's radius, never on one
-        radius_mm = rng.uniform(0.05, 0.07) * extent.min()
-        centre = organ_centre + rng.uniform(-0.5, 0.5, dims) * organ_radius
-        ball = (
-            sum(((g - c) * (e / 2) / radius_mm) ** 2 for g, c, e in zip(grids, centre, extent, strict=True))
-            <= 1.0
-        )
-        tissue = np.where(ball & organ & (mask == 0), tissue + rng.uniform(2.6, 3.0), tissue)
+        for _attempt in range(DISTRACTOR_DRAWS):  # drawn again while it falls on a lesion or between voxels
+            radius_mm = rng.uniform(0.05, 0.07) * extent.min()
+            centre = organ_centre + rng.uniform(-0.5, 0.5, dims) * organ_radius
+            ball = (
+                sum(((g - c) * (e / 2) / radius_mm) ** 2 for g, c, e in zip(grids, centre, extent, strict=True))
+                <= 1.0
+            ) & organ & (mask == 0) & ~placed  # overlapping balls do not add up
+            if ball.sum() >= 2**dims:
+                break
+        placed |= ball
+        tissue = np.where(ball, tissue + rng.uniform(2.6, 3.0), tissue)
     bias = np.exp(0.15 * _smooth_noise(size, rng, cells=2))  # smooth multiplicative field
     scale, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
     image = (tissue * bias * scale + offset + rng.normal(0.0, 0.06, size)).astype(np.float32)
     if dims == 3:
         return np.clip(image * 1000.0, -32768, 32767).astype(np.int16), mask
-    return np.clip(image / 3.0, 0.0, 1.0), mask
+    # 2D images are [0, 1]: lesions (~2.5x the organ) reach 1 at /3; distractors (~4x) would be clipped to the
+    # lesions' level there, so with distractors the scale leaves room for them to stay the brightest
+    return np.clip(image / (8.0 if distractors else 3.0), 0.0, 1.0), mask
 
 
 def _smooth_noise(size: tuple[int, ...], rng: np.random.Generator, cells: int, terms: int = 6) -> np.ndarray:

@@ -115,11 +115,11 @@ def build_mode(
 
 def embeddings_mode(inputs: ModeInputs, cache_args: Mapping[str, Any]) -> Mode:
     """Each split's embeddings computed once (or read back from the cache); the heads train on ``(N, D)``."""
-    cached = {
-        s.split: split_features(inputs.classifier.encoder, s, **cache_args) for s in (inputs.train_set, inputs.val_set)
-    }
-    train_data = TensorDataset(cached["train"].embeddings, *train_labels(inputs))  # (N, D), labels...
-    val_inputs = cached["val"].embeddings.to(inputs.device)  # (N_val, D)
+    train_cached, val_cached = (
+        split_features(inputs.classifier.encoder, s, **cache_args) for s in (inputs.train_set, inputs.val_set)
+    )  # by position: an inner split names its parts inner_train / inner_val
+    train_data = TensorDataset(train_cached.embeddings, *train_labels(inputs))  # (N, D), labels...
+    val_inputs = val_cached.embeddings.to(inputs.device)  # (N_val, D)
     return Mode(
         module=ProbeHeads(inputs.classifier.heads),
         train_loader=make_loader(train_data, inputs.batch_size, True, 0, inputs.seed, inputs.drop_last),
@@ -131,12 +131,11 @@ def embeddings_mode(inputs: ModeInputs, cache_args: Mapping[str, Any]) -> Mode:
 
 def tokens_mode(inputs: ModeInputs, cache_args: Mapping[str, Any], shape: tuple[int, int]) -> Mode:
     """Each split's tokens ``(T, D)`` per sample cached as float16; the attentive heads train on them."""
-    tokens = {
-        s.split: split_tokens(inputs.classifier, s, shape=shape, **cache_args)
-        for s in (inputs.train_set, inputs.val_set)
-    }
-    train_data = TokenRows(tokens["train"].tokens, train_labels(inputs))  # (T, D) float32, labels...
-    val_inputs = tokens["val"].tokens  # (N_val, T, D) float16 memory map, read a batch at a time
+    train_tokens, val_tokens = (
+        split_tokens(inputs.classifier, s, shape=shape, **cache_args) for s in (inputs.train_set, inputs.val_set)
+    )
+    train_data = TokenRows(train_tokens.tokens, train_labels(inputs))  # (T, D) float32, labels...
+    val_inputs = val_tokens.tokens  # (N_val, T, D) float16 memory map, read a batch at a time
     return Mode(
         module=ProbeHeads(inputs.classifier.heads),
         train_loader=make_loader(train_data, inputs.batch_size, True, 0, inputs.seed, inputs.drop_last),

@@ -47,7 +47,13 @@ import torch
 from torch import nn
 
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
-from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash, target_specs
+from medctl.data.dataset import (
+    CacheDataset,
+    read_inner_split,
+    read_summary,
+    split_manifest_hash,
+    target_specs,
+)
 from medctl.data.preprocess import missing_ids, preprocess
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
@@ -182,8 +188,7 @@ def _finetune(
 
     # 4. the data and the losses; regression heads predict in the target's units
     names = [s.name for s in specs]
-    train_set = CacheDataset(cache, "train", names, transform=augment)
-    val_set = CacheDataset(cache, "val", names)
+    train_set, val_set = training_sets(cache, names, augment, train.inner_split)
     scales = regression_scales(specs, config.data, train_set)
     for name, (mean, std) in scales.items():
         classifier.heads[name].set_scale(mean, std)
@@ -244,6 +249,24 @@ def _finetune(
         plot_curves(fitted.history, specs, train.monitor, run_dir)
     barrier()
     return result
+
+
+def training_sets(
+    cache: Path, names: Sequence[str], augment: ImageAugment | None, inner_split: str
+) -> tuple[CacheDataset, CacheDataset]:
+    """The samples the heads fit on and the ones that pick the epoch: train and val, or with
+    ``train.inner_split`` the file's inner_train and inner_val parts of the train split."""
+    if not inner_split:
+        return CacheDataset(cache, "train", list(names), transform=augment), CacheDataset(cache, "val", list(names))
+    parts = read_inner_split(inner_split, cache)
+    log(
+        f"inner split {inner_split}: fit on {len(parts['inner_train'])} training samples, the epoch is picked on "
+        f"{len(parts['inner_val'])} others; val and test select nothing"
+    )
+    return (
+        CacheDataset(cache, "train", list(names), transform=augment, ids=parts["inner_train"], name="inner_train"),
+        CacheDataset(cache, "train", list(names), ids=parts["inner_val"], name="inner_val"),
+    )
 
 
 # ------------------------------------------------------------------------------- what fit calls
@@ -724,6 +747,8 @@ def write_results(
         "checkpoint": config.model.checkpoint,
         "feature_cache": result.feature_cache,
         "monitor": result.monitor,
+        "selected_on": "inner_val" if config.train.inner_split else "val",  # the samples that picked the epoch
+        "inner_split": config.train.inner_split,
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "metrics": result.metrics,

@@ -101,6 +101,23 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if cam:
         shape = f" ({'x'.join(map(str, cam['shape']))})" if cam.get("shape") else ""
         lines += ["", f"CAM layer: `{cam['name']}`{shape}: {cam['rule']}."]
+        check = cam.get("check")
+        if check:
+            lines += [
+                "",
+                f"Held-out check of the CAM layer ({len(check['ids'])} lesion samples of the {check['source']}, "
+                f"not among those reported; {', '.join(check['methods'])}; {check['seconds']:.1f} s):",
+                "",
+                "| layer | map | check pointing game | check mass in mask |",
+                "| --- | --- | ---: | ---: |",
+            ]
+            for candidate in cam["candidates"]:
+                if "check_pointing_hit_rate" in candidate:
+                    chosen = " (chosen)" if candidate["name"] == cam["name"] else ""
+                    lines.append(
+                        f"| `{candidate['name']}`{chosen} | {'x'.join(map(str, candidate['shape']))} | "
+                        f"{_f(candidate['check_pointing_hit_rate'])} | {_f(candidate['check_mass_in_mask'])} |"
+                    )
     return "\n".join(lines) + "\n"
 
 

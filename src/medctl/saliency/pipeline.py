@@ -53,7 +53,7 @@ from medctl.saliency.geometry import (
     resample_to_shape,
     source_geometry,
 )
-from medctl.saliency.layers import CamLayerChoice, choose_cam_layer
+from medctl.saliency.layers import CamLayerChoice, CheckSample, check_cam_layers, choose_cam_layer
 from medctl.saliency.outputs import report_markdown, safe_name, save_panel, write_index, write_nrrd
 from medctl.saliency.scoring import (
     baseline_rows,
@@ -116,6 +116,8 @@ def run_saliency(
     randomisation_scope: str = DEFAULTS.randomisation_scope,
     randomisation_threshold: float = DEFAULTS.randomisation_threshold,
     cam_target_extent: Sequence[float] | None = None,
+    cam_check: Iterable[Mapping[str, Any]] = (),
+    cam_check_source: str = "",
 ) -> SaliencyResult:
     """Explain ``classifier``'s ``target_name`` head on each sample with each method.
 
@@ -129,7 +131,9 @@ def run_saliency(
     ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing. ``gradcam_layer`` names
     a module inside the encoder for the CAMs; empty chooses one on the first sample by
     :func:`medctl.saliency.layers.choose_cam_layer` from ``cam_target_extent`` (the lesions' median
-    extent per axis, in voxels of the samples' grid; None: no masks known), ``"last"`` is the encoder's
+    extent per axis, in voxels of the samples' grid; None: no masks known), or, when ``cam_check`` yields
+    samples with lesion masks (held out from ``samples``; ``cam_check_source`` says where they come from),
+    by the held-out check :func:`medctl.saliency.layers.check_cam_layers`; ``"last"`` is the encoder's
     own last spatial layer. The randomisation check (when on) runs on the first ``randomisation_samples``
     samples with a copy re-initialised per ``randomisation_scope`` and flags a method whose mean rho is at
     or above ``randomisation_threshold``.
@@ -168,7 +172,8 @@ def run_saliency(
                 explainers = build_explainers(
                     classifier, x, target_name, classes, kind, names, settings,
                     randomisation_check=randomisation_check, randomisation_scope=randomisation_scope,
-                    cam_target_extent=cam_target_extent,
+                    cam_target_extent=cam_target_extent, cam_check=cam_check,
+                    cam_check_source=cam_check_source, pointing_tolerance=pointing_tolerance,
                 )  # fmt: skip
             check = explainers.randomised is not None and n_checked < randomisation_samples
             n_checked += check
@@ -266,6 +271,9 @@ def build_explainers(
     randomisation_check: bool,
     randomisation_scope: str,
     cam_target_extent: Sequence[float] | None,
+    cam_check: Iterable[Mapping[str, Any]] = (),
+    cam_check_source: str = "",
+    pointing_tolerance: int = 0,
 ) -> Explainers:
     """:class:`Explainers` from the first sample ``x`` ``(1, C, *S)``: it fixes the target's kind, the
     randomised copy's example input and the CAM layer's output sizes."""
@@ -274,8 +282,18 @@ def build_explainers(
     if randomisation_check:
         random_model, reset = randomised_copy(classifier, example=x, scope=randomisation_scope)
         randomised = ClassScores(random_model, target_name, scores.kind)
-    if CAM_METHODS & set(names):
+    cam_methods = [name for name in names if name in CAM_METHODS]
+    if cam_methods:
         cam_layer = cam_layer_for(classifier, x, settings.gradcam_layer, cam_target_extent)
+        if not settings.gradcam_layer and cam_layer.candidates:
+            check = check_samples(cam_check, scores, x.device, target_name, classes)
+            cam_layer = check_cam_layers(
+                scores, cam_layer, check, source=cam_check_source, methods=cam_methods, settings=settings,
+                tolerance=pointing_tolerance,
+            )  # fmt: skip
+        if not settings.gradcam_layer:
+            took = f" ({cam_layer.check['seconds']:.1f} s)" if cam_layer.check else ""
+            log(f"saliency: the CAMs read {cam_layer.name or 'the encoder output'}: {cam_layer.rule}{took}")
         settings = replace(settings, gradcam_layer=cam_layer.name)
     return Explainers(scores, randomised, reset, cam_layer, settings)
 
@@ -363,13 +381,37 @@ def cam_layer_for(
 ) -> CamLayerChoice:
     """The layer the CAMs read: the configured one, or the one :func:`choose_cam_layer` picks for ``""``."""
     if not gradcam_layer:
-        choice = choose_cam_layer(classifier, x, target_extent)
-        log(f"saliency: the CAMs read {choice.name or 'the encoder output'}: {choice.rule}")
-        return choice
+        return choose_cam_layer(classifier, x, target_extent)
     rule = (
         "the encoder's own last spatial layer" if gradcam_layer == "last" else "set by saliency.gradcam_layer"
     )
     return CamLayerChoice(gradcam_layer, rule=rule)
+
+
+def check_samples(
+    samples: Iterable[Mapping[str, Any]],
+    scores: ClassScores,
+    device: torch.device,
+    target_name: str,
+    classes: Sequence[str],
+) -> list[CheckSample]:
+    """The held-out samples with a non-empty lesion mask, each to be explained for its labelled class (the
+    predicted one when it has no label)."""
+    check = []
+    for sample in samples:
+        image = torch.as_tensor(sample["image"]).float()  # (C, *S)
+        mask = _mask(sample, tuple(image.shape[1:]), str(sample["id"]))
+        if mask is None or not mask.any():
+            continue
+        x = image[None].to(device)  # (1, C, *S)
+        label = _label(sample, target_name, scores.kind)
+        if isinstance(label, list):
+            label = label[0] if label else None
+        if label is None or not 0 <= label < len(classes):
+            with torch.no_grad():
+                label = int(scores(x)[0].argmax())
+        check.append(CheckSample(str(sample["id"]), x, mask, int(label)))
+    return check
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -558,5 +600,3 @@ def _label_text(label: int | list[int] | None, classes: Sequence[str]) -> str:
     if isinstance(label, list):
         return ";".join(classes[i] for i in label if i < len(classes))
     return classes[label] if 0 <= label < len(classes) else str(label)
-
-

@@ -16,9 +16,12 @@ are one of:
   readers and preprocessed exactly as the checkpoint's cache was, its own geometry kept so the maps
   resample back onto it; ``mask_path`` optionally gives its ground-truth mask for scoring.
 
-The CAM layer, unless ``saliency.gradcam_layer`` names one, is chosen for the size of the lesions:
-their median extent is measured on up to :data:`EXTENT_MASKS` masks of the cache's training split (or
-on the ``--input`` scan's mask); see :mod:`medctl.saliency.layers`.
+The CAM layer, unless ``saliency.gradcam_layer`` names one, is chosen on a held-out check: up to
+``saliency.cam_check_samples`` lesion samples of the val split (of train when val is the split being
+explained; never an explained id) score the deepest map sizes, and the best pointing one is read. Without
+such samples (or for an ``--input`` scan) it is chosen for the size of the lesions: their median extent is
+measured on up to :data:`EXTENT_MASKS` masks of the cache's training split (or on the ``--input`` scan's
+mask); see :mod:`medctl.saliency.layers`.
 
 Output goes to ``<run dir of the checkpoint>/saliency_<split | ids | input stem>/`` unless ``out_dir``
 says otherwise; the resolved config is written there as ``config.toml``.
@@ -119,6 +122,7 @@ def run_saliency_stage(
         )
         what, folder = f"input {Path(str(input_path)).name}", f"saliency_{file_stem(input_path)}"
         extent = lesion_extent(np.asarray(s["mask"])[0] for s in samples if "mask" in s)
+        check, check_source = None, ""
     else:
         cache = ensure_cache(config.data)
         check_cache_fits(cache, specs, preprocessing, checkpoint)
@@ -133,6 +137,12 @@ def run_saliency_stage(
                 raise UserError(f"--max-samples {limit}: explain at least one sample")
             samples = CachedSamples.from_split(cache, split, spec.name, limit)
             what, folder = f"{split} split", f"saliency_{split}"
+        check_split = "train" if split == "val" else "val"
+        n_check = 0 if settings.gradcam_layer else settings.cam_check_samples  # a named layer needs no check
+        check = CachedSamples.lesions(
+            cache, check_split, spec.name, n_check, exclude={str(i) for i in ids or ()}
+        )
+        check_source = f"{check_split} split"
 
     out = Path(out_dir) if out_dir is not None else run_dir_of(checkpoint) / folder
     result = run_saliency(
@@ -157,6 +167,8 @@ def run_saliency_stage(
         randomisation_scope=settings.randomisation_scope,
         randomisation_threshold=settings.randomisation_threshold,
         cam_target_extent=extent,
+        cam_check=check if check is not None else (),
+        cam_check_source=check_source,
     )
     write_text_atomic(out / "config.toml", config.to_toml())
     return SaliencyStageResult(out, result, len(samples), checkpoint, spec.name, what)
@@ -227,6 +239,23 @@ class CachedSamples:
             raise UserError(
                 "--ids is empty: give cached sample ids separated by commas, e.g. --ids sub-001,sub-002"
             )
+        return cls(cache, dataset, positions)
+
+    @classmethod
+    def lesions(
+        cls, cache: Path, split: str, target_name: str, limit: int, exclude: set[str] = frozenset()
+    ) -> CachedSamples:
+        """Up to ``limit`` samples of ``split`` whose lesion mask is not empty (the held-out check of the CAM
+        layer), leaving out the ids in ``exclude``; none when the split has no such sample."""
+        dataset = CacheDataset(cache, split, [target_name])
+        positions = []
+        for position, row in dataset.manifest.iterrows():
+            if len(positions) >= limit:
+                break
+            if str(row["id"]) in exclude or not bool(row.get("has_mask", False)):
+                continue
+            if np.load(cache / "masks" / f"{row['id']}.npy", mmap_mode="r").any():  # (1, *S)
+                positions.append(int(position))
         return cls(cache, dataset, positions)
 
     def __len__(self) -> int:

@@ -9,7 +9,8 @@ exactly the entries' own numbers.
 Rows are ranked on one metric of one target (:class:`RankMetric`, from ``sweep.rank_by``, else
 ``train.monitor``: the metric that picked each probe's epoch; a loss, which evaluate does not report, gives the
 primary target's balanced accuracy, or MAE for a regression target) on the ``sweep.rank_on`` split (each probe
-picked its epoch on val, so test is the unbiased default), in that metric's direction (errors and losses:
+picked its epoch on val, so test is the unbiased default, or on an inner val carved from train under
+``sweep.select_on = "inner_val"``, so that val ranks without bias), in that metric's direction (errors and losses:
 lower is better; :mod:`medctl.evaluation.ranking`). The rows say so in ``selected_on`` / ``ranked_on`` /
 ``ranked_by`` / ``better``. The p-value of each entry against the leader is the paired bootstrap on the same
 test samples (``eval_test/test_preds.parquet``), on the ranking metric.
@@ -352,14 +353,27 @@ def add_seed_tests(board: pd.DataFrame, rows: Sequence[Mapping[str, Any]], sort_
     return board
 
 
-def ranking_note(rank_on: str, seeds: Sequence[int], rank: RankMetric = DEFAULT_RANK, monitor: str = "") -> str:
+def ranking_note(
+    rank_on: str,
+    seeds: Sequence[int],
+    rank: RankMetric = DEFAULT_RANK,
+    monitor: str = "",
+    selected_on: str = "val",
+) -> str:
     """What the leaderboard's numbers are: which split picked the epoch, which metric ranks on which split and in
     which direction, why that metric, what the p-values test."""
     metric = f"{rank.label} ({direction(rank.metric)})"
-    if rank_on == "val":
+    if selected_on == "inner_val":
+        ranked = (
+            "Each probe fit on part of the train split and picked its epoch (train.monitor) on the rest, an inner "
+            f"val carved once for the sweep (inner_split.csv); ranked on {rank_on} {metric}, a split that "
+            "selected nothing" + ("; test stays untouched for the final figure." if rank_on == "val" else ".")
+        )
+    elif rank_on == "val":
         ranked = (
             f"Ranked on val {metric}: the split that also picked each probe's epoch (train.monitor), "
-            'so val flatters every entry; sweep.rank_on = "test" ranks on samples that selected nothing.'
+            'so val flatters every entry; sweep.rank_on = "test" (or sweep.select_on = "inner_val") ranks on '
+            "samples that selected nothing."
         )
     else:
         ranked = (
@@ -401,6 +415,7 @@ def build_leaderboard(
     rank: RankMetric = DEFAULT_RANK,
     targets: Sequence[tuple[str, str]] = (),
     monitor: str = "",
+    selected_on: str = "val",
 ) -> tuple[pd.DataFrame, Path, Path]:
     """Rank the rows on ``rank`` (its column on ``rank_on``, in its direction), add p-values on the same metric,
     write leaderboard.csv and .md with every one of ``targets``' headline metrics (``(name, kind)``) (and
@@ -412,7 +427,7 @@ def build_leaderboard(
         board = add_seed_tests(leaderboard(seed_summary_rows(rows), sort_by=sort_by), rows, sort_by)
     else:
         board = add_p_values(leaderboard(rows, sort_by=sort_by), run_dirs, n_bootstrap, seed, rank)
-    board.insert(board.columns.get_loc("reason") + 1, "selected_on", SELECTED_ON)
+    board.insert(board.columns.get_loc("reason") + 1, "selected_on", selected_on)
     board.insert(board.columns.get_loc("selected_on") + 1, "ranked_on", rank_on)
     board.insert(board.columns.get_loc("ranked_on") + 1, "ranked_by", rank.key)
     board.insert(board.columns.get_loc("ranked_by") + 1, "better", "higher" if rank.higher_is_better else "lower")
@@ -420,7 +435,7 @@ def build_leaderboard(
         board,
         out_dir,
         title=title,
-        note=ranking_note(rank_on, seeds, rank, monitor),
+        note=ranking_note(rank_on, seeds, rank, monitor, selected_on),
         shown=shown_columns(targets) if targets else None,
     )
     return board, csv_path, md_path

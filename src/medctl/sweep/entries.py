@@ -36,6 +36,7 @@ from medctl.errors import ConfigError, DataError, MedctlError
 
 PROBE, FINETUNE = "linear_probe", "finetune"
 RANDOM_INIT = "random_init"
+INNER_SPLIT_FILE = "inner_split.csv"  # sweep.select_on = "inner_val": the carved train split, in the sweep dir
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,14 @@ def finetune_of(entry: SweepEntry) -> SweepEntry:
 
 
 # ------------------------------------------------------------------------------------------ configs
+def sweep_dir_of(config: Config) -> Path:
+    """``<run.root>/<run.name>``: the sweep's folder, which holds one folder per entry."""
+    return Path(config.run.root) / (config.run.name or "sweep")
+
+
 def entry_config(config: Config, entry: SweepEntry) -> Config:
-    """The sweep's config with this entry's checkpoint and kind (probe: frozen encoder throughout).
+    """The sweep's config with this entry's checkpoint and kind (probe: frozen encoder throughout); under
+    ``sweep.select_on = "inner_val"`` the entry fits and picks its epoch on the sweep's inner split.
 
     Fine-tunes: ``model.unfreeze_at_epoch = sweep.finetune_unfreeze_at_epoch`` then
     ``sweep.finetune_overrides``. Every problem is one ConfigError naming the sweep key.
@@ -194,6 +201,8 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     set_dotted(tree, "model.freeze_encoder", True)
     if entry.seed is not None:
         set_dotted(tree, "run.seed", entry.seed)
+    if config.sweep.select_on == "inner_val":
+        set_dotted(tree, "train.inner_split", str(sweep_dir_of(config) / INNER_SPLIT_FILE))
     problems: list[str] = []
     if entry.kind == FINETUNE:
         set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)

@@ -6,7 +6,9 @@ The recipe, top to bottom:
    of ``sweep.checkpoint_dir``) and the entries (:mod:`medctl.sweep.entries`); every entry's config is
    resolved before anything runs, so a bad ``sweep.finetune_overrides`` stops the sweep at once;
 2. the data, preprocessed once; the hash of its split manifest is the sweep's, and every entry's
-   ``results.json`` must carry it (otherwise the entry's row fails);
+   ``results.json`` must carry it (otherwise the entry's row fails); with ``sweep.select_on = "inner_val"``
+   the train split is carved once into inner_train / inner_val (``inner_split.csv``, :mod:`medctl.sweep.state`)
+   and every entry fits on the first and picks its epoch on the second;
 3. the entries, each a normal run directory ``<run.root>/<run.name>/<entry>/`` made by
    :func:`medctl.finetune.run_finetune` and then evaluated on val and test by
    :func:`medctl.evaluate.stage.run_evaluate` (``eval_val/``, ``eval_test/``); a finished entry
@@ -14,11 +16,13 @@ The recipe, top to bottom:
    One failing entry never stops the others: its row says why. ``jobs > 1`` runs entries in spawned
    processes, each pinned to one GPU (round-robin) or, on CPU, to its share of the cores;
 4. mode ``both``: the probes first, then fine-tunes of the ``sweep.finetune_top`` pretrained checkpoints
-   best on validation by the ranking metric (mean over seeds);
+   best on the selection split (val, or the inner val of ``select_on = "inner_val"``) by the ranking metric
+   (mean over seeds);
 5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`) with every target's headline metrics,
    ranked on the ranking metric (``sweep.rank_by``, else ``train.monitor``'s; :func:`medctl.sweep.board.rank_metric`)
-   on ``sweep.rank_on`` (test by default: val already picked each probe's epoch), in its direction (errors: lower
-   first), and ``sweep_state.json``. With ``sweep.seeds`` each
+   on ``sweep.rank_on`` (test by default: val already picked each probe's epoch; with ``select_on = "inner_val"``,
+   ``rank_on = "val"`` ranks on samples that selected nothing and leaves test untouched), in its direction
+   (errors: lower first), and ``sweep_state.json``. With ``sweep.seeds`` each
    entry runs once per seed and its row holds the mean and std over seeds (``leaderboard_seeds.csv`` keeps
    the per-seed rows).
 """
@@ -65,8 +69,16 @@ from medctl.sweep.entries import (
     find_checkpoints,
     finetune_of,
     plan_entries,
+    sweep_dir_of,
 )
-from medctl.sweep.state import DONE_FILE, SweepState, finished, write_done
+from medctl.sweep.state import (
+    DONE_FILE,
+    SweepState,
+    finished,
+    freeze_inner_split,
+    inner_split_digest,
+    write_done,
+)
 
 MODES = ("linear_probe", "finetune", "both")
 
@@ -131,7 +143,7 @@ def run_sweep(
             [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(MODES)}"], "sweep.mode"
         )
     jobs = jobs or config.sweep.jobs
-    sweep_dir = Path(config.run.root) / (config.run.name or "sweep")
+    sweep_dir = sweep_dir_of(config)
 
     # 1. checkpoints and entries, every entry's config resolved up front
     checkpoints = find_checkpoints(config, all_checkpoints=all_checkpoints)
@@ -148,18 +160,27 @@ def run_sweep(
     log(f"sweep: cache {cache}, split manifest {manifest_hash}")
     write_sweep_files(config, sweep_dir, command)
     state = SweepState.load(sweep_dir, manifest_hash, mode)
+    inner_digest = ""
+    if config.sweep.select_on == "inner_val":
+        inner_digest = freeze_inner_split(
+            sweep_dir, cache, val_share=config.sweep.inner_val_share, seed=config.data.split_seed,
+            split_manifest_hash=manifest_hash,
+        )  # fmt: skip
 
     # 3. the first round (probes, or fine-tunes in mode finetune)
-    runner = EntryRunner(config, sweep_dir, manifest_hash, state, command=command, jobs=jobs, fresh=fresh)
+    runner = EntryRunner(
+        config, sweep_dir, manifest_hash, state, command=command, jobs=jobs, fresh=fresh, inner_split=inner_digest
+    )
     outcomes = runner.run(first)
 
     # 4. mode both: fine-tune the best pretrained probes
     if mode == "both":
-        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top, rank)
+        select_on = config.sweep.select_on
+        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top, rank, select_on)
         pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
             f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
-            f"{pretrained} pretrained checkpoint(s) by {rank.column(SELECTED_ON)} "
+            f"{pretrained} pretrained checkpoint(s) by {rank.column(select_on)} "
             f"(sweep.finetune_top = {config.sweep.finetune_top}; "
             f"the {RANDOM_INIT} baseline is not fine-tuned, whatever its rank)"
         )
@@ -189,6 +210,7 @@ def run_sweep(
         rank=rank,
         targets=targets,
         monitor=config.train.monitor,
+        selected_on=config.sweep.select_on,
     )
     for entry, overlap in zip(board["entry"], board.get("pretrain_overlap", [""] * len(board)), strict=True):
         if isinstance(overlap, str) and overlap.endswith(" test"):  # Overlap.cell(): "2 val / 1 test"
@@ -212,10 +234,12 @@ def top_pretrained(
     manifest_hash: str,
     k: int,
     rank: RankMetric = DEFAULT_RANK,
+    select_on: str = "val",
 ) -> list[SweepEntry]:
     """Every seed of the ``k`` finished entries with a checkpoint (not the random baseline) that score best
-    on validation by the ranking metric, in its direction (mean over their seeds), best first. Validation, not
-    the ranking split: choosing what to fine-tune is a selection, and the ranking split stays out of it."""
+    on the selection split by the ranking metric, in its direction (mean over their seeds), best first: val, or
+    with ``select_on = "inner_val"`` the inner val that picked their epochs (``results.json``). Not the ranking
+    split: choosing what to fine-tune is a selection, and the ranking split stays out of it."""
     values: dict[str, list[float]] = {}
     seeds: dict[str, list[SweepEntry]] = {}
     column = rank.column(SELECTED_ON)
@@ -224,6 +248,9 @@ def top_pretrained(
             continue
         row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
         value = row.get(column)
+        if select_on == "inner_val":  # the best epoch's metrics on inner val, as the entry's run recorded them
+            metrics = json.loads((outcome.run_dir / "results.json").read_text()).get("metrics") or {}
+            value = metrics.get(column.removeprefix(f"{SELECTED_ON}_"))
         if row["status"] == "ok" and value is not None:
             values.setdefault(outcome.entry.base, []).append(float(value))
             seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
@@ -246,9 +273,11 @@ class EntryRunner:
         command: str,
         jobs: int,
         fresh: bool,
+        inner_split: str = "",
     ):
         self.config, self.sweep_dir, self.manifest_hash, self.state = config, sweep_dir, manifest_hash, state
         self.command, self.jobs, self.fresh = command, jobs, fresh
+        self.inner_split = inner_split  # the digest of the sweep's inner_split.csv ("" : none)
 
     def run(self, entries: Sequence[SweepEntry]) -> list[EntryOutcome]:
         outcomes: dict[str, EntryOutcome] = {}
@@ -257,7 +286,7 @@ class EntryRunner:
             run_dir = self.sweep_dir / entry.name
             if self.fresh:
                 (run_dir / DONE_FILE).unlink(missing_ok=True)
-            if finished(run_dir, entry, self.manifest_hash):
+            if finished(run_dir, entry, self.manifest_hash, self.inner_split):
                 log(f"sweep: {entry.name} already finished, skipped ({run_dir})")
                 outcomes[entry.name] = EntryOutcome(entry, run_dir, "skipped")
                 self.state.mark(entry, "done")
@@ -474,6 +503,7 @@ def train_and_evaluate(
         epochs_run=result.epochs_run,
         train_wall_time_s=round(result.wall_time_s, 3),
         n_test=evaluated["test"].n_samples,
+        inner_split=inner_split_digest(resolved.train.inner_split),
     )
 
 
