@@ -7,9 +7,10 @@ Everything runs through the real CLI (``python -m medctl``), on the synthetic le
    BYOL on ``mt3_tiny`` with the auxiliary heads off and on (reconstruction, rotation, jigsaw), JEPA on
    ``vit3d_test`` (probed twice: ``encoder.ckpt``, the EMA target V-JEPA evaluates, and
    ``context_encoder.ckpt``, the online encoder) and mim_contrastive on ``unet2d_tiny``, the last on 2D
-   synthetic images (``dims=2``, every "edema" image holds a lesion, every image two brighter distractor balls). Not on axial slices of the volumes:
-   each slice takes its volume's label, and 72% of the "edema" slices (3 axial slices per 16x32x32 volume)
-   hold no lesion voxel, so no encoder can pass ~0.64 balanced accuracy there and every probe sits near chance;
+   synthetic images (``dims=2``: every "edema" image holds a lesion, every image two brighter distractor
+   balls). Not on axial slices of the volumes: each slice takes its volume's label, and 72% of the "edema"
+   slices (3 axial slices per 16x32x32 volume) hold no lesion voxel, so no encoder can pass ~0.64 balanced
+   accuracy there and every probe sits near chance;
 2. one ``medctl sweep`` per encoder with ``sweep.seeds = [0, 1, 2]``: seed s probes pretraining run s
    (``{seed}`` in the checkpoint path) and the random baseline initialised with seed s, which is exactly
    the weights pretraining run s started from; every probe picks its epoch on val and the leaderboard
@@ -159,8 +160,8 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         f"## bench_ssl_seeds.py — {datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"- setting: synthetic lesion volumes ({args.n}, 2 classes, {SIZE[0]}x{SIZE[1]}x{SIZE[2]}; mim_contrastive on "
-        f"{args.n_2d} synthetic 2D images of {SIZE_2D[0]}x{SIZE_2D[1]} with {DISTRACTORS_2D} bright distractors each), pretraining {args.epochs} epochs at batch 8 "
-        f"for seeds {SEEDS}; "
+        f"{args.n_2d} synthetic 2D images of {SIZE_2D[0]}x{SIZE_2D[1]} with {DISTRACTORS_2D} bright distractors "
+        f"each), pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
         "linear probe 30 epochs, epoch picked on val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
         "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI",
         f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
