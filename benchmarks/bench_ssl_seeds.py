@@ -5,15 +5,21 @@ Everything runs through the real CLI (``python -m medctl``), on the synthetic le
 
 1. ``medctl pretrain`` for seeds 0, 1, 2 (``run.seed``: the initial weights, the views, the batches) of
    BYOL on ``mt3_tiny`` with the auxiliary heads off and on (reconstruction, rotation, jigsaw), JEPA on
-   ``vit3d_test`` and mim_contrastive on ``unet2d_tiny`` (axial slices of the same volumes);
+   ``vit3d_test`` (probed twice: ``encoder.ckpt``, the EMA target V-JEPA evaluates, and
+   ``context_encoder.ckpt``, the online encoder) and mim_contrastive on ``unet2d_tiny``, the last on 2D
+   synthetic images (``dims=2``: every "edema" image holds a lesion, every image two brighter distractor
+   balls). Not on axial slices of the volumes: each slice takes its volume's label, and 72% of the "edema"
+   slices (3 axial slices per 16x32x32 volume) hold no lesion voxel, so no encoder can pass ~0.64 balanced
+   accuracy there and every probe sits near chance;
 2. one ``medctl sweep`` per encoder with ``sweep.seeds = [0, 1, 2]``: seed s probes pretraining run s
-   (``{seed}`` in the checkpoint path) and the random baseline initialised with seed s; every probe picks
-   its epoch on val and the leaderboard ranks on test (``sweep.rank_on = "test"``);
+   (``{seed}`` in the checkpoint path) and the random baseline initialised with seed s, which is exactly
+   the weights pretraining run s started from; every probe picks its epoch on val and the leaderboard
+   ranks on test (``sweep.rank_on = "test"``);
 3. the figures: per entry the test balanced accuracy mean and std over seeds, its per-seed values, the
    per-seed gain over random initialisation (mean, std) and the paired t-test across seeds; plus, from
    the pretraining runs, the heads' final losses against chance and the collapse check's std ratio.
 
-    uv run python benchmarks/bench_ssl_seeds.py              # ~15 min on 2 cores; appends to RESULTS.md
+    uv run python benchmarks/bench_ssl_seeds.py              # ~25 min on 2 cores; appends to RESULTS.md
     uv run python benchmarks/bench_ssl_seeds.py --no-append  # print only
 """
 
@@ -39,33 +45,32 @@ from medctl.data.synthetic import make_synthetic_dataset
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SEEDS = [0, 1, 2]
 SIZE = (16, 32, 32)
+SIZE_2D = (32, 32)
+DISTRACTORS_2D = 2  # bright balls in every image: without them a random unet2d_tiny already reaches ~0.9 k-NN
 COMMON = ["data.preprocess.workers=1", 'run.device="cpu"', "data.num_workers=0"]
 MT3 = ['model.encoder="mt3_tiny"']
-METHODS = {  # name -> (encoder group, overrides)
+METHODS = {  # name -> (encoder group, overrides); every group but "images" pretrains on the volumes
     "byol": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=0", "pretrain.rotation_weight=0",
                      "pretrain.jigsaw_weight=0"]),
     "byol_heads": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=1.0",
                            "pretrain.rotation_weight=0.5", "pretrain.jigsaw_weight=0.5"]),
     "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.predictor_dim=32",
                      "pretrain.predictor_heads=2", "pretrain.predictor_depth=1", "pretrain.mask_blocks=2"]),
-    "mim_contrastive": ("slices", ['model.encoder="unet2d_tiny"', 'pretrain.method="mim_contrastive"',
+    "mim_contrastive": ("images", ['model.encoder="unet2d_tiny"', 'pretrain.method="mim_contrastive"',
                                    "pretrain.patch_size=8"]),
 }  # fmt: skip
 GROUPS = {
     "mt3": MT3,
     "vit": ['model.encoder="vit3d_test"'],
-    "slices": ['model.encoder="unet2d_tiny"'],
+    "images": ['model.encoder="unet2d_tiny"'],
 }
-SLICES = [
-    'data.preprocess.slices="axial"',
-    "data.preprocess.spatial_size=[32, 32]",
-    "data.preprocess.slice_count=3",
-]
+EXTRA_EXPORTS = {"jepa": {"jepa_context": "context_encoder.ckpt"}}  # method -> {entry: another export to probe}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=60, help="synthetic volumes")
+    parser.add_argument("--n-2d", type=int, default=160, help="synthetic 2D images (mim_contrastive)")
     parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
     parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     return parser.parse_args()
@@ -86,8 +91,12 @@ def main() -> None:
     start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench_ssl_seeds_"))
     try:
-        dataset = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=SIZE, seed=0)
-        data = [*dataset.config_overrides(), *COMMON, f'run.root="{root / "runs"}"']
+        volumes = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=SIZE, seed=0)
+        images = make_synthetic_dataset(
+            root / "data_2d", n=args.n_2d, dims=2, size=SIZE_2D, seed=0, distractors=DISTRACTORS_2D
+        )
+        runs = [*COMMON, f'run.root="{root / "runs"}"']
+        datasets = {"images": [*images.config_overrides(), *runs]}
         ckpts = root / "ckpts"
         ckpts.mkdir()
 
@@ -97,8 +106,9 @@ def main() -> None:
             for seed in SEEDS:
                 name = f"{method}_{seed}"
                 t0 = time.perf_counter()
+                data = datasets.get(group, [*volumes.config_overrides(), *runs])
                 medctl(
-                    "pretrain", *data, *(SLICES if group == "slices" else []), *overrides, f'run.name="{name}"',
+                    "pretrain", *data, *overrides, f'run.name="{name}"',
                     f"run.seed={seed}", f"pretrain.epochs={args.epochs}", "pretrain.warmup_epochs=1",
                     "data.batch_size=8", f"pretrain.monitor_every={args.epochs}", f"pretrain.knn_every={args.epochs}",
                     "pretrain.projector_dim=32", "pretrain.projector_hidden=64",
@@ -106,6 +116,8 @@ def main() -> None:
                 results = json.loads((root / "runs" / name / "results.json").read_text())
                 pretrain_results.setdefault(method, []).append(results)
                 shutil.copy(root / "runs" / name / "checkpoints" / "encoder.ckpt", ckpts / f"{name}.ckpt")
+                for entry, export in EXTRA_EXPORTS.get(method, {}).items():
+                    shutil.copy(root / "runs" / name / "checkpoints" / export, ckpts / f"{entry}_{seed}.ckpt")
                 print(
                     f"pretrain {name}: {time.perf_counter() - t0:.0f} s, loss {results['final_loss']:.3f}",
                     flush=True,
@@ -114,16 +126,19 @@ def main() -> None:
         # 2. one sweep per encoder, over the seeds, ranked on test
         boards, per_seed = [], []
         for group, encoder in GROUPS.items():
-            templates = [str(ckpts / f"{m}_{{seed}}.ckpt") for m, (g, _) in METHODS.items() if g == group]
+            entries = [e for m, (g, _) in METHODS.items() if g == group for e in [m, *EXTRA_EXPORTS.get(m, {})]]
+            templates = [str(ckpts / f"{e}_{{seed}}.ckpt") for e in entries]
+            data = datasets.get(group, [*volumes.config_overrides(), *runs])
             medctl(
-                "sweep", "--listed-only", *data, *(SLICES if group == "slices" else []), *encoder,
+                "sweep", "--listed-only", *data, *encoder,
                 f'run.name="sweep_{group}"', f"sweep.checkpoints={json.dumps(templates)}", f"sweep.seeds={SEEDS}",
                 'sweep.rank_on="test"', "sweep.bootstrap=200", "train.epochs=30", "train.lr_head=0.01",
                 "train.patience=0", "train.warmup_epochs=0", "train.log_every=0", "data.batch_size=8",
             )  # fmt: skip
             sweep_dir = root / "runs" / f"sweep_{group}"
-            boards.append(pd.read_csv(sweep_dir / "leaderboard.csv").assign(encoder=encoder[0].split('"')[1]))
-            per_seed.append(pd.read_csv(sweep_dir / "leaderboard_seeds.csv"))
+            name = encoder[0].split('"')[1]
+            boards.append(pd.read_csv(sweep_dir / "leaderboard.csv").assign(encoder=name))
+            per_seed.append(pd.read_csv(sweep_dir / "leaderboard_seeds.csv").assign(encoder=name))
         board, seeds = pd.concat(boards), pd.concat(per_seed)
         wall = time.perf_counter() - start
         lines = report(board, seeds, pretrain_results, args, wall)
@@ -145,7 +160,8 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         f"## bench_ssl_seeds.py — {datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"- setting: synthetic lesion volumes ({args.n}, 2 classes, {SIZE[0]}x{SIZE[1]}x{SIZE[2]}; mim_contrastive on "
-        f"3 axial 32x32 slices per volume), pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
+        f"{args.n_2d} synthetic 2D images of {SIZE_2D[0]}x{SIZE_2D[1]} with {DISTRACTORS_2D} bright distractors "
+        f"each), pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
         "linear probe 30 epochs, epoch picked on val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
         "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI",
         f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
@@ -156,7 +172,9 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
     ]
     seeds = seeds.assign(base=seeds["entry"].astype(str).str.split("/").str[0])
     for _, row in board.iterrows():
-        values = seeds[(seeds["base"] == row["entry"]) & (seeds["status"] == "ok")].sort_values("seed")
+        values = seeds[
+            (seeds["encoder"] == row["encoder"]) & (seeds["base"] == row["entry"]) & (seeds["status"] == "ok")
+        ].sort_values("seed")  # each sweep's own random_init: every encoder group has one
         per = ", ".join(fmt(v, 2) for v in values["test_balanced_accuracy"])
         delta = (
             f"{fmt(row.get('delta_vs_random'))} ± {fmt(row.get('delta_vs_random_std'))}"

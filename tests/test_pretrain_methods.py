@@ -188,6 +188,32 @@ def test_mim_contrastive_feeds_the_full_slice_with_both_masks_to_the_unet(seed, 
     assert torch.equal(shown["mask"], again["mask"])  # panels use one fixed mask
 
 
+@pytest.mark.parametrize("positives", ["views", "mirror"])
+def test_mim_contrastive_positives_are_two_views_of_one_half_or_the_other_half(seed, positives):
+    """Without crops and jitter the two views of a half are the half itself: "views" then contrasts each of
+    the 2B halves with itself, "mirror" each left half with its right half; a reference InfoNCE says which."""
+    still = dict(
+        halves_crop_scale=[1.0, 1.0], halves_intensity_jitter=0.0, halves_noise_std=0.0, halves_blur_prob=0.0,
+        halves_unsharp_amount=0.0,
+    )  # fmt: skip
+    method = mim(size=(32, 32), halves_positives=positives, mim_weight=0.0, **still)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():  # BatchNorm in training mode, as in a step
+        left, right = method.encoder.forward_features(x[..., :16]), method.encoder.forward_features(x[..., 16:])
+        halves = torch.cat([left, right]) if positives == "views" else left  # (N, E, 4, 2) first views
+        partners = torch.cat([left, right]) if positives == "views" else right  # their positives
+        z = torch.nn.functional.normalize(method.projector(torch.cat([halves, partners]).mean(dim=(2, 3))), dim=1)
+        a, b = z.split(len(halves))  # (N, P) each
+        logits = torch.cat([a, b]) @ torch.cat([a, b]).T / 0.2  # (2N, 2N)
+        n = len(a)
+        logits.fill_diagonal_(float("-inf"))
+        reference = torch.nn.functional.cross_entropy(logits, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+        loss = float(method(x)["loss_contrastive"])
+    assert loss == pytest.approx(float(reference), rel=1e-4)
+    if positives == "views":
+        assert loss < torch.log(torch.tensor(2.0 * n - 1)).item()  # positives identical
+
+
 def test_impossible_mim_settings_are_rejected():
     with pytest.raises(ConfigError, match="needs a 2D encoder with a decoder"):
         build_method("mim_contrastive", tiny("mt3_tiny", (8, 16, 16)), PretrainConfig())

@@ -343,6 +343,9 @@ class PretrainConfig(Section):
     halves_blur_sigma: float = Field(default=0.5, ge=0)
     # each half's own crop-resize before InfoNCE (MIM keeps the halves aligned): breaks the midline shortcut
     halves_crop_scale: list[float] = [0.6, 1.0]
+    # InfoNCE positives: "views" = two views of the same half (learns on one-sided findings such as lesions);
+    # "mirror" = the left half's positive is the right half of its slice (only for two sides that match)
+    halves_positives: Literal["views", "mirror"] = "views"
     # jepa
     predictor_dim: int = Field(default=96, ge=1)
     predictor_depth: int = Field(default=2, ge=1)

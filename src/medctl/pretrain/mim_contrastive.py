@@ -11,15 +11,21 @@ preprocessing with ``data.preprocess.unsharp``), split into a left and a right h
 and each half gets its own photometric augmentation only (intensity jitter, noise, light blur), so
 the halves stay anatomically aligned. Then:
 
-- contrastive: each half, unmasked, gets its own random crop-resize (``halves_crop_scale``, no flips),
-  then both go through the U-Net encoder; the global average of the bottleneck -> 2-layer projection
-  MLP with BatchNorm -> 128-d, L2-normalised; symmetric 2N InfoNCE (temperature 0.2) with the other half
-  of the same slice as the positive and every other half in the batch as a negative. Without the crops
-  the halves of one slice are told apart from the others by a shortcut: the two pixel columns either
-  side of the midline are neighbours, and a half's position and size in the slice are fixed. InfoNCE
-  then falls while the embedding's spread stays at ~0.07 of ``1/sqrt(D)`` with dead dimensions and its
-  k-NN accuracy drops below the untrained encoder's (0.42 -> 0.35 on 4 synthetic lesion classes, 64x64
-  slices, unet2d_tiny, 6 epochs); with the independent crops it rose instead (0.42 -> 0.44-0.46).
+- contrastive (``halves_positives = "views"``, the default): the 2B halves, unmasked, each get two
+  independent views (crop-resize by ``halves_crop_scale``, no flips, their own intensity jitter and noise),
+  both go through the U-Net encoder; the global average of the bottleneck -> 2-layer projection MLP with
+  BatchNorm -> 128-d, L2-normalised; symmetric 2N InfoNCE (temperature 0.2) over the 4B views with the
+  other view of the same half as the positive and every other half's views (the other half of the same
+  slice included) as negatives.
+- ``halves_positives = "mirror"``: the left half's positive is the right half of the same slice (one
+  crop each), for anatomy whose two sides carry the same information. Where the class lives on one side
+  only (a lesion), the two halves share little besides the slice's global intensity and shape, and
+  InfoNCE cannot match them: on 2D synthetic lesion images with bright distractors (32 x 32,
+  unet2d_tiny, 150 steps of 16, 3 seeds) its loss stayed at 3.28 (chance ln(31) = 3.43) and a logistic
+  probe on held-out images moved 0.55 -> 0.62 (+0.01, +0.02, +0.19), where ``"views"`` reached 1.48 and
+  0.55 -> 0.77 (+0.23, +0.19, +0.25) (benchmarks/RESULTS.md, "mim_contrastive: what the InfoNCE
+  positives are"). Without its crop, each half of a mirror pair is found by a shortcut: the two pixel
+  columns either side of the midline are neighbours, and a half's position and size are fixed.
 - masked image modelling: each half loses ``round(mask_ratio * gh * gw)`` distinct 16 x 16 patches
   under the anti-mirror rule (where the left half is masked, the mirror-image patch of the right half
   is visible, ``masks.mirror_masks``). The two masked halves are put back side by side and the U-Net
@@ -56,6 +62,7 @@ from medctl.pretrain.views import byol_view, halves_views, unsharp
 from medctl.training.ssl_losses import info_nce
 
 PANEL_SEED = 0  # the reconstruction panels mask the same patches every epoch
+POSITIVES = ("views", "mirror")  # pretrain.halves_positives: two views of one half | the other half
 
 
 class MIMContrastive(nn.Module):
@@ -79,10 +86,11 @@ class MIMContrastive(nn.Module):
         halves_blur_prob: float,
         halves_blur_sigma: float,
         halves_crop_scale: Sequence[float],
+        halves_positives: str,
     ):
         super().__init__()
         self.grid = _check_settings(
-            encoder, patch_size, mask_ratio, temperature, contrastive_weight, mim_weight
+            encoder, patch_size, mask_ratio, temperature, contrastive_weight, mim_weight, halves_positives
         )
         self.encoder = encoder
         self.projector = projection_mlp(encoder.embed_dim, projector_hidden, projector_dim)
@@ -98,6 +106,7 @@ class MIMContrastive(nn.Module):
             blur_sigma=halves_blur_sigma,
         )
         self.crop_scale = tuple(halves_crop_scale)
+        self.positives = halves_positives
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, H, W) -> {"loss", "loss_contrastive", "loss_mim"}."""
@@ -106,18 +115,7 @@ class MIMContrastive(nn.Module):
         out: dict[str, torch.Tensor] = {}
         loss = x.new_zeros(())
         if self.contrastive_weight > 0:
-            crop = dict(
-                crop_scale=self.crop_scale,
-                flip_prob=0.0,
-                intensity_jitter=0.0,
-                noise_std=0.0,
-                blur_prob=0.0,
-                blur_sigma=0.0,
-            )  # geometry only: the photometric jitter is already each half's own
-            halves = torch.cat([byol_view(left, **crop), byol_view(right, **crop)])  # (2B, C, H, W/2)
-            bottleneck = self.encoder.forward_features(halves)  # (2B, E, h, w/2)
-            z = F.normalize(self.projector(bottleneck.mean(dim=(2, 3))), dim=1)  # (2B, P), unit length
-            out["loss_contrastive"] = info_nce(*z.split(batch), self.temperature)
+            out["loss_contrastive"] = self.contrastive_loss(left, right)
             loss = loss + self.contrastive_weight * out["loss_contrastive"]
         if self.mim_weight > 0:
             mask = self.pixel_mask(batch, x.device)  # (B, H, W) True = masked
@@ -128,6 +126,27 @@ class MIMContrastive(nn.Module):
             out["loss_mim"] = masked_l1(reconstruction, full, mask)
             loss = loss + self.mim_weight * out["loss_mim"]
         return {"loss": loss, **out}
+
+    def contrastive_loss(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """InfoNCE on the halves (B, C, H, W/2) each; the positives are set by ``halves_positives``."""
+        jitter = self.view_settings["intensity_jitter"] if self.positives == "views" else 0.0
+        noise = self.view_settings["noise_std"] if self.positives == "views" else 0.0
+        crop = dict(
+            crop_scale=self.crop_scale,
+            flip_prob=0.0,
+            intensity_jitter=jitter,
+            noise_std=noise,
+            blur_prob=0.0,
+            blur_sigma=0.0,
+        )  # geometry, plus (views) a second photometric draw: each half's first one is already applied
+        if self.positives == "views":
+            halves = torch.cat([left, right])  # (2B, C, H, W/2)
+            first, second = byol_view(halves, **crop), byol_view(halves, **crop)  # (2B, C, H, W/2) each
+        else:
+            first, second = byol_view(left, **crop), byol_view(right, **crop)  # (B, C, H, W/2) each
+        bottleneck = self.encoder.forward_features(torch.cat([first, second]))  # (2N, E, h, w/2)
+        z = F.normalize(self.projector(bottleneck.mean(dim=(2, 3))), dim=1)  # (2N, P), unit length
+        return info_nce(*z.split(first.shape[0]), self.temperature)
 
     def pixel_mask(
         self, batch: int, device: torch.device, generator: torch.Generator | None = None
@@ -168,6 +187,7 @@ def _check_settings(
     temperature: float,
     contrastive_weight: float,
     mim_weight: float,
+    positives: str,
 ) -> tuple[int, int]:
     """The (gh, gw) patch grid of one half; every impossible setting is reported at once."""
     name = getattr(encoder, "name", type(encoder).__name__)
@@ -205,6 +225,8 @@ def _check_settings(
         )
     if temperature <= 0:
         problems.append(f"`pretrain.temperature` = {temperature}: must be > 0, e.g. 0.2")
+    if positives not in POSITIVES:
+        problems.append(f"`pretrain.halves_positives` = {positives!r}: use one of {', '.join(POSITIVES)}")
     if problems:
         raise ConfigError(problems, "pretrain")
     return grid
