@@ -397,8 +397,9 @@ def check_batch_size(method: str, batch_size: int, n_train: int) -> int:
         raise DataError(
             "the train split is empty: pretraining needs training samples (check data.split_column)"
         )
-    if min_batch_problem(method, batch_size):
-        raise ConfigError([min_batch_problem(method, batch_size)], "data.batch_size")
+    too_small = min_batch_problem(method, batch_size)
+    if too_small:
+        raise ConfigError([too_small], "data.batch_size")
     if n_train < batch_size:
         raise ConfigError(
             [f"`data.batch_size` = {batch_size} is larger than the {n_train} training samples; lower it"],
