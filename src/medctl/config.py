@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from medctl.errors import CheckpointError, ConfigError, redact_url_credentials
 
@@ -324,13 +323,6 @@ class PretrainConfig(Section):
     knn_every: int = Field(default=1, ge=0)
     monitor_samples: int = Field(default=256, ge=2)  # per split: a fixed, seeded subset keeps monitoring cheap
     subset: str = ""  # pretrain on a subset of train: "fraction:0.5" (seeded) or "column:value" (manifest column)
-
-    @model_validator(mode="after")
-    def _only_tables_beside_the_fields(self) -> PretrainConfig:
-        loose = [k for k, v in (self.model_extra or {}).items() if not isinstance(v, Mapping)]
-        if loose:  # load_config names them with a suggestion (unknown_key_problems); this stops direct use
-            raise PydanticCustomError("extra_forbidden", "unknown [pretrain] keys: {keys}", {"keys": ", ".join(loose)})
-        return self
 
 
 # keys of the one flat [pretrain] namespace that moved into their method's table: history, for the one-line

@@ -40,11 +40,13 @@ METHODS: dict[str, MethodSpec] = {
 def method_table_problems(pretrain: Any) -> list[str]:
     """``pretrain.method`` against :data:`METHODS` and every ``[pretrain.<name>]`` table (the raw tree's
     ``pretrain``, or a validated PretrainConfig) against its method's section, each problem naming its key."""
-    if isinstance(pretrain, PretrainConfig):
+    problems = []
+    if isinstance(pretrain, PretrainConfig):  # built in code: load_config names a loose key with a suggestion
+        loose = [k for k, v in (pretrain.model_extra or {}).items() if not isinstance(v, Mapping)]
+        problems += [f"`pretrain.{k}` is not a [pretrain] key; a method's settings go in [pretrain.<method>]" for k in loose]
         pretrain = pretrain.model_dump()
     if not isinstance(pretrain, Mapping):
         return []
-    problems = []
     method = pretrain.get("method", PretrainConfig.model_fields["method"].default)
     if isinstance(method, str) and method not in METHODS:
         problems.append(f"`pretrain.method` = {method!r} is not a pretraining method; {_known(method)}")
