@@ -10,7 +10,7 @@
    architecture at its random initialisation - the exact weights BYOL started from (same ``run.seed``).
    Two variants: plain BYOL (auxiliary heads off) for ``--seeds`` (default 0 1 2: about 4 minutes in
    all on 2 CPU cores), and BYOL with the reconstruction, rotation and jigsaw heads at their
-   ``[pretrain]`` defaults for ``--heads-seeds`` (none by default: each costs about 2.5 plain runs).
+   ``[pretrain.byol]`` defaults for ``--heads-seeds`` (none by default: each costs about 2.5 plain runs).
 2. Throughput: samples/s of ``fit`` for each method (byol on mt3_tiny with its heads, mim_contrastive on
    unet2d_tiny, jepa on vit3d_test) on the CPU, and in bf16 on CUDA when a GPU is visible.
 """
@@ -50,8 +50,8 @@ SIZE = (16, 32, 32)
 BYOL = ['pretrain.method="byol"', 'model.encoder="mt3_tiny"', "pretrain.warmup_epochs=2", "pretrain.monitor_every=0",
         "pretrain.knn_every=0"]  # fmt: skip
 VARIANTS = {
-    "BYOL": ["pretrain.reconstruction_weight=0", "pretrain.rotation_weight=0", "pretrain.jigsaw_weight=0"],
-    "BYOL + rec/rot/jigsaw heads": [],  # the [pretrain] defaults: weights 1.0, 0.5, 0.5
+    "BYOL": ["pretrain.byol.reconstruction_weight=0", "pretrain.byol.rotation_weight=0", "pretrain.byol.jigsaw_weight=0"],
+    "BYOL + rec/rot/jigsaw heads": [],  # the [pretrain.byol] defaults: weights 1.0, 0.5, 0.5
 }
 
 
@@ -131,11 +131,11 @@ def throughput(root: Path, device: str, precision: str, epochs: int = 2) -> list
     ds2 = make_synthetic_dataset(root / "tp2d", n=40, dims=2, size=(64, 64), seed=2)
     cases = [
         ("byol", ds3, ['model.encoder="mt3_tiny"']),
-        ("mim_contrastive", ds2, ['model.encoder="unet2d_tiny"', "pretrain.patch_size=16"]),
+        ("mim_contrastive", ds2, ['model.encoder="unet2d_tiny"', "pretrain.mim_contrastive.patch_size=16"]),
         (
             "jepa",
             ds3,
-            ['model.encoder="vit3d_test"', "pretrain.predictor_dim=64", "pretrain.predictor_heads=2"],
+            ['model.encoder="vit3d_test"', "pretrain.jepa.predictor_dim=64", "pretrain.jepa.predictor_heads=2"],
         ),
     ]
     rows = []
@@ -183,7 +183,7 @@ def markdown(probe_rows: list[dict], tp_rows: list[dict], args: argparse.Namespa
         "### Linear probe: BYOL-pretrained vs randomly initialised `mt3_tiny`",
         "",
         f"{args.n} synthetic lesion volumes 16x32x32 ({n_train} train, probe scored on {n_eval} val+test); BYOL "
-        f"{args.epochs} epochs, batch {args.batch_size}, lr and views at the `[pretrain]` defaults; probe = "
+        f"{args.epochs} epochs, batch {args.batch_size}, lr and views at the `[pretrain]` and `[pretrain.byol]` defaults; probe = "
         "StandardScaler + LogisticRegression(C=0.1) on the frozen pooled embeddings; random = the same weights BYOL "
         "started from.",
         "",

@@ -50,14 +50,14 @@ DISTRACTORS_2D = 2  # bright balls in every image: without them a random unet2d_
 COMMON = ["data.preprocess.workers=1", 'run.device="cpu"', "data.num_workers=0"]
 MT3 = ['model.encoder="mt3_tiny"']
 METHODS = {  # name -> (encoder group, overrides); every group but "images" pretrains on the volumes
-    "byol": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=0", "pretrain.rotation_weight=0",
-                     "pretrain.jigsaw_weight=0"]),
-    "byol_heads": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.reconstruction_weight=1.0",
-                           "pretrain.rotation_weight=0.5", "pretrain.jigsaw_weight=0.5"]),
-    "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.predictor_dim=32",
-                     "pretrain.predictor_heads=2", "pretrain.predictor_depth=1", "pretrain.mask_blocks=2"]),
+    "byol": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.byol.reconstruction_weight=0", "pretrain.byol.rotation_weight=0",
+                     "pretrain.byol.jigsaw_weight=0"]),
+    "byol_heads": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.byol.reconstruction_weight=1.0",
+                           "pretrain.byol.rotation_weight=0.5", "pretrain.byol.jigsaw_weight=0.5"]),
+    "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.jepa.predictor_dim=32",
+                     "pretrain.jepa.predictor_heads=2", "pretrain.jepa.predictor_depth=1", "pretrain.jepa.mask_blocks=2"]),
     "mim_contrastive": ("images", ['model.encoder="unet2d_tiny"', 'pretrain.method="mim_contrastive"',
-                                   "pretrain.patch_size=8"]),
+                                   "pretrain.mim_contrastive.patch_size=8"]),
 }  # fmt: skip
 GROUPS = {
     "mt3": MT3,
@@ -111,7 +111,8 @@ def main() -> None:
                     "pretrain", *data, *overrides, f'run.name="{name}"',
                     f"run.seed={seed}", f"pretrain.epochs={args.epochs}", "pretrain.warmup_epochs=1",
                     "data.batch_size=8", f"pretrain.monitor_every={args.epochs}", f"pretrain.knn_every={args.epochs}",
-                    "pretrain.projector_dim=32", "pretrain.projector_hidden=64",
+                    "pretrain.byol.projector_dim=32", "pretrain.byol.projector_hidden=64",
+                    "pretrain.mim_contrastive.projector_dim=32", "pretrain.mim_contrastive.projector_hidden=64",
                 )  # fmt: skip
                 results = json.loads((root / "runs" / name / "results.json").read_text())
                 pretrain_results.setdefault(method, []).append(results)

@@ -51,7 +51,7 @@ def tiny_byol() -> list[str]:
         "data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8",
         'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
         "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
-        "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.jigsaw_permutations=4",
+        "pretrain.byol.projector_dim=16", "pretrain.byol.projector_hidden=32", "pretrain.byol.jigsaw_permutations=4",
         "pretrain.warmup_epochs=0", "data.preprocess.workers=1",
     ]  # fmt: skip
 

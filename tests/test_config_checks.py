@@ -70,12 +70,12 @@ def test_a_byol_rotation_on_a_non_square_plane_fails_at_check_time(tmp_path):
     )
     result = invoke("check", "config", "-c", str(config))
     assert result.exit_code == 2
-    assert "`pretrain.rotation_weight` = 0.5: rotations by 90 degrees need equal sizes in plane axial" in flat(
+    assert "`pretrain.byol.rotation_weight` = 0.5: rotations by 90 degrees need equal sizes in plane axial" in flat(
         result.output
     )
-    fixed = invoke("check", "config", "-c", str(config), 'pretrain.rotation_plane="coronal"', "pretrain.jigsaw_weight=0")
+    fixed = invoke("check", "config", "-c", str(config), 'pretrain.byol.rotation_plane="coronal"', "pretrain.byol.jigsaw_weight=0")
     assert fixed.exit_code == 2  # coronal is (D, W) = (16, 64): still not square
-    ok = invoke("check", "config", "-c", str(config), "pretrain.rotation_weight=0")
+    ok = invoke("check", "config", "-c", str(config), "pretrain.byol.rotation_weight=0")
     assert ok.exit_code == 0, ok.output
     assert "pretrain" in ok.output
 
@@ -84,7 +84,7 @@ def test_stage_settings_are_checked_against_the_encoder_and_targets():
     cases = {
         ('model.encoder="convnext_test_cbam"',): "reads 2D images (H, W) but data.preprocess.spatial_size = [32, 64, 64]",
         ('model.encoder="vit3d_test"', "data.preprocess.spatial_size=[15, 32, 32]"): "multiples of [2, 8, 8]",
-        ('pretrain.method="jepa"', 'model.encoder="vit3d_test"', "pretrain.predictor_dim=100"): "predictor_dim",
+        ('pretrain.method="jepa"', 'model.encoder="vit3d_test"', "pretrain.jepa.predictor_dim=100"): "predictor_dim",
         ('pretrain.method="mim_contrastive"', 'model.encoder="mt3_tiny"'): "mim_contrastive needs a 2D encoder with a decoder",
         ('data.targets=[{name="y", classes=["a", "b", "c"]}]', 'train.monitor="auc"'): "did you mean `auroc`?",
         ('data.targets=[{name="y", classes=["a", "b", "c"]}]', "train.class_weights=[1.0, 2.0]"): "one per class",

@@ -18,7 +18,8 @@ from medctl.saliency.outputs import save_panel
 
 runner = CliRunner()
 SQUARE = ["data.eeg.image_size=[32, 32]", "data.batch_size=6", "pretrain.monitor_samples=8", "pretrain.epochs=1",
-          "pretrain.warmup_epochs=0", "pretrain.projector_dim=16", "pretrain.projector_hidden=32"]  # fmt: skip
+          "pretrain.warmup_epochs=0"]  # fmt: skip
+PROJECTOR = ["projector_dim=16", "projector_hidden=32"]  # byol's and mim_contrastive's, each in its own table
 
 
 def invoke(*args: str):
@@ -37,14 +38,15 @@ SLOW = pytest.mark.slow  # the full-size encoders the lab uses (resnet18_2d: 11M
 @pytest.mark.parametrize(
     ("method", "encoder", "extra"),
     [
-        ("byol", "resnet_test_2d", ["pretrain.jigsaw_weight=0"]),  # the jigsaw shuffles 3D blocks
-        ("mim_contrastive", "unet2d_tiny", ["pretrain.patch_size=8"]),
-        pytest.param("byol", "resnet18_2d", ["pretrain.jigsaw_weight=0"], marks=SLOW),
-        pytest.param("mim_contrastive", "unet2d", ["pretrain.patch_size=8"], marks=SLOW),
+        ("byol", "resnet_test_2d", ["pretrain.byol.jigsaw_weight=0"]),  # the jigsaw shuffles 3D blocks
+        ("mim_contrastive", "unet2d_tiny", ["pretrain.mim_contrastive.patch_size=8"]),
+        pytest.param("byol", "resnet18_2d", ["pretrain.byol.jigsaw_weight=0"], marks=SLOW),
+        pytest.param("mim_contrastive", "unet2d", ["pretrain.mim_contrastive.patch_size=8"], marks=SLOW),
     ],
 )
 def test_pretraining_on_spectrograms(study, tmp_path, method, encoder, extra):
-    result = invoke("pretrain", *study.config_overrides(("health",)), *SQUARE, *extra, f'pretrain.method="{method}"',
+    projector = [f"pretrain.{method}.{setting}" for setting in PROJECTOR]
+    result = invoke("pretrain", *study.config_overrides(("health",)), *SQUARE, *projector, *extra, f'pretrain.method="{method}"',
                     f'model.encoder="{encoder}"', f'run.root="{tmp_path}"', 'run.name="ssl"')  # fmt: skip
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "ssl" / "results.json").read_text())

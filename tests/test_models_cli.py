@@ -80,10 +80,11 @@ def test_list_methods_losses_and_attributions():
     from typer.testing import CliRunner
 
     from medctl.cli.app import app
+    from medctl.pretrain import METHODS
 
     runner = CliRunner()
     expected = {
-        "methods": ["byol", "mim_contrastive", "jepa"],
+        "methods": list(METHODS),
         "losses": ["cross_entropy", "focal", "bce"],
         "attributions": ["integrated_gradients", "gradcam", "occlusion", "guided_backprop"],
     }

@@ -18,6 +18,7 @@ from medctl.data.preprocess import preprocess
 from medctl.errors import ConfigError
 from medctl.models.checkpoints import load_encoder_weights, read_checkpoint
 from medctl.models.registry import build_encoder
+from medctl.pretrain import METHODS
 from medctl.pretrain.run import select_subset
 
 runner = CliRunner()
@@ -27,16 +28,17 @@ SMALL_2D = ["data.batch_size=4", "pretrain.monitor_samples=8"]
 TINY_MT3 = "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}"
 METHOD_SETTINGS = {
     "byol": [
-        'model.encoder="mt3_tiny"', TINY_MT3, "pretrain.projector_dim=16", "pretrain.projector_hidden=32",
-        "pretrain.jigsaw_permutations=4",
+        'model.encoder="mt3_tiny"', TINY_MT3, "pretrain.byol.projector_dim=16", "pretrain.byol.projector_hidden=32",
+        "pretrain.byol.jigsaw_permutations=4",
     ],
     "mim_contrastive": [
-        'model.encoder="unet2d_tiny"', "pretrain.patch_size=8", "pretrain.projector_dim=16", "pretrain.projector_hidden=32",
-        "pretrain.halves_unsharp_amount=0.5",
+        'model.encoder="unet2d_tiny"', "pretrain.mim_contrastive.patch_size=8", "pretrain.mim_contrastive.projector_dim=16",
+        "pretrain.mim_contrastive.projector_hidden=32",
+        "pretrain.mim_contrastive.halves_unsharp_amount=0.5",
     ],
     "jepa": [
-        'model.encoder="vit3d_test"', "pretrain.predictor_dim=32", "pretrain.predictor_heads=2", "pretrain.predictor_depth=1",
-        "pretrain.mask_blocks=2", "pretrain.export_vjepa2=true",
+        'model.encoder="vit3d_test"', "pretrain.jepa.predictor_dim=32", "pretrain.jepa.predictor_heads=2", "pretrain.jepa.predictor_depth=1",
+        "pretrain.jepa.mask_blocks=2", "pretrain.jepa.export_vjepa2=true",
     ],
 }  # fmt: skip
 
@@ -53,10 +55,11 @@ def overrides(dataset, tmp_path: Path, method: str, name: str, *extra: str) -> l
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["byol", "mim_contrastive", "jepa"])
+@pytest.fixture(scope="module", params=list(METHODS))
 def method_run(request, synthetic_3d, synthetic_2d, tmp_path_factory):
-    """One 2-epoch run per method, shared by the tests of this module."""
+    """One 2-epoch run per registered method, shared by the tests of this module."""
     method = request.param
+    assert method in METHOD_SETTINGS, f"give the method {method!r} tiny settings in METHOD_SETTINGS to run it here"
     dataset = synthetic_2d if method == "mim_contrastive" else synthetic_3d
     root = tmp_path_factory.mktemp(f"pretrain_{method}")
     with pytest.MonkeyPatch.context() as patch:
@@ -235,7 +238,7 @@ def test_subsets_of_the_training_split(synthetic_3d):
 
 def test_impossible_settings_are_one_line_errors_with_exit_2(synthetic_2d, synthetic_3d, tmp_path):
     cases = [
-        (overrides(synthetic_2d, tmp_path, "byol", "a", 'model.encoder="unet2d_tiny"', "model.encoder_args={}"), "pretrain.jigsaw_weight = 0"),
+        (overrides(synthetic_2d, tmp_path, "byol", "a", 'model.encoder="unet2d_tiny"', "model.encoder_args={}"), "pretrain.byol.jigsaw_weight = 0"),
         (overrides(synthetic_3d, tmp_path, "mim_contrastive", "b", 'model.encoder="mt3_tiny"'), "needs a 2D encoder"),
         (overrides(synthetic_3d, tmp_path, "byol", "c", "data.batch_size=1"), "at least 2 samples per batch"),
         ([*overrides(synthetic_3d, tmp_path, "byol", "d"), 'run.name=""', "--resume"], "--resume needs run.name"),

@@ -18,8 +18,8 @@ runner = CliRunner()
 TINY_BYOL = [
     'pretrain.method="byol"', 'model.encoder="mt3_tiny"',
     "model.encoder_args={stem_channels=[4, 8], embed_dim=32, depth=1, num_heads=2}",
-    "pretrain.projector_dim=16", "pretrain.projector_hidden=32", "pretrain.reconstruction_weight=0",
-    "pretrain.rotation_weight=0", "pretrain.jigsaw_weight=0", "pretrain.warmup_epochs=0",
+    "pretrain.byol.projector_dim=16", "pretrain.byol.projector_hidden=32", "pretrain.byol.reconstruction_weight=0",
+    "pretrain.byol.rotation_weight=0", "pretrain.byol.jigsaw_weight=0", "pretrain.warmup_epochs=0",
     "data.preprocess.spatial_size=[8, 16, 16]", "data.batch_size=4", "pretrain.monitor_samples=8",
 ]  # fmt: skip
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import medctl.pretrain.byol as byol_module
-from medctl.config import PretrainConfig
 from medctl.models.registry import build_encoder
 from medctl.pretrain import build_method
+from medctl.pretrain.byol import ByolSettings
 
 SIZE = (8, 16, 16)
 
@@ -35,7 +35,7 @@ def head_losses(head: str, steps: int, **settings) -> list[float]:
         "jigsaw_weight": 0.0,
         f"{head}_weight": 1.0,
     }
-    config = PretrainConfig(projector_dim=16, projector_hidden=32, **weights, **settings)
+    config = ByolSettings(projector_dim=16, projector_hidden=32, **weights, **settings)
     method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def test_pretext_inputs_keep_the_orientation_the_byol_views_flip(head, monkeypat
         "jigsaw_weight": 0.0,
         f"{head}_weight": 1.0,
     }
-    config = PretrainConfig(
+    config = ByolSettings(
         projector_dim=8, projector_hidden=16, view_flip_prob=1.0, **no_photometric, **weights
     )
     method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)

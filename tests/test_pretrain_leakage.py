@@ -21,8 +21,8 @@ from medctl.models.registry import build_encoder
 runner = CliRunner()
 TINY = ['model.encoder="vit3d_test"', "data.preprocess.workers=1", 'run.device="cpu"', "data.batch_size=4"]
 JEPA = [
-    'pretrain.method="jepa"', "pretrain.predictor_dim=32", "pretrain.predictor_heads=2", "pretrain.predictor_depth=1",
-    "pretrain.mask_blocks=2", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.monitor_samples=8",
+    'pretrain.method="jepa"', "pretrain.jepa.predictor_dim=32", "pretrain.jepa.predictor_heads=2", "pretrain.jepa.predictor_depth=1",
+    "pretrain.jepa.mask_blocks=2", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.monitor_samples=8",
 ]  # fmt: skip
 
 

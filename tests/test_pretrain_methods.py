@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from medctl.config import PretrainConfig
+from medctl.config import PretrainConfig, load_config
 from medctl.errors import ConfigError
 from medctl.models.registry import build_encoder
 from medctl.pretrain import METHODS, build_method, method_settings
-from medctl.pretrain.byol import EmbeddingDecoder
-from medctl.pretrain.mim_contrastive import masked_l1
+from medctl.pretrain.byol import ByolSettings, EmbeddingDecoder
+from medctl.pretrain.jepa import JepaSettings
+from medctl.pretrain.mim_contrastive import MIMContrastiveSettings, masked_l1
 
 TINY_MT3 = {"stem_channels": (4, 8), "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -22,19 +25,19 @@ def tiny(name: str, size: tuple[int, ...]):
 
 def byol(size=(8, 8, 8), **settings):
     base = dict(projector_dim=16, projector_hidden=32, jigsaw_permutations=6)
-    return build_method("byol", tiny("mt3_tiny", size), PretrainConfig(**(base | settings)))
+    return build_method("byol", tiny("mt3_tiny", size), ByolSettings(**(base | settings)))
 
 
 def mim(size=(32, 32), encoder="unet2d_tiny", **settings):
     base = dict(projector_dim=16, projector_hidden=32, patch_size=8, halves_unsharp_amount=0.5)
-    return build_method("mim_contrastive", tiny(encoder, size), PretrainConfig(**(base | settings)))
+    return build_method("mim_contrastive", tiny(encoder, size), MIMContrastiveSettings(**(base | settings)))
 
 
 def jepa(size=(8, 32, 32), encoder="vit3d_test", **settings):
     base = dict(
         predictor_dim=32, predictor_heads=2, predictor_depth=1, mask_blocks=2, mask_block_scale=[0.15, 0.25]
     )
-    return build_method("jepa", tiny(encoder, size), PretrainConfig(**(base | settings)))
+    return build_method("jepa", tiny(encoder, size), JepaSettings(**(base | settings)))
 
 
 def loss_at_fixed_draws(method, x, seed=123) -> float:
@@ -120,7 +123,7 @@ def test_byol_works_on_2d_encoders_without_the_jigsaw():
     method = build_method(
         "byol",
         build_encoder("resnet_test_2d", input_size=(32, 32)),
-        PretrainConfig(projector_dim=16, projector_hidden=32, jigsaw_weight=0),
+        ByolSettings(projector_dim=16, projector_hidden=32, jigsaw_weight=0),
     )
     out = method(torch.randn(2, 1, 32, 32))
     assert out["loss"].requires_grad and "loss_rotation" in out and "loss_jigsaw" not in out
@@ -135,13 +138,11 @@ def test_embedding_decoder_reaches_any_input_size(size):
 
 
 def test_impossible_byol_settings_are_rejected_naming_the_key():
-    with pytest.raises(ConfigError, match=r"jigsaw_weight.*2D; set pretrain.jigsaw_weight = 0"):
-        build_method(
-            "byol", build_encoder("unet2d_tiny", input_size=(32, 32)), PretrainConfig(jigsaw_weight=0.5)
-        )
+    with pytest.raises(ConfigError, match=r"jigsaw_weight.*2D; set pretrain.byol.jigsaw_weight = 0"):
+        build_method("byol", build_encoder("unet2d_tiny", input_size=(32, 32)), ByolSettings(jigsaw_weight=0.5))
     with pytest.raises(ConfigError, match=r"rotation_weight.*equal sizes in plane axial") as info:
         byol(size=(16, 16, 24), jigsaw_weight=0)
-    assert "pretrain.rotation_plane" in str(info.value)
+    assert "pretrain.byol.rotation_plane" in str(info.value)
     byol(size=(16, 16, 24), rotation_plane="sagittal")  # (D, H) = (16, 16) rotates fine
     with pytest.raises(ConfigError, match=r"even D, H, W"):
         byol(size=(9, 16, 16), rotation_weight=0)
@@ -216,7 +217,7 @@ def test_mim_contrastive_positives_are_two_views_of_one_half_or_the_other_half(s
 
 def test_impossible_mim_settings_are_rejected():
     with pytest.raises(ConfigError, match="needs a 2D encoder with a decoder"):
-        build_method("mim_contrastive", tiny("mt3_tiny", (8, 16, 16)), PretrainConfig())
+        build_method("mim_contrastive", tiny("mt3_tiny", (8, 16, 16)), MIMContrastiveSettings())
     with pytest.raises(ConfigError, match="W by twice the patch"):
         mim(size=(32, 48), patch_size=16)
     with pytest.raises(ConfigError, match="mask_ratio.*<= 0.5"):
@@ -241,32 +242,36 @@ def test_jepa_predicts_layer_normed_target_features(seed):
 
 def test_impossible_jepa_settings_are_rejected():
     with pytest.raises(ConfigError, match="jepa needs a 3D ViT"):
-        build_method("jepa", tiny("mt3_tiny", (8, 16, 16)), PretrainConfig())
-    with pytest.raises(ConfigError, match="not divisible by pretrain.predictor_heads"):
+        build_method("jepa", tiny("mt3_tiny", (8, 16, 16)), JepaSettings())
+    with pytest.raises(ConfigError, match="not divisible by pretrain.jepa.predictor_heads"):
         jepa(predictor_dim=40, predictor_heads=3)
     with pytest.raises(ConfigError, match="leave fewer than"):
         jepa(mask_blocks=8, mask_block_scale=[1.0, 1.0])
 
 
-def test_methods_are_built_from_plain_pretrain_values():
-    assert set(METHODS) == {"byol", "mim_contrastive", "jepa"}
-    settings = method_settings("jepa", PretrainConfig(predictor_dim=64))
-    assert (
-        settings["predictor_dim"] == 64 and "lr" not in settings and "reconstruction_weight" not in settings
-    )
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_method_is_built_from_its_own_typed_table(name):
+    """Its table's values reach the method, its defaults fill the rest, the shared keys stay out of it."""
+    spec = METHODS[name]
+    changed = next(k for k, f in spec.settings.model_fields.items() if f.annotation is int)
+    value = spec.settings.model_fields[changed].default + 8
+    settings = method_settings(PretrainConfig(method=name, **{name: {changed: value}}))
+    assert type(settings) is spec.settings and getattr(settings, changed) == value
+    assert settings.model_dump() == spec.settings(**{changed: value}).model_dump()
+    assert not set(spec.settings.model_fields) & set(PretrainConfig.model_fields)
+    other = next(n for n in METHODS if n != name)  # another method's table never leaks into this one
+    assert method_settings(PretrainConfig(method=other, **{name: {changed: value}})) == METHODS[other].settings()
 
 
-@pytest.mark.parametrize("name", ["byol", "mim_contrastive", "jepa"])
-def test_the_shipped_pretrain_configs_build_their_method(name):
-    from pathlib import Path
-
-    from medctl.config import load_config
-
-    config = load_config(Path(__file__).parents[1] / "config" / "pretrain" / f"{name}.toml")
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "config" / "pretrain").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_the_shipped_pretrain_configs_build_their_method(path):
+    config = load_config(path)
     encoder = build_encoder(
         config.model.encoder, input_size=config.data.preprocess.spatial_size, **config.model.encoder_args
     )
     method = build_method(
-        config.pretrain.method, encoder, config.pretrain
+        config.pretrain.method, encoder, method_settings(config.pretrain)
     )  # the constructors' checks at real sizes
-    assert type(method) is METHODS[name]
+    assert type(method) is METHODS[config.pretrain.method].module

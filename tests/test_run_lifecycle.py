@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_support import one_error_line
 from medctl.cli.app import app
 from medctl.models.checkpoints import read_checkpoint
 from medctl.training.logging import read_metrics
@@ -31,13 +32,6 @@ def invoke(*args: str):
 
 def named(tmp_path: Path, name: str) -> list[str]:
     return [f"run.root={json.dumps(str(tmp_path / 'runs'))}", f"run.name={json.dumps(name)}"]
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith(("error:", "failed:", "Traceback"))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output  # log lines before it carry no prefix
-    return " ".join(result.output.split())
 
 
 # ------------------------------------------------------------------------------ pretrain, no val split

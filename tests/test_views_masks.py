@@ -51,7 +51,7 @@ def test_mirror_masks_count_uniqueness_and_anti_mirror_rule(grid_h, grid_w, rati
 @FAST
 @given(ratio=st.floats(0.5001, 0.99), seed=st.integers(0, 1000))
 def test_ratios_above_one_half_are_refused_with_the_key_to_change(ratio, seed):
-    with pytest.raises(ValueError, match=r"pretrain.mask_ratio <= 0.5"):
+    with pytest.raises(ValueError, match=r"pretrain.mim_contrastive.mask_ratio <= 0.5"):
         mirror_masks(12, 6, ratio, generator(seed))
 
 
@@ -140,5 +140,5 @@ def test_single_sample_multiblock_with_full_depth_blocks_and_2d_grids():
     assert flat_context.max() < 64 and all(box_of(t, (1, 8, 8)) for t in flat_targets)
     with pytest.raises(ValueError, match="mask_block_scale"):
         multiblock_masks((4, 8, 8), 2, (0.3, 0.1), (0.75, 1.5))
-    with pytest.raises(ValueError, match="lower pretrain.mask_blocks"):
+    with pytest.raises(ValueError, match="lower pretrain.jepa.mask_blocks"):
         multiblock_masks((1, 2, 2), 4, (1.0, 1.0), (1.0, 1.0), generator(0))

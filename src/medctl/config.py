@@ -302,7 +302,14 @@ class TrainConfig(Section):
 
 # ------------------------------------------------------------------------------------------ pretrain
 class PretrainConfig(Section):
-    method: Literal["byol", "mim_contrastive", "jepa"] = "byol"
+    """What every method shares: the optimisation, the EMA schedule, monitoring, the subset. Each method's own
+    settings are its table ``[pretrain.<method>]`` (``[pretrain.byol]``, ...), typed and defaulted by the
+    method's module (``medctl.pretrain.<method>``) and validated by :mod:`medctl.pretrain` with the rest of
+    the config: this layer keeps the tables as tables and leaves them to it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = "byol"  # a registered method (`medctl list methods`); checked by the pretrain layer
     epochs: int = Field(default=100, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
@@ -311,52 +318,9 @@ class PretrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_clip: float = Field(default=1.0, ge=0)
     log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
-    ema_momentum: float = Field(default=0.99, ge=0, le=1)  # start of the cosine momentum schedule
+    # target networks (byol, jepa) follow the online ones with a cosine momentum schedule from start to end
+    ema_momentum: float = Field(default=0.99, ge=0, le=1)
     ema_momentum_end: float = Field(default=1.0, ge=0, le=1)
-    projector_dim: int = Field(default=128, ge=1)
-    projector_hidden: int = Field(default=512, ge=1)
-    # byol auxiliary heads; a weight of 0 switches the head off
-    reconstruction_weight: float = Field(default=1.0, ge=0)
-    rotation_weight: float = Field(default=0.5, ge=0)
-    jigsaw_weight: float = Field(default=0.5, ge=0)
-    jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
-    rotation_plane: Literal["axial", "coronal", "sagittal"] = "axial"  # 2D inputs rotate in their only plane
-    # byol views: random crop-resize, flips, then photometric jitter, blur and noise
-    view_crop_scale: list[float] = [0.5, 1.0]  # share of the volume a crop keeps before resizing back
-    view_flip_prob: float = Field(default=0.5, ge=0, le=1)  # per spatial axis
-    view_intensity_jitter: float = Field(default=0.2, ge=0)  # scale in [1-j, 1+j], shift in [-j, j] (z-scored)
-    view_noise_std: float = Field(default=0.05, ge=0)
-    view_blur_prob: float = Field(default=0.2, ge=0, le=1)
-    view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
-    # mim_contrastive
-    patch_size: int = Field(default=16, ge=1)
-    mask_ratio: float = Field(default=0.35, gt=0, lt=1)
-    temperature: float = Field(default=0.2, gt=0)
-    contrastive_weight: float = Field(default=1.0, ge=0)
-    mim_weight: float = Field(default=1.0, ge=0)
-    # mim_contrastive halves: unsharp mask on the whole slice, then photometric-only jitter per half
-    halves_unsharp_amount: float = Field(default=0.0, ge=0)  # 0 disables
-    halves_unsharp_sigma: float = Field(default=1.0, gt=0)
-    halves_intensity_jitter: float = Field(default=0.1, ge=0)
-    halves_noise_std: float = Field(default=0.02, ge=0)
-    halves_blur_prob: float = Field(default=0.1, ge=0, le=1)
-    halves_blur_sigma: float = Field(default=0.5, ge=0)
-    # each half's own crop-resize before InfoNCE (MIM keeps the halves aligned): breaks the midline shortcut
-    halves_crop_scale: list[float] = [0.6, 1.0]
-    # InfoNCE positives: "views" = two views of the same half (learns on one-sided findings such as lesions);
-    # "mirror" = the left half's positive is the right half of its slice (only for two sides that match)
-    halves_positives: Literal["views", "mirror"] = "views"
-    # jepa
-    predictor_dim: int = Field(default=96, ge=1)
-    predictor_depth: int = Field(default=2, ge=1)
-    predictor_heads: int = Field(default=3, ge=1)  # attention heads of the predictor; divide predictor_dim
-    mask_blocks: int = Field(default=4, ge=1)
-    mask_block_scale: list[float] = [0.1, 0.2]  # share of the token grid each target block covers
-    mask_aspect_ratio: list[float] = [0.75, 1.5]  # h / w of a target block, log-uniform in this range
-    mask_depth_scale: list[float] = [1.0, 1.0]  # share of the depth (T) a block spans; V-JEPA: all of it
-    # jepa: also write checkpoints/vjepa2.pt in V-JEPA 2's training layout (`encoder`, `target_encoder`, keys
-    # under `module.backbone.`), to sweep or load beside a lab's V-JEPA 2 files without a conversion
-    export_vjepa2: bool = False
     # monitoring: every N epochs (0 disables)
     monitor_every: int = Field(default=1, ge=0)
     tsne_every: int = Field(default=0, ge=0)
@@ -364,19 +328,27 @@ class PretrainConfig(Section):
     monitor_samples: int = Field(default=256, ge=2)  # per split: a fixed, seeded subset keeps monitoring cheap
     subset: str = ""  # pretrain on a subset of train: "fraction:0.5" (seeded) or "column:value" (manifest column)
 
-    @field_validator("view_crop_scale", "halves_crop_scale", "mask_block_scale", "mask_depth_scale")
-    @classmethod
-    def _share_range(cls, value: list[float]) -> list[float]:
-        if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
-            raise ValueError("needs [low, high] with 0 < low <= high <= 1")
-        return value
 
-    @field_validator("mask_aspect_ratio")
-    @classmethod
-    def _positive_range(cls, value: list[float]) -> list[float]:
-        if len(value) != 2 or not 0 < value[0] <= value[1]:
-            raise ValueError("needs [low, high] with 0 < low <= high, e.g. [0.75, 1.5]")
-        return value
+# keys of the one flat [pretrain] namespace that moved into their method's table: history, for the one-line
+# error that names the new place (a new method adds nothing here)
+_BYOL_KEYS = (
+    "reconstruction_weight rotation_weight jigsaw_weight jigsaw_permutations rotation_plane view_crop_scale "
+    "view_flip_prob view_intensity_jitter view_noise_std view_blur_prob view_blur_sigma"
+)
+_MIM_KEYS = (
+    "patch_size mask_ratio temperature contrastive_weight mim_weight halves_unsharp_amount halves_unsharp_sigma "
+    "halves_intensity_jitter halves_noise_std halves_blur_prob halves_blur_sigma halves_crop_scale"
+)
+_JEPA_KEYS = (
+    "predictor_dim predictor_depth predictor_heads mask_blocks mask_block_scale mask_aspect_ratio mask_depth_scale "
+    "export_vjepa2"
+)
+MOVED_KEYS: dict[str, tuple[str, ...]] = {
+    **{f"pretrain.{k}": (f"pretrain.byol.{k}",) for k in _BYOL_KEYS.split()},
+    **{f"pretrain.{k}": (f"pretrain.mim_contrastive.{k}",) for k in _MIM_KEYS.split()},
+    **{f"pretrain.{k}": (f"pretrain.jepa.{k}",) for k in _JEPA_KEYS.split()},
+    **{f"pretrain.{k}": (f"pretrain.byol.{k}", f"pretrain.mim_contrastive.{k}") for k in ("projector_dim", "projector_hidden")},
+}
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -484,7 +456,8 @@ def load_config(
     """
     env = os.environ if env is None else env
     problems: list[str] = []
-    layered: dict[str, Any] = deep_merge(dict(base or {}), read_toml_chain(Path(path)) if path else {})
+    saved = upgrade_saved_tree(base or {})  # a checkpoint's config from before [pretrain.<method>] tables
+    layered: dict[str, Any] = deep_merge(saved, read_toml_chain(Path(path)) if path else {})
     source = str(path) if path else (source or "config")
     for dotted, value in env_overrides(env, problems):
         set_dotted(layered, dotted, value)
@@ -556,6 +529,25 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
+def upgrade_saved_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A config tree this program wrote (a run's config.toml, a checkpoint's config) with the flat
+    ``[pretrain]`` keys of older versions moved into the table of its method (:data:`MOVED_KEYS`; the other
+    methods' keys did nothing and are dropped); a user's file gets the one-line "moved to" error instead."""
+    upgraded = dict(tree)
+    pretrain = tree.get("pretrain")
+    if not isinstance(pretrain, Mapping):
+        return upgraded
+    upgraded["pretrain"] = dict(pretrain)
+    table = f"pretrain.{pretrain.get('method', PretrainConfig.model_fields['method'].default)}."
+    for dotted, targets in MOVED_KEYS.items():
+        key = dotted.split(".", 1)[1]
+        if key in pretrain:
+            value = upgraded["pretrain"].pop(key)
+            for target in (t for t in targets if t.startswith(table)):
+                set_dotted(upgraded, target, value, keep=True)
+    return upgraded
+
+
 def replace_problems(replaced: Any) -> list[str]:
     """``replace`` lists dotted keys of the config (e.g. "model.encoder_args"); anything else is named."""
     if not isinstance(replaced, list) or not all(isinstance(k, str) for k in replaced):
@@ -566,6 +558,8 @@ def replace_problems(replaced: Any) -> list[str]:
         prefix = ""
         for part in dotted.split("."):
             fields = model.model_fields if model is not None else {}
+            if part not in fields and model is not None and takes_tables(model):
+                break  # a method table ([pretrain.byol]): the pretrain layer knows its keys
             if part not in fields:
                 close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
                 hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
@@ -632,15 +626,16 @@ def env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str
     return parsed
 
 
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any, *, keep: bool = False) -> None:
+    """``tree[a][b][c] = value`` for ``a.b.c``, making the tables on the way (``keep``: a value there wins)."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
+        child = node[part] = dict(child) if isinstance(child, dict) else {}
         node = child
-    node[leaf] = value
+    if not keep or leaf not in node:
+        node[leaf] = value
 
 
 def unknown_key_problems(tree: Mapping[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -649,6 +644,11 @@ def unknown_key_problems(tree: Mapping[str, Any], model: type[BaseModel], prefix
     fields = model.model_fields
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED_KEYS:
+            problems.append(f"`{dotted}` moved to {' or '.join(f'`{k}`' for k in MOVED_KEYS[dotted])}")
+            continue
+        if key not in fields and takes_tables(model) and isinstance(value, Mapping):
+            continue  # a method table ([pretrain.byol]): the pretrain layer checks it
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known: {', '.join(fields)}"
@@ -666,6 +666,11 @@ def unknown_key_problems(tree: Mapping[str, Any], model: type[BaseModel], prefix
     return problems
 
 
+def takes_tables(model: type[BaseModel]) -> bool:
+    """A section that holds tables its own fields do not name (``[pretrain]``: one table per method)."""
+    return model.model_config.get("extra") == "allow"
+
+
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -675,13 +680,14 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def describe_validation_errors(exc: ValidationError) -> list[str]:
+def describe_validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem naming its dotted key (under ``prefix``, e.g. "pretrain.byol.")."""
     problems = []
     for err in exc.errors():
         if err["type"] == "extra_forbidden":  # reported with a suggestion by unknown_key_problems
             continue
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
-        key = key.replace(".[", "[")
+        key = prefix + key.replace(".[", "[")
         value = err.get("input")
         shown = redact_url_credentials(repr(value)) if not isinstance(value, dict) else "a table"
         message = err["msg"].removeprefix("Value error, ")

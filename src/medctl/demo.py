@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from medctl.config import Config, load_config
+from medctl.config import Config, load_config, upgrade_saved_tree
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import SyntheticDataset, make_synthetic_dataset
 from medctl.errors import UserError
@@ -428,14 +428,15 @@ def lesion_panels(saliency_dir: Path, limit: int = 2) -> list[Path]:
 
 def pretrain_title(out: Path) -> str:
     """'BYOL on mt3_tiny, heads: rotation 0.5' from the first pretraining run's saved config."""
-    saved = tomllib.loads((out / "pretrain" / PRETRAIN_RUNS[0][0] / "config.toml").read_text())
-    settings = saved["pretrain"]
+    saved = upgrade_saved_tree(tomllib.loads((out / "pretrain" / PRETRAIN_RUNS[0][0] / "config.toml").read_text()))
+    method = saved["pretrain"]["method"]
+    settings = saved["pretrain"].get(method, {})  # the pretrain stage writes its method's whole table
     heads = [
         f"{h} {settings[f'{h}_weight']}"
         for h in ("reconstruction", "rotation", "jigsaw")
-        if settings[f"{h}_weight"] > 0
+        if settings.get(f"{h}_weight", 0) > 0
     ]
-    return f"{settings['method'].upper()} on {saved['model']['encoder']}, auxiliary heads: {', '.join(heads) or 'off'}"
+    return f"{method.upper()} on {saved['model']['encoder']}, auxiliary heads: {', '.join(heads) or 'off'}"
 
 
 def _first_figure(folder: Path, words: tuple[str, ...]) -> Path | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medctl import __version__
-from medctl.config import Config
+from medctl.config import Config, PretrainConfig, upgrade_saved_tree
 from medctl.errors import ConfigError, redact_url_credentials
 from medctl.io import remove_stale_temps, write_json, write_text_atomic
 from medctl.progress import log
@@ -70,8 +70,11 @@ def check_resume_settings(run_dir: Path, config: Config, *, extend: bool) -> Non
     saved_path = run_dir / "config.toml"
     if not saved_path.is_file():
         return
-    saved, now = flatten(tomllib.loads(saved_path.read_text())), flatten(tomllib.loads(config.to_toml()))
+    saved_tree, now_tree = upgrade_saved_tree(tomllib.loads(saved_path.read_text())), tomllib.loads(config.to_toml())
+    saved, now = flatten(saved_tree), flatten(now_tree)
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    for table in _one_sided_method_tables(saved_tree, now_tree):  # only the pretrain stage completes its table
+        changed = {k: v for k, v in changed.items() if not k.startswith(f"pretrain.{table}.")}
     changed.pop("run.root", None), changed.pop("run.name", None)
     free = {k: v for k, v in changed.items() if k in RESUME_FREE or (extend and k in EPOCH_KEYS)}
     for key, (old, new) in free.items():
@@ -90,6 +93,15 @@ def check_resume_settings(run_dir: Path, config: Config, *, extend: bool) -> Non
          "resume without them (see its config.toml), or start a new run.name (or --overwrite)"],
         "--resume",
     )  # fmt: skip
+
+
+def _one_sided_method_tables(saved: dict[str, Any], now: dict[str, Any]) -> set[str]:
+    """The ``[pretrain.<method>]`` tables one config holds and the other does not."""
+    tables = [
+        {k for k, v in tree.get("pretrain", {}).items() if isinstance(v, dict) and k not in PretrainConfig.model_fields}
+        for tree in (saved, now)
+    ]
+    return tables[0] ^ tables[1]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

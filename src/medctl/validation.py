@@ -1,8 +1,9 @@
 """A resolved config checked against the registries and the models and data it will build, before any work.
 
 :func:`medctl.config.load_config` checks each key on its own (types, ranges, unknown keys). This module
-checks what needs the model code: every registry name (``model.encoder``, ``saliency.methods``, and the
-``Literal`` names config.py already checks: ``pretrain.method``, ``train.loss``, ``model.head.kind``),
+checks what needs the model code: every registry name (``model.encoder``, ``saliency.methods``,
+``pretrain.method`` and each method's table ``[pretrain.<method>]``, and the ``Literal`` names config.py
+already checks: ``train.loss``, ``model.head.kind``),
 then builds the stage's modules on PyTorch's ``meta`` device (no memory, no initialisation) from the
 settings, so what a long run would reject after preprocessing is rejected at once: encoder args the
 encoder does not take, an input size it cannot read, a BYOL rotation on a non-square plane, a JEPA
@@ -70,9 +71,11 @@ def config_problems(config: Config, stages: Collection[str]) -> list[str]:
 
 # -------------------------------------------------------------------------------------- registries
 def registry_problems(tree: Mapping[str, Any]) -> list[str]:
-    """``model.encoder`` and ``saliency.methods`` of a layered config tree against their registries, with
-    the closest name (``load_config(name_checks=registry_problems)`` reports them with every other problem)."""
+    """``model.encoder``, ``saliency.methods`` and ``pretrain.method`` of a layered config tree against their
+    registries, with the closest name, and every ``[pretrain.<method>]`` table against its method's section
+    (``load_config(name_checks=registry_problems)`` reports them with every other problem)."""
     from medctl.models.registry import ENCODERS
+    from medctl.pretrain import method_table_problems
     from medctl.saliency.attribution import METHOD_ALIASES, METHODS
 
     model = tree.get("model") if isinstance(tree.get("model"), Mapping) else {}
@@ -94,7 +97,7 @@ def registry_problems(tree: Mapping[str, Any]) -> list[str]:
             )
     if methods == []:
         problems.append("`saliency.methods` is empty; e.g. [\"integrated_gradients\", \"gradcam\"]")
-    return problems
+    return problems + method_table_problems(tree.get("pretrain"))
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
@@ -170,24 +173,20 @@ def _keyed(exc: ConfigError) -> list[str]:
 
 # --------------------------------------------------------------------------------------- pretrain
 def pretrain_problems(config: Config, encoder) -> list[str]:
-    """The method built on the meta device from [pretrain] and the encoder; the batch it needs."""
+    """The method built on the meta device from its table [pretrain.<method>] and the encoder; the batch it needs."""
     import torch
 
-    from medctl.pretrain import METHODS, build_method
-    from medctl.pretrain.run import MIN_BATCH
+    from medctl.pretrain import METHODS, build_method, method_settings, min_batch_problem
 
     method = config.pretrain.method
-    problems = []
-    if config.data.batch_size < MIN_BATCH[method]:
-        problems.append(
-            f"`data.batch_size` = {config.data.batch_size}: {method} needs at least {MIN_BATCH[method]} samples per "
-            "batch (BatchNorm in the projector, negatives for InfoNCE)"
-        )
-    if method not in METHODS or encoder is None:  # None under "auto": built when the checkpoint loads
+    if method not in METHODS:  # reported by registry_problems
+        return []
+    problems = [p for p in [min_batch_problem(method, config.data.batch_size)] if p]
+    if encoder is None:  # None under "auto": built when the checkpoint loads
         return problems
     try:
         with torch.device("meta"):
-            build_method(method, encoder, config.pretrain)
+            build_method(method, encoder, method_settings(config.pretrain))
     except ConfigError as exc:
         problems += _keyed(exc)
     return problems

@@ -33,7 +33,7 @@ def _first_doc_line(obj: Any) -> str:
 def _methods() -> list[dict[str, Any]]:
     from medctl.pretrain import METHODS
 
-    return [{"name": name, "description": _first_doc_line(cls)} for name, cls in METHODS.items()]
+    return [{"name": name, "description": _first_doc_line(spec.module)} for name, spec in METHODS.items()]
 
 
 def _losses() -> list[dict[str, Any]]:

@@ -35,13 +35,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from medctl.config import Section
 from medctl.errors import ConfigError
 from medctl.models.encoders.base import Encoder
+from medctl.pretrain.spec import MethodSpec, ShareRange
 from medctl.pretrain.views import (
     PLANES,
     byol_view,
@@ -54,6 +58,26 @@ from medctl.training.ema import ema_update
 from medctl.training.ssl_losses import byol_symmetric_loss
 
 JIGSAW_SEED = 0  # the permutation set is part of the task: fixed, so resumed and repeated runs agree
+
+
+class ByolSettings(Section):
+    """``[pretrain.byol]``."""
+
+    projector_dim: int = Field(default=128, ge=1)
+    projector_hidden: int = Field(default=512, ge=1)
+    # auxiliary heads; a weight of 0 switches the head off
+    reconstruction_weight: float = Field(default=1.0, ge=0)
+    rotation_weight: float = Field(default=0.5, ge=0)
+    jigsaw_weight: float = Field(default=0.5, ge=0)
+    jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
+    rotation_plane: Literal["axial", "coronal", "sagittal"] = "axial"  # 2D inputs rotate in their only plane
+    # views: random crop-resize, flips, then photometric jitter, blur and noise
+    view_crop_scale: ShareRange = [0.5, 1.0]  # share of the volume a crop keeps before resizing back
+    view_flip_prob: float = Field(default=0.5, ge=0, le=1)  # per spatial axis
+    view_intensity_jitter: float = Field(default=0.2, ge=0)  # scale in [1-j, 1+j], shift in [-j, j] (z-scored)
+    view_noise_std: float = Field(default=0.05, ge=0)
+    view_blur_prob: float = Field(default=0.2, ge=0, le=1)
+    view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -158,6 +182,25 @@ class BYOL(nn.Module):
             blur_sigma=view_blur_sigma,
         )
 
+    @classmethod
+    def from_settings(cls, encoder: Encoder, settings: ByolSettings) -> BYOL:
+        return cls(
+            encoder,
+            projector_dim=settings.projector_dim,
+            projector_hidden=settings.projector_hidden,
+            reconstruction_weight=settings.reconstruction_weight,
+            rotation_weight=settings.rotation_weight,
+            jigsaw_weight=settings.jigsaw_weight,
+            jigsaw_permutations=settings.jigsaw_permutations,
+            rotation_plane=settings.rotation_plane,
+            view_crop_scale=settings.view_crop_scale,
+            view_flip_prob=settings.view_flip_prob,
+            view_intensity_jitter=settings.view_intensity_jitter,
+            view_noise_std=settings.view_noise_std,
+            view_blur_prob=settings.view_blur_prob,
+            view_blur_sigma=settings.view_blur_sigma,
+        )
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, *S) -> {"loss", "loss_byol", and per active head "loss_<head>", "acc_<head>"}."""
         batch = x.shape[0]
@@ -227,20 +270,23 @@ def _check_settings(
         where = f"plane {plane}" if spatial_dims == 3 else "(H, W)"
         if a != b:
             problems.append(
-                f"`pretrain.rotation_weight` = {rotation_weight}: rotations by 90 degrees need equal sizes in {where}, "
+                f"`pretrain.byol.rotation_weight` = {rotation_weight}: rotations by 90 degrees need equal sizes in {where}, "
                 f"but the input is {list(size)}; make them equal in data.preprocess.spatial_size, pick another "
-                "pretrain.rotation_plane, or set pretrain.rotation_weight = 0"
+                "pretrain.byol.rotation_plane, or set pretrain.byol.rotation_weight = 0"
             )
     if jigsaw_weight > 0:
         if spatial_dims != 3:
             problems.append(
-                f"`pretrain.jigsaw_weight` = {jigsaw_weight}: the jigsaw shuffles the 2x2x2 blocks of a volume and "
-                "these inputs are 2D; set pretrain.jigsaw_weight = 0"
+                f"`pretrain.byol.jigsaw_weight` = {jigsaw_weight}: the jigsaw shuffles the 2x2x2 blocks of a volume and "
+                "these inputs are 2D; set pretrain.byol.jigsaw_weight = 0"
             )
         elif any(s % 2 for s in size):
             problems.append(
-                f"`pretrain.jigsaw_weight` = {jigsaw_weight}: the 2x2x2 jigsaw needs even D, H, W, but the input is "
-                f"{list(size)}; use even sizes in data.preprocess.spatial_size or set pretrain.jigsaw_weight = 0"
+                f"`pretrain.byol.jigsaw_weight` = {jigsaw_weight}: the 2x2x2 jigsaw needs even D, H, W, but the input is "
+                f"{list(size)}; use even sizes in data.preprocess.spatial_size or set pretrain.byol.jigsaw_weight = 0"
             )
     if problems:
         raise ConfigError(problems, "pretrain")
+
+
+SPEC = MethodSpec(BYOL, ByolSettings, min_batch=2, min_batch_reason="BatchNorm in the projector")

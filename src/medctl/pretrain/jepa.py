@@ -36,15 +36,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from medctl.config import Section
 from medctl.errors import ConfigError
 from medctl.models.checkpoints import plain
 from medctl.models.encoders.base import Encoder
 from medctl.models.encoders.vit3d import Block, keep_tokens, sincos_3d
 from medctl.pretrain.byol import frozen_copy
 from medctl.pretrain.masks import multiblock_masks_batch
+from medctl.pretrain.spec import MethodSpec, PositiveRange, ShareRange
 from medctl.training.ema import ema_update
+
+
+class JepaSettings(Section):
+    """``[pretrain.jepa]``."""
+
+    predictor_dim: int = Field(default=96, ge=1)
+    predictor_depth: int = Field(default=2, ge=1)
+    predictor_heads: int = Field(default=3, ge=1)  # attention heads of the predictor; divide predictor_dim
+    mask_blocks: int = Field(default=4, ge=1)
+    mask_block_scale: ShareRange = [0.1, 0.2]  # share of the token grid each target block covers
+    mask_aspect_ratio: PositiveRange = [0.75, 1.5]  # h / w of a target block, log-uniform in this range
+    mask_depth_scale: ShareRange = [1.0, 1.0]  # share of the depth (T) a block spans; V-JEPA: all of it
+    # also write checkpoints/vjepa2.pt in V-JEPA 2's training layout (`encoder`, `target_encoder`, keys under
+    # `module.backbone.`), to sweep or load beside a lab's V-JEPA 2 files without a conversion
+    export_vjepa2: bool = False
 
 
 class Predictor(nn.Module):
@@ -90,6 +108,7 @@ class JEPA(nn.Module):
         mask_block_scale: Sequence[float],
         mask_aspect_ratio: Sequence[float],
         mask_depth_scale: Sequence[float],
+        export_vjepa2: bool,
     ):
         super().__init__()
         self.grid = _check_settings(encoder, predictor_dim, predictor_heads)
@@ -104,6 +123,21 @@ class JEPA(nn.Module):
         self.target_encoder = frozen_copy(encoder)
         self.predictor = Predictor(
             encoder.embed_dim, predictor_dim, predictor_depth, predictor_heads, self.grid
+        )
+        self.export_vjepa2 = export_vjepa2  # the stage also writes vjepa2_layout() as checkpoints/vjepa2.pt
+
+    @classmethod
+    def from_settings(cls, encoder: Encoder, settings: JepaSettings) -> JEPA:
+        return cls(
+            encoder,
+            predictor_dim=settings.predictor_dim,
+            predictor_depth=settings.predictor_depth,
+            predictor_heads=settings.predictor_heads,
+            mask_blocks=settings.mask_blocks,
+            mask_block_scale=settings.mask_block_scale,
+            mask_aspect_ratio=settings.mask_aspect_ratio,
+            mask_depth_scale=settings.mask_depth_scale,
+            export_vjepa2=settings.export_vjepa2,
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,12 +213,12 @@ def _check_settings(encoder: Encoder, predictor_dim: int, predictor_heads: int) 
     problems = []
     if predictor_dim % predictor_heads:
         problems.append(
-            f"`pretrain.predictor_dim` = {predictor_dim} is not divisible by pretrain.predictor_heads = "
+            f"`pretrain.jepa.predictor_dim` = {predictor_dim} is not divisible by pretrain.jepa.predictor_heads = "
             f"{predictor_heads}; change one"
         )
     if predictor_dim % 8:
         problems.append(
-            f"`pretrain.predictor_dim` = {predictor_dim}: 3D sin-cos positions need a multiple of 8, e.g. 96 or 192"
+            f"`pretrain.jepa.predictor_dim` = {predictor_dim}: 3D sin-cos positions need a multiple of 8, e.g. 96 or 192"
         )
     if problems:
         raise ConfigError(problems, "pretrain")
@@ -198,3 +232,6 @@ def _check_masks(grid: tuple[int, int, int], settings: dict) -> None:
             multiblock_masks_batch(4, grid, generator=torch.Generator().manual_seed(0), **settings)
     except ValueError as exc:
         raise ConfigError([f"jepa masks on the token grid {list(grid)}: {exc}"], "pretrain") from None
+
+
+SPEC = MethodSpec(JEPA, JepaSettings, min_batch=1)

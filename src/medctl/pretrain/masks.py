@@ -31,12 +31,12 @@ def masked_patch_count(grid_h: int, grid_w: int, ratio: float) -> int:
     if ratio > 0.5 or 2 * count > total:
         raise ValueError(
             f"mask_ratio {ratio} masks {count} of {total} patches per half, but the anti-mirror rule needs the "
-            "left mask and the mirrored right mask to be disjoint; set pretrain.mask_ratio <= 0.5"
+            "left mask and the mirrored right mask to be disjoint; set pretrain.mim_contrastive.mask_ratio <= 0.5"
         )
     if count < 1:
         raise ValueError(
-            f"mask_ratio {ratio} masks no patch of a {grid_h} x {grid_w} grid; raise pretrain.mask_ratio "
-            "or lower pretrain.patch_size"
+            f"mask_ratio {ratio} masks no patch of a {grid_h} x {grid_w} grid; raise pretrain.mim_contrastive.mask_ratio "
+            "or lower pretrain.mim_contrastive.patch_size"
         )
     return count
 
@@ -139,7 +139,7 @@ def multiblock_masks_batch(
     if len(grid3) != 3 or min(grid3) < 1:
         raise ValueError(f"token grid {tuple(grid)}: needs (T, H, W) or (H, W) positive sizes")
     if n_blocks < 1:
-        raise ValueError(f"pretrain.mask_blocks = {n_blocks}: needs at least one target block")
+        raise ValueError(f"pretrain.jepa.mask_blocks = {n_blocks}: needs at least one target block")
     scale = _check_range("mask_block_scale", block_scale, 0.0, 1.0)
     aspect = _check_range("mask_aspect_ratio", aspect_ratio, 0.0, math.inf)
     depth = _check_range("mask_depth_scale", depth_scale, 0.0, 1.0)
@@ -164,7 +164,7 @@ def multiblock_masks_batch(
         else:
             raise ValueError(
                 f"{n_blocks} target blocks of shapes {shapes} leave fewer than {min_context} context tokens of the "
-                f"{grid3} grid; lower pretrain.mask_blocks or pretrain.mask_block_scale"
+                f"{grid3} grid; lower pretrain.jepa.mask_blocks or pretrain.jepa.mask_block_scale"
             )
         contexts.append(torch.nonzero(visible).squeeze(1))
         targets.append(blocks)

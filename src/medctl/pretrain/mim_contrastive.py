@@ -44,11 +44,14 @@ contrastive branch and the embedding used downstream see unmasked halves.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from medctl.config import Section
 from medctl.errors import ConfigError
 from medctl.models.encoders.base import Encoder
 from medctl.pretrain.byol import projection_mlp
@@ -58,11 +61,36 @@ from medctl.pretrain.masks import (
     mirror_masks_batch,
     patch_mask_to_pixels,
 )
+from medctl.pretrain.spec import MethodSpec, ShareRange
 from medctl.pretrain.views import byol_view, halves_views, unsharp
 from medctl.training.ssl_losses import info_nce
 
 PANEL_SEED = 0  # the reconstruction panels mask the same patches every epoch
-POSITIVES = ("views", "mirror")  # pretrain.halves_positives: two views of one half | the other half
+POSITIVES = ("views", "mirror")  # pretrain.mim_contrastive.halves_positives: two views of one half | the other half
+
+
+class MIMContrastiveSettings(Section):
+    """``[pretrain.mim_contrastive]``."""
+
+    projector_dim: int = Field(default=128, ge=1)
+    projector_hidden: int = Field(default=512, ge=1)
+    patch_size: int = Field(default=16, ge=1)
+    mask_ratio: float = Field(default=0.35, gt=0, lt=1)
+    temperature: float = Field(default=0.2, gt=0)
+    contrastive_weight: float = Field(default=1.0, ge=0)
+    mim_weight: float = Field(default=1.0, ge=0)
+    # halves: unsharp mask on the whole slice, then photometric-only jitter per half
+    halves_unsharp_amount: float = Field(default=0.0, ge=0)  # 0 disables
+    halves_unsharp_sigma: float = Field(default=1.0, gt=0)
+    halves_intensity_jitter: float = Field(default=0.1, ge=0)
+    halves_noise_std: float = Field(default=0.02, ge=0)
+    halves_blur_prob: float = Field(default=0.1, ge=0, le=1)
+    halves_blur_sigma: float = Field(default=0.5, ge=0)
+    # each half's own crop-resize before InfoNCE (MIM keeps the halves aligned): breaks the midline shortcut
+    halves_crop_scale: ShareRange = [0.6, 1.0]
+    # InfoNCE positives: "views" = two views of the same half (learns on one-sided findings such as lesions);
+    # "mirror" = the left half's positive is the right half of its slice (only for two sides that match)
+    halves_positives: Literal["views", "mirror"] = "views"
 
 
 class MIMContrastive(nn.Module):
@@ -107,6 +135,27 @@ class MIMContrastive(nn.Module):
         )
         self.crop_scale = tuple(halves_crop_scale)
         self.positives = halves_positives
+
+    @classmethod
+    def from_settings(cls, encoder: Encoder, settings: MIMContrastiveSettings) -> MIMContrastive:
+        return cls(
+            encoder,
+            projector_dim=settings.projector_dim,
+            projector_hidden=settings.projector_hidden,
+            patch_size=settings.patch_size,
+            mask_ratio=settings.mask_ratio,
+            temperature=settings.temperature,
+            contrastive_weight=settings.contrastive_weight,
+            mim_weight=settings.mim_weight,
+            halves_unsharp_amount=settings.halves_unsharp_amount,
+            halves_unsharp_sigma=settings.halves_unsharp_sigma,
+            halves_intensity_jitter=settings.halves_intensity_jitter,
+            halves_noise_std=settings.halves_noise_std,
+            halves_blur_prob=settings.halves_blur_prob,
+            halves_blur_sigma=settings.halves_blur_sigma,
+            halves_crop_scale=settings.halves_crop_scale,
+            halves_positives=settings.halves_positives,
+        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, H, W) -> {"loss", "loss_contrastive", "loss_mim"}."""
@@ -203,9 +252,9 @@ def _check_settings(
     problems = []
     if height % patch_size or width % (2 * patch_size):
         problems.append(
-            f"`pretrain.patch_size` = {patch_size}: slices of {height} x {width} need H divisible by the patch and W "
+            f"`pretrain.mim_contrastive.patch_size` = {patch_size}: slices of {height} x {width} need H divisible by the patch and W "
             f"by twice the patch (two halves of whole patches), e.g. 192 x 192 with 16; change "
-            "data.preprocess.spatial_size or pretrain.patch_size"
+            "data.preprocess.spatial_size or pretrain.mim_contrastive.patch_size"
         )
     multiple = int(getattr(encoder, "multiple", 1))
     if height % multiple or (width // 2) % multiple:
@@ -218,15 +267,22 @@ def _check_settings(
         try:
             masked_patch_count(*grid, mask_ratio)
         except ValueError as exc:
-            problems.append(f"`pretrain.mask_ratio` = {mask_ratio}: {exc}")
+            problems.append(f"`pretrain.mim_contrastive.mask_ratio` = {mask_ratio}: {exc}")
     if contrastive_weight <= 0 and mim_weight <= 0:
         problems.append(
-            "pretrain.contrastive_weight and pretrain.mim_weight are both 0: nothing to learn; set one > 0"
+            "pretrain.mim_contrastive.contrastive_weight and pretrain.mim_contrastive.mim_weight are both 0: nothing to learn; set one > 0"
         )
     if temperature <= 0:
-        problems.append(f"`pretrain.temperature` = {temperature}: must be > 0, e.g. 0.2")
+        problems.append(f"`pretrain.mim_contrastive.temperature` = {temperature}: must be > 0, e.g. 0.2")
     if positives not in POSITIVES:
-        problems.append(f"`pretrain.halves_positives` = {positives!r}: use one of {', '.join(POSITIVES)}")
+        problems.append(
+            f"`pretrain.mim_contrastive.halves_positives` = {positives!r}: use one of {', '.join(POSITIVES)}"
+        )
     if problems:
         raise ConfigError(problems, "pretrain")
     return grid
+
+
+SPEC = MethodSpec(
+    MIMContrastive, MIMContrastiveSettings, min_batch=2, min_batch_reason="the other halves in the batch are InfoNCE's negatives"
+)

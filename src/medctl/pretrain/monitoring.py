@@ -51,9 +51,9 @@ COLLAPSE_RATIO = 0.5  # warn below half the spread the encoder had before pretra
 COLLAPSE_ADVICE = {
     "byol": "the EMA target is what keeps BYOL apart: raise pretrain.ema_momentum (e.g. 0.996) or lower pretrain.lr",
     "jepa": "the EMA target encoder moves too fast: raise pretrain.ema_momentum (e.g. 0.999) or lower pretrain.lr; "
-    "smaller target blocks (pretrain.mask_block_scale) make the prediction easier to learn",
-    "mim_contrastive": "InfoNCE spreads the projections, not the pooled embedding: raise pretrain.contrastive_weight "
-    "relative to pretrain.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
+    "smaller target blocks (pretrain.jepa.mask_block_scale) make the prediction easier to learn",
+    "mim_contrastive": "InfoNCE spreads the projections, not the pooled embedding: raise pretrain.mim_contrastive.contrastive_weight "
+    "relative to pretrain.mim_contrastive.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
 }
 PANEL_ROWS = 4
 

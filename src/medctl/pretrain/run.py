@@ -2,7 +2,7 @@
 
 1. the preprocessed cache (built once, reused after), the train split (optionally a subset) and val;
 2. the encoder (optionally initialised from ``model.checkpoint``) inside the method module
-   (``METHODS[pretrain.method]``, built from plain ``[pretrain]`` values);
+   (``METHODS[pretrain.method]``, built from its typed table ``[pretrain.<method>]``, checked first);
 3. AdamW + cosine schedule with warmup, the EMA momentum schedule for target networks;
 4. :func:`medctl.training.fit.fit`: bf16 on CUDA, gradient clipping, ``last.ckpt`` every epoch,
    ``--resume``; monitoring (collapse, k-NN, t-SNE, reconstruction panels) as its ``evaluate``;
@@ -10,7 +10,7 @@
    ``medctl finetune model.checkpoint=runs/<name>/checkpoints/encoder.ckpt`` takes it as is: the ONLINE
    encoder for byol and mim_contrastive; for jepa the EMA target encoder, as the loader's default entry
    of a JEPA file is ``target_encoder``, with the online one in ``context_encoder.ckpt`` and, with
-   ``pretrain.export_vjepa2``, both in V-JEPA 2's layout in ``vjepa2.pt``), ``figures/*.png`` and
+   ``pretrain.jepa.export_vjepa2``, both in V-JEPA 2's layout in ``vjepa2.pt``), ``figures/*.png`` and
    ``results.json`` (history, throughput, final monitoring).
 
 ``pretrain.subset`` trains on part of the train split: ``"fraction:0.25"`` keeps a seeded random quarter
@@ -40,7 +40,7 @@ from medctl.data.provenance import pool_provenance
 from medctl.errors import ConfigError, DataError
 from medctl.models.architecture import pretrained_encoder
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
-from medctl.pretrain import METHODS, build_method
+from medctl.pretrain import METHODS, build_method, method_settings, min_batch_problem, resolved_pretrain
 from medctl.pretrain import monitoring as mon
 from medctl.progress import log
 from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
@@ -61,8 +61,6 @@ from medctl.training.fit import FitResult, fit
 from medctl.training.optim import adamw_with_cosine, momentum_schedule, param_groups_with_decay
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.seed import set_seed
-
-MIN_BATCH = {"byol": 2, "mim_contrastive": 2, "jepa": 1}  # BatchNorm and InfoNCE negatives need 2
 
 
 @dataclass
@@ -94,6 +92,8 @@ def run_pretrain(
 
 
 def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, extend: bool) -> PretrainResult:
+    # 0. the method's table checked and completed before any work (config.toml then holds all of it)
+    config = config.model_copy(update={"pretrain": resolved_pretrain(config.pretrain)})
     settings = config.pretrain
 
     # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
@@ -124,7 +124,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     #    run.seed alone fixes the initial weights (every rank builds the same; augmentations differ)
     set_seed(config.run.seed, config.run.deterministic)
     encoder = build_encoder(config, summary, input_size)
-    method = build_method(settings.method, encoder, settings).to(device)
+    method = build_method(settings.method, encoder, method_settings(settings)).to(device)
     model = wrap_ddp(method, find_unused_parameters=True)
     if world_size() > 1:
         set_seed(config.run.seed + rank(), config.run.deterministic)
@@ -397,12 +397,9 @@ def check_batch_size(method: str, batch_size: int, n_train: int) -> int:
         raise DataError(
             "the train split is empty: pretraining needs training samples (check data.split_column)"
         )
-    if batch_size < MIN_BATCH[method]:
-        raise ConfigError(
-            [f"`data.batch_size` = {batch_size}: {method} needs at least {MIN_BATCH[method]} samples per batch "
-             "(BatchNorm in the projector, negatives for InfoNCE)"],
-            "data.batch_size",
-        )  # fmt: skip
+    too_small = min_batch_problem(method, batch_size)
+    if too_small:
+        raise ConfigError([too_small], "data.batch_size")
     if n_train < batch_size:
         raise ConfigError(
             [f"`data.batch_size` = {batch_size} is larger than the {n_train} training samples; lower it"],
@@ -447,13 +444,13 @@ def export_encoders(
     provenance: dict[str, Any] | None = None,
 ) -> None:
     """``encoder.ckpt`` and the method's other exports (``method.exported_encoders()``: jepa adds the online
-    ``context_encoder.ckpt`` and, with ``pretrain.export_vjepa2``, ``vjepa2.pt`` in V-JEPA 2's layout)."""
+    ``context_encoder.ckpt`` and, with ``pretrain.jepa.export_vjepa2``, ``vjepa2.pt`` in V-JEPA 2's layout)."""
     exported = (
         method.exported_encoders() if hasattr(method, "exported_encoders") else {"encoder": method.encoder}
     )
     for name, encoder in exported.items():
         export_encoder(folder / f"{name}.ckpt", encoder, config, preprocessing, metrics, provenance)
-    if config.pretrain.export_vjepa2 and hasattr(method, "vjepa2_layout"):
+    if getattr(method, "export_vjepa2", False):
         done = int(metrics["epochs"]) if "epochs" in metrics else int(metrics.get("epoch", -1)) + 1
         save_checkpoint(folder / "vjepa2.pt", method.vjepa2_layout(epoch=done))
 

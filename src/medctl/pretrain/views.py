@@ -175,7 +175,7 @@ def jigsaw_permutations(k: int, seed: int) -> torch.Tensor:
     """
     total = math.factorial(JIGSAW_BLOCKS)
     if not 2 <= k <= total:
-        raise ValueError(f"pretrain.jigsaw_permutations = {k}: must be between 2 and {total}")
+        raise ValueError(f"pretrain.byol.jigsaw_permutations = {k}: must be between 2 and {total}")
     return torch.from_numpy(_jigsaw_table(k, seed).copy())
 
 
@@ -238,7 +238,7 @@ def byol_view(
     """
     low, high = crop_scale
     if not 0 < low <= high <= 1:
-        raise ValueError(f"pretrain.view_crop_scale = {list(crop_scale)}: needs 0 < low <= high <= 1")
+        raise ValueError(f"pretrain.byol.view_crop_scale = {list(crop_scale)}: needs 0 < low <= high <= 1")
     batch, ndim = x.shape[0], x.ndim - 2
     share = low + (high - low) * _rand((batch,), generator, x.device)  # (B,)
     side = share ** (1.0 / ndim)  # (B,) fraction of each axis

@@ -38,7 +38,7 @@ def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.
     cross-entropy averaged over all 2N anchors. Computed in fp32.
     """
     if temperature <= 0:
-        raise ValueError(f"info_nce temperature must be > 0 (got {temperature}); see pretrain.temperature")
+        raise ValueError(f"info_nce temperature must be > 0 (got {temperature}); see pretrain.mim_contrastive.temperature")
     if z_a.shape != z_b.shape or z_a.ndim != 2:
         raise ValueError(
             f"info_nce needs two (N, D) tensors of the same shape (got {tuple(z_a.shape)}, {tuple(z_b.shape)})"
