@@ -28,11 +28,11 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from medctl.cli.app import app
-from medctl.config import PretrainConfig
 from medctl.data.synthetic import make_synthetic_dataset
 from medctl.models.checkpoints import load_encoder_weights
 from medctl.models.registry import build_encoder
 from medctl.pretrain import build_method
+from medctl.pretrain.mim_contrastive import MIMContrastiveSettings
 from medctl.pretrain.monitoring import COLLAPSE_RATIO, collapse_stats
 
 SIZE = (32, 32)
@@ -74,7 +74,7 @@ def test_mim_contrastive_beats_its_random_initialisation_on_held_out_images(lesi
     train, held_out = load_split(lesion_images, ("train",)), load_split(lesion_images, ("val", "test"))
     encoder = build_encoder("unet2d_tiny", in_channels=1, input_size=SIZE)
     before, spread_before = probe_and_spread(copy.deepcopy(encoder), train, held_out)
-    method = build_method("mim_contrastive", encoder, PretrainConfig(**MIM))
+    method = build_method("mim_contrastive", encoder, MIMContrastiveSettings(**MIM))
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3, weight_decay=0.05)
     order = torch.Generator().manual_seed(0)
     for _ in range(150):  # 150 steps of 16, as 17 epochs of `medctl pretrain` on these 144 training images
@@ -96,7 +96,7 @@ def test_pretrain_cli_mim_contrastive_beats_its_random_initialisation(lesion_ima
     args = [
         *lesion_images.config_overrides(), 'run.device="cpu"', "data.num_workers=0", "data.preprocess.workers=1",
         f'run.root="{tmp_path / "runs"}"', 'run.name="mim"', "run.seed=0", 'model.encoder="unet2d_tiny"',
-        'pretrain.method="mim_contrastive"', *[f"pretrain.{k}={v}" for k, v in MIM.items()], "pretrain.epochs=17",
+        'pretrain.method="mim_contrastive"', *[f"pretrain.mim_contrastive.{k}={v}" for k, v in MIM.items()], "pretrain.epochs=17",
         "pretrain.warmup_epochs=1", "data.batch_size=16", "pretrain.monitor_every=17", "pretrain.knn_every=17",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
