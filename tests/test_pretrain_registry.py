@@ -41,9 +41,6 @@ class Toy(nn.Module):
         super().__init__()
         self.encoder, self.spread, self.noise_std = encoder, spread, noise_std
 
-    @classmethod
-    def from_settings(cls, encoder: nn.Module, settings: ToySettings) -> Toy:
-        return cls(encoder, spread=settings.spread, noise_std=settings.noise_std)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.encoder(x + self.noise_std * torch.randn_like(x))  # (B, D)

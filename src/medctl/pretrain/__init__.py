@@ -8,7 +8,7 @@ checked with the rest of the config (:func:`method_table_problems`, run by every
 and each method is built from its own (:func:`method_settings`, :func:`build_method`). Every method
 offers the same small surface to the stage (:mod:`~medctl.pretrain.run`):
 
-- ``from_settings(encoder, settings)``: the module, from the encoder and its typed table;
+- ``Module(encoder, **fields)``: built from the encoder and its typed table's fields (keyword-only);
 - ``forward(x) -> {"loss": scalar with a graph, <other scalars logged as train_<name>>}``;
 - ``update_target(momentum)``: move the EMA target network(s) after an optimizer step (no-op without);
 - ``embed(x) -> (B, D)``: the online encoder's pooled embedding, for monitoring;
@@ -84,7 +84,7 @@ def resolved_pretrain(pretrain: PretrainConfig) -> PretrainConfig:
 
 def build_method(method: str, encoder: nn.Module, settings: Section) -> nn.Module:
     """The method's module around ``encoder``, from its typed table (:func:`method_settings`)."""
-    return METHODS[method].module.from_settings(encoder, settings)
+    return METHODS[method].build(encoder, settings)
 
 
 def min_batch_problem(method: str, batch_size: int) -> str:

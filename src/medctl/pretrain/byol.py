@@ -182,24 +182,6 @@ class BYOL(nn.Module):
             blur_sigma=view_blur_sigma,
         )
 
-    @classmethod
-    def from_settings(cls, encoder: Encoder, settings: ByolSettings) -> BYOL:
-        return cls(
-            encoder,
-            projector_dim=settings.projector_dim,
-            projector_hidden=settings.projector_hidden,
-            reconstruction_weight=settings.reconstruction_weight,
-            rotation_weight=settings.rotation_weight,
-            jigsaw_weight=settings.jigsaw_weight,
-            jigsaw_permutations=settings.jigsaw_permutations,
-            rotation_plane=settings.rotation_plane,
-            view_crop_scale=settings.view_crop_scale,
-            view_flip_prob=settings.view_flip_prob,
-            view_intensity_jitter=settings.view_intensity_jitter,
-            view_noise_std=settings.view_noise_std,
-            view_blur_prob=settings.view_blur_prob,
-            view_blur_sigma=settings.view_blur_sigma,
-        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, *S) -> {"loss", "loss_byol", and per active head "loss_<head>", "acc_<head>"}."""

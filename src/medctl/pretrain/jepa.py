@@ -126,19 +126,6 @@ class JEPA(nn.Module):
         )
         self.export_vjepa2 = export_vjepa2  # the stage also writes vjepa2_layout() as checkpoints/vjepa2.pt
 
-    @classmethod
-    def from_settings(cls, encoder: Encoder, settings: JepaSettings) -> JEPA:
-        return cls(
-            encoder,
-            predictor_dim=settings.predictor_dim,
-            predictor_depth=settings.predictor_depth,
-            predictor_heads=settings.predictor_heads,
-            mask_blocks=settings.mask_blocks,
-            mask_block_scale=settings.mask_block_scale,
-            mask_aspect_ratio=settings.mask_aspect_ratio,
-            mask_depth_scale=settings.mask_depth_scale,
-            export_vjepa2=settings.export_vjepa2,
-        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, D, H, W) -> {"loss", "context_tokens", "target_std"}."""

@@ -136,26 +136,6 @@ class MIMContrastive(nn.Module):
         self.crop_scale = tuple(halves_crop_scale)
         self.positives = halves_positives
 
-    @classmethod
-    def from_settings(cls, encoder: Encoder, settings: MIMContrastiveSettings) -> MIMContrastive:
-        return cls(
-            encoder,
-            projector_dim=settings.projector_dim,
-            projector_hidden=settings.projector_hidden,
-            patch_size=settings.patch_size,
-            mask_ratio=settings.mask_ratio,
-            temperature=settings.temperature,
-            contrastive_weight=settings.contrastive_weight,
-            mim_weight=settings.mim_weight,
-            halves_unsharp_amount=settings.halves_unsharp_amount,
-            halves_unsharp_sigma=settings.halves_unsharp_sigma,
-            halves_intensity_jitter=settings.halves_intensity_jitter,
-            halves_noise_std=settings.halves_noise_std,
-            halves_blur_prob=settings.halves_blur_prob,
-            halves_blur_sigma=settings.halves_blur_sigma,
-            halves_crop_scale=settings.halves_crop_scale,
-            halves_positives=settings.halves_positives,
-        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, H, W) -> {"loss", "loss_contrastive", "loss_mim"}."""

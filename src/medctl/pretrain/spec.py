@@ -1,15 +1,15 @@
 """What a pretraining method registers: its typed ``[pretrain.<name>]`` table, its minimum batch, its module.
 
 A method is one module (``pretrain/byol.py``, ...) that defines a :class:`~medctl.config.Section` of its own
-settings (defaults and checks beside the code that reads them), an ``nn.Module`` built from it by
-``from_settings(encoder, settings)``, and one :class:`MethodSpec`; :data:`medctl.pretrain.METHODS` lists
-the specs, one line per method.
+settings (defaults and checks beside the code that reads them), an ``nn.Module`` whose keyword-only
+constructor arguments are exactly the section's fields (``Module(encoder, **fields)``), and one
+:class:`MethodSpec`; :data:`medctl.pretrain.METHODS` lists the specs, one line per method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated
 
 from pydantic import AfterValidator
 from torch import nn
@@ -17,19 +17,16 @@ from torch import nn
 from medctl.config import Section
 
 
-class MethodModule(Protocol):
-    """An ``nn.Module`` class with the surface :mod:`medctl.pretrain` describes, built from its section."""
-
-    @classmethod
-    def from_settings(cls, encoder: Any, settings: Any) -> nn.Module: ...
-
-
 @dataclass(frozen=True)
 class MethodSpec:
-    module: type[MethodModule]  # its first docstring line is what `medctl list methods` shows
+    module: type[nn.Module]  # its first docstring line is what `medctl list methods` shows
     settings: type[Section]  # the [pretrain.<name>] table: every default of the method lives here
     min_batch: int = 1  # samples per batch the method needs (checked with the config, before any work)
     min_batch_reason: str = ""  # why, for that error: "BatchNorm in the projector"
+
+    def build(self, encoder: nn.Module, settings: Section) -> nn.Module:
+        """The module around ``encoder``: the table's fields are its keyword arguments, one to one."""
+        return self.module(encoder, **dict(settings))
 
 
 def _share_range(value: list[float]) -> list[float]:
