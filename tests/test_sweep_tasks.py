@@ -18,6 +18,7 @@ from medctl.evaluation.bootstrap import headline_metrics, paired_bootstrap_pvalu
 from medctl.evaluation.columns import prediction_column, truth_column
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.models.registry import build_encoder
+from medctl.sweep.board import rank_metric
 
 runner = CliRunner()
 ENCODER = "resnet_test_2d"
@@ -175,3 +176,12 @@ def test_prediction_columns_accept_both_layouts():
 
     with pytest.raises(DataError, match="p.parquet: no column age_true or age_y_true for target `age`"):
         truth_column(["id", "health_true"], "age", 2, "p.parquet")
+
+
+def test_inner_val_selection_reads_the_ranked_targets_own_value_not_the_mean_over_targets():
+    """With several targets, results.json's bare ``balanced_accuracy`` is the mean over targets; choosing
+    fine-tunes by the first target's balanced accuracy on inner val must read ``<target>_balanced_accuracy``."""
+    targets = [("health", "binary"), ("gender", "binary"), ("age", "regression")]
+    assert rank_metric("balanced_accuracy", "", targets).monitored_key == "health_balanced_accuracy"
+    assert rank_metric("age_mae", "", targets).monitored_key == "age_mae"
+    assert rank_metric("auroc", "", [("health", "binary")]).monitored_key == "auroc"

@@ -87,6 +87,12 @@ class RankMetric:
         return f"{split}_{self.key}"
 
     @property
+    def monitored_key(self) -> str:
+        """Its name in a run's monitored metrics (``results.json`` ``metrics``), where with several targets
+        a bare name is the mean over targets and each target's own value is ``<target>_<metric>``."""
+        return f"{self.target}_{self.metric}" if self.n_targets > 1 else self.metric
+
+    @property
     def higher_is_better(self) -> bool:
         return higher_is_better(self.metric)
 

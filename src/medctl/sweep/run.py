@@ -250,7 +250,7 @@ def top_pretrained(
         value = row.get(column)
         if select_on == "inner_val":  # the best epoch's metrics on inner val, as the entry's run recorded them
             metrics = json.loads((outcome.run_dir / "results.json").read_text()).get("metrics") or {}
-            value = metrics.get(column.removeprefix(f"{SELECTED_ON}_"))
+            value = metrics.get(rank.monitored_key)
         if row["status"] == "ok" and value is not None:
             values.setdefault(outcome.entry.base, []).append(float(value))
             seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
