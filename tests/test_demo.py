@@ -42,12 +42,13 @@ def test_demo_writes_every_stage(demo_run):
     for name in ("byol_all", "byol_half_a", "byol_half_b"):
         assert (out / "checkpoints" / f"{name}.ckpt").stat().st_size > 0
         assert (out / "pretrain" / name / "metrics.jsonl").exists()
-    # the sweep: three checkpoints + random baseline, sorted by validation balanced accuracy
+    # the sweep: three checkpoints + random baseline, epochs picked on val, sorted by test balanced accuracy
     board = pd.read_csv(out / "sweep" / "leaderboard.csv")
     assert set(board["entry"]) == {"byol_all", "byol_half_a", "byol_half_b", "random_init"}
     assert (board["status"] == "ok").all()
-    val = board["val_balanced_accuracy"].tolist()
-    assert val == sorted(val, reverse=True)
+    assert set(board["selected_on"]) == {"val"} and set(board["ranked_on"]) == {"test"}
+    ranked = board["test_balanced_accuracy"].tolist()
+    assert ranked == sorted(ranked, reverse=True)
     entry_metrics = json.loads((out / "sweep" / board["entry"][0] / "eval_test" / "metrics.json").read_text())
     assert board["test_balanced_accuracy"][0] == pytest.approx(entry_metrics["summary"]["balanced_accuracy"])
     # fine-tune of a pretrained leader, evaluated on test

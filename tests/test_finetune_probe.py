@@ -61,6 +61,33 @@ def test_cached_features_train_the_same_head_as_the_frozen_encoder_every_epoch(s
     assert cached.best_epoch == direct.best_epoch
 
 
+def test_a_probe_reads_embeddings_standardised_on_train_and_saves_them_folded_into_a_plain_head(synthetic_3d, tmp_path):
+    standardized = run_finetune(probe_config(synthetic_3d, tmp_path, "std"))
+    augmented = run_finetune(
+        probe_config(synthetic_3d, tmp_path, "aug", "train.augment.enabled=true", "train.augment.noise_std=0.1")
+    )
+    raw = run_finetune(probe_config(synthetic_3d, tmp_path, "raw", "model.head.standardize=false"))
+    finetuned = run_finetune(probe_config(synthetic_3d, tmp_path, "ft", "model.freeze_encoder=false"))
+    assert not augmented.feature_cache and finetuned.mode == "finetune"
+
+    train_files = list((standardized.cache_dir / "features").glob("*_train.pt"))
+    assert len(train_files) == 1  # one frozen encoder (same seed): the augmented probe read the same cache
+    embeddings = torch.load(train_files[0], weights_only=True)["embeddings"]  # (N_train, D)
+    for result in (standardized, augmented):
+        last = read_train_state(result.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+        mean_key = next(k for k in last if k.endswith("label.mean"))
+        torch.testing.assert_close(last[mean_key], embeddings.mean(0))
+        torch.testing.assert_close(last[mean_key.replace(".mean", ".std")], embeddings.std(0, unbiased=False), rtol=1e-3, atol=1e-6)
+    for result in (raw, finetuned):  # neither reads standardised inputs
+        assert not any(k.endswith(".mean") for k in read_train_state(result.run_dir / "checkpoints" / "last.ckpt")["state_dict"])
+
+    folded, plain = (torch.load(r.best_checkpoint, weights_only=True)["state_dict"] for r in (standardized, raw))
+    assert {k for k in folded if k.startswith("heads.")} == {"heads.label.fc.weight", "heads.label.fc.bias"}
+    assert set(folded) == set(plain)  # the same checkpoint format either way
+    assert not torch.allclose(folded["heads.label.fc.weight"], plain["heads.label.fc.weight"])
+    assert standardized.history[0]["train_loss"] != raw.history[0]["train_loss"]
+
+
 def test_feature_key_follows_the_encoder_weights_and_the_data(synthetic_3d, tmp_path):
     config = probe_config(synthetic_3d, tmp_path, "keys")
     result = run_finetune(config)

@@ -9,7 +9,7 @@ import torch
 
 from medctl.errors import ConfigError
 from medctl.models.classifier import Classifier, build_classifier
-from medctl.models.heads import AttentiveHead, LinearHead, MLPHead, build_head
+from medctl.models.heads import AttentiveHead, InputStandardized, LinearHead, MLPHead, build_head
 from medctl.models.registry import build_encoder
 
 
@@ -74,3 +74,35 @@ def test_attentive_classifier_reads_tokens_or_flattened_maps(seed):
 def test_classifier_needs_a_target():
     with pytest.raises(ConfigError, match="data.targets"):
         Classifier(build_encoder("vit3d_test", input_size=(8, 16, 16)), {}, "linear")
+
+
+def test_standardised_inputs_fold_into_plain_heads_that_compute_the_same_logits(seed):
+    targets = [
+        {"name": "edema", "kind": "binary", "classes": ["no", "yes"]},
+        {"name": "grade", "kind": "multiclass", "classes": ["1", "2", "3"]},
+        {"name": "age", "kind": "regression", "classes": []},
+    ]
+    encoder = build_encoder("mt3_tiny", input_size=(8, 16, 16))
+    for kind, hidden in (("linear", 0), ("mlp", 16)):
+        classifier = build_classifier(encoder, targets, kind=kind, hidden=hidden).eval()
+        classifier.heads["age"].set_scale(50.0, 12.0)
+        plain_keys = set(classifier.state_dict())
+        train = 10.0 + 0.1 * torch.randn(64, encoder.embed_dim)  # far from zero, a small spread
+        train[:, 0] = 3.0  # a constant dimension keeps a floor, not a division by zero
+        classifier.standardize_inputs(train)
+        head = classifier.heads["edema"]
+        assert isinstance(head, InputStandardized)
+        torch.testing.assert_close(head.mean, train.mean(0))
+        assert bool(torch.isfinite(head.std).all()) and float(head.std[0]) > 0
+        z = 10.0 + 0.1 * torch.randn(5, encoder.embed_dim)  # (B, D) raw embeddings
+        folded = classifier.folded()
+        assert folded.encoder is encoder and set(folded.state_dict()) == plain_keys  # checkpoints keep their format
+        with torch.no_grad():
+            wrapped, plain = classifier.forward_from_embeddings(z), folded.forward_from_embeddings(z)
+            standardized = (z - head.mean) / head.std
+            torch.testing.assert_close(wrapped["edema"], head.head(standardized))
+        for name in wrapped:
+            torch.testing.assert_close(plain[name], wrapped[name], atol=1e-4, rtol=1e-4)
+        assert not isinstance(folded.heads["edema"], InputStandardized)
+    with pytest.raises(TypeError, match="AttentiveHead"):
+        InputStandardized.of(build_head("attentive", 32, 2), torch.randn(8, 32))

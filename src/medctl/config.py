@@ -222,6 +222,10 @@ class HeadConfig(Section):
     kind: Literal["linear", "mlp", "attentive"] = "linear"
     hidden: int = Field(default=0, ge=0)  # MLP width; 0 means linear
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    # a frozen encoder's linear or MLP probe reads its embeddings standardised per dimension on the training
+    # split (MAE's BatchNorm without affine), folded into the head when saved; off for fine-tunes and
+    # attentive heads (which normalise their tokens)
+    standardize: bool = True
 
 
 class ModelConfig(Section):

@@ -13,6 +13,7 @@ recipe in :mod:`medctl.finetune.run` does everything else the same way for all t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -91,10 +92,23 @@ def build_mode(
     in_channels: int,
     spatial_size: Sequence[int],
     data_print: str,
+    standardize: bool = False,
 ) -> Mode:
     """The mode this run trains in: cached embeddings for a probe that may cache (``feature_cache``, see
     :func:`medctl.finetune.run.wants_feature_cache`), cached tokens for an attentive one when they fit
-    ``train.feature_cache_max_gb``, otherwise the encoder every step."""
+    ``train.feature_cache_max_gb``, otherwise the encoder every step.
+
+    With ``standardize`` (a frozen encoder's linear or MLP probe) the heads read the embeddings
+    standardised on the training split, from the same feature cache in every mode (so a probe that runs
+    the encoder each step standardises exactly as a cached one)."""
+    shared = cache_args(
+        encoder, model, seed=inputs.seed, data_print=data_print, batch_size=inputs.batch_size,
+        num_workers=inputs.num_workers, device=inputs.device, precision=inputs.precision,
+    )  # fmt: skip
+    if standardize:
+        unaugmented = copy.copy(inputs.train_set)
+        unaugmented.transform = None
+        inputs.classifier.standardize_inputs(split_features(inputs.classifier.encoder, unaugmented, **shared).embeddings)
     if not feature_cache:
         return encoder_mode(inputs)
     shape = None  # (T, D) per sample when an attentive probe caches its tokens
@@ -106,10 +120,6 @@ def build_mode(
         )  # fmt: skip
         if shape is None:
             return encoder_mode(inputs)
-    shared = cache_args(
-        encoder, model, seed=inputs.seed, data_print=data_print, batch_size=inputs.batch_size,
-        num_workers=inputs.num_workers, device=inputs.device, precision=inputs.precision,
-    )  # fmt: skip
     return tokens_mode(inputs, shared, shape) if shape else embeddings_mode(inputs, shared)
 
 

@@ -204,6 +204,7 @@ def _finetune(
     mode = build_mode(
         inputs, feature_cache=use_feature_cache, encoder=encoder, model=model_cfg, train=train,
         in_channels=int(summary["in_channels"]), spatial_size=spatial_size, data_print=data_print,
+        standardize=standardizes_inputs(model_cfg, first_trainable),
     )  # fmt: skip
     model = wrap_for_fit(mode.module, classifier.encoder, first_trainable)
 
@@ -335,7 +336,7 @@ class BestExport:
     def __call__(self, epoch: int, record: dict[str, float]) -> None:
         val = {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")}
         payload = classifier_payload(
-            unwrap(self.classifier),
+            unwrap(self.classifier).folded(),  # standardised inputs folded into plain heads
             model_info=dict(self.model_info),
             targets=[s.to_dict() for s in self.specs],
             preprocessing=self.preprocessing,
@@ -477,6 +478,12 @@ def encoder_trainable_from(model: ModelConfig, epochs: int) -> int | None:
         )
         return None
     return max(model.unfreeze_at_epoch - 1, 0)
+
+
+def standardizes_inputs(model: ModelConfig, first_trainable: int | None) -> bool:
+    """``model.head.standardize`` applies to a linear or MLP probe whose encoder never trains: a fine-tune's
+    features move, and an attentive head normalises its own tokens."""
+    return model.head.standardize and first_trainable is None and model.head.kind != "attentive"
 
 
 def wants_feature_cache(

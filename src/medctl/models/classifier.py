@@ -10,7 +10,7 @@ from torch import nn
 
 from medctl.errors import ConfigError
 from medctl.models.encoders.base import Encoder
-from medctl.models.heads import Standardized, build_head, num_outputs
+from medctl.models.heads import InputStandardized, Standardized, build_head, num_outputs
 
 
 class Classifier(nn.Module):
@@ -51,6 +51,17 @@ class Classifier(nn.Module):
                 "model.head.kind",
             )
         return self.forward_from_head_inputs(z)
+
+    def standardize_inputs(self, embeddings: torch.Tensor) -> None:
+        """Every head reads embeddings standardised on ``embeddings`` (N, D), the training split's
+        (:class:`~medctl.models.heads.InputStandardized`); a frozen encoder's linear or MLP probe only."""
+        for name, head in self.heads.items():
+            self.heads[name] = InputStandardized.of(head, embeddings)
+
+    def folded(self) -> Classifier:
+        """This classifier as checkpoints hold it, sharing the encoder: standardised inputs folded into the heads."""
+        heads = {name: h.folded() if isinstance(h, InputStandardized) else h for name, h in self.heads.items()}
+        return Classifier(self.encoder, heads, self.head_kind)
 
 
 def build_classifier(

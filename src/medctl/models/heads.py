@@ -8,6 +8,7 @@ tokens (B, N, D) (or a feature map flattened to tokens by the classifier).
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -117,6 +118,58 @@ class Standardized(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.head(z) * self.std + self.mean  # (B, 1)
+
+
+class InputStandardized(nn.Module):
+    """A linear or MLP head that reads embeddings standardised per dimension: ``head((z - mean) / std)``.
+
+    A frozen encoder's pooled features can sit far from zero with a small spread (a tiny UNet's vary by
+    ~10% of their mean), where a linear head at a probe's learning rate hardly moves; standardising them
+    on the training split, as MAE's linear probe does with a BatchNorm without affine, fixes that.
+    ``mean`` and ``std`` (D,) are buffers, so ``last.ckpt`` resumes with them. :meth:`folded` returns the
+    plain head computing the same function on raw embeddings, the standardisation folded into its first
+    linear layer (``W' = W / std``, ``b' = b - W' @ mean``): checkpoints hold that, so every reader sees an
+    ordinary head.
+    """
+
+    def __init__(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        first_linear(head)  # fails early for a head that cannot fold
+        self.head = head
+        self.register_buffer("mean", mean.detach().float().clone())  # (D,)
+        self.register_buffer("std", std.detach().float().clone())  # (D,)
+
+    @classmethod
+    def of(cls, head: nn.Module, embeddings: torch.Tensor) -> InputStandardized:
+        """Standardised on ``embeddings`` (N, D); a near-constant dimension keeps a floor of 1e-3 of the typical
+        spread rather than being blown up by its own tiny one."""
+        embeddings = embeddings.float().to(first_linear(head).weight.device)
+        mean, var = embeddings.mean(0), embeddings.var(0, unbiased=False)
+        floor = 1e-6 * var.mean().clamp_min(1e-12)
+        return cls(head, mean, (var + floor).sqrt())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head((z - self.mean) / self.std)
+
+    def folded(self) -> nn.Module:
+        head = copy.deepcopy(self.head)
+        linear = first_linear(head)
+        with torch.no_grad():
+            weight = linear.weight.float() / self.std  # (K, D)
+            linear.bias.sub_((weight @ self.mean).to(linear.bias.dtype))
+            linear.weight.copy_(weight)
+        return head
+
+
+def first_linear(head: nn.Module) -> nn.Linear:
+    """The layer that reads the embedding: a linear head's ``fc``, an MLP's ``fc1``, through a regression scale."""
+    if isinstance(head, Standardized):
+        return first_linear(head.head)
+    if isinstance(head, LinearHead):
+        return head.fc
+    if isinstance(head, MLPHead):
+        return head.fc1
+    raise TypeError(f"cannot standardise the input of a {type(head).__name__}; only linear and MLP heads read embeddings")
 
 
 def build_head(
