@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from medctl.models.checkpoints import load_encoder_weights, read_checkpoint
 from medctl.models.registry import build_encoder
 from medctl.pretrain import METHODS
 from medctl.pretrain.run import select_subset
+from medctl.training.optim import momentum_schedule
 
 runner = CliRunner()
 
@@ -134,6 +137,18 @@ def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
         assert all(torch.equal(v, state[f"encoder.{k}"]) for k, v in context.items())
         assert not all(torch.equal(v, state[f"target_encoder.{k}"]) for k, v in context.items())  # EMA lags
         check_vjepa2_layout(run_dir / "checkpoints", fresh, context)
+    # jepa's export is its EMA target: results.json says how much of its initialisation 2 epochs leave, and
+    # the log says it is mostly random with the fix; the other methods export their online encoder
+    steps = int(re.search(r"(\d+) steps/epoch", output).group(1)) * 2
+    if method == "jepa":
+        share = math.prod(momentum_schedule(step, steps, 0.99, 1.0) for step in range(steps))
+        assert results["ema_target"] == {"momentum": [0.99, 1.0], "steps": steps, "initial_share": pytest.approx(share)}
+        assert share > 0.9
+        warning = " ".join(output.split())
+        assert f"it still holds {share:.0%} of its initial weights" in warning and "pretrain.ema_momentum=" in warning
+        assert "checkpoints/context_encoder.ckpt" in warning
+    else:
+        assert "ema_target" not in results and "EMA target" not in output
 
 
 def check_vjepa2_layout(folder: Path, target, context: dict) -> None:

@@ -3,6 +3,7 @@ stopping, precision, loaders, metrics logger."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -20,6 +21,7 @@ from medctl.training.logging import MetricsLogger, read_metrics
 from medctl.training.optim import (
     build_optimizer,
     build_scheduler,
+    ema_initial_share,
     get_lr,
     momentum_schedule,
     param_groups_with_decay,
@@ -114,6 +116,21 @@ def test_momentum_schedule_rises_along_a_cosine():
 
 
 # ------------------------------------------------------------------------------------------------ EMA
+def test_ema_initial_share_is_what_a_target_keeps_of_its_start_while_the_online_net_stands_still():
+    torch.manual_seed(0)
+    start, online = nn.Linear(4, 4), nn.Linear(4, 4)
+    target = copy.deepcopy(start)
+    steps = 24
+    for step in range(steps):
+        ema_update(target, online, momentum_schedule(step, steps, 0.9, 1.0))
+    share = ema_initial_share(steps, 0.9, 1.0)
+    # target = share * start + (1 - share) * online, parameter by parameter
+    for t, a, b in zip(target.parameters(), start.parameters(), online.parameters(), strict=True):
+        torch.testing.assert_close(t, share * a + (1 - share) * b)
+    assert ema_initial_share(steps, 0.99, 1.0) > 0.88 and ema_initial_share(steps, 0.99, 0.99) == pytest.approx(0.99**24)
+    assert ema_initial_share(steps, 1.0, 1.0) == 1.0 and ema_initial_share(steps, 0.0, 1.0) == 0.0
+
+
 def test_ema_update_is_the_weighted_average_and_copies_buffers():
     torch.manual_seed(0)
     online, target = (

@@ -58,7 +58,12 @@ from medctl.training.distributed import (
     wrap_ddp,
 )
 from medctl.training.fit import FitResult, fit
-from medctl.training.optim import adamw_with_cosine, momentum_schedule, param_groups_with_decay
+from medctl.training.optim import (
+    adamw_with_cosine,
+    ema_initial_share,
+    momentum_schedule,
+    param_groups_with_decay,
+)
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.seed import set_seed
 
@@ -132,6 +137,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     # 4. optimizer over the online parts only, cosine schedule, EMA momentum per step
     optimizer, scheduler = build_optimization(method, settings, len(loader))
     ema = EmaUpdate(model, settings.epochs * len(loader), settings.ema_momentum, settings.ema_momentum_end)
+    target_export = exported_target_check(method, settings, ema.total_steps)
 
     # 5. the run directory (config.toml, env.json), monitoring and exports
     if is_rank0():
@@ -181,7 +187,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     facts = {
         "method": settings.method, "encoder": encoder.name, "train_samples": len(train_set),
         "input_size": list(input_size), "device": str(device), "precision": settings.precision,
-        "initial_monitoring": initial,
+        "initial_monitoring": initial, **target_export,
     }  # fmt: skip
     return finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
 
@@ -204,6 +210,34 @@ class EmaUpdate:
     def __call__(self, step: int) -> None:
         momentum = momentum_schedule(step, self.total_steps, self.start, self.end)
         unwrap(self.model).update_target(momentum)
+
+
+TARGET_STILL_INITIAL = 0.5  # warn when the exported EMA target holds more than this share of its initial weights
+SUGGESTED_SHARE = 0.2  # the advice names the first momentum that brings the share to this or below
+
+
+def exported_target_check(method: nn.Module, settings: PretrainConfig, total_steps: int) -> dict[str, Any]:
+    """For a method whose ``encoder.ckpt`` is its EMA target (jepa): how much of the target's initial weights
+    the momentum schedule leaves after this run's steps (``ema_target`` in results.json), with a warning and
+    the fix when the export would still be mostly its random initialisation; ``{}`` for other methods."""
+    exported = method.exported_encoders()["encoder"] if hasattr(method, "exported_encoders") else None
+    if exported is None or exported is not getattr(method, "target_encoder", None):
+        return {}
+    start, end = settings.ema_momentum, settings.ema_momentum_end
+    share = ema_initial_share(total_steps, start, end)
+    if share > TARGET_STILL_INITIAL and is_rank0():
+        lower = next(
+            (m for m in (0.98, 0.95, 0.9, 0.8, 0.5, 0.0) if m < start and ema_initial_share(total_steps, m, end) <= SUGGESTED_SHARE),
+            0.0,
+        )
+        log(
+            f"warning: {settings.method} exports its EMA target as encoder.ckpt, and after {total_steps} steps at "
+            f"momentum {start:g}->{end:g} it still holds {share:.0%} of its initial weights, close to a random "
+            "initialisation; set "
+            f"pretrain.ema_momentum={lower:g} ({ema_initial_share(total_steps, lower, end):.0%} left), train longer, or "
+            "probe checkpoints/context_encoder.ckpt (the online encoder)"
+        )
+    return {"ema_target": {"momentum": [start, end], "steps": total_steps, "initial_share": share}}
 
 
 @dataclass

@@ -130,6 +130,13 @@ def momentum_schedule(step: int, total: int, start: float, end: float) -> float:
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def ema_initial_share(total: int, start: float, end: float) -> float:
+    """The share of its initial weights an EMA target still holds after ``total`` steps of
+    :func:`momentum_schedule`, were the online network to stand still: the product of the momenta. Near 1,
+    the target is still its initialisation, whatever the online network learned."""
+    return math.prod(momentum_schedule(step, total, start, end) for step in range(total))
+
+
 def adamw_with_cosine(
     groups: list[dict[str, Any]],
     *,
