@@ -257,10 +257,22 @@ def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_
     assert scored["input_intensity_hit"].notna().all() and scored["input_edges_hit"].notna().all()
     assert "input: intensity" in shown and "input: edges" in shown
     assert "integrated_gradients: randomisation ρ ≥ 0.5" in shown
-    assert "— no better than the input baseline; depends on the input more than the model)" in shown
+    assert "— no better than the input baseline; depends on the input more than the model; " in shown
     markdown = (out_dir / "report.md").read_text()
     assert "| input intensity (no model) |" in markdown and "Flagged by the randomisation check" in markdown
     assert "No method beats the input baseline" in markdown
+    # the randomised copy's own pointing game, beside the trained model's, on the same checked lesion samples
+    checked = index[index["random_weights_hit"].notna()]
+    assert checked["pointing_hit"].notna().all() and len(checked) == len(
+        index[index["randomisation_spearman"].notna() & index["pointing_hit"].notna()]
+    )
+    for name, entry in report["scores"].items():
+        rows = checked[checked["method"] == name]
+        assert entry["random_weights_scored"] == len(rows) > 0
+        assert entry["random_weights_hits"] == int(rows["random_weights_hit"].sum())
+        assert entry["checked_hits"] == int(rows["pointing_hit"].sum())
+        assert entry["beats_random_weights"] == (entry["checked_hits"] > entry["random_weights_hits"])
+        assert f"(trained {entry['checked_hits']}/{len(rows)})" in markdown
 
 
 def test_without_a_check_the_cam_layer_is_chosen_for_the_lesion_size_and_recorded(trained_3d, tmp_path):

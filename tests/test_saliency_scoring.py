@@ -19,6 +19,7 @@ from medctl.saliency import (
     randomised_copy,
     rank_correlation,
 )
+from medctl.saliency.outputs import random_weight_hits
 from medctl.saliency.scoring import (
     baseline_rows,
     describe,
@@ -231,6 +232,28 @@ def test_judge_compares_with_the_stronger_input_baseline_and_flags_weight_indepe
     unchecked = judge(summarise(rows("ig", [True])), {}, threshold=0.5)["ig"]
     assert unchecked["beats_input_baseline"] is None and unchecked["input_driven"] is None
     assert unchecked["verdict"] == ""
+
+
+def test_judge_sets_each_map_beside_its_random_weight_model_on_the_same_checked_samples():
+    def row(method, hit, random_hit=None):
+        return {"method": method, "pointing_hit": hit, "pointing_chance": 0.01, "mask_share": 0.01,
+                "mass_in_mask": 0.1, "randomisation_spearman": 0.1 if random_hit is not None else None,
+                "random_weights_hit": random_hit}  # fmt: skip
+
+    # 4 lesion samples; the first 3 were checked. cam: 2 of those 3 hits, its random copy 2 as well; ig 3 vs 0
+    scores = summarise(
+        [row("cam", True, True), row("cam", True, True), row("cam", False, False), row("cam", True)]
+        + [row("ig", True, False), row("ig", True, False), row("ig", True, False), row("ig", False)]
+    )
+    assert (scores["cam"]["random_weights_scored"], scores["cam"]["random_weights_hits"]) == (3, 2)
+    assert scores["cam"]["checked_hits"] == 2 and scores["cam"]["pointing_hits"] == 3  # the unchecked hit is not compared
+    judged = judge(scores, {}, threshold=0.5)
+    assert judged["cam"]["beats_random_weights"] is False and judged["ig"]["beats_random_weights"] is True
+    assert judged["cam"]["verdict"] == "depends on the weights; random weights point as well (2/3 vs 2/3)"
+    assert judged["ig"]["verdict"] == "depends on the weights; beats random weights (3/3 vs 0/3)"
+    assert random_weight_hits(judged["cam"]) == "2/3 (trained 2/3)"
+    unchecked = judge(summarise([row("ig", True)]), {}, threshold=0.5)["ig"]
+    assert unchecked["beats_random_weights"] is None and random_weight_hits(unchecked) == "—"
 
 
 @pytest.fixture(scope="module")

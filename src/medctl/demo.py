@@ -40,6 +40,7 @@ from medctl.finetune.run import run_finetune
 from medctl.io import format_number, write_json
 from medctl.pretrain.run import run_pretrain
 from medctl.progress import log
+from medctl.saliency.outputs import random_weight_hits
 from medctl.saliency.stage import run_saliency_stage
 from medctl.sweep.run import run_sweep
 
@@ -367,21 +368,21 @@ def demo_report(
         "",
         "## Saliency on test samples",
         "",
-        "| map | pointing game | chance (mask share) | mass in mask | randomisation ρ | verdict |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| map | pointing game | chance (mask share) | mass in mask | randomisation ρ | random-weight hits | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, scores in saliency.result.scores.items():
         hits = f" ({scores['pointing_hits']}/{scores['n_scored']})" if scores.get("n_scored") else ""
         lines.append(
             f"| {method} | {format_number(scores.get('pointing_hit_rate'), 2)}{hits} | {format_number(scores.get('mask_share'), 2)} | "
             f"{format_number(scores.get('mass_in_mask'), 2)} | {format_number(scores.get('randomisation_spearman'), 2)} | "
-            f"{scores.get('verdict') or '—'} |"
+            f"{random_weight_hits(scores)} | {scores.get('verdict') or '—'} |"
         )
     for name, scores in saliency.result.baselines.items():
         lines.append(
             f"| {name.replace('_', ' ')} (no model) | {format_number(scores.get('pointing_hit_rate'), 2)} "
             f"({scores['pointing_hits']}/{scores['n_scored']}) | {format_number(scores.get('mask_share'), 2)} | "
-            f"{format_number(scores.get('mass_in_mask'), 2)} | | baseline |"
+            f"{format_number(scores.get('mass_in_mask'), 2)} | | | baseline |"
         )
     beating = [m for m, s in saliency.result.scores.items() if s.get("beats_input_baseline")]
     cam = saliency.result.cam_layer
@@ -398,7 +399,8 @@ def demo_report(
         "Pointing game: the share of lesion samples whose map peaks inside the lesion; chance is the hit rate of a "
         "random peak; the input baselines score the image's own intensity and edge maps, no model. Randomisation "
         "ρ: the rank correlation with the maps of a re-initialised copy of the model; at 0.5 or above the map "
-        "depends on the input more than on the weights (Adebayo et al. 2018). Grad-CAM weighs each channel by "
+        "depends on the input more than on the weights (Adebayo et al. 2018); random-weight hits: that copy's "
+        "own pointing game on the checked samples, beside the trained model's. Grad-CAM weighs each channel by "
         "its gradient averaged over the map; HiResCAM keeps the gradient at each voxel, which matters for "
         "encoders that max-pool (MT3's plane projections).",
     ]

@@ -136,12 +136,13 @@ def saliency_command(
 
 def show_saliency(result: SaliencyStageResult) -> None:
     """The scores table (each method beside the model-free input baselines), what they mean, and the files."""
+    from medctl.saliency.outputs import random_weight_hits
     from medctl.saliency.scoring import describe
     table = Table(
         title=f"saliency of `{result.target_name}` on {result.n_samples} sample(s) ({result.samples})"
     )
     table.add_column("method", no_wrap=True)
-    for column in ("pointing game", "chance", "mass in mask", "random. ρ", "s/map"):
+    for column in ("pointing game", "chance", "mass in mask", "random. ρ", "random-weight hits", "s/map"):
         table.add_column(column, justify="right", no_wrap=column == "pointing game")
     saliency = result.result
     for method, scores in saliency.scores.items():
@@ -151,12 +152,13 @@ def show_saliency(result: SaliencyStageResult) -> None:
             _num(scores["pointing_chance"]),
             _num(scores["mass_in_mask"]),
             _num(scores["randomisation_spearman"], 2),
+            random_weight_hits(scores),
             _num(scores["seconds"], 2),
         )
     for name, scores in saliency.baselines.items():  # the same scores for maps made without the model
         table.add_row(
             f"[dim]{name.replace('_', ': ', 1)}[/]", _hits(scores), _num(scores["pointing_chance"]),
-            _num(scores["mass_in_mask"]), "", "",
+            _num(scores["mass_in_mask"]), "", "", "",
         )  # fmt: skip
     show_table(table)
     for method, scores in saliency.scores.items():
@@ -181,7 +183,8 @@ def show_saliency(result: SaliencyStageResult) -> None:
         "  pointing game: share of lesion samples whose map peaks in the mask (a map with no peak is a miss); "
         "input: the image's own intensity and edge maps scored the same way, no model (input baseline: the "
         "better of the two); chance: the mask's share of the image. random. ρ: rank correlation with the maps "
-        "of a re-initialised model (high: the map shows the input, not the model).",
+        "of a re-initialised model (high: the map shows the input, not the model); random-weight hits: that "
+        "model's own pointing game on the same checked samples, beside the trained model's.",
         highlight=False,
     )
     if saliency.cam_layer is not None:

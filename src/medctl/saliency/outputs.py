@@ -44,8 +44,16 @@ INDEX_COLUMNS = [
     "input_intensity_hit",
     "input_edges_hit",
     "randomisation_spearman",
+    "random_weights_hit",
     "seconds",
 ]
+
+
+def random_weight_hits(entry: Mapping[str, Any]) -> str:
+    """``1/4 (trained 3/4)``: the randomised model's pointing-game hits beside the trained model's on the same
+    checked lesion samples; ``—`` when none was checked."""
+    n = entry.get("random_weights_scored") or 0
+    return f"{entry['random_weights_hits']}/{n} (trained {entry['checked_hits']}/{n})" if n else "—"
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -56,20 +64,20 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Saliency of `{report['target_name']}` (explaining: {report['target']})",
         "",
-        "| map | pointing game | hits | chance | mass in mask | randomisation ρ | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| map | pointing game | hits | chance | mass in mask | randomisation ρ | random-weight hits | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for method, entry in scores.items():
         lines.append(
             f"| {method} | {_f(entry['pointing_hit_rate'])} | {entry['pointing_hits']}/{entry['n_scored']} | "
             f"{_f(entry['pointing_chance'])} | {_f(entry['mass_in_mask'])} | "
-            f"{_f(entry['randomisation_spearman'], 2)} | {entry.get('verdict') or '—'} |"
+            f"{_f(entry['randomisation_spearman'], 2)} | {random_weight_hits(entry)} | {entry.get('verdict') or '—'} |"
         )
     for name, entry in baselines.items():
         lines.append(
             f"| {name.replace('_', ' ')} (no model) | {_f(entry['pointing_hit_rate'])} | "
             f"{entry['pointing_hits']}/{entry['n_scored']} | {_f(entry['pointing_chance'])} | "
-            f"{_f(entry['mass_in_mask'])} | | baseline |"
+            f"{_f(entry['mass_in_mask'])} | | | baseline |"
         )
     beating = [m for m, e in scores.items() if e.get("beats_input_baseline")]
     flagged = [m for m, e in scores.items() if e.get("input_driven")]
@@ -95,7 +103,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "intensity and its edge map (gradient magnitude), scored the same way without any model. "
         f"Randomisation ρ: Spearman correlation of |map| with the maps of a copy whose weights were "
         f"re-initialised ({settings['randomisation_scope']}), on the first {settings['randomisation_samples']} "
-        "samples; low is good.",
+        "samples; low is good. Random-weight hits: the pointing game of that copy's maps on the lesion samples "
+        "among them (the trained model's hits on the same samples in brackets); a trained model that points no "
+        "better than its own random initialisation has not shown that it learned where the lesion is.",
     ]
     cam = report.get("cam_layer")
     if cam:

@@ -361,6 +361,8 @@ def explain_sample(
         if check:
             random_map = compute_map(method, explainers.randomised, x, target_index, settings)
             row["randomisation_spearman"] = rank_correlation(amap, random_map)
+            if mask is not None:
+                row["random_weights_hit"] = pointing_game(random_map, mask, tolerance=pointing_tolerance)
         rows.append(row)
         means.add(method, target_index, amap, display, grid)
     return rows, sample_baselines

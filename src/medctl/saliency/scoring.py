@@ -246,6 +246,7 @@ def summarise(rows: Iterable[dict]) -> dict[str, dict[str, float]]:
     for method, items in by_method.items():
         hits = [float(r["pointing_hit"]) for r in items if r.get("pointing_hit") is not None]
         rhos = [r.get("randomisation_spearman") for r in items if r.get("randomisation_spearman") is not None]
+        checked = [r for r in items if r.get("random_weights_hit") is not None and r.get("pointing_hit") is not None]
         summary[method] = {
             "n": len(items),
             "n_scored": len(hits),
@@ -258,6 +259,10 @@ def summarise(rows: Iterable[dict]) -> dict[str, dict[str, float]]:
             "mask_share": _mean(r.get("mask_share") for r in items if r.get("pointing_hit") is not None),
             "randomisation_spearman": _mean(rhos),
             "n_randomisation": len(rhos),
+            # the pointing game of the randomised model's maps, beside the trained model's on the same samples
+            "random_weights_scored": len(checked),
+            "random_weights_hits": int(sum(float(r["random_weights_hit"]) for r in checked)),
+            "checked_hits": int(sum(float(r["pointing_hit"]) for r in checked)),
             "seconds": _mean(r.get("seconds") for r in items),
         }
     return summary
@@ -285,6 +290,9 @@ def judge(
         rate, rho = entry["pointing_hit_rate"], entry["randomisation_spearman"]
         beats = None if math.isnan(rate) or best is None else bool(rate > best_rate)
         input_driven = None if math.isnan(rho) else bool(rho >= threshold)
+        n_checked = entry.get("random_weights_scored") or 0
+        trained, random = entry.get("checked_hits", 0), entry.get("random_weights_hits", 0)
+        beats_random = bool(trained > random) if n_checked else None
         words = []
         if beats is not None:
             words.append("beats the input baseline" if beats else "no better than the input baseline")
@@ -292,12 +300,16 @@ def judge(
             words.append("depends on the input more than the model")
         elif input_driven is False:
             words.append("depends on the weights")
+        if beats_random is not None:
+            versus = f"{trained}/{n_checked} vs {random}/{n_checked}"
+            words.append(f"beats random weights ({versus})" if beats_random else f"random weights point as well ({versus})")
         judged[method] = {
             **entry,
             "input_baseline": best,
             "input_baseline_rate": best_rate,
             "beats_input_baseline": beats,
             "input_driven": input_driven,
+            "beats_random_weights": beats_random,
             "randomisation_threshold": threshold,
             "verdict": "; ".join(words),
         }
