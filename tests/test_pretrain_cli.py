@@ -149,6 +149,17 @@ def test_each_method_trains_through_the_cli_and_writes_its_files(method_run):
         assert "checkpoints/context_encoder.ckpt" in warning
     else:
         assert "ema_target" not in results and "EMA target" not in output
+    # byol's pretext heads (on by default): each last-epoch loss beside its chance level, a warning if not under 90%
+    if method == "byol":
+        pretext = results["pretext_vs_chance"]
+        assert set(pretext) == {"rotation", "jigsaw"}
+        for head, entry in pretext.items():
+            assert entry["final_loss"] == results["history"][-1][f"train_loss_{head}"]
+            assert entry["chance"] == pytest.approx(math.log(4))  # 4 rotations; METHOD_SETTINGS' 4 permutations
+            assert entry["learned"] == (entry["final_loss"] < 0.9 * entry["chance"])
+            assert (f"byol's {head} head ended at loss" in " ".join(output.split())) != entry["learned"]
+    else:
+        assert "pretext_vs_chance" not in results
 
 
 def check_vjepa2_layout(folder: Path, target, context: dict) -> None:

@@ -13,6 +13,7 @@ import medctl.pretrain.byol as byol_module
 from medctl.models.registry import build_encoder
 from medctl.pretrain import build_method
 from medctl.pretrain.byol import ByolSettings
+from medctl.pretrain.run import pretext_vs_chance
 
 SIZE = (8, 16, 16)
 
@@ -91,3 +92,25 @@ def test_jigsaw_head_learns_the_block_order():
     losses = head_losses("jigsaw", 80, jigsaw_permutations=24)
     assert sum(losses[:5]) / 5 > 0.9 * math.log(24)
     assert sum(losses[-5:]) / 5 < 0.75 * math.log(24)
+
+
+def test_pretrain_sets_each_pretext_loss_beside_its_chance_and_warns_for_a_head_that_learned_nothing(caplog):
+    config = ByolSettings(projector_dim=8, projector_hidden=16, jigsaw_permutations=24)
+    method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)
+    assert method.chance_losses() == {"loss_rotation": pytest.approx(math.log(4)), "loss_jigsaw": pytest.approx(math.log(24))}
+    history = [
+        {"train_loss_rotation": 1.40, "train_loss_jigsaw": 3.20},
+        {"train_loss_rotation": 0.60, "train_loss_jigsaw": 3.10},  # only the last epoch counts
+    ]
+    with caplog.at_level("INFO", logger="medctl"):
+        report = pretext_vs_chance(method, "byol", history)
+    assert report["rotation"] == {"final_loss": 0.60, "chance": pytest.approx(math.log(4)), "learned": True}
+    assert report["jigsaw"]["learned"] is False and report["jigsaw"]["final_loss"] == 3.10
+    warnings = [r.getMessage() for r in caplog.records if "warning" in r.getMessage()]
+    assert len(warnings) == 1 and "byol's jigsaw head ended at loss 3.100 against 3.178" in warnings[0]
+    assert "over 24 classes" in warnings[0] and "pretrain.byol.jigsaw_weight=0" in warnings[0]
+    without_heads = build_method(
+        "byol", build_encoder("mt3_tiny", input_size=SIZE),
+        ByolSettings(projector_dim=8, projector_hidden=16, rotation_weight=0.0, jigsaw_weight=0.0),
+    )  # fmt: skip
+    assert pretext_vs_chance(without_heads, "byol", history) == {}

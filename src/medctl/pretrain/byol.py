@@ -216,6 +216,16 @@ class BYOL(nn.Module):
         return {"loss": loss, **out}
 
     @torch.no_grad()
+    def chance_losses(self) -> dict[str, float]:
+        """Each active classification head's loss at chance, a uniform guess: ``ln 4`` for rotation, ``ln K``
+        for jigsaw's K permutations; pretrain sets the final losses beside them."""
+        chance = {}
+        if self.rotation_head is not None:
+            chance["loss_rotation"] = math.log(self.rotation_head.out_features)
+        if self.jigsaw_head is not None:
+            chance["loss_jigsaw"] = math.log(self.jigsaw_head.out_features)
+        return chance
+
     def update_target(self, momentum: float) -> None:
         """target = momentum * target + (1 - momentum) * online, for the encoder and the projector."""
         ema_update(self.target_encoder, self.encoder, momentum)

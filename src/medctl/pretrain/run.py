@@ -21,6 +21,7 @@ Monitoring always uses the whole train and val splits (fixed subsets of ``pretra
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -189,6 +190,9 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
         "input_size": list(input_size), "device": str(device), "precision": settings.precision,
         "initial_monitoring": initial, **target_export,
     }  # fmt: skip
+    pretext = pretext_vs_chance(method, settings.method, fitted.history)
+    if pretext:
+        facts["pretext_vs_chance"] = pretext
     return finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
 
 
@@ -210,6 +214,33 @@ class EmaUpdate:
     def __call__(self, step: int) -> None:
         momentum = momentum_schedule(step, self.total_steps, self.start, self.end)
         unwrap(self.model).update_target(momentum)
+
+
+LEARNED_BELOW_CHANCE = 0.9  # a pretext head has learned when its last epoch's loss is under 90% of chance
+
+
+def pretext_vs_chance(method: nn.Module, method_name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each pretext classifier's last-epoch loss beside its chance level (``method.chance_losses()``: byol's
+    rotation and jigsaw heads), for results.json; a head that ended above 90% of chance learned nothing on
+    this data while the total loss fell, and gets a warning with the setting that turns it off."""
+    chance = method.chance_losses() if hasattr(method, "chance_losses") else {}
+    last = history[-1] if history else {}
+    report = {}
+    for key, level in chance.items():
+        final = last.get(f"train_{key}")
+        if final is None:
+            continue
+        head = key.removeprefix("loss_")
+        learned = final < LEARNED_BELOW_CHANCE * level
+        report[head] = {"final_loss": final, "chance": level, "learned": learned}
+        if not learned and is_rank0():
+            log(
+                f"warning: {method_name}'s {head} head ended at loss {final:.3f} against {level:.3f} for a uniform "
+                f"guess over {round(math.exp(level))} classes: it learned nothing on this data and costs throughput; "
+                f"set pretrain.{method_name}.{head}_weight=0, or train on data whose {head} it can see (centred, "
+                "symmetric volumes give it none)"
+            )
+    return report
 
 
 TARGET_STILL_INITIAL = 0.5  # warn when the exported EMA target holds more than this share of its initial weights
