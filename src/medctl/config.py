@@ -413,7 +413,7 @@ class SaliencyConfig(Section):
     occlusion_stride: list[int] = [4, 8, 8]
     randomisation_check: bool = True
     # the check recomputes each method's map with a re-initialised model: one extra map per sample, so it
-    # runs on the first few samples only
+    # runs on the first few samples and the first few lesion samples (where the random maps are scored) only
     randomisation_samples: int = Field(default=4, ge=1)
     # full: every weight re-initialised (Adebayo et al.'s end point); top: heads + last encoder block only
     randomisation_scope: Literal["full", "top"] = "full"

@@ -103,8 +103,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "intensity and its edge map (gradient magnitude), scored the same way without any model. "
         f"Randomisation ρ: Spearman correlation of |map| with the maps of a copy whose weights were "
         f"re-initialised ({settings['randomisation_scope']}), on the first {settings['randomisation_samples']} "
-        "samples; low is good. Random-weight hits: the pointing game of that copy's maps on the lesion samples "
-        "among them (the trained model's hits on the same samples in brackets); a trained model that points no "
+        "samples and the first as many lesion samples; low is good. Random-weight hits: the pointing game of "
+        "that copy's maps on those lesion samples (the trained model's hits on the same samples in brackets); a trained model that points no "
         "better than its own random initialisation has not shown that it learned where the lesion is.",
     ]
     cam = report.get("cam_layer")

@@ -135,8 +135,9 @@ def run_saliency(
     samples with lesion masks (held out from ``samples``; ``cam_check_source`` says where they come from),
     by the held-out check :func:`medctl.saliency.layers.check_cam_layers`; ``"last"`` is the encoder's
     own last spatial layer. The randomisation check (when on) runs on the first ``randomisation_samples``
-    samples with a copy re-initialised per ``randomisation_scope`` and flags a method whose mean rho is at
-    or above ``randomisation_threshold``.
+    samples and the first ``randomisation_samples`` lesion samples with a copy re-initialised per
+    ``randomisation_scope``, flags a method whose mean rho is at or above ``randomisation_threshold``, and
+    scores the copy's maps on those lesions beside the trained model's.
     """
     out_dir = Path(out_dir)
     names = resolve_methods(methods)
@@ -160,7 +161,7 @@ def run_saliency(
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
     means = _ClassMeans()
-    n_checked = 0
+    n_checked = n_lesions_checked = 0
     total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     with progress_bar("saliency", total) as bar:
         for sample in samples:
@@ -175,8 +176,12 @@ def run_saliency(
                     cam_target_extent=cam_target_extent, cam_check=cam_check,
                     cam_check_source=cam_check_source, pointing_tolerance=pointing_tolerance,
                 )  # fmt: skip
-            check = explainers.randomised is not None and n_checked < randomisation_samples
+            lesion = _has_lesion(sample)
+            check = explainers.randomised is not None and (
+                n_checked < randomisation_samples or (lesion and n_lesions_checked < randomisation_samples)
+            )  # the first samples, and the first lesion samples, where the random model's maps can be scored
             n_checked += check
+            n_lesions_checked += check and lesion
             sample_rows, sample_baselines = explain_sample(
                 sample, image, x, explainers, names, classes, target, target_name, out_dir,
                 pointing_tolerance=pointing_tolerance, check=check, means=means,
@@ -525,6 +530,11 @@ def _image(sample: Mapping[str, Any], spatial_dims: int | None) -> torch.Tensor:
             f"sample {sample['id']}: image has shape {tuple(image.shape)}; the model needs {expected}"
         )
     return image
+
+
+def _has_lesion(sample: Mapping[str, Any]) -> bool:
+    mask = sample.get("mask")
+    return mask is not None and bool((mask > 0).any())
 
 
 def _mask(sample: Mapping[str, Any], spatial: tuple[int, ...], sample_id: str) -> np.ndarray | None:
