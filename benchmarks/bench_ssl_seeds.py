@@ -5,8 +5,8 @@ Everything runs through the real CLI (``python -m medctl``), on the synthetic le
 
 1. ``medctl pretrain`` for seeds 0, 1, 2 (``run.seed``: the initial weights, the views, the batches) of
    BYOL on ``mt3_tiny`` with the auxiliary heads off and on (reconstruction, rotation, jigsaw), JEPA on
-   ``vit3d_test`` (probed twice: ``encoder.ckpt``, the EMA target V-JEPA evaluates, and
-   ``context_encoder.ckpt``, the online encoder) and mim_contrastive on ``unet2d_tiny``, the last on 2D
+   ``vit3d_test`` at the short-run EMA momentum pretrain advises (probed twice: ``encoder.ckpt``, the EMA
+   target V-JEPA evaluates, and ``context_encoder.ckpt``, the online encoder) and mim_contrastive on ``unet2d_tiny``, the last on 2D
    synthetic images (``dims=2``: every "edema" image holds a lesion, every image two brighter distractor
    balls). Not on axial slices of the volumes: each slice takes its volume's label, and 72% of the "edema"
    slices (3 axial slices per 16x32x32 volume) hold no lesion voxel, so no encoder can pass ~0.64 balanced
@@ -54,7 +54,10 @@ METHODS = {  # name -> (encoder group, overrides); every group but "images" pret
                      "pretrain.byol.jigsaw_weight=0"]),
     "byol_heads": ("mt3", [*MT3, 'pretrain.method="byol"', "pretrain.byol.reconstruction_weight=1.0",
                            "pretrain.byol.rotation_weight=0.5", "pretrain.byol.jigsaw_weight=0.5"]),
-    "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.jepa.predictor_dim=32",
+    # ema_momentum 0.9: what pretrain's warning advises for a run this short (at 0.99 the exported target keeps
+    # ~88% of its initial weights and ties random init)
+    "jepa": ("vit", ['model.encoder="vit3d_test"', 'pretrain.method="jepa"', "pretrain.ema_momentum=0.9",
+                     "pretrain.jepa.predictor_dim=32",
                      "pretrain.jepa.predictor_heads=2", "pretrain.jepa.predictor_depth=1", "pretrain.jepa.mask_blocks=2"]),
     "mim_contrastive": ("images", ['model.encoder="unet2d_tiny"', 'pretrain.method="mim_contrastive"',
                                    "pretrain.mim_contrastive.patch_size=8"]),
@@ -72,6 +75,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=60, help="synthetic volumes")
     parser.add_argument("--n-2d", type=int, default=160, help="synthetic 2D images (mim_contrastive)")
     parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
+    parser.add_argument(
+        "--only", action="append", choices=list(METHODS), help="run only these methods (repeatable); default all"
+    )
+    parser.add_argument(
+        "--raw-probe", action="store_true", help="probe raw embeddings (model.head.standardize = false), for comparison"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     return parser.parse_args()
 
@@ -102,7 +111,8 @@ def main() -> None:
 
         # 1. pretraining: every method, every seed
         pretrain_results: dict[str, list[dict]] = {}
-        for method, (group, overrides) in METHODS.items():
+        methods = {m: v for m, v in METHODS.items() if not args.only or m in args.only}
+        for method, (group, overrides) in methods.items():
             for seed in SEEDS:
                 name = f"{method}_{seed}"
                 t0 = time.perf_counter()
@@ -127,7 +137,9 @@ def main() -> None:
         # 2. one sweep per encoder, over the seeds, ranked on test
         boards, per_seed = [], []
         for group, encoder in GROUPS.items():
-            entries = [e for m, (g, _) in METHODS.items() if g == group for e in [m, *EXTRA_EXPORTS.get(m, {})]]
+            entries = [e for m, (g, _) in methods.items() if g == group for e in [m, *EXTRA_EXPORTS.get(m, {})]]
+            if not entries:
+                continue
             templates = [str(ckpts / f"{e}_{{seed}}.ckpt") for e in entries]
             data = datasets.get(group, [*volumes.config_overrides(), *runs])
             medctl(
@@ -135,6 +147,7 @@ def main() -> None:
                 f'run.name="sweep_{group}"', f"sweep.checkpoints={json.dumps(templates)}", f"sweep.seeds={SEEDS}",
                 'sweep.rank_on="test"', "sweep.bootstrap=200", "train.epochs=30", "train.lr_head=0.01",
                 "train.patience=0", "train.warmup_epochs=0", "train.log_every=0", "data.batch_size=8",
+                f"model.head.standardize={str(not args.raw_probe).lower()}",
             )  # fmt: skip
             sweep_dir = root / "runs" / f"sweep_{group}"
             name = encoder[0].split('"')[1]
@@ -162,8 +175,10 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         "",
         f"- setting: synthetic lesion volumes ({args.n}, 2 classes, {SIZE[0]}x{SIZE[1]}x{SIZE[2]}; mim_contrastive on "
         f"{args.n_2d} synthetic 2D images of {SIZE_2D[0]}x{SIZE_2D[1]} with {DISTRACTORS_2D} bright distractors "
-        f"each), pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
-        "linear probe 30 epochs, epoch picked on val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
+        f"each), methods {', '.join(args.only or METHODS)}, pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
+        f"linear probe 30 epochs on {'raw embeddings' if args.raw_probe else 'embeddings standardised on train'} "
+        "(`model.head.standardize`), epoch picked on "
+        "val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
         "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI",
         f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
         f"load average {info['load average (1 min) at the end']}; wall time {wall / 60:.1f} min",
@@ -197,6 +212,9 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
                 parts.append(
                     f"{head} loss {fmt(sum(r[key] for r in last) / len(last))} (chance {chance:.2f})"
                 )
+        shares = [r["ema_target"]["initial_share"] for r in runs if "ema_target" in r]
+        if shares:
+            parts.append(f"exported EMA target keeps {fmt(sum(shares) / len(shares), 2)} of its initial weights")
         ratios = [r.get("val_embed_std_ratio") for r in last if r.get("val_embed_std_ratio") is not None]
         if ratios:
             parts.append(f"embed std ratio vs untrained {fmt(sum(ratios) / len(ratios), 2)}")

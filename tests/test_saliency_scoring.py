@@ -249,7 +249,7 @@ def test_judge_sets_each_map_beside_its_random_weight_model_on_the_same_checked_
     assert scores["cam"]["checked_hits"] == 2 and scores["cam"]["pointing_hits"] == 3  # the unchecked hit is not compared
     judged = judge(scores, {}, threshold=0.5)
     assert judged["cam"]["beats_random_weights"] is False and judged["ig"]["beats_random_weights"] is True
-    assert judged["cam"]["verdict"] == "depends on the weights; random weights point as well (2/3 vs 2/3)"
+    assert judged["cam"]["verdict"] == "depends on the weights; no better than random weights (2/3 vs 2/3)"
     assert judged["ig"]["verdict"] == "depends on the weights; beats random weights (3/3 vs 0/3)"
     assert random_weight_hits(judged["cam"]) == "2/3 (trained 2/3)"
     unchecked = judge(summarise([row("ig", True)]), {}, threshold=0.5)["ig"]

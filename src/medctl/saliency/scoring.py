@@ -302,7 +302,7 @@ def judge(
             words.append("depends on the weights")
         if beats_random is not None:
             versus = f"{trained}/{n_checked} vs {random}/{n_checked}"
-            words.append(f"beats random weights ({versus})" if beats_random else f"random weights point as well ({versus})")
+            words.append(f"beats random weights ({versus})" if beats_random else f"no better than random weights ({versus})")
         judged[method] = {
             **entry,
             "input_baseline": best,
