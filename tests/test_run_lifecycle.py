@@ -134,6 +134,22 @@ def test_finetune_and_evaluate_refuse_to_overwrite_a_finished_run(synthetic_3d, 
     assert invoke("evaluate", "--ckpt", ckpt, "--out", str(out), "--bootstrap", "10", "--overwrite").exit_code == 0
 
 
+def test_a_probe_from_before_standardised_inputs_resumes_raw_when_told_so(synthetic_3d, tmp_path):
+    args = [*PROBE, *synthetic_3d.config_overrides(), *named(tmp_path, "old_probe")]
+    first = invoke("finetune", *args, "model.head.standardize=false")
+    assert first.exit_code == 0, first.output
+    saved = tmp_path / "runs" / "old_probe" / "config.toml"
+    text, head = saved.read_text(), "[model.head]\n"
+    before, after = text.split(head)
+    saved.write_text(before + head + after.replace("standardize = false\n", "", 1))  # as older versions wrote it
+
+    refused = invoke("finetune", *args, "--resume")  # today's default reads standardised embeddings
+    text = one_error_line(refused)
+    assert "model.head.standardize False -> True" in text
+    resumed = invoke("finetune", *args, "model.head.standardize=false", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_finetune_epochs_are_one_based_everywhere(synthetic_2d, tmp_path):
     """unfreeze_at_epoch = 2 means: the encoder trains from the 2nd epoch; logs, results and metrics agree."""
     result = invoke(

@@ -536,8 +536,14 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def upgrade_saved_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A config tree this program wrote (a run's config.toml, a checkpoint's config) with the flat
     ``[pretrain]`` keys of older versions moved into the table of its method (:data:`MOVED_KEYS`; the other
-    methods' keys did nothing and are dropped); a user's file gets the one-line "moved to" error instead."""
+    methods' keys did nothing and are dropped); a user's file gets the one-line "moved to" error instead.
+    A ``[model.head]`` from before ``standardize`` existed says ``standardize = false``: that run's probe read
+    raw embeddings, so ``--resume`` names the setting that continues it as it started."""
     upgraded = dict(tree)
+    model = tree.get("model")
+    head = model.get("head") if isinstance(model, Mapping) else None
+    if isinstance(head, Mapping) and "standardize" not in head:  # written before probes standardised their inputs
+        upgraded["model"] = {**model, "head": {**head, "standardize": False}}
     pretrain = tree.get("pretrain")
     if not isinstance(pretrain, Mapping):
         return upgraded
