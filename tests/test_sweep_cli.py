@@ -316,3 +316,6 @@ def test_paired_seed_test_matches_scipy():
     assert out["mean"] == pytest.approx(sum(a[s] - b[s] for s in range(4)) / 4)
     assert math.isnan(paired_seed_test({0: 0.5}, {0: 0.4})["p"])
     assert paired_seed_test({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})["p"] == 1.0
+    # three seeds each one test sample better: no spread, so the sign test's 2 * 0.5**3, not p = 0
+    same_gain = paired_seed_test({0: 11 / 12, 1: 7 / 12, 2: 0.3 + 1 / 12}, {0: 10 / 12, 1: 6 / 12, 2: 0.3})  # 1e-17 apart
+    assert same_gain["p"] == pytest.approx(0.25) and same_gain["mean"] == pytest.approx(1 / 12)

@@ -152,7 +152,10 @@ def paired_seed_test(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str
     """Paired two-sided t-test of ``a - b`` over the seeds both have: ``{"mean", "std", "p", "n"}``.
 
     The pairs are runs that share a seed (the same probe seed and, for pretrained checkpoints, the same
-    pretraining seed index). NaN p below two pairs; a constant difference gives p = 1 when it is 0, else 0.
+    pretraining seed index). NaN p below two pairs. A constant difference leaves the t statistic undefined
+    (no spread): p = 1 when it is 0, else the exact two-sided sign test, ``2 * 0.5 ** n`` (0.25 for 3 seeds),
+    since equal differences on a small test split are often one sample's worth each and say no more than
+    "every seed moved the same way".
     """
     common = sorted(set(a) & set(b))
     diffs = np.array([a[s] - b[s] for s in common], dtype=np.float64)  # (n,)
@@ -163,8 +166,8 @@ def paired_seed_test(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str
     std = float(diffs.std(ddof=1)) if n > 1 else math.nan
     if n < 2:
         p = math.nan
-    elif std == 0:
-        p = 1.0 if mean == 0 else 0.0
+    elif std <= 1e-12:  # equal up to rounding: metrics from counts differ by 1e-17, not by a real spread
+        p = 1.0 if mean == 0 else min(1.0, 2 * 0.5**n)
     else:
         t = mean / (std / math.sqrt(n))
         p = float(2 * stats.t.sf(abs(t), df=n - 1))
