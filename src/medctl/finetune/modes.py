@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from medctl.config import ModelConfig, TrainConfig
 from medctl.data.dataset import CacheDataset
-from medctl.finetune.features import encoder_fingerprint, feature_key, split_features
+from medctl.finetune.features import Features, encoder_fingerprint, feature_key, split_features
 from medctl.finetune.tokens import TokenRows, cached_logits, plan_token_cache, split_tokens
 from medctl.models.classifier import Classifier
 from medctl.models.encoders.base import Encoder
@@ -105,10 +105,12 @@ def build_mode(
         encoder, model, seed=inputs.seed, data_print=data_print, batch_size=inputs.batch_size,
         num_workers=inputs.num_workers, device=inputs.device, precision=inputs.precision,
     )  # fmt: skip
+    train_features = None  # the training split's embeddings, once, when standardising
     if standardize:
         unaugmented = copy.copy(inputs.train_set)
         unaugmented.transform = None
-        inputs.classifier.standardize_inputs(split_features(inputs.classifier.encoder, unaugmented, **shared).embeddings)
+        train_features = split_features(inputs.classifier.encoder, unaugmented, **shared)
+        inputs.classifier.standardize_inputs(train_features.embeddings)
     if not feature_cache:
         return encoder_mode(inputs)
     shape = None  # (T, D) per sample when an attentive probe caches its tokens
@@ -120,14 +122,15 @@ def build_mode(
         )  # fmt: skip
         if shape is None:
             return encoder_mode(inputs)
-    return tokens_mode(inputs, shared, shape) if shape else embeddings_mode(inputs, shared)
+    return tokens_mode(inputs, shared, shape) if shape else embeddings_mode(inputs, shared, train_features)
 
 
-def embeddings_mode(inputs: ModeInputs, cache_args: Mapping[str, Any]) -> Mode:
-    """Each split's embeddings computed once (or read back from the cache); the heads train on ``(N, D)``."""
-    train_cached, val_cached = (
-        split_features(inputs.classifier.encoder, s, **cache_args) for s in (inputs.train_set, inputs.val_set)
-    )  # by position: an inner split names its parts inner_train / inner_val
+def embeddings_mode(inputs: ModeInputs, cache_args: Mapping[str, Any], train_cached: Features | None = None) -> Mode:
+    """Each split's embeddings computed once (or read back from the cache; ``train_cached`` when the caller
+    already has the training split's); the heads train on ``(N, D)``."""
+    encoder = inputs.classifier.encoder
+    train_cached = train_cached or split_features(encoder, inputs.train_set, **cache_args)
+    val_cached = split_features(encoder, inputs.val_set, **cache_args)  # an inner split names its parts by position
     train_data = TensorDataset(train_cached.embeddings, *train_labels(inputs))  # (N, D), labels...
     val_inputs = val_cached.embeddings.to(inputs.device)  # (N_val, D)
     return Mode(
