@@ -87,6 +87,9 @@ class Architecture:
     prefix: str = ""  # the wrapper prefix stripped
     facts: list[str] = field(default_factory=list)  # what the state dict showed, for `check checkpoint`
     notes: list[str] = field(default_factory=list)  # guesses made (head counts) and overrides applied
+    layout: str = ""  # a foreign ViT's: "V-JEPA 2" or "V-JEPA 2.1"
+    positions_guessed: bool = False  # a sin-cos scheme read from a table that may sit unused beside RoPE
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by check / finetune / sweep
 
     def setting(self) -> str:
         """The config that names this encoder: ``model.encoder = "vit3d_large"`` (+ encoder_args)."""
@@ -99,6 +102,7 @@ class Architecture:
         out = [f"architecture: {self.family} `{self.name}` ({self.source}{entry}{prefix})"]
         out += [f"  {fact}" for fact in self.facts]
         out += [f"  note: {note}" for note in self.notes]
+        out += [f"warning: {warning}" for warning in self.warnings]
         return out
 
 
@@ -175,7 +179,7 @@ def read_architecture(path: str | Path, key: str = "", ckpt: Mapping[str, Any] |
             "model.encoder (`medctl list models`)"
         )
     if family == "vit3d":
-        arch = _vit_architecture(state, path)
+        arch = _vit_architecture(state, path, training_file=prefix.endswith("backbone.") or "predictor" in ckpt)
     else:
         arch = _registered_architecture(state, family, path)
     arch.key, arch.prefix = entry, prefix
@@ -202,7 +206,7 @@ def _registered_architecture(state: Mapping[str, torch.Tensor], family: str, pat
     )
 
 
-def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Architecture:
+def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path, training_file: bool = False) -> Architecture:
     proj = state["patch_embed.proj.weight"]
     if proj.ndim != 5 or proj.shape[3] != proj.shape[4]:
         raise CheckpointError(
@@ -220,6 +224,7 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
     args: dict[str, Any] = {"patch_size": patch, "tubelet_size": tubelet}
     facts = [f"{width} wide, {depth} deep, MLP {hidden} ({hidden / width:.3g} x width), {tubelet}x{patch}x{patch} tubelets"]
     table = state.get("pos_embed")
+    warnings = []
     if table is None or not table.any():
         args["pos_embed"] = "rope"
         facts.append("positions: RoPE (" + ("no pos_embed in the file)" if table is None else "its pos_embed is all zeros)"))
@@ -232,7 +237,31 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
             grid, uniform = found
             if uniform:
                 args["uniform_power"] = True
-            facts.append(f"positions: sin-cos pos_embed for the grid {list(grid)} ({table.shape[1]} positions)")
+            split = "uniform_power = true: equal thirds" if uniform else "uniform_power = false: halves and quarters"
+            facts.append(f"positions: sin-cos pos_embed for the grid {list(grid)} ({table.shape[1]} positions; {split})")
+            if training_file:
+                warnings.append(
+                    f"{path}: read as sin-cos positions from its pos_embed table; the weights cannot tell a model "
+                    "trained with it from a RoPE model that saved it unused (V-JEPA 2's released files do, its hub "
+                    'loader drops it); if this one was trained with RoPE, set model.encoder_args = {pos_embed = "rope"}'
+                )
+    levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"norms_block\.(\d+)\.", k))})
+    layout = "V-JEPA 2.1" if levels else "V-JEPA 2"
+    if not levels:
+        facts.append("layout: V-JEPA 2 (final `norm`" + ("; RoPE with tiled frequencies)" if args["pos_embed"] == "rope" else ")"))
+    else:
+        # V-JEPA 2.1 (app/vjepa_2_1): final norm = last of norms_block, a video-modality vector, RoPE with
+        # interleaved frequencies at positions interpolated to its pretraining grid (its hub's interpolate_rope:
+        # 256 px / 16-pixel patches, 252 / 14)
+        rope_grid = {16: 16, 14: 18}.get(patch, 0)
+        args.update(rope_frequencies="interleaved", rope_grid=rope_grid, modality_embedding="video_mod_embed" in state)
+        mod = "a video modality embedding" if "video_mod_embed" in state else "no modality embedding"
+        where = (f"positions interpolated to a {rope_grid}-patch grid as its hub loads releases (rope_grid = {rope_grid})"
+                 if rope_grid else "integer positions (no interpolation is defined for this patch size)")  # fmt: skip
+        facts.append(
+            f"layout: V-JEPA 2.1 (norms_block.0-{levels[-1]}, the last the final norm; {mod}; RoPE with "
+            f"interleaved frequencies, {where})"
+        )
     if f"{first}attn.qkv.bias" not in state:
         args["qkv_bias"] = False
     facts.append(f"stem `patch_embed.proj` takes {channels} channel(s)")
@@ -246,8 +275,9 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
     name = match or "vit3d"
     if match is None:
         args = {"embed_dim": width, "depth": depth, "num_heads": heads, "mlp_ratio": mlp_ratio, **args}
-    arch = Architecture("vit3d", name, args, channels, "read from the state dict", facts=facts)
+    arch = Architecture("vit3d", name, args, channels, "read from the state dict", facts=facts, layout=layout)
     arch.facts.insert(1, f"{heads} heads ({why})")
+    arch.positions_guessed, arch.warnings = bool(warnings), warnings
     return arch
 
 
@@ -313,6 +343,8 @@ def choose_encoder(
             ],
             "model.encoder",
         )
+    if "pos_embed" in model.encoder_args:  # the user named the scheme: nothing is guessed
+        arch.positions_guessed, arch.warnings = False, []
     notes = [f"model.encoder_args: {k} = {_toml(v)} instead of the checkpoint's {_toml(arch.args[k])}"
              for k, v in model.encoder_args.items() if k in arch.args and arch.args[k] != v]  # fmt: skip
     channels = arch.in_channels
@@ -369,6 +401,8 @@ def plan_model_encoder(
     choice = choose_encoder(model, in_channels=in_channels, ckpt=ckpt)
     check_fits(choice, input_size, spatial_dims, model.checkpoint or model.architecture_from)
     encoder = build_encoder(choice.name, in_channels=choice.in_channels, input_size=input_size, **choice.args)
+    if choice.architecture is not None and choice.architecture.positions_guessed and model.encoder == AUTO:
+        encoder.positions_guessed = True  # marked in describe_encoder: a leaderboard row says so
     if ckpt is None:
         return PretrainedEncoder(encoder, choice), {}, ""
     report, to_load = plan_encoder_load(encoder, model.checkpoint, key=model.checkpoint_key, ckpt=ckpt)
@@ -403,6 +437,10 @@ def describe_encoder(encoder: Encoder) -> str:
     if isinstance(encoder, VisionTransformer3D):
         t, p = encoder.tubelet_size, encoder.patch_size
         scheme = "RoPE" if encoder.pos_embed_kind == "rope" else "sin-cos"
+        if encoder.positions_guessed:
+            scheme += " (guessed from its table)"
+        if encoder.rope_frequencies == "interleaved":
+            scheme += " (V-JEPA 2.1)"
         parts += [f"{len(encoder.blocks)} deep", f"{encoder.num_heads} heads", scheme, f"{t}x{p}x{p}"]
     parts.append(f"{encoder.in_channels} ch")
     return f"{getattr(encoder, 'name', type(encoder).__name__)} ({', '.join(parts)})"
