@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from medctl.config import ModelConfig
+from medctl.devices import available_memory
 from medctl.errors import CheckpointError, ConfigError
 from medctl.models.checkpoints import (
     LoadReport,
@@ -63,7 +64,8 @@ from medctl.models.registry import ENCODERS, build_encoder, get_spec
 AUTO = "auto"
 # V-JEPA 2's ViT sizes, width -> heads (its src/models/vision_transformer.py): tiny, small, base, large,
 # huge; 1408 is the ViT-g whose released checkpoints use 22 heads (`vit_giant_xformers`; its 16-head
-# `vit_giant` shares every shape); 1664 the ViT-G of V-JEPA 2.1 (`vit_gigantic_xformers`, 26 heads).
+# `vit_giant` shares every shape); 1664 the ViT-G whose V-JEPA 2.1 releases use 26 heads (hub:
+# `vit_gigantic_xformers`; its 16-head `vit_gigantic` shares every shape).
 VJEPA2_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 22, 1664: 26}
 FAMILY_KEYS = {  # a family is recognised when every pattern matches some key
     "vit3d": (r"^patch_embed\.proj\.weight$", r"^blocks\.\d+\.attn\.qkv\.weight$"),
@@ -285,10 +287,11 @@ def vit_heads(width: int, registered: Sequence[int]) -> tuple[int, str]:
     """The head count of a ViT ``width`` wide (no state dict stores it) and why; see the module docstring."""
     if width in VJEPA2_HEADS:
         heads = VJEPA2_HEADS[width]
-        if width == 1408:
+        if width in (1408, 1664):  # upstream defines both a 16-head and a wider-head ("xformers") variant
+            size, name = ("ViT-g", "vit_giant") if width == 1408 else ("ViT-G (V-JEPA 2.1)", "vit_gigantic")
             return heads, (
-                "1408 wide: V-JEPA 2's released ViT-g has 22 heads; set model.encoder_args = {num_heads = 16} "
-                "for its 16-head vit_giant"
+                f"{width} wide: the released {size} has {heads} heads ({name}_xformers); set model.encoder_args = "
+                f"{{num_heads = 16}} for its 16-head {name}"
             )
         return heads, f"V-JEPA 2's {width}-wide ViT has {heads}"
     if registered:
@@ -381,6 +384,25 @@ def check_fits(choice: EncoderChoice, input_size: Sequence[int], spatial_dims: i
             )
 
 
+def check_memory(choice: EncoderChoice, input_size: Sequence[int], path: str) -> None:
+    """Refuse an encoder whose weights alone would not fit the memory free now, before allocating them.
+
+    The shapes a file declares cost nothing to read (a 9 kB file of expanded tensors can declare a
+    65,536-wide ViT); the model is built on the meta device to count its parameters and buffers.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(choice.name, in_channels=choice.in_channels, input_size=input_size, **choice.args)
+    tensors = [*encoder.parameters(), *encoder.buffers()]
+    need, available = sum(t.numel() * t.element_size() for t in tensors), available_memory()
+    if need > available:
+        count = sum(p.numel() for p in encoder.parameters())
+        raise CheckpointError(
+            f"{path}: builds {describe_encoder(encoder)} of {count:,} parameters, {need / 1e9:.1f} GB of weights, "
+            f"more than the {available / 1e9:.1f} GB of memory free; if the file's shapes are right it needs a "
+            "bigger machine, else it is not the checkpoint you meant"
+        )
+
+
 @dataclass
 class PretrainedEncoder:
     """An encoder built as ``model`` says, with ``model.checkpoint`` loaded (report and architecture kept)."""
@@ -400,6 +422,7 @@ def plan_model_encoder(
     ckpt = read_checkpoint(model.checkpoint) if model.checkpoint else None
     choice = choose_encoder(model, in_channels=in_channels, ckpt=ckpt)
     check_fits(choice, input_size, spatial_dims, model.checkpoint or model.architecture_from)
+    check_memory(choice, input_size, model.checkpoint or model.architecture_from or f"model.encoder = {model.encoder}")
     encoder = build_encoder(choice.name, in_channels=choice.in_channels, input_size=input_size, **choice.args)
     if choice.architecture is not None and choice.architecture.positions_guessed and model.encoder == AUTO:
         encoder.positions_guessed = True  # marked in describe_encoder: a leaderboard row says so

@@ -259,11 +259,15 @@ class LoadReport:
 
     def share(self) -> str:
         """``28 of 28 keys (100% of the encoder)``; with any key missing, mis-shaped or unexpected the counts
-        are named and the share is rounded down, so it never reads 100% (99.99% is 99.9%)."""
+        are named and the share is rounded down or left out, so it never reads 100% (99.99% is 99.9%)."""
         total = len(self.loaded) + len(self.missing) + len(self.mismatched)
-        exact = self.complete and not self.unexpected
-        percent = "100%" if exact else f"{math.floor(self.loaded_share * 1000) / 10:.1f}%"
-        text = f"{len(self.loaded)} of {total} keys ({percent} of the encoder)"
+        if self.complete and not self.unexpected:
+            percent = " (100% of the encoder)"
+        elif self.loaded_share < 1:
+            percent = f" ({math.floor(self.loaded_share * 1000) / 10:.1f}% of the encoder)"
+        else:  # every value of the encoder loaded, but the file had more: the counts say so, not "100%"
+            percent = ""
+        text = f"{len(self.loaded)} of {total} keys{percent}"
         counts = [(len(self.missing), "missing"), (len(self.mismatched), "mis-shaped"), (len(self.unexpected), "unexpected")]
         return text + "".join(f", {n} {what}" for n, what in counts if n)
 
