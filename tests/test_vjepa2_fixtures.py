@@ -163,3 +163,17 @@ def test_a_file_declaring_a_model_too_big_to_build_is_refused_before_allocating(
     assert "GB of memory free" in out
     with pytest.raises(CheckpointError, match="GB of memory free"):
         pretrained_encoder(ModelConfig(checkpoint=str(path)), in_channels=1, input_size=(8, 16, 16), spatial_dims=3)
+
+
+def test_finetune_and_sweep_log_the_guess_in_one_warning_line(tmp_path, caplog):
+    """finetune (and each sweep entry, which runs it) builds its encoder through build_pretrained_encoder."""
+    from medctl.finetune.run import build_pretrained_encoder
+
+    state = dict(fixture("vjepa2_rope")["state_dict"])
+    state["module.backbone.pos_embed"] = sincos_3d((2, 2, 2), 16)
+    path = training_file(tmp_path / "rope_with_table.pt", state)
+    with caplog.at_level("INFO", logger="medctl"):
+        encoder = build_pretrained_encoder(ModelConfig(checkpoint=str(path)), {"in_channels": 1, "spatial_dims": 3}, [4, 16, 16])
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().strip().startswith("warning:")]
+    assert len(warnings) == 1 and "rope_with_table.pt: read as sin-cos positions" in warnings[0]
+    assert "guessed" in describe_encoder(encoder)

@@ -17,10 +17,17 @@ per-checkpoint settings. What is read, in this order:
     (its kernel), depth (the number of blocks), MLP ratio (``fc1`` rows / width) and qkv bias; its
     position scheme: a ``pos_embed`` of N positions is sin-cos, its grid read from its values
     (:func:`medctl.models.encoders.vit3d.sincos_grid`), and no ``pos_embed`` is RoPE (so is an all-zero
-    one: a placeholder some RoPE files carry, which no sin-cos model would train with);
+    one: a placeholder some RoPE files carry, which no sin-cos model would train with). A sin-cos table in
+    a V-JEPA training file is a guess, warned in one line and marked in :func:`describe_encoder`: upstream's
+    training code (app/vjepa/train.py, c2963a4 and before) saves no table for RoPE, yet its released RoPE
+    files carry one, unused; ``encoder_args = {pos_embed = "rope"}`` settles it;
+  * V-JEPA 2.1's layout (``norms_block.N``, ``video_mod_embed``): RoPE with interleaved frequencies at
+    positions interpolated to its 16-patch pretraining grid (its hub's ``interpolate_rope``), the video
+    modality embedding, the last ``norms_block`` as the final norm
+    (:func:`medctl.models.encoders.vit3d.read_vjepa21_layout`);
   * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408
     wide is the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's
-    ``vit_giant`` has 16); else the heads of a registered variant with the same shapes (``vit3d_test``:
+    ``vit_giant`` has 16; 1664 wide the 2.1 ViT-G with 26, ``vit_gigantic`` 16); else the heads of a registered variant with the same shapes (``vit3d_test``:
     2); else 64-channel heads (width / 64), else 32-channel ones, else one head. ``model.encoder_args =
     {num_heads = N}`` overrides the guess, as any ``encoder_args`` override what is read. The registry
     name is the variant with the same shapes and heads (``vit3d_large``), else ``vit3d`` with every
@@ -31,7 +38,9 @@ per-checkpoint settings. What is read, in this order:
 Input channels: a checkpoint's stem that takes 3 channels serves 1-channel data by summing its filters
 (:func:`medctl.models.checkpoints.adapt_input_channels`, noted in the report); any other difference, or
 a ViT whose tubelets do not tile the cached size, is refused with the reason: nothing is resized to fit
-silently. ``auto`` with no checkpoint has nothing to read and asks for a named encoder (a sweep's random
+silently. Before anything is allocated, the model is built on the meta device and refused when its
+weights alone exceed the memory free (:func:`check_memory`): a file's shapes cost nothing to declare.
+``auto`` with no checkpoint has nothing to read and asks for a named encoder (a sweep's random
 baseline takes the first checkpoint's architecture, :mod:`medctl.sweep.entries`).
 """
 

@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from app.vjepa_2_1.models.vision_transformer import VisionTransformer as VisionTransformer21
 from src.models.vision_transformer import VisionTransformer
 from src.utils.wrappers import MultiSeqWrapper
+from torch import nn
 
 HERE = Path(__file__).parent
 UPSTREAM = {
@@ -134,8 +133,6 @@ def main() -> None:
 
     # the fixtures must tell the schemes apart: sin-cos vs RoPE weights differ anyway; check the 2.1
     # details each matter (tiled RoPE, no modality embedding) by far more than the tests' 1e-5
-    from app.vjepa_2_1.models.utils import modules as m21
-
     inputs, _ = run(model, shapes_21, seed=300)
     with torch.no_grad():
         saved = model.video_mod_embed.clone()
@@ -153,7 +150,6 @@ def main() -> None:
         print(f"2.1 with {what}: max |diff| {diff:.3g}")
         if diff < 1e-2:
             sys.exit(f"the 2.1 fixture does not tell `{what}` apart; raise the weights' scale")
-    del m21
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ for the grid it was made for and resized from that grid, never accepted because 
 sin-cos checkpoint into a RoPE model, or a RoPE one (no ``pos_embed``) into a sin-cos model, is refused
 with the setting that fits. V-JEPA 2's own RoPE models hold no ``pos_embed``, though its hub loader notes
 that some released files carry an unused one: an all-zero table is taken for such a placeholder and
-dropped; any other needs ``model.allow_partial_load = true`` to be dropped.
+dropped; a RoPE model (``pos_embed="rope"``, the user's word) drops a sin-cos table with a note, and a
+learned one needs ``model.allow_partial_load = true`` to be dropped.
+
+V-JEPA 2.1 (``app/vjepa_2_1`` upstream) is this model with three settings: ``rope_frequencies =
+"interleaved"`` (each rotated pair shares one frequency, ``repeat_interleave``), ``rope_grid = 16`` (height
+and width positions interpolated to its 16-patch pretraining grid, the hub's ``interpolate_rope``) and
+``modality_embedding`` (a learned ``video_mod_embed`` added to every token). Its files name the final norm
+``norms_block.3`` (the last of four); :func:`read_vjepa21_layout` maps them onto this model.
 
 Head counts: V-JEPA 2's released ViT-g uses 22 heads (``vit_giant_xformers`` there), so ``vit3d_giant``
 has 22 heads and ``vit3d_giant_h16`` the 16-head variant (``vit_giant``). The head count changes no
