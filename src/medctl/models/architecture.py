@@ -25,13 +25,13 @@ per-checkpoint settings. What is read, in this order:
     positions interpolated to its 16-patch pretraining grid (its hub's ``interpolate_rope``), the video
     modality embedding, the last ``norms_block`` as the final norm
     (:func:`medctl.models.encoders.vit3d.read_vjepa21_layout`);
-  * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408
-    wide is the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's
-    ``vit_giant`` has 16; 1664 wide the 2.1 ViT-G with 26, ``vit_gigantic`` 16); else the heads of a registered variant with the same shapes (``vit3d_test``:
-    2); else 64-channel heads (width / 64), else 32-channel ones, else one head. ``model.encoder_args =
-    {num_heads = N}`` overrides the guess, as any ``encoder_args`` override what is read. The registry
-    name is the variant with the same shapes and heads (``vit3d_large``), else ``vit3d`` with every
-    argument;
+  * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408 wide is
+    the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's ``vit_giant`` has 16;
+    1664 wide the 2.1 ViT-G with 26, though ``vit_gigantic`` has 16); else the heads of a registered variant
+    with the same shapes (``vit3d_test``: 2); else 64-channel heads (width / 64), else 32-channel ones, else
+    one head. ``model.encoder_args = {num_heads = N}`` overrides the guess, as any ``encoder_args`` override
+    what is read. The registry name is the variant with the same shapes and heads (``vit3d_large``), else
+    ``vit3d`` with every argument;
   * the other families: the registered variant whose state dict has the same keys and shapes (the
     stem's input channels aside); other sizes need ``model.encoder`` named.
 
@@ -254,7 +254,8 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path, train
                 warnings.append(
                     f"{path}: read as sin-cos positions from its pos_embed table; the weights cannot tell a model "
                     "trained with it from a RoPE model that saved it unused (V-JEPA 2's released files do, its hub "
-                    'loader drops it); if this one was trained with RoPE, set model.encoder_args = {pos_embed = "rope"}'
+                    'loader drops it); if this one was trained with RoPE, set model.encoder_args = {pos_embed = "rope"} '
+                    '(pos_embed = "sincos" confirms the reading and silences this)'
                 )
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"norms_block\.(\d+)\.", k))})
     layout = "V-JEPA 2.1" if levels else "V-JEPA 2"

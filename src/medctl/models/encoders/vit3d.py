@@ -25,13 +25,13 @@ so its checkpoints load without renaming and give the same features. Two positio
   ``rotate_queries_or_keys``); it is kept so that released weights give the same features. The tables
   are computed in the dtype of the queries, as there.
 
-Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read
-for the grid it was made for and resized from that grid, never accepted because its count matches; a
-sin-cos checkpoint into a RoPE model, or a RoPE one (no ``pos_embed``) into a sin-cos model, is refused
-with the setting that fits. V-JEPA 2's own RoPE models hold no ``pos_embed``, though its hub loader notes
-that some released files carry an unused one: an all-zero table is taken for such a placeholder and
-dropped; a RoPE model (``pos_embed="rope"``, the user's word) drops a sin-cos table with a note, and a
-learned one needs ``model.allow_partial_load = true`` to be dropped.
+Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read for
+the grid it was made for and resized from that grid, never accepted because its count matches; a RoPE
+checkpoint (no ``pos_embed``) into a sin-cos model is refused with the setting that fits. V-JEPA 2's own RoPE
+models hold no ``pos_embed``, though its hub loader notes that some released files carry an unused one: an
+all-zero table is taken for such a placeholder and dropped; a RoPE model (``pos_embed="rope"``, the user's
+word) drops a sin-cos table with a note, and a learned one needs ``model.allow_partial_load = true`` to be
+dropped.
 
 V-JEPA 2.1 (``app/vjepa_2_1`` upstream) is this model with three settings: ``rope_frequencies =
 "interleaved"`` (each rotated pair shares one frequency, ``repeat_interleave``), ``rope_grid = 16`` (height
