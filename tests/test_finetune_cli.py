@@ -142,7 +142,7 @@ def test_unfreeze_at_epoch_changes_encoder_weights_only_from_that_epoch(syntheti
         *run_args(tmp_path, "ft"),
     )
     assert result.exit_code == 0, result.output
-    assert "100.0% of the encoder" in " ".join(result.output.split())
+    assert "(100% of the encoder)" in " ".join(result.output.split())
     assert "epoch 3: the encoder is unfrozen" in " ".join(result.output.split())
     assert len(snapshots) == 3
 

@@ -70,7 +70,7 @@ def test_auto_builds_what_the_explicit_config_builds_with_the_same_features(chec
         assert any("3-channel stem is summed into 1" in n for n in auto.choice.notes)
         assert any("3 input channels summed into 1" in n for n in auto.report.notes)
     if case == "sincos_other_grid":  # the table's own grid, resized to the data's
-        assert "positions: sin-cos pos_embed for the grid [4, 2, 2] (16 positions)" in arch.facts
+        assert "positions: sin-cos pos_embed for the grid [4, 2, 2] (16 positions; uniform_power = false: halves and quarters)" in arch.facts
         assert any("from grid [4, 2, 2] to [8, 4, 4]" in n for n in auto.report.notes)
     if case == "wide_context":
         assert arch.name == "vit3d" and arch.args["embed_dim"] == 96 and arch.args["depth"] == 2

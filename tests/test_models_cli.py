@@ -27,7 +27,7 @@ def test_check_checkpoint_reports_load_and_forward(tmp_path, seed):
     assert result.exit_code == 0, result.output
     assert "V-JEPA/I-JEPA training checkpoint" in out and "entry `target_encoder`" in out
     assert "prefix `module.backbone.` stripped" in out
-    assert "100.0% of the encoder loaded" in out
+    assert "(100% of the encoder)" in out
     assert "input (B=1, C=1, D=8, H=16, W=16)" in out and "features [1, 16, 64]" in out and "embedding [1, 64]" in out
     assert "108,352 parameters" in out
 
@@ -107,5 +107,5 @@ def test_check_checkpoint_with_auto_prints_what_it_read(tmp_path, seed):
     assert "architecture: vit3d `vit3d` (read from the state dict, entry `context_encoder`, prefix `module.backbone.` stripped)" in out
     assert "96 wide, 2 deep, MLP 384 (4 x width), 2x8x8 tubelets" in out and "3 heads (not stored" in out
     assert "positions: RoPE (no pos_embed in the file)" in out and "takes 3 channel(s)" in out
-    assert "3-channel stem is summed into 1 channel" in out and "100.0% of the encoder loaded" in out
+    assert "3-channel stem is summed into 1 channel" in out and "(100% of the encoder)" in out
     assert "embedding [1, 96]" in out

@@ -78,7 +78,7 @@ def test_the_oct_plan_runs_with_the_readme_commands(oct_plan):
     ckpt = oct_plan / "ckpts" / "best_checkpoint_multi_domain.pt"
     out = medctl("check", "checkpoint", "-c", my, "--ckpt", str(ckpt))
     assert "into vit3d_test (64 wide, 2 deep, 2 heads, RoPE, 2x8x8, 1 ch)" in out
-    assert "entry `target_encoder`, prefix `module.backbone.` stripped" in out and "100.0% of the encoder loaded" in out
+    assert "entry `target_encoder`, prefix `module.backbone.` stripped" in out and "(100% of the encoder)" in out
 
     out = medctl("preprocess", "-c", my)
     cache = next((oct_plan / "cache").iterdir())

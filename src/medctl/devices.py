@@ -7,6 +7,7 @@ It sits at the bottom of the package (it needs only torch and the error family),
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,3 +41,17 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError([f"`run.device` = {spec!r} but MPS is not available; use run.device=cpu"])
     return device
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now: ``MemAvailable``, else the free pages, else 8 GiB (unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

@@ -110,7 +110,7 @@ def check_checkpoint_command(
     if report.refused:
         raise CheckpointError(report.refused)
     console.print(
-        f"[green]✓[/] {report.load.loaded_share:.1%} of the encoder loaded; input "
+        f"[green]✓[/] loaded {report.load.share()}; input "
         f"(B={report.input_shape[0]}, {describe_geometry(report.input_shape[1:]).removeprefix('shape (')} -> "
         f"features {list(report.feature_shape)}, embedding {list(report.embedding_shape)} "
         f"in {report.seconds * 1000:.0f} ms on {report.device}",

@@ -61,6 +61,7 @@ from medctl.data.readers import axis_names, declared_size_problem, describe_geom
 from medctl.data.spectrogram import prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
+from medctl.devices import available_memory
 from medctl.errors import DataError, RunFailure, StorageUnavailable
 from medctl.io import (
     atomic_write,
@@ -459,19 +460,8 @@ def worker_memory_bytes(voxels: int) -> int:
 
 
 def memory_budget(memory_gb: float) -> int:
-    """``memory_gb`` in bytes, or (0) the memory available now (``MemAvailable``; 8 GiB if unknown)."""
-    if memory_gb:
-        return int(memory_gb * 2**30)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    """``memory_gb`` in bytes, or (0) the memory available now (:func:`medctl.devices.available_memory`)."""
+    return int(memory_gb * 2**30) if memory_gb else available_memory()
 
 
 def largest_volume(tasks: list[SampleTask]) -> tuple[int, str]:

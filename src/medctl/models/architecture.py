@@ -17,21 +17,30 @@ per-checkpoint settings. What is read, in this order:
     (its kernel), depth (the number of blocks), MLP ratio (``fc1`` rows / width) and qkv bias; its
     position scheme: a ``pos_embed`` of N positions is sin-cos, its grid read from its values
     (:func:`medctl.models.encoders.vit3d.sincos_grid`), and no ``pos_embed`` is RoPE (so is an all-zero
-    one: a placeholder some RoPE files carry, which no sin-cos model would train with);
-  * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408
-    wide is the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's
-    ``vit_giant`` has 16); else the heads of a registered variant with the same shapes (``vit3d_test``:
-    2); else 64-channel heads (width / 64), else 32-channel ones, else one head. ``model.encoder_args =
-    {num_heads = N}`` overrides the guess, as any ``encoder_args`` override what is read. The registry
-    name is the variant with the same shapes and heads (``vit3d_large``), else ``vit3d`` with every
-    argument;
+    one: a placeholder some RoPE files carry, which no sin-cos model would train with). A sin-cos table in
+    a V-JEPA training file is a guess, warned in one line and marked in :func:`describe_encoder`: upstream's
+    training code (app/vjepa/train.py, c2963a4 and before) saves no table for RoPE, yet its released RoPE
+    files carry one, unused; ``encoder_args = {pos_embed = "rope"}`` settles it;
+  * V-JEPA 2.1's layout (``norms_block.N``, ``video_mod_embed``): RoPE with interleaved frequencies at
+    positions interpolated to its 16-patch pretraining grid (its hub's ``interpolate_rope``), the video
+    modality embedding, the last ``norms_block`` as the final norm
+    (:func:`medctl.models.encoders.vit3d.read_vjepa21_layout`);
+  * a ViT's head count, which no state dict stores: V-JEPA 2's sizes decide (:data:`VJEPA2_HEADS`; 1408 wide is
+    the released ViT-g with 22 heads, ``vit_giant_xformers`` there, though V-JEPA 2's ``vit_giant`` has 16;
+    1664 wide the 2.1 ViT-G with 26, though ``vit_gigantic`` has 16); else the heads of a registered variant
+    with the same shapes (``vit3d_test``: 2); else 64-channel heads (width / 64), else 32-channel ones, else
+    one head. ``model.encoder_args = {num_heads = N}`` overrides the guess, as any ``encoder_args`` override
+    what is read. The registry name is the variant with the same shapes and heads (``vit3d_large``), else
+    ``vit3d`` with every argument;
   * the other families: the registered variant whose state dict has the same keys and shapes (the
     stem's input channels aside); other sizes need ``model.encoder`` named.
 
 Input channels: a checkpoint's stem that takes 3 channels serves 1-channel data by summing its filters
 (:func:`medctl.models.checkpoints.adapt_input_channels`, noted in the report); any other difference, or
 a ViT whose tubelets do not tile the cached size, is refused with the reason: nothing is resized to fit
-silently. ``auto`` with no checkpoint has nothing to read and asks for a named encoder (a sweep's random
+silently. Before anything is allocated, the model is built on the meta device and refused when its
+weights alone exceed the memory free (:func:`check_memory`): a file's shapes cost nothing to declare.
+``auto`` with no checkpoint has nothing to read and asks for a named encoder (a sweep's random
 baseline takes the first checkpoint's architecture, :mod:`medctl.sweep.entries`).
 """
 
@@ -47,6 +56,7 @@ from typing import Any
 import torch
 
 from medctl.config import ModelConfig
+from medctl.devices import available_memory
 from medctl.errors import CheckpointError, ConfigError
 from medctl.models.checkpoints import (
     LoadReport,
@@ -63,7 +73,8 @@ from medctl.models.registry import ENCODERS, build_encoder, get_spec
 AUTO = "auto"
 # V-JEPA 2's ViT sizes, width -> heads (its src/models/vision_transformer.py): tiny, small, base, large,
 # huge; 1408 is the ViT-g whose released checkpoints use 22 heads (`vit_giant_xformers`; its 16-head
-# `vit_giant` shares every shape); 1664 the ViT-G of V-JEPA 2.1 (`vit_gigantic_xformers`, 26 heads).
+# `vit_giant` shares every shape); 1664 the ViT-G whose V-JEPA 2.1 releases use 26 heads (hub:
+# `vit_gigantic_xformers`; its 16-head `vit_gigantic` shares every shape).
 VJEPA2_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 22, 1664: 26}
 FAMILY_KEYS = {  # a family is recognised when every pattern matches some key
     "vit3d": (r"^patch_embed\.proj\.weight$", r"^blocks\.\d+\.attn\.qkv\.weight$"),
@@ -87,6 +98,9 @@ class Architecture:
     prefix: str = ""  # the wrapper prefix stripped
     facts: list[str] = field(default_factory=list)  # what the state dict showed, for `check checkpoint`
     notes: list[str] = field(default_factory=list)  # guesses made (head counts) and overrides applied
+    layout: str = ""  # a foreign ViT's: "V-JEPA 2" or "V-JEPA 2.1"
+    positions_guessed: bool = False  # a sin-cos scheme read from a table that may sit unused beside RoPE
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by check / finetune / sweep
 
     def setting(self) -> str:
         """The config that names this encoder: ``model.encoder = "vit3d_large"`` (+ encoder_args)."""
@@ -99,6 +113,7 @@ class Architecture:
         out = [f"architecture: {self.family} `{self.name}` ({self.source}{entry}{prefix})"]
         out += [f"  {fact}" for fact in self.facts]
         out += [f"  note: {note}" for note in self.notes]
+        out += [f"warning: {warning}" for warning in self.warnings]
         return out
 
 
@@ -175,7 +190,7 @@ def read_architecture(path: str | Path, key: str = "", ckpt: Mapping[str, Any] |
             "model.encoder (`medctl list models`)"
         )
     if family == "vit3d":
-        arch = _vit_architecture(state, path)
+        arch = _vit_architecture(state, path, training_file=prefix.endswith("backbone.") or "predictor" in ckpt)
     else:
         arch = _registered_architecture(state, family, path)
     arch.key, arch.prefix = entry, prefix
@@ -202,7 +217,7 @@ def _registered_architecture(state: Mapping[str, torch.Tensor], family: str, pat
     )
 
 
-def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Architecture:
+def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path, training_file: bool = False) -> Architecture:
     proj = state["patch_embed.proj.weight"]
     if proj.ndim != 5 or proj.shape[3] != proj.shape[4]:
         raise CheckpointError(
@@ -220,6 +235,7 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
     args: dict[str, Any] = {"patch_size": patch, "tubelet_size": tubelet}
     facts = [f"{width} wide, {depth} deep, MLP {hidden} ({hidden / width:.3g} x width), {tubelet}x{patch}x{patch} tubelets"]
     table = state.get("pos_embed")
+    warnings = []
     if table is None or not table.any():
         args["pos_embed"] = "rope"
         facts.append("positions: RoPE (" + ("no pos_embed in the file)" if table is None else "its pos_embed is all zeros)"))
@@ -232,7 +248,32 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
             grid, uniform = found
             if uniform:
                 args["uniform_power"] = True
-            facts.append(f"positions: sin-cos pos_embed for the grid {list(grid)} ({table.shape[1]} positions)")
+            split = "uniform_power = true: equal thirds" if uniform else "uniform_power = false: halves and quarters"
+            facts.append(f"positions: sin-cos pos_embed for the grid {list(grid)} ({table.shape[1]} positions; {split})")
+            if training_file:
+                warnings.append(
+                    f"{path}: read as sin-cos positions from its pos_embed table; the weights cannot tell a model "
+                    "trained with it from a RoPE model that saved it unused (V-JEPA 2's released files do, its hub "
+                    'loader drops it); if this one was trained with RoPE, set model.encoder_args = {pos_embed = "rope"} '
+                    '(pos_embed = "sincos" confirms the reading and silences this)'
+                )
+    levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"norms_block\.(\d+)\.", k))})
+    layout = "V-JEPA 2.1" if levels else "V-JEPA 2"
+    if not levels:
+        facts.append("layout: V-JEPA 2 (final `norm`" + ("; RoPE with tiled frequencies)" if args["pos_embed"] == "rope" else ")"))
+    else:
+        # V-JEPA 2.1 (app/vjepa_2_1): final norm = last of norms_block, a video-modality vector, RoPE with
+        # interleaved frequencies at positions interpolated to its pretraining grid (its hub's interpolate_rope:
+        # 256 px / 16-pixel patches, 252 / 14)
+        rope_grid = {16: 16, 14: 18}.get(patch, 0)
+        args.update(rope_frequencies="interleaved", rope_grid=rope_grid, modality_embedding="video_mod_embed" in state)
+        mod = "a video modality embedding" if "video_mod_embed" in state else "no modality embedding"
+        where = (f"positions interpolated to a {rope_grid}-patch grid as its hub loads releases (rope_grid = {rope_grid})"
+                 if rope_grid else "integer positions (no interpolation is defined for this patch size)")  # fmt: skip
+        facts.append(
+            f"layout: V-JEPA 2.1 (norms_block.0-{levels[-1]}, the last the final norm; {mod}; RoPE with "
+            f"interleaved frequencies, {where})"
+        )
     if f"{first}attn.qkv.bias" not in state:
         args["qkv_bias"] = False
     facts.append(f"stem `patch_embed.proj` takes {channels} channel(s)")
@@ -246,8 +287,9 @@ def _vit_architecture(state: Mapping[str, torch.Tensor], path: str | Path) -> Ar
     name = match or "vit3d"
     if match is None:
         args = {"embed_dim": width, "depth": depth, "num_heads": heads, "mlp_ratio": mlp_ratio, **args}
-    arch = Architecture("vit3d", name, args, channels, "read from the state dict", facts=facts)
+    arch = Architecture("vit3d", name, args, channels, "read from the state dict", facts=facts, layout=layout)
     arch.facts.insert(1, f"{heads} heads ({why})")
+    arch.positions_guessed, arch.warnings = bool(warnings), warnings
     return arch
 
 
@@ -255,10 +297,11 @@ def vit_heads(width: int, registered: Sequence[int]) -> tuple[int, str]:
     """The head count of a ViT ``width`` wide (no state dict stores it) and why; see the module docstring."""
     if width in VJEPA2_HEADS:
         heads = VJEPA2_HEADS[width]
-        if width == 1408:
+        if width in (1408, 1664):  # upstream defines both a 16-head and a wider-head ("xformers") variant
+            size, name = ("ViT-g", "vit_giant") if width == 1408 else ("ViT-G (V-JEPA 2.1)", "vit_gigantic")
             return heads, (
-                "1408 wide: V-JEPA 2's released ViT-g has 22 heads; set model.encoder_args = {num_heads = 16} "
-                "for its 16-head vit_giant"
+                f"{width} wide: the released {size} has {heads} heads ({name}_xformers); set model.encoder_args = "
+                f"{{num_heads = 16}} for its 16-head {name}"
             )
         return heads, f"V-JEPA 2's {width}-wide ViT has {heads}"
     if registered:
@@ -313,6 +356,8 @@ def choose_encoder(
             ],
             "model.encoder",
         )
+    if "pos_embed" in model.encoder_args:  # the user named the scheme: nothing is guessed
+        arch.positions_guessed, arch.warnings = False, []
     notes = [f"model.encoder_args: {k} = {_toml(v)} instead of the checkpoint's {_toml(arch.args[k])}"
              for k, v in model.encoder_args.items() if k in arch.args and arch.args[k] != v]  # fmt: skip
     channels = arch.in_channels
@@ -349,6 +394,25 @@ def check_fits(choice: EncoderChoice, input_size: Sequence[int], spatial_dims: i
             )
 
 
+def check_memory(choice: EncoderChoice, input_size: Sequence[int], path: str) -> None:
+    """Refuse an encoder whose weights alone would not fit the memory free now, before allocating them.
+
+    The shapes a file declares cost nothing to read (a 9 kB file of expanded tensors can declare a
+    65,536-wide ViT); the model is built on the meta device to count its parameters and buffers.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(choice.name, in_channels=choice.in_channels, input_size=input_size, **choice.args)
+    tensors = [*encoder.parameters(), *encoder.buffers()]
+    need, available = sum(t.numel() * t.element_size() for t in tensors), available_memory()
+    if need > available:
+        count = sum(p.numel() for p in encoder.parameters())
+        raise CheckpointError(
+            f"{path}: builds {describe_encoder(encoder)} of {count:,} parameters, {need / 1e9:.1f} GB of weights, "
+            f"more than the {available / 1e9:.1f} GB of memory free; if the file's shapes are right it needs a "
+            "bigger machine, else it is not the checkpoint you meant"
+        )
+
+
 @dataclass
 class PretrainedEncoder:
     """An encoder built as ``model`` says, with ``model.checkpoint`` loaded (report and architecture kept)."""
@@ -368,7 +432,10 @@ def plan_model_encoder(
     ckpt = read_checkpoint(model.checkpoint) if model.checkpoint else None
     choice = choose_encoder(model, in_channels=in_channels, ckpt=ckpt)
     check_fits(choice, input_size, spatial_dims, model.checkpoint or model.architecture_from)
+    check_memory(choice, input_size, model.checkpoint or model.architecture_from or f"model.encoder = {model.encoder}")
     encoder = build_encoder(choice.name, in_channels=choice.in_channels, input_size=input_size, **choice.args)
+    if choice.architecture is not None and choice.architecture.positions_guessed and model.encoder == AUTO:
+        encoder.positions_guessed = True  # marked in describe_encoder: a leaderboard row says so
     if ckpt is None:
         return PretrainedEncoder(encoder, choice), {}, ""
     report, to_load = plan_encoder_load(encoder, model.checkpoint, key=model.checkpoint_key, ckpt=ckpt)
@@ -403,6 +470,10 @@ def describe_encoder(encoder: Encoder) -> str:
     if isinstance(encoder, VisionTransformer3D):
         t, p = encoder.tubelet_size, encoder.patch_size
         scheme = "RoPE" if encoder.pos_embed_kind == "rope" else "sin-cos"
+        if encoder.positions_guessed:
+            scheme += " (guessed from its table)"
+        if encoder.rope_frequencies == "interleaved":
+            scheme += " (V-JEPA 2.1)"
         parts += [f"{len(encoder.blocks)} deep", f"{encoder.num_heads} heads", scheme, f"{t}x{p}x{p}"]
     parts.append(f"{encoder.in_channels} ch")
     return f"{getattr(encoder, 'name', type(encoder).__name__)} ({', '.join(parts)})"

@@ -23,6 +23,7 @@ read by :mod:`medctl.models.architecture`. Nothing is ever unpickled with ``weig
 
 from __future__ import annotations
 
+import math
 import pickle
 import pickletools
 from collections import Counter
@@ -44,8 +45,9 @@ from medctl.models.registry import build_encoder
 FORMAT_VERSION = 1
 KINDS = ("encoder", "classifier", "train_state")
 # model.checkpoint_key = "" picks the first present: the EMA target of a JEPA file (what V-JEPA evaluates and
-# medctl's jepa exports as encoder.ckpt), its online encoder, the OCT plan's name for it, then Lightning/bare
-AUTO_KEYS = ("target_encoder", "encoder", "context_encoder", "state_dict", "model")
+# medctl's jepa exports as encoder.ckpt; V-JEPA 2.1's distilled releases call it ema_encoder), its online
+# encoder, the OCT plan's name for it, then Lightning/bare
+AUTO_KEYS = ("target_encoder", "ema_encoder", "encoder", "context_encoder", "state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "_orig_mod.")
 
 
@@ -255,6 +257,20 @@ class LoadReport:
     def complete(self) -> bool:
         return not self.missing and not self.mismatched and not self.conflicts
 
+    def share(self) -> str:
+        """``28 of 28 keys (100% of the encoder)``; with any key missing, mis-shaped or unexpected the counts
+        are named and the share is rounded down or left out, so it never reads 100% (99.99% is 99.9%)."""
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        if self.complete and not self.unexpected:
+            percent = " (100% of the encoder)"
+        elif self.loaded_share < 1:
+            percent = f" ({math.floor(self.loaded_share * 1000) / 10:.1f}% of the encoder)"
+        else:  # every value of the encoder loaded, but the file had more: the counts say so, not "100%"
+            percent = ""
+        text = f"{len(self.loaded)} of {total} keys{percent}"
+        counts = [(len(self.missing), "missing"), (len(self.mismatched), "mis-shaped"), (len(self.unexpected), "unexpected")]
+        return text + "".join(f", {n} {what}" for n, what in counts if n)
+
     def lines(self, limit: int = 5) -> list[str]:
         """A human summary, a few example keys per group."""
 
@@ -264,7 +280,7 @@ class LoadReport:
 
         source = f", entry `{self.source_key}`" if self.source_key else ""
         prefix = f", prefix `{self.prefix}` stripped" if self.prefix else ""
-        out = [f"format: {self.format}{source}{prefix}", f"loaded: {len(self.loaded)} keys, {self.loaded_share:.1%} of the encoder"]
+        out = [f"format: {self.format}{source}{prefix}", f"loaded: {self.share()}"]
         out += [f"note: {note}" for note in self.notes]
         out += [f"conflict: {conflict}" for conflict in self.conflicts]
         if self.missing:
@@ -284,7 +300,7 @@ def describe_format(ckpt: Mapping[str, Any]) -> str:
     header = ckpt.get("medctl")
     if isinstance(header, dict):
         return f"medctl {header.get('kind', '?')} checkpoint (format {header.get('format', '?')})"
-    if "predictor" in ckpt or "target_encoder" in ckpt:
+    if "predictor" in ckpt or "target_encoder" in ckpt or "ema_encoder" in ckpt:
         return "V-JEPA/I-JEPA training checkpoint"
     if "pytorch-lightning_version" in ckpt or ("state_dict" in ckpt and {"optimizer_states", "callbacks"} & set(ckpt)):
         return "Lightning checkpoint"
@@ -314,6 +330,26 @@ def select_state_dict(ckpt: Mapping[str, Any], path: str | Path, key: str = "") 
         f"{path}: no weights found: none of {', '.join(AUTO_KEYS)} is present and the file is not a bare state dict; "
         f"it has: {', '.join(map(str, list(ckpt)[:12]))}; name the entry with model.checkpoint_key"
     )
+
+
+def entry_differences(ckpt: Mapping[str, Any], used: str) -> list[str]:
+    """A note when a JEPA file's EMA target and online encoder differ, naming both and the one ``used``."""
+    target = next((k for k in ("target_encoder", "ema_encoder") if isinstance(ckpt.get(k), Mapping)), "")
+    if not target or not isinstance(ckpt.get("encoder"), Mapping) or used not in (target, "encoder"):
+        return []
+    a, b = ckpt[target], ckpt["encoder"]
+    same = set(a) == set(b) and all(
+        isinstance(a[k], torch.Tensor) and isinstance(b[k], torch.Tensor) and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+        for k in a
+    )  # stops at the first difference
+    if same:
+        return []
+    other = "encoder" if used == target else target
+    why = "the EMA target V-JEPA's evaluations read" if used == target else "the online encoder V-JEPA 2's torch.hub loader reads"
+    return [
+        f"entries `{target}` and `encoder` hold different weights; `{used}` used ({why}): set "
+        f'model.checkpoint_key = "{other}" for the other'
+    ]
 
 
 def _tensors(section: Any, path: str | Path, key: str) -> dict[str, torch.Tensor]:
@@ -368,6 +404,7 @@ def plan_encoder_load(
         fmt += ", saved from DDP"
     section = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     report = LoadReport(str(path), fmt, source, prefix, ignored=sorted(k for k in tensors if not k.startswith(prefix)))
+    report.notes += entry_differences(ckpt, source)
     trained_as = ckpt.get("model", {}).get("name") if isinstance(ckpt.get("medctl"), dict) else None
     if trained_as and trained_as != getattr(encoder, "name", trained_as):
         report.notes.append(f"the checkpoint was saved from `{trained_as}`, the encoder is `{encoder.name}`")
@@ -416,8 +453,7 @@ def refusal(report: LoadReport, allow_partial: bool) -> str:
     if report.conflicts:
         return f"{report.path}: refused: {report.conflicts[0]}"
     return (
-        f"{report.path}: refused a partial load: {report.loaded_share:.1%} of the encoder loaded, "
-        f"{len(report.missing)} keys missing, {len(report.mismatched)} mis-shaped; check model.encoder and "
+        f"{report.path}: refused a partial load: loaded {report.share()}; check model.encoder and "
         "model.encoder_args match the checkpoint, or set model.allow_partial_load = true"
     )
 

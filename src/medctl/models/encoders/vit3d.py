@@ -25,12 +25,19 @@ so its checkpoints load without renaming and give the same features. Two positio
   ``rotate_queries_or_keys``); it is kept so that released weights give the same features. The tables
   are computed in the dtype of the queries, as there.
 
-Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read
-for the grid it was made for and resized from that grid, never accepted because its count matches; a
-sin-cos checkpoint into a RoPE model, or a RoPE one (no ``pos_embed``) into a sin-cos model, is refused
-with the setting that fits. V-JEPA 2's own RoPE models hold no ``pos_embed``, though its hub loader notes
-that some released files carry an unused one: an all-zero table is taken for such a placeholder and
-dropped; any other needs ``model.allow_partial_load = true`` to be dropped.
+Loading (:meth:`VisionTransformer3D.adapt_state_dict`) is strict about positions: a sin-cos table is read for
+the grid it was made for and resized from that grid, never accepted because its count matches; a RoPE
+checkpoint (no ``pos_embed``) into a sin-cos model is refused with the setting that fits. V-JEPA 2's own RoPE
+models hold no ``pos_embed``, though its hub loader notes that some released files carry an unused one: an
+all-zero table is taken for such a placeholder and dropped; a RoPE model (``pos_embed="rope"``, the user's
+word) drops a sin-cos table with a note, and a learned one needs ``model.allow_partial_load = true`` to be
+dropped.
+
+V-JEPA 2.1 (``app/vjepa_2_1`` upstream) is this model with three settings: ``rope_frequencies =
+"interleaved"`` (each rotated pair shares one frequency, ``repeat_interleave``), ``rope_grid = 16`` (height
+and width positions interpolated to its 16-patch pretraining grid, the hub's ``interpolate_rope``) and
+``modality_embedding`` (a learned ``video_mod_embed`` added to every token). Its files name the final norm
+``norms_block.3`` (the last of four); :func:`read_vjepa21_layout` maps them onto this model.
 
 Head counts: V-JEPA 2's released ViT-g uses 22 heads (``vit_giant_xformers`` there), so ``vit3d_giant``
 has 22 heads and ``vit3d_giant_h16`` the 16-head variant (``vit_giant``). The head count changes no
@@ -40,6 +47,7 @@ parameter shape, only how channels are split, so pick the one your checkpoint wa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -103,16 +111,23 @@ def resize_pos_embed(pos_embed: torch.Tensor, src: Grid, dst: Grid) -> torch.Ten
 
 
 class RotaryPositions:
-    """Integer (depth, height, width) positions of the tokens a forward pass keeps, shared by all blocks.
+    """(depth, height, width) positions of the tokens a forward pass keeps, shared by all blocks.
 
     ``ids`` are token indices into the (t, h, w) grid: (N,) for all tokens or (B, K) after masking.
-    Rotation tables are built once per dtype and reused by every block.
+    ``frequencies``: ``"tiled"`` (V-JEPA 2: ``[f0..fn, f0..fn]``) or ``"interleaved"`` (V-JEPA 2.1:
+    ``[f0, f0, f1, f1, ...]``, so each rotated pair shares one frequency). ``rope_grid`` > 0 maps height and
+    width positions onto a ``rope_grid``-patch span (V-JEPA 2.1's ``interpolate_rope``: ``i * (g - 1) / (n - 1)``
+    for n patches), 0 keeps integer positions. Rotation tables are built once per dtype.
     """
 
-    def __init__(self, ids: torch.Tensor, grid: Grid):
+    def __init__(self, ids: torch.Tensor, grid: Grid, frequencies: str = "tiled", rope_grid: int = 0):
         _, h, w = grid
         rest = ids % (h * w)
         self.positions = (ids // (h * w), rest // w, rest % w)  # each (N,) or (B, K)
+        if rope_grid:  # float32 first, in upstream's order of operations
+            d_pos, h_pos, w_pos = (p.float() for p in self.positions)
+            self.positions = (d_pos, h_pos * (rope_grid - 1) / (h - 1), w_pos * (rope_grid - 1) / (w - 1))
+        self.frequencies = frequencies
         self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def tables(self, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -124,7 +139,10 @@ class RotaryPositions:
             out = []
             for pos in self.positions:
                 freqs = pos.to(dtype)[..., None] * omega  # (..., N, dim/2)
-                freqs = torch.cat([freqs, freqs], dim=-1)  # tiled, not interleaved: V-JEPA 2's quirk
+                if self.frequencies == "interleaved":
+                    freqs = freqs.repeat_interleave(2, dim=-1)  # V-JEPA 2.1
+                else:
+                    freqs = torch.cat([freqs, freqs], dim=-1)  # tiled, not interleaved: V-JEPA 2's quirk
                 if freqs.ndim == 3:  # masked: (B, K, dim) -> (B, 1, K, dim)
                     freqs = freqs[:, None]
                 out += [freqs.cos(), freqs.sin()]
@@ -222,6 +240,7 @@ class VisionTransformer3D(Encoder):
 
     feature_layout = "tokens"
     spatial_dims = 3
+    positions_guessed = False  # set by model.encoder = "auto" when a sin-cos scheme was read from a file's table
 
     def __init__(
         self,
@@ -237,6 +256,9 @@ class VisionTransformer3D(Encoder):
         qkv_bias: bool = True,
         pos_embed: Literal["sincos", "rope"] = "sincos",
         uniform_power: bool = False,
+        rope_frequencies: Literal["tiled", "interleaved"] = "tiled",
+        rope_grid: int = 0,
+        modality_embedding: bool = False,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -246,6 +268,8 @@ class VisionTransformer3D(Encoder):
         super().__init__()
         if pos_embed not in ("sincos", "rope"):
             raise ConfigError([f"pos_embed = {pos_embed!r}: use \"sincos\" or \"rope\""], "model.encoder_args")
+        if rope_frequencies not in ("tiled", "interleaved"):
+            raise ConfigError([f"rope_frequencies = {rope_frequencies!r}: use \"tiled\" or \"interleaved\""], "model.encoder_args")
         if pos_embed == "sincos" and embed_dim % 8:
             raise ConfigError([f"sincos positions need embed_dim divisible by 8, got {embed_dim}"], "model.encoder_args")
         self.in_channels, self.embed_dim, self.num_heads = in_channels, embed_dim, num_heads
@@ -253,6 +277,7 @@ class VisionTransformer3D(Encoder):
         self.input_size = check_input_size("vit3d", input_size, 3, (tubelet_size, patch_size, patch_size))
         self.grid: Grid = self.token_grid(self.input_size)
         self.pos_embed_kind, self.uniform_power = pos_embed, uniform_power
+        self.rope_frequencies, self.rope_grid = rope_frequencies, rope_grid
         self.activation_checkpointing = activation_checkpointing
 
         self.patch_embed = PatchEmbed3D(in_channels, embed_dim, patch_size, tubelet_size)
@@ -260,6 +285,10 @@ class VisionTransformer3D(Encoder):
             self.register_buffer("pos_embed", sincos_3d(self.grid, embed_dim, uniform_power))  # (1, N, C)
         else:
             self.pos_embed = None
+        if modality_embedding:  # V-JEPA 2.1's video-modality vector, added to every token
+            self.video_mod_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))  # (1, 1, C)
+        else:
+            self.video_mod_embed = None
         drop_paths = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dp) for dp in drop_paths
@@ -276,6 +305,8 @@ class VisionTransformer3D(Encoder):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.video_mod_embed is not None:
+            nn.init.normal_(self.video_mod_embed, std=1e-6)  # as V-JEPA 2.1
         with torch.no_grad():  # residual branches shrink with depth, as in V-JEPA 2
             for layer_id, block in enumerate(self.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
@@ -308,6 +339,8 @@ class VisionTransformer3D(Encoder):
                 "data.preprocess.spatial_size",
             )
         tokens = self.patch_embed(x)  # (B, N, C)
+        if self.video_mod_embed is not None:
+            tokens = tokens + self.video_mod_embed
         if self.pos_embed is not None:
             # added in the wider dtype, then cast back (what V-JEPA 2's in-place add does under autocast)
             tokens = (tokens + resize_pos_embed(self.pos_embed, self.grid, grid)).to(tokens.dtype)
@@ -318,7 +351,16 @@ class VisionTransformer3D(Encoder):
                 raise ValueError(f"masks in one call must all be (B, K) of one K, got {[tuple(m.shape) for m in masks]}")
             tokens = torch.cat([keep_tokens(tokens, m) for m in masks], dim=0)  # (B * M, K, C)
             ids = torch.cat(list(masks), dim=0)  # (B * M, K)
-        rope = RotaryPositions(ids, grid) if self.pos_embed_kind == "rope" else None
+        rope = None
+        if self.pos_embed_kind == "rope":
+            if self.rope_grid and min(grid[1:]) < 2:
+                raise ConfigError(
+                    [f"input {list(x.shape[2:])} gives one patch along height or width, where V-JEPA 2.1's "
+                     "interpolated RoPE divides by zero; use a larger data.preprocess.spatial_size, or set "
+                     "model.encoder_args = {rope_grid = 0}"],
+                    "data.preprocess.spatial_size",
+                )  # fmt: skip
+            rope = RotaryPositions(ids, grid, self.rope_frequencies, self.rope_grid)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, rope, use_reentrant=False)
@@ -328,14 +370,22 @@ class VisionTransformer3D(Encoder):
 
     # --------------------------------------------------------------------------- weight adaptation
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Match a checkpoint's position scheme and grid to this model, in place: ``(notes, conflicts)``.
+        """Match a checkpoint's layout, position scheme and grid to this model, in place: ``(notes, conflicts)``.
 
-        Positions are matched by grid, never by count: a sin-cos table is read for the (t, h, w) grid it
-        was made for (:func:`sincos_grid`) and resized from that grid to this model's, even when the two
-        hold the same number of positions. A conflict is a setting the checkpoint contradicts (a sin-cos
-        table for a RoPE model, no table for a sin-cos model, a table of no readable grid); the loader
-        refuses it unless ``model.allow_partial_load``.
+        A V-JEPA 2.1 file is read by :func:`read_vjepa21_layout`; its interleaved RoPE is a setting this
+        model must share (a conflict otherwise). Positions are matched by grid, never by count: a sin-cos
+        table is read for the (t, h, w) grid it was made for (:func:`sincos_grid`) and resized from that grid
+        to this model's, even when the two hold the same number of positions; a RoPE model drops a sin-cos
+        table with a note (it was asked for RoPE: ``pos_embed = "rope"``). A conflict is a setting the
+        checkpoint contradicts (a 2.1 file for a 2.0 model, no table for a sin-cos model, a learned table
+        for a RoPE model, a table of no readable grid); the loader refuses it unless
+        ``model.allow_partial_load``.
         """
+        notes, conflicts = read_vjepa21_layout(state_dict, self.rope_frequencies)
+        more_notes, more_conflicts = self._adapt_positions(state_dict)
+        return notes + more_notes, conflicts + more_conflicts
+
+    def _adapt_positions(self, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         table = state_dict.get("pos_embed")
         if self.pos_embed is None:
             if table is None:
@@ -344,12 +394,15 @@ class VisionTransformer3D(Encoder):
             if not table.any():
                 return ["pos_embed is all zeros: an unused placeholder beside RoPE, dropped"], []
             found = sincos_grid(table, self.grid) if table.ndim == 3 else None
-            grid = f" for the grid {list(found[0])}" if found else ""
+            if found is not None:
+                return [
+                    f"pos_embed: a sin-cos table for the grid {list(found[0])} dropped: this model uses RoPE "
+                    '(pos_embed = "rope"), as a V-JEPA 2 file that saved an unused table beside RoPE needs'
+                ], []
             return [], [
-                f"the checkpoint carries a sin-cos pos_embed of {table.shape[1]} positions{grid}: it was trained "
-                'with sin-cos positions, this model uses RoPE; set model.encoder_args = {pos_embed = "sincos"} '
-                '(or model.encoder = "auto"); for a V-JEPA 2 release that saved an unused table beside RoPE, '
-                "set model.allow_partial_load = true to drop it"
+                f"the checkpoint carries a learned pos_embed of {table.shape[1]} positions (not sin-cos): this "
+                'model uses RoPE and would lose it; set model.encoder_args = {pos_embed = "sincos"} (or '
+                'model.encoder = "auto"), or model.allow_partial_load = true to drop it'
             ]
         if table is None:
             return [], [
@@ -371,6 +424,41 @@ class VisionTransformer3D(Encoder):
             return [], []
         state_dict["pos_embed"] = resize_pos_embed(table.float(), src, self.grid).to(table.dtype)
         return [f"pos_embed resized from grid {list(src)} to {list(self.grid)}"], []
+
+VJEPA21_UNUSED = ("img_mod_embed", "patch_embed_img.")  # 2.1's image branch: single frames, never a volume
+
+
+def read_vjepa21_layout(state_dict: dict[str, torch.Tensor], rope_frequencies: str) -> tuple[list[str], list[str]]:
+    """V-JEPA 2.1's keys onto this model's, in place: ``(notes, conflicts)``; nothing for other files.
+
+    2.1 has no ``norm``: its final norm is the last of ``norms_block.*`` (the others normalise intermediate
+    layers for distillation), read as ``norm``. Its image branch (``img_mod_embed``, ``patch_embed_img``,
+    used for single frames) is dropped; ``video_mod_embed`` stays for the model's modality embedding. Its
+    RoPE interleaves frequencies, so a model with V-JEPA 2's tiled ones is a conflict.
+    """
+    levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"norms_block\.(\d+)\.", k))})
+    if not levels:
+        return [], []
+    last = levels[-1]
+    for key in [k for k in state_dict if k.startswith("norms_block.")]:
+        value = state_dict.pop(key)
+        level, name = key.removeprefix("norms_block.").split(".", 1)
+        if int(level) == last:
+            state_dict[f"norm.{name}"] = value
+    dropped = [k for k in state_dict if k.startswith(VJEPA21_UNUSED)]
+    for key in dropped:
+        del state_dict[key]
+    unused = [f"norms_block.{i}" for i in levels[:-1]] + sorted({k.split(".")[0] for k in dropped})
+    dropped_text = f"; {', '.join(unused)} not used for volumes (intermediate-layer norms, image branch): dropped"
+    notes = [f"V-JEPA 2.1 layout: norms_block.{last} read as the final norm" + (dropped_text if unused else "")]
+    conflicts = []
+    if rope_frequencies != "interleaved":
+        conflicts.append(
+            "the checkpoint is in V-JEPA 2.1's layout (norms_block), whose RoPE interleaves its frequencies, but "
+            'this model tiles them as V-JEPA 2 does; set model.encoder = "auto" (or model.encoder_args = '
+            '{rope_frequencies = "interleaved", modality_embedding = true, rope_grid = 16})'
+        )
+    return notes, conflicts
 
 
 def keep_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
