@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,11 +151,25 @@ def read_image(paths: Sequence[str | Path] | str | Path) -> Image:
     }
     check_files(paths)
     try:
-        return readers[fmt](paths) if fmt == "dicom" else readers[fmt](paths[0])
+        image = readers[fmt](paths) if fmt == "dicom" else readers[fmt](paths[0])
     except DataError:
         raise
     except Exception as exc:  # the library's own word on a corrupt file (zlib, struct, pydicom, ...)
         raise unreadable(fmt, paths[0], exc) from exc
+    return in_native_byte_order(image)
+
+
+def in_native_byte_order(image: Image) -> Image:
+    """``image`` with its array in this machine's byte order. Big-endian files (Explicit VR Big Endian
+    DICOM, big-endian NIfTI) decode to big-endian arrays, which torch refuses; they are swapped in place
+    (no second copy of the volume) when the array is writable."""
+    array = image.array
+    if array.dtype.isnative:
+        return image
+    native = array.dtype.newbyteorder("=")
+    if array.flags.writeable:
+        return replace(image, array=array.byteswap(inplace=True).view(native))
+    return replace(image, array=array.astype(native))
 
 
 def read_header(paths: Sequence[str | Path] | str | Path) -> ImageHeader:
