@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig, EEGConfig, PreprocessConfig
-from medctl.data.eeg import fetch_recording, read_recording
+from medctl.data.eeg import check_one_rate, fetch_recording, read_recording, recording_rate
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.readers import axis_names, declared_size_problem, describe_geometry, read_header, read_image
 from medctl.data.spectrogram import prepare_signal, recording_windows
@@ -204,6 +204,8 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
     journal = cache / JOURNAL
     earlier = {**_previous_outcomes(previous, cache), **read_journal(journal, cache)}
     tasks, outcomes, carried = _plan(data, cache, ids, images, masks, earlier)
+    if data.modality == "eeg":
+        check_one_rate(_recording_rates(tasks, outcomes, images, data.eeg), data.eeg)  # before any sample is read
     n_workers, sizing = worker_count(workers or data.preprocess.workers, tasks, data.preprocess.memory_gb)
     log(f"preprocess: {len(ids)} samples, {len(tasks)} to process, {carried} cached; cache {cache}")
     if journal.is_file():
@@ -235,6 +237,9 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
         write_manifest(cache, manifest)
         write_errors(cache, manifest, data.source.root)
         journal.unlink(missing_ok=True)  # the manifest now holds everything the journal did
+    if data.modality == "eeg":  # recordings in a bucket, whose headers were not read before the run
+        ok = manifest[manifest.status == "ok"].drop_duplicates("source_id")
+        check_one_rate(dict(zip(ok.source_key, ok.sfreq.astype(float), strict=True)), data.eeg)
     missing = [t.id for t in tasks if t.id not in new] if outage is not None else []
     incomplete = ""
     if outage is not None:
@@ -356,6 +361,27 @@ def _plan(
             )
         )
     return tasks, outcomes, carried
+
+
+def _recording_rates(
+    tasks: list[SampleTask], outcomes: dict[str, SampleOutcome], images: tuple[Listing, Resolution], eeg: EEGConfig
+) -> dict[str, float]:
+    """Key -> sampling rate of every recording: cached ones from their rows, local ones from their header.
+    Recordings in a bucket are not fetched for this (the manifest check after the run covers them), and an
+    unreadable header is left to the worker that records it."""
+    if eeg.resample_hz:
+        return {}
+    _, resolution = images
+    rates = {resolution.matches[o.id][0]: float(o.rows[0]["sfreq"]) for o in outcomes.values() if o.ok and o.rows}
+    for task in tasks:
+        info = task.image[0]
+        if is_remote(info.url):
+            continue
+        try:
+            rates[info.key] = recording_rate(info.url, eeg)
+        except DataError:
+            continue
+    return rates
 
 
 def _previous_outcomes(previous: pd.DataFrame | None, cache: Path) -> dict[str, tuple[str, SampleOutcome]]:
