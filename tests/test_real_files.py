@@ -167,7 +167,9 @@ def make_study(root: Path, files: list[RealFile], modality: str = "image") -> St
 
 def preprocessed(study: Study, run: str, *settings: str) -> tuple[Path, pd.DataFrame, dict[str, dict]]:
     """One `medctl preprocess` run into ``<root>/<run>``: (cache, manifest, data_errors.csv rows by id)."""
-    result = invoke("preprocess", "--workers", "1", *study.overrides, f'data.cache_dir="{study.root / run}"', *settings)
+    result = invoke(
+        "preprocess", "--workers", "1", *study.overrides, f'data.cache_dir="{study.root / run}"', *settings
+    )
     assert result.exit_code == 0, result.output
     (cache,) = (study.root / run).iterdir()
     with open(cache / "data_errors.csv") as fh:
@@ -199,7 +201,10 @@ def dicom_pixels(path: Path) -> np.ndarray:
 def dicom_volume_affine(path: Path, n_frames: int) -> np.ndarray:
     """(4, 4) voxel (frame, row, column) -> LPS from the tags, for a multi-frame file with frame offsets."""
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    row_dir, col_dir = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    row_dir, col_dir = (
+        np.asarray(ds.ImageOrientationPatient[:3], float),
+        np.asarray(ds.ImageOrientationPatient[3:], float),
+    )
     offsets = np.asarray(ds.GridFrameOffsetVector, float)
     assert len(offsets) == n_frames and np.all(np.diff(offsets) > 0)
     affine = np.eye(4)
@@ -213,7 +218,9 @@ def dicom_volume_affine(path: Path, n_frames: int) -> np.ndarray:
 def along_normal(path: Path) -> float:
     """A slice's position projected on its plane's normal (the order a series is stacked in)."""
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    normal = np.cross(np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float))
+    normal = np.cross(
+        np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    )
     return float(np.asarray(ds.ImagePositionPatient, float) @ normal)
 
 
@@ -243,7 +250,11 @@ def volumes(tmp_path_factory):
 
 def test_real_volumes_are_cached_as_their_packages_read_them(volumes):
     cache, manifest, errors = preprocessed(
-        volumes, "whole", "data.preprocess.spatial_size=[]", 'data.preprocess.intensity="none"', "data.preprocess.volume_index=0"
+        volumes,
+        "whole",
+        "data.preprocess.spatial_size=[]",
+        'data.preprocess.intensity="none"',
+        "data.preprocess.volume_index=0",
     )
     check_skips(volumes, VOLUMES, errors)
     assert set(manifest.source_id) == set(volumes.files)
@@ -261,7 +272,9 @@ def test_real_volumes_are_cached_as_their_packages_read_them(volumes):
             affine = np.asarray(affine_of(row))  # direction and spacing checked below from the tags
             assert np.allclose(affine[:3, 3], np.asarray(first.ImagePositionPatient, float))
             step = along_normal(slices[1]) - along_normal(slices[0])
-            assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), [step, *map(float, first.PixelSpacing)])
+            assert np.allclose(
+                np.linalg.norm(affine[:3, :3], axis=0), [step, *map(float, first.PixelSpacing)]
+            )
         else:
             expected = dicom_pixels(paths[0])
             affine = dicom_volume_affine(paths[0], expected.shape[0])
@@ -294,7 +307,9 @@ def test_real_volumes_cut_into_axial_slices(volumes):
 @pytest.mark.parametrize("files", [SLICES, COLOUR], ids=["grey", "colour"])
 def test_real_2d_dicoms_are_cached_as_pydicom_reads_them(files, tmp_path):
     study = make_study(tmp_path, files)
-    cache, manifest, errors = preprocessed(study, "cache", "data.preprocess.spatial_size=[]", 'data.preprocess.intensity="none"')
+    cache, manifest, errors = preprocessed(
+        study, "cache", "data.preprocess.spatial_size=[]", 'data.preprocess.intensity="none"'
+    )
     check_skips(study, files, errors)
     assert set(manifest.source_id) == set(study.files)
     for row in manifest[manifest.status == "ok"].itertuples():
@@ -359,7 +374,12 @@ def test_real_edf_and_bdf_sines_peak_at_their_labelled_frequency(recordings):
 def test_real_recordings_at_several_rates_are_refused_before_any_work(recordings):
     cache = recordings.root / "native_rates"
     result = invoke(
-        "preprocess", "--workers", "1", *recordings.overrides, f'data.cache_dir="{cache}"', "data.eeg.resample_hz=0"
+        "preprocess",
+        "--workers",
+        "1",
+        *recordings.overrides,
+        f'data.cache_dir="{cache}"',
+        "data.eeg.resample_hz=0",
     )
     line = one_error_line(result)
     assert "data.eeg.resample_hz = 0" in line

@@ -58,7 +58,7 @@ from medctl.config import DataConfig, EEGConfig, PreprocessConfig
 from medctl.data.eeg import check_one_rate, fetch_recording, read_recording, recording_rate
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.readers import axis_names, declared_size_problem, describe_geometry, read_header, read_image
-from medctl.data.spectrogram import prepare_signal, recording_windows
+from medctl.data.spectrogram import check_finite, prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.errors import DataError, RunFailure, StorageUnavailable
@@ -615,6 +615,8 @@ def process_sample(task: SampleTask) -> SampleOutcome:
         if task.eeg is not None:  # an EEG recording -> spectrogram windows, one cached array and row each
             eeg = EEGConfig.model_validate(task.eeg)
             raw = read_recording(image_paths[0], eeg)
+            stage = "validate"
+            check_finite(raw, eeg, key)
             stage = "transform"
             windows = recording_windows(prepare_signal(raw, eeg, key), eeg, task.id, settings.dtype, key)
             stage = "write"

@@ -197,6 +197,17 @@ def check_files(paths: Sequence[Path]) -> None:
             raise DataError(f"{path}: empty file (0 bytes); copy or download it again")
 
 
+def on_file(path: Path, read, *args, **kwargs):
+    """``read(*args, **kwargs)`` for one file of a DICOM series: a library's error names that file, not the
+    series' first (which may read fine)."""
+    try:
+        return read(*args, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:  # the library's word on this slice, translated
+        raise unreadable("dicom", path, exc) from exc
+
+
 def unreadable(fmt: str, path: Path, exc: Exception) -> DataError:
     """A library's exception on ``path`` as one DataError that says what is wrong with the file."""
     what = _nrrd_problem(path) if fmt == "nrrd" else ""
@@ -279,7 +290,7 @@ def _read_header(fmt: str, paths: Sequence[Path]) -> ImageHeader:
 
     shapes = []
     for p in paths:
-        ds = pydicom.dcmread(str(p), defer_size="1 KB")
+        ds = on_file(p, pydicom.dcmread, str(p), defer_size="1 KB")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DataError(
                 f"{p}: DICOM file without pixel data (not an image: {ds.get('Modality', '?')} object)"
@@ -481,7 +492,7 @@ def read_dicom(paths: Sequence[Path]) -> Image:
     """One multi-frame file -> a volume; one single-frame file -> a 2D image; several -> a series."""
     import pydicom
 
-    datasets = [pydicom.dcmread(str(p)) for p in paths]
+    datasets = [on_file(p, pydicom.dcmread, str(p)) for p in paths]
     for p, ds in zip(paths, datasets, strict=True):
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DataError(
@@ -641,7 +652,7 @@ def _dicom_series(datasets: list, paths: Sequence[Path]) -> Image:
         raise DataError(
             f"{folder}: two slices share one position; the folder holds duplicates or several series"
         )
-    slices = [_dicom_pixels(datasets[i]) for i in order]
+    slices = [on_file(paths[i], _dicom_pixels, datasets[i]) for i in order]  # an error names its slice
     color = int(datasets[0].get("SamplesPerPixel", 1)) > 1
     volume = np.stack(slices, axis=0)  # (D, H, W) or (D, H, W, 3)
     array = _channels_first(volume, color=color, spatial=3)

@@ -66,7 +66,7 @@ from medctl.finetune.features import data_fingerprint
 from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.modes import ModeInputs, build_mode
 from medctl.io import atomic_write, write_json
-from medctl.models.architecture import describe_encoder, pretrained_encoder
+from medctl.models.architecture import choose_encoder, describe_encoder, pretrained_encoder
 from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
@@ -157,6 +157,7 @@ def _finetune(
     set_threads(config.run.threads, config.data.num_workers)
     train, model_cfg = config.train, config.model
     first_trainable = encoder_trainable_from(model_cfg, train.epochs)
+    refuse_before_data(config, run_dir, resume, overwrite=overwrite, extend=extend)
 
     # 1. data: the cache, its targets and sizes; splits that cannot train a classifier stop here
     cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
@@ -497,6 +498,22 @@ def wants_feature_cache(
         log("augmented probe: the frozen encoder runs every epoch (train.augment is on)")
         return False
     return True
+
+
+def refuse_before_data(
+    config: Config, run_dir: str | Path | None, resume: bool, *, overwrite: bool, extend: bool
+) -> None:
+    """What is refused without the cache, so before the preprocess pass: a run already in the folder (or
+    --resume of none), and ``model.encoder = "auto"`` with no checkpoint to read the architecture from."""
+    model = config.model
+    if model.encoder == "auto" and not model.checkpoint and not model.architecture_from:
+        choose_encoder(model, in_channels=1)  # raises its one line: "auto" has nothing to read
+    if run_dir is None and not config.run.name:
+        return
+    path = Path(run_dir) if run_dir is not None else Path(config.run.root) / config.run.name
+    if resume:
+        check_resume_settings(path, config, extend=extend)
+    claim_run_dir(path, resume=resume, overwrite=overwrite, act=False)
 
 
 def prepare_run_dir(
