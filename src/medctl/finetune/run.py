@@ -729,11 +729,13 @@ def check_splits(
     where = f"the `{data.split_column}` column" if data.split_column else "data.split_ratios"
     for split, name in (("train", "training"), ("val", "validation")):
         if not counts["splits"].get(split, 0):
-            fix = (
-                f"mark some rows {split!r} in the `{data.split_column}` column"
-                if data.split_column
-                else f"give data.split_ratios a {split} share, e.g. [0.7, 0.15, 0.15]"
-            )
+            lost = uncached_rows(split, summary, cache)
+            if lost:
+                fix = f"the table has {split} rows, but none is in the cache: {lost}"
+            elif data.split_column:
+                fix = f"mark some rows {split!r} in the `{data.split_column}` column"
+            else:
+                fix = f"give data.split_ratios a {split} share, e.g. [0.7, 0.15, 0.15]"
             raise DataError(f"{cache}/manifest.parquet: the {name} split is empty; {fix}")
     warnings = []
     for spec in specs:
@@ -752,6 +754,22 @@ def check_splits(
     for warning in warnings:
         log(f"warning: {warning}")
     return warnings
+
+
+def uncached_rows(split: str, summary: Mapping[str, Any], cache: Path) -> str:
+    """Why the table's ``split`` rows are not in the cache ("8 not fetched ...; 2 failed ..."), or ""."""
+    missing = int(summary.get("missing_splits", {}).get(split, 0))
+    manifest = pd.read_parquet(cache / "manifest.parquet", columns=["source_id", "split", "status"])
+    failed = manifest[(manifest.split == split) & (manifest.status == "failed")].source_id.nunique()
+    reasons = []
+    if missing:
+        reasons.append(
+            f"{missing} not fetched while storage was unreachable (data.allow_incomplete = true went on without "
+            "them): rerun `medctl preprocess` when it is back"
+        )
+    if failed:
+        reasons.append(f"{failed} failed to preprocess (see {cache}/data_errors.csv)")
+    return "; ".join(reasons)
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
