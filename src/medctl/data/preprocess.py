@@ -265,6 +265,8 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
         raise RunFailure(incomplete)
     n_failed = int((manifest.drop_duplicates("source_id").status == "failed").sum())
     if not (manifest.status == "ok").any():
+        if incomplete:  # data.allow_incomplete, but nothing was fetched to go on with
+            raise RunFailure(incomplete)
         first = manifest[manifest.status == "failed"].iloc[0]
         raise DataError(
             f"no sample could be preprocessed; first failure: {first['id']}: {first['stage']}: {first['error']} "
