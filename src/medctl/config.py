@@ -144,7 +144,7 @@ class EEGConfig(Section):
     reference: str = ""  # "" keeps the recorded reference; "average", or a channel name (comma-separate several)
     l_freq: float = Field(default=0.0, ge=0)  # band-pass low edge (Hz); 0: no high-pass
     h_freq: float = Field(default=0.0, ge=0)  # band-pass high edge (Hz); 0: no low-pass
-    resample_hz: float = Field(default=0.0, ge=0)  # 0 keeps each file's rate (then all files need one rate)
+    resample_hz: float = Field(default=0.0, ge=0)  # 0 keeps each file's rate (recordings at several rates are refused)
     window_s: float = Field(default=4.0, gt=0)  # each recording -> windows of this length, one cache row each
     hop_s: float = Field(default=2.0, gt=0)  # start-to-start distance of windows (< window_s: they overlap)
     n_fft: int = Field(default=256, ge=8)  # STFT segment length (samples); frequency step = rate / n_fft
