@@ -386,3 +386,20 @@ def test_real_recordings_at_several_rates_are_refused_before_any_work(recordings
     assert "200 Hz" in line and "1000 Hz" in line and "2000 Hz" in line and "128 Hz" in line
     assert "test_generator_datarec_generator_0_5.bdf" in line
     assert not any(cache.glob("*/images/*.npy"))
+
+
+@pytest.mark.parametrize("file", VOLUMES + SLICES + COLOUR + RECORDINGS, ids=lambda f: f.id)
+def test_each_listed_file_is_shipped_and_readable_by_its_package_or_skipped_with_the_reason(file):
+    paths = shipped(file)
+    if paths is None:
+        pytest.skip(f"this install of {file.package} does not ship {', '.join(file.names)}")
+    for path in paths:
+        if file.package == "pydicom" or path.suffix == ".dcm":
+            assert "PixelData" in pydicom.dcmread(str(path), stop_before_pixels=False), path
+        elif file.package == "nibabel":
+            assert len(nibabel.load(str(path)).shape) >= 3, path
+        else:
+            import pyedflib
+
+            with pyedflib.EdfReader(str(path)) as edf:
+                assert edf.signals_in_file >= 1, path
