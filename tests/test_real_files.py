@@ -77,7 +77,7 @@ SLICES = [
     RealFile("dcm_rtdose_1_be", "pydicom", ("rtdose_expb_1frame.dcm",)),
     RealFile("dcm_truncated", "pydicom", ("MR_truncated.dcm",), broken="pixel data is less than expected"),
     # decodable only with a JPEG-LS plugin; without one the row must say what to install
-    RealFile("dcm_mr_jpegls", "pydicom", ("MR_small_jpeg_ls_lossless.dcm",), broken="requires"),
+    RealFile("dcm_mr_jpegls", "pydicom", ("MR_small_jpeg_ls_lossless.dcm",), broken="dependencies: gdcm - requires"),
 ]
 # 2D colour images, three channels
 COLOUR = [

@@ -39,6 +39,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -696,7 +697,7 @@ def process_sample(task: SampleTask) -> SampleOutcome:
     except StorageUnavailable as exc:  # an outage: not this file's fault, and not recorded as one
         return SampleOutcome(task.id, [], "fetch", exc.reason, key, unreachable=exc.endpoint)
     except Exception as exc:  # a bad file is a record in data_errors.csv, never a crash of the run
-        message = redact_secrets(str(exc) or type(exc).__name__).replace("\n", " ")
+        message = re.sub(r"\s*\n\s*", " ", redact_secrets(str(exc) or type(exc).__name__))  # one line (pydicom indents)
         for local, url in downloads.items():
             message = message.replace(local, url)
         if not isinstance(exc, DataError):
