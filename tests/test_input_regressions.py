@@ -1,10 +1,15 @@
-"""Bad-input and fault findings of issue 15 (items 4, 8, 9, 10, 12), each kept as a regression test
-through the CLI: class names that look like NA, credentials inside an endpoint URL, environment
-overrides in `evaluate`/`saliency`, declared dependency bounds, and axis order of NRRD volumes."""
+"""Bad-input and fault findings kept as regression tests through the CLI, each with its input generator.
+
+Issue 15 (items 4, 8, 9, 10, 12): class names that look like NA, credentials inside an endpoint URL,
+environment overrides in `evaluate`/`saliency`, declared dependency bounds, and axis order of NRRD volumes.
+Issue 25: NaN EEG samples, EEG rates mixed without resampling, a recording lacking a channel, the failing
+slice of a DICOM series, the empty-split advice of an incomplete cache, an all-failed sweep, a spatial_size
+beyond memory, refusals before the preprocess pass, and errors naming the override layer that caused them."""
 
 from __future__ import annotations
 
 import ast
+import csv
 import importlib.metadata
 import json
 import re
@@ -18,6 +23,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cli_support import one_error_line
 from medctl.cli.app import app
 from medctl.data.synthetic import make_synthetic_dataset
 
@@ -221,3 +227,201 @@ def test_a_spatial_size_that_distorts_the_aspect_ratio_is_warned(numpy_order_nrr
     faithful = invoke("check", "data", *numpy_order_nrrds, "data.preprocess.spatial_size=[32, 32, 8]")
     assert faithful.exit_code == 0, faithful.output
     assert "aspect" not in faithful.output
+
+
+# ================================================================ issue 25: the fault corpus, kept
+def eeg_study(tmp_path: Path, recordings: dict[str, tuple[np.ndarray, float, list[str]]], suffix: str = "edf"):
+    """One recording per id (data (C, N) in microvolts, rate, channel names): EDF, or BrainVision (``vhdr``)."""
+    import pybv
+
+    from medctl.data.synthetic_eeg import write_edf
+
+    rows = []
+    for i, (id_, (data, sfreq, channels)) in enumerate(recordings.items()):
+        if suffix == "vhdr":
+            pybv.write_brainvision(data=data, sfreq=sfreq, ch_names=channels, fname_base=id_,
+                                   folder_out=tmp_path / "rec", unit="µV")  # fmt: skip
+        else:
+            write_edf(tmp_path / "rec" / f"{id_}.edf", data, sfreq, channels)
+        rows.append(f"{id_}\t{'ab'[i % 2]}\t{['train', 'val', 'test'][i % 3]}")
+    (tmp_path / "table.tsv").write_text("id\tlabel\tsplit\n" + "\n".join(rows) + "\n")
+    return [
+        'data.modality="eeg"', f'data.table="{tmp_path / "table.tsv"}"', 'data.id_column="id"',
+        'data.split_column="split"', f'data.source.root="{tmp_path / "rec"}"', f'data.source.pattern="{{id}}.{suffix}"',
+        'data.targets=[{name="label", kind="binary", classes=["a", "b"]}]', f'data.cache_dir="{tmp_path / "cache"}"',
+        "data.eeg.window_s=2", "data.eeg.hop_s=2", "data.eeg.n_fft=64", "data.eeg.stft_hop=16",
+    ]  # fmt: skip
+
+
+def noise(channels: int, seconds: float, sfreq: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 20, (channels, int(seconds * sfreq)))  # (C, N) microvolts
+
+
+def errors_of(cache_root: Path) -> dict[str, dict]:
+    (cache,) = cache_root.iterdir()
+    with open(cache / "data_errors.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["id"] for r in rows}) == len(rows), rows  # one row per recording
+    return {r["id"]: r for r in rows}
+
+
+def test_eeg_nan_samples_are_a_recorded_skip_naming_the_channel(tmp_path):
+    gaps, dead = noise(2, 10, 128), noise(2, 10, 128)
+    gaps[1, 100:500] = np.nan
+    dead[:] = np.nan
+    overrides = eeg_study(tmp_path, {"clean": (noise(2, 10, 128), 128.0, ["Fz", "Cz"]),
+                                     "gaps": (gaps, 128.0, ["Fz", "Cz"]), "dead": (dead, 128.0, ["Fz", "Cz"])},
+                          suffix="vhdr")  # fmt: skip
+    result = invoke("preprocess", "--workers", "1", *overrides)
+    assert result.exit_code == 0, result.output
+    errors = errors_of(tmp_path / "cache")
+    assert set(errors) == {"gaps", "dead"}
+    assert errors["gaps"]["stage"] == "validate"
+    assert "NaN or infinite samples in channel(s) Cz (400 of 1280 samples, from 0.78 s)" in errors["gaps"]["error"]
+    assert "Fz (all samples, from 0.00 s), Cz (all samples" in errors["dead"]["error"]
+    manifest = pd.read_parquet(next((tmp_path / "cache").iterdir()) / "manifest.parquet")
+    assert set(manifest.loc[manifest.status == "ok", "source_id"]) == {"clean"}
+    # a NaN channel left out of data.eeg.channels harms nothing
+    kept = invoke("preprocess", "--workers", "1", *overrides, 'data.eeg.channels=["Fz"]')
+    assert kept.exit_code == 0 and "2 new, 0 cached, 1 failed" in kept.output, kept.output
+
+
+def test_eeg_recordings_at_two_rates_are_refused_before_any_work(tmp_path):
+    recordings = {f"r{i}": (noise(2, 6, 256, i), 256.0, ["Fz", "Cz"]) for i in range(3)}
+    recordings["odd"] = (noise(2, 6, 200), 200.0, ["Fz", "Cz"])
+    overrides = eeg_study(tmp_path, recordings)
+    line = one_error_line(invoke("preprocess", "--workers", "1", *overrides))
+    assert "the recordings have 2 rates: 256 Hz (3 files: r0.edf, r1.edf, r2.edf); 200 Hz (1 file: odd.edf)" in line
+    assert "set data.eeg.resample_hz (e.g. 256)" in line
+    assert not list((tmp_path / "cache").rglob("*.npy"))
+    resampled = invoke("preprocess", "--workers", "1", *overrides, "data.eeg.resample_hz=128")
+    assert resampled.exit_code == 0 and "4 new, 0 cached, 0 failed" in resampled.output, resampled.output
+
+
+def test_a_recording_without_a_channel_is_one_row_naming_it(tmp_path):
+    eight = ["Fp1", "Fp2", "C3", "C4", "Pz", "O1", "O2", "Cz"]
+    recordings = {f"r{i}": (noise(8, 10, 128, i), 128.0, eight) for i in range(4)}
+    recordings["seven"] = (noise(7, 10, 128), 128.0, [c for c in eight if c != "Pz"])
+    result = invoke("preprocess", "--workers", "2", *eeg_study(tmp_path, recordings))
+    assert result.exit_code == 0, result.output
+    errors = errors_of(tmp_path / "cache")
+    assert list(errors) == ["seven"]
+    assert "7 channel(s) where most recordings have 8: lacks Pz; set data.eeg.channels" in errors["seven"]["error"]
+    assert "largest recording 8 ch x 1280 samples needs" in result.output and "?" not in result.output
+    assert "1 worker(s) (asked 2; fewer: " in result.output and "5 sample(s) to process, one worker per 8" in result.output
+
+
+def dicom_series(folder: Path) -> list[Path]:
+    """nibabel's two-slice Siemens series plus a third slice 3 mm on (a real series, not one of ours)."""
+    import pydicom
+    from nibabel.testing import data_path
+
+    folder.mkdir()
+    for name in ("0.dcm", "1.dcm"):
+        (folder / name).write_bytes((Path(data_path) / name).read_bytes())
+    third = pydicom.dcmread(folder / "1.dcm")
+    third.ImagePositionPatient[2] += 3
+    third.save_as(folder / "2.dcm")
+    return sorted(folder.glob("*.dcm"))
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_a_dicom_series_error_names_the_failing_slice(tmp_path, damage):
+    from medctl.data.readers import read_header, read_image
+    from medctl.errors import DataError
+
+    paths = dicom_series(tmp_path / "series")
+    whole = paths[2].read_bytes()
+    paths[2].write_bytes(b"junk" * 100 if damage == "junk" else whole[:-20000])
+    with pytest.raises(DataError, match=r"series/2\.dcm: not a readable DICOM file"):
+        read_image(paths)
+    if damage == "junk":
+        with pytest.raises(DataError, match=r"series/2\.dcm: not a readable DICOM file"):
+            read_header(paths)
+
+
+def test_the_empty_split_advice_names_the_rows_storage_did_not_serve(tmp_path, monkeypatch):
+    import medctl.data.preprocess as preprocess_module
+    from medctl.data.preprocess import SampleOutcome
+
+    ds = make_synthetic_dataset(tmp_path / "ds", n=12, size=(8, 16, 16), seed=6)
+    table = pd.read_csv(ds.table, sep="\t", dtype=str, keep_default_na=False)
+    table = table.sort_values("recommended_split", key=lambda s: s.map({"train": 0, "test": 1, "val": 2}))
+    table.to_csv(ds.table, sep="\t", index=False)  # val rows last: the outage strikes at the first of them
+    val_ids = set(table.loc[(table["recommended_split"] == "val") & (table["retinal_oct"] == "TRUE"), "participant_id"])
+    real = preprocess_module.process_sample
+
+    def outage_from_first_val(task):
+        if task.id in val_ids:
+            return SampleOutcome(task.id, [], "fetch", "EndpointConnectionError", task.image[0].key,
+                                 unreachable="http://127.0.0.1:9")  # fmt: skip
+        return real(task)
+
+    monkeypatch.setattr(preprocess_module, "process_sample", outage_from_first_val)
+    overrides = [*ds.config_overrides(), "data.allow_incomplete=true", f'run.root="{tmp_path / "runs"}"']
+    result = invoke("finetune", "-c", "config/finetune/linear_probe.toml", *overrides, 'model.encoder="vit3d_test"')
+    line = one_error_line(result)
+    assert "the validation split is empty; the table has val rows, but none is in the cache:" in line
+    assert f"{len(val_ids)} not fetched while storage was unreachable" in line
+    assert "mark some rows" not in line
+
+
+def test_a_sweep_whose_every_entry_failed_exits_1(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "ds", n=12, size=(8, 16, 16), seed=10)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.pt").write_bytes(b"not a checkpoint")
+    result = invoke(
+        "sweep", "-c", "config/sweep.toml", *ds.config_overrides(), "data.preprocess.workers=1", 'model.encoder="vit3d_test"',
+        "sweep.random_baseline=false", f"sweep.checkpoint_dir={json.dumps(str(folder))}",
+        f"run.root={json.dumps(str(tmp_path / 'runs'))}", 'run.name="all_failed"', 'run.device="cpu"',
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "✗ 2 entries (0 already finished, 2 failed)" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "every sweep entry failed (2); the first, a: " in errors[0], result.output
+    assert (tmp_path / "runs" / "all_failed" / "leaderboard.md").is_file()
+
+
+def test_a_spatial_size_that_cannot_fit_is_refused_before_any_sample(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "ds", n=6, size=(8, 16, 16), seed=7)
+    result = invoke("preprocess", "--workers", "1", *ds.config_overrides(),
+                    "data.preprocess.spatial_size=[2048, 2048, 2048]", "data.preprocess.memory_gb=16")  # fmt: skip
+    line = one_error_line(result)
+    assert "data.preprocess.spatial_size [2048, 2048, 2048] makes each cached volume 8,589,934,592 voxels" in line
+    assert "(32.0 GiB as float32; ~97.0 GiB while it is made), more than the 16.0 GiB data.preprocess.memory_gb" in line
+    assert not list(Path(ds.cache_dir).rglob("*.npy"))
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("finished", "already holds a run"),
+        ("auto", '`model.encoder` = "auto" reads the architecture from model.checkpoint, which is empty'),
+        ("resume", "holds no checkpoints/last.ckpt to continue; start the run without --resume"),
+    ],
+)
+def test_refusals_that_need_no_data_come_before_preprocessing(tmp_path, case, expected):
+    ds = make_synthetic_dataset(tmp_path / "ds", n=6, size=(8, 16, 16), seed=8)
+    runs = tmp_path / "runs"
+    if case == "finished":
+        (runs / "done").mkdir(parents=True)
+        (runs / "done" / "results.json").write_text("{}")
+    encoder = '"auto"' if case == "auto" else '"vit3d_test"'
+    args = ["finetune", "-c", "config/finetune/linear_probe.toml", *ds.config_overrides(), f"model.encoder={encoder}",
+            'model.checkpoint=""', f"run.root={json.dumps(str(runs))}", 'run.name="done"']  # fmt: skip
+    line = one_error_line(invoke(*args, *(["--resume"] if case == "resume" else [])))
+    assert expected in line
+    assert not Path(ds.cache_dir).exists()  # refused before the preprocess pass
+    assert (runs / "done").exists() == (case == "finished")  # --resume of nothing leaves no empty folder
+
+
+def test_an_override_or_environment_error_names_its_layer(tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "ds", n=4, size=(8, 16, 16), seed=9)
+    base = ["preprocess", "-c", "config/finetune/linear_probe.toml", *ds.config_overrides()]
+    line = one_error_line(invoke(*base, "train.lr_head=fast"))
+    assert line.startswith("error: override `train.lr_head=fast`: `train.lr_head` = 'fast'"), line
+    line = one_error_line(runner.invoke(app, base, env={"MEDCTL_TRAIN__EPOCHS": "many"}))
+    assert line.startswith("error: environment MEDCTL_TRAIN__EPOCHS: `train.epochs` = 'many'"), line
+    assert "linear_probe.toml" not in line

@@ -144,7 +144,7 @@ class EEGConfig(Section):
     reference: str = ""  # "" keeps the recorded reference; "average", or a channel name (comma-separate several)
     l_freq: float = Field(default=0.0, ge=0)  # band-pass low edge (Hz); 0: no high-pass
     h_freq: float = Field(default=0.0, ge=0)  # band-pass high edge (Hz); 0: no low-pass
-    resample_hz: float = Field(default=0.0, ge=0)  # 0 keeps each file's rate (then all files need one rate)
+    resample_hz: float = Field(default=0.0, ge=0)  # 0 keeps each file's rate (recordings at several rates are refused)
     window_s: float = Field(default=4.0, gt=0)  # each recording -> windows of this length, one cache row each
     hop_s: float = Field(default=2.0, gt=0)  # start-to-start distance of windows (< window_s: they overlap)
     n_fft: int = Field(default=256, ge=8)  # STFT segment length (samples); frequency step = rate / n_fft
@@ -463,10 +463,14 @@ def load_config(
     saved = upgrade_saved_tree(base or {})  # a checkpoint's config from before [pretrain.<method>] tables
     layered: dict[str, Any] = deep_merge(saved, read_toml_chain(Path(path)) if path else {})
     source = str(path) if path else (source or "config")
+    layers: dict[str, str] = {}  # dotted key -> the layer that set it last, when not the file
     for dotted, value in env_overrides(env, problems):
         set_dotted(layered, dotted, value)
-    for dotted, value in parse_overrides(overrides, problems):
+        layers[dotted] = f"environment {ENV_PREFIX}{dotted.upper().replace('.', '__')}"
+    overrides = list(overrides)
+    for (dotted, value), item in zip(parse_overrides(overrides, problems), _well_formed(overrides), strict=True):
         set_dotted(layered, dotted, value)
+        layers[dotted] = f"override `{item}`"
     problems += unknown_key_problems(layered, Config)
     try:
         config = Config.model_validate(layered)
@@ -475,8 +479,33 @@ def load_config(
     if name_checks is not None:
         problems += name_checks(layered)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(*blame_layers(problems, layers, source))
     return config
+
+
+def _well_formed(overrides: list[str]) -> list[str]:
+    """The ``key=value`` items :func:`parse_overrides` keeps, as typed."""
+    return [item for item in overrides if item.partition("=")[1] and item.partition("=")[0].strip()]
+
+
+def blame_layers(problems: list[str], layers: Mapping[str, str], source: str) -> tuple[list[str], str]:
+    """(problems, source) with each problem about a key an override or ``MEDCTL_*`` variable set naming that
+    layer: as the source when every problem comes from one, else after the problem (the file is blameless)."""
+    ordered = sorted(layers, key=len, reverse=True)  # data.eeg.channels before data.eeg
+
+    def same_branch(key: str, named: str) -> bool:  # one is the other, or a table holding it
+        return named == key or named.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{named}.")
+
+    def layer_of(problem: str) -> str:
+        if problem.startswith(("override `", ENV_PREFIX)):  # about the layer itself (not key=value, ...)
+            return "command line" if problem.startswith("override") else "environment"
+        named = re.findall(r"`([^`]+)`", problem)
+        return next((layers[key] for key in ordered if any(same_branch(key, n) for n in named)), "")
+
+    found = [layer_of(p) for p in problems]
+    if found and all(found) and len(set(found)) == 1:
+        return problems, found[0]
+    return [f"{p} (set by {layer})" if layer else p for p, layer in zip(problems, found, strict=True)], source
 
 
 def checkpoint_config(
@@ -630,7 +659,7 @@ def env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if dotted.split(".")[0] not in sections:
-            problems.append(f"environment {name}: unknown section; use MEDCTL_<SECTION>__<KEY>")
+            problems.append(f"{name}: unknown section; use MEDCTL_<SECTION>__<KEY>")
             continue
         parsed.append((dotted, parse_value(value)))
     return parsed

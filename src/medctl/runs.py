@@ -39,6 +39,12 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, act: bool = T
     ``act=False`` (the other ranks under torchrun) only checks: rank 0 deletes."""
     if resume and overwrite:
         raise ConfigError(["--resume continues the run and --overwrite deletes it; pass one of them"], "run.name")
+    if resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(
+            [f"--resume: {run_dir} holds no checkpoints/last.ckpt to continue; start the run without --resume "
+             "(or check run.name and run.root)"],
+            "run.name",
+        )  # fmt: skip
     held = held_run(run_dir)
     if held and not resume:
         if not overwrite:

@@ -17,6 +17,7 @@ from medctl.cli.common import (
     resolve_config,
 )
 from medctl.cli.output import JsonOption, print_json, show_table
+from medctl.errors import RunFailure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,6 +81,7 @@ def sweep_command(
         jobs=jobs,
         fresh=fresh,
     )
+    all_failed = bool(result.outcomes) and len(result.failed) == len(result.outcomes)
     if as_json:
         print_json(
             {
@@ -93,6 +95,8 @@ def sweep_command(
                 "wall_time_s": result.wall_time_s,
             }
         )
+        if all_failed:
+            raise RunFailure(f"every sweep entry failed ({len(result.failed)}); each reason in {result.leaderboard_md}")
         return
     board = result.leaderboard
     ranked_on = str(board["ranked_on"].iloc[0]) if "ranked_on" in board else "val"
@@ -106,11 +110,17 @@ def sweep_command(
     )
     skipped = sum(o.status == "skipped" for o in result.outcomes)
     console.print(
-        f"[green]✓[/] {len(result.outcomes)} entries ({skipped} already finished, {len(result.failed)} failed) "
+        f"{'[red]✗[/]' if all_failed else '[green]✓[/]'} {len(result.outcomes)} entries ({skipped} already finished, {len(result.failed)} failed) "
         f"in {result.wall_time_s:.1f} s; split manifest {result.split_manifest_hash}",
         highlight=False,
     )
     console.print(f"  {result.leaderboard_md}", soft_wrap=True, highlight=False)
+    if all_failed:
+        first = result.failed[0]
+        raise RunFailure(
+            f"every sweep entry failed ({len(result.failed)}); the first, {first.entry.name}: {first.reason} "
+            f"(each reason in {result.leaderboard_md})"
+        )
 
 
 def metric_label(key: str) -> str:

@@ -182,6 +182,35 @@ def read_recording_header(path: str | Path, eeg: EEGConfig) -> RecordingHeader:
     return RecordingHeader(list(raw.ch_names), float(raw.info["sfreq"]), int(raw.n_times))
 
 
+def recording_rate(path: str | Path, eeg: EEGConfig) -> float:
+    """The sampling rate a recording will be read at, from its header (arrays: ``data.eeg.sfreq``)."""
+    if recording_format(path) in _ARRAY_FORMATS:
+        return float(eeg.sfreq)
+    return read_recording_header(path, eeg).sfreq
+
+
+def check_one_rate(rates: dict[str, float], eeg: EEGConfig) -> None:
+    """DataError when recordings (name -> Hz) kept at their own rate (``resample_hz = 0``) have several rates:
+    the rows of their spectrograms would mean different frequencies. Names the files of each rate."""
+    if eeg.resample_hz or len(set(rates.values())) < 2:
+        return
+    by_rate: dict[float, list[str]] = {}
+    for name, rate in rates.items():
+        by_rate.setdefault(rate, []).append(name)
+    ordered = sorted(by_rate.items(), key=lambda item: -len(item[1]))  # the most common rate first
+
+    def files(names: list[str]) -> str:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"{len(names)} file{'s' if len(names) > 1 else ''}: {shown}"
+
+    listed = "; ".join(f"{rate:g} Hz ({files(names)})" for rate, names in ordered)
+    raise DataError(
+        f"data.eeg.resample_hz = 0 keeps each recording's own rate, but the recordings have {len(ordered)} rates: "
+        f"{listed}; their spectrogram rows would mean different frequencies: set data.eeg.resample_hz "
+        f"(e.g. {ordered[0][0]:g}) to bring them to one rate"
+    )
+
+
 def check_edf_length(path: Path, *, bytes_per_sample: int) -> None:
     """A truncated EDF/BDF (fewer data records than its header states) is an error, not a shorter recording.
 

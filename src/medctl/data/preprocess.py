@@ -39,6 +39,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,10 +56,16 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig, EEGConfig, PreprocessConfig
-from medctl.data.eeg import fetch_recording, read_recording
+from medctl.data.eeg import (
+    check_one_rate,
+    fetch_recording,
+    read_recording,
+    read_recording_header,
+    recording_rate,
+)
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
 from medctl.data.readers import axis_names, declared_size_problem, describe_geometry, read_header, read_image
-from medctl.data.spectrogram import prepare_signal, recording_windows
+from medctl.data.spectrogram import check_finite, prepare_signal, recording_windows
 from medctl.data.tables import LabelTable, TargetSpec, load_table
 from medctl.data.transforms import expected_spatial_dims, preprocess_image, validate_image
 from medctl.devices import available_memory
@@ -205,6 +212,10 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
     journal = cache / JOURNAL
     earlier = {**_previous_outcomes(previous, cache), **read_journal(journal, cache)}
     tasks, outcomes, carried = _plan(data, cache, ids, images, masks, earlier)
+    if data.modality == "eeg":
+        check_one_rate(_recording_rates(tasks, outcomes, images, data.eeg), data.eeg)  # before any sample is read
+    if data.modality == "image" and tasks:
+        check_output_fits(data.preprocess, data.preprocess.memory_gb)
     n_workers, sizing = worker_count(workers or data.preprocess.workers, tasks, data.preprocess.memory_gb)
     log(f"preprocess: {len(ids)} samples, {len(tasks)} to process, {carried} cached; cache {cache}")
     if journal.is_file():
@@ -236,6 +247,9 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
         write_manifest(cache, manifest)
         write_errors(cache, manifest, data.source.root)
         journal.unlink(missing_ok=True)  # the manifest now holds everything the journal did
+    if data.modality == "eeg":  # recordings in a bucket, whose headers were not read before the run
+        ok = manifest[manifest.status == "ok"].drop_duplicates("source_id")
+        check_one_rate(dict(zip(ok.source_key, ok.sfreq.astype(float), strict=True)), data.eeg)
     missing = [t.id for t in tasks if t.id not in new] if outage is not None else []
     incomplete = ""
     if outage is not None:
@@ -244,12 +258,17 @@ def preprocess(data: DataConfig, *, strict: bool = False, workers: int | None = 
             f"{outage.error}; rerun `medctl preprocess` to fetch the rest"
         )
     summary = _summary(table, manifest, settings, cache)
-    summary.update(missing=missing, incomplete=incomplete)
+    split_of = dict(zip(table.frame["id"], table.frame["split"], strict=True))
+    summary.update(
+        missing=missing, missing_splits=dict(Counter(split_of[i] for i in missing)), incomplete=incomplete
+    )
     write_json(cache / "summary.json", summary)
     if incomplete and not data.allow_incomplete:
         raise RunFailure(incomplete)
     n_failed = int((manifest.drop_duplicates("source_id").status == "failed").sum())
     if not (manifest.status == "ok").any():
+        if incomplete:  # data.allow_incomplete, but nothing was fetched to go on with
+            raise RunFailure(incomplete)
         first = manifest[manifest.status == "failed"].iloc[0]
         raise DataError(
             f"no sample could be preprocessed; first failure: {first['id']}: {first['stage']}: {first['error']} "
@@ -359,6 +378,27 @@ def _plan(
     return tasks, outcomes, carried
 
 
+def _recording_rates(
+    tasks: list[SampleTask], outcomes: dict[str, SampleOutcome], images: tuple[Listing, Resolution], eeg: EEGConfig
+) -> dict[str, float]:
+    """Key -> sampling rate of every recording: cached ones from their rows, local ones from their header.
+    Recordings in a bucket are not fetched for this (the manifest check after the run covers them), and an
+    unreadable header is left to the worker that records it."""
+    if eeg.resample_hz:
+        return {}
+    _, resolution = images
+    rates = {resolution.matches[o.id][0]: float(o.rows[0]["sfreq"]) for o in outcomes.values() if o.ok and o.rows}
+    for task in tasks:
+        info = task.image[0]
+        if is_remote(info.url):
+            continue
+        try:
+            rates[info.key] = recording_rate(info.url, eeg)
+        except DataError:
+            continue
+    return rates
+
+
 def _previous_outcomes(previous: pd.DataFrame | None, cache: Path) -> dict[str, tuple[str, SampleOutcome]]:
     """Earlier results whose files are all still there: source id -> (fingerprint, outcome)."""
     if previous is None:
@@ -437,21 +477,45 @@ def sample_fingerprint(image: Iterable[FileInfo], mask: Iterable[FileInfo]) -> s
 def worker_count(requested: int, tasks: list[SampleTask], memory_gb: float) -> tuple[int, str]:
     """Workers to start, and the line that says why: no more than requested, than the cores, than
     tasks // MIN_SAMPLES_PER_WORKER, and than fit in memory at :func:`worker_memory_bytes` each."""
-    by_cpu = max(1, min(requested, len(tasks) // MIN_SAMPLES_PER_WORKER, os.cpu_count() or 1))
     if not tasks:
         return 1, "nothing to process"
-    voxels, shown = largest_volume(tasks)
-    need, budget = worker_memory_bytes(voxels), memory_budget(memory_gb)
+    cores, by_tasks = os.cpu_count() or 1, max(1, len(tasks) // MIN_SAMPLES_PER_WORKER)
+    need, shown = largest_sample(tasks)
+    budget = memory_budget(memory_gb)
     by_memory = max(1, int(budget // need) - 1)  # the parent works too while the pool starts (see _run)
-    workers = min(by_cpu, by_memory)
+    workers = max(1, min(requested, cores, by_tasks, by_memory))
     where = "data.preprocess.memory_gb" if memory_gb else "available now"
+    limits = [
+        (cores, f"{cores} CPU core(s)"),
+        (by_tasks, f"{len(tasks)} sample(s) to process, one worker per {MIN_SAMPLES_PER_WORKER}"),
+        (by_memory, f"memory for {by_memory}"),
+    ]
+    why = [text for limit, text in limits if limit < requested]
+    asked = f"asked {requested}" + (f"; fewer: {', '.join(why)}" if why else "")
     line = (
-        f"{workers} worker(s) (asked {requested}); largest volume {shown} needs ~{need / 2**30:.1f} GB "
+        f"{workers} worker(s) ({asked}); largest {shown} needs ~{need / 2**30:.1f} GB "
         f"per worker, {budget / 2**30:.1f} GB {where}"
     )
     if need > budget:
         line += "; it may not fit even alone: free memory or raise data.preprocess.memory_gb"
     return workers, line
+
+
+def check_output_fits(settings: PreprocessConfig, memory_gb: float) -> None:
+    """DataError before any sample is read when one cached volume of ``spatial_size`` cannot be made in the
+    memory there is: the float32 output, the intensity step's copy and the cast (3x), plus the interpreter."""
+    if settings.slices or not settings.spatial_size:
+        return
+    voxels = int(np.prod(settings.spatial_size, dtype=np.float64))
+    need, budget = worker_memory_bytes(voxels), memory_budget(memory_gb)
+    if need <= budget:
+        return
+    where = "data.preprocess.memory_gb" if memory_gb else "available now"
+    raise DataError(
+        f"data.preprocess.spatial_size {list(settings.spatial_size)} makes each cached volume {voxels:,} voxels "
+        f"({4 * voxels / 2**30:.1f} GiB as float32; ~{need / 2**30:.1f} GiB while it is made), more than the "
+        f"{budget / 2**30:.1f} GiB {where}: lower data.preprocess.spatial_size"
+    )
 
 
 def worker_memory_bytes(voxels: int) -> int:
@@ -464,15 +528,24 @@ def memory_budget(memory_gb: float) -> int:
     return int(memory_gb * 2**30) if memory_gb else available_memory()
 
 
-def largest_volume(tasks: list[SampleTask]) -> tuple[int, str]:
-    """(voxels, "DxHxW") of the largest sample, from the headers of the HEADER_PROBES samples with the
-    most bytes. Remote files are not fetched for this: their size stands in (as int16 at 2:1 gzip)."""
+def largest_sample(tasks: list[SampleTask]) -> tuple[int, str]:
+    """(bytes a worker needs for it, "volume DxHxW" / "recording C ch x N samples") for the largest sample,
+    from the headers of the HEADER_PROBES samples with the most bytes. Remote files are not fetched for this:
+    their size stands in (as int16 at 2:1 gzip)."""
     biggest = sorted(tasks, key=lambda t: -sum(f.size for f in t.image))[:HEADER_PROBES]
-    best, shown = 0, "?"
+    best, shown = 0, "sample ?"
     for task in biggest:
         files = task.image
         if any(is_remote(f.url) for f in files):
-            voxels, label = sum(f.size for f in files), f"~{sum(f.size for f in files) / 2**20:.0f} MB object"
+            size = sum(f.size for f in files)
+            need, label = worker_memory_bytes(size), f"sample ~{size / 2**20:.0f} MB object"
+        elif task.eeg is not None:
+            try:
+                header = read_recording_header(files[0].url, EEGConfig.model_validate(task.eeg))
+            except DataError:  # an unreadable header is reported by the worker that reads the file
+                continue
+            need = eeg_memory_bytes(len(header.channels), header.n_samples, task.eeg)
+            label = f"recording {len(header.channels)} ch x {header.n_samples} samples"
         else:
             paths = [Path(f.url) for f in files]
             try:
@@ -481,10 +554,18 @@ def largest_volume(tasks: list[SampleTask]) -> tuple[int, str]:
                 header = read_header(paths)
             except Exception:  # an unreadable header is reported by the worker that reads the file
                 continue
-            voxels, label = int(np.prod(header.shape, dtype=np.int64)), "x".join(map(str, header.shape))
-        if voxels > best:
-            best, shown = voxels, label
-    return best, shown
+            voxels = int(np.prod(header.shape, dtype=np.int64))
+            need, label = worker_memory_bytes(voxels), "volume " + "x".join(map(str, header.shape))
+        if need > best:
+            best, shown = need, label
+    return best or WORKER_BASE_BYTES, shown
+
+
+def eeg_memory_bytes(channels: int, samples: int, eeg: dict[str, Any]) -> int:
+    """A worker on one recording: float64 samples, the filter's copy and the overlapping windows
+    (``window_s / hop_s`` copies), plus the interpreter."""
+    overlap = max(1.0, eeg["window_s"] / eeg["hop_s"])
+    return int(8 * channels * samples * (2 + overlap)) + WORKER_BASE_BYTES
 
 
 def _run(tasks: list[SampleTask], workers: int) -> Iterable[SampleOutcome]:
@@ -579,6 +660,8 @@ def process_sample(task: SampleTask) -> SampleOutcome:
         if task.eeg is not None:  # an EEG recording -> spectrogram windows, one cached array and row each
             eeg = EEGConfig.model_validate(task.eeg)
             raw = read_recording(image_paths[0], eeg)
+            stage = "validate"
+            check_finite(raw, eeg, key)
             stage = "transform"
             windows = recording_windows(prepare_signal(raw, eeg, key), eeg, task.id, settings.dtype, key)
             stage = "write"
@@ -604,7 +687,7 @@ def process_sample(task: SampleTask) -> SampleOutcome:
     except StorageUnavailable as exc:  # an outage: not this file's fault, and not recorded as one
         return SampleOutcome(task.id, [], "fetch", exc.reason, key, unreachable=exc.endpoint)
     except Exception as exc:  # a bad file is a record in data_errors.csv, never a crash of the run
-        message = redact_secrets(str(exc) or type(exc).__name__).replace("\n", " ")
+        message = re.sub(r"\s*\n\s*", " ", redact_secrets(str(exc) or type(exc).__name__))  # one line (pydicom indents)
         for local, url in downloads.items():
             message = message.replace(local, url)
         if not isinstance(exc, DataError):
@@ -726,23 +809,43 @@ def _describe_keys(keys: tuple[str, ...]) -> str:
 
 
 def _enforce_consistency(manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
-    """Samples whose channel count or dimensionality differs from the majority are failures too."""
+    """Samples whose channel count or dimensionality differs from the majority are failures too: one row
+    each (not one per window or slice), naming the channels an EEG recording lacks."""
     ok = manifest.status == "ok"
     if not ok.any():
         return manifest
     signature = manifest.loc[ok, "shape"].map(lambda s: (s[0], len(s) - 1))
     common, _ = Counter(signature).most_common(1)[0]
     odd = signature[signature != common]
-    for index in odd.index:
-        channels, dims = signature[index]
-        id_ = manifest.at[index, "id"]
-        manifest.loc[index, ["status", "stage"]] = ["failed", "validate"]
-        manifest.at[index, "error"] = (
-            f"{channels} channel(s), {dims}D; most samples have {common[0]} channel(s), {common[1]}D: convert this file"
+    usual = manifest.loc[signature[signature == common].index[0]]
+    extra = []
+    for _, rows in manifest.loc[odd.index].groupby("source_id", sort=False):
+        for id_ in rows["id"]:
+            (cache / "images" / f"{id_}.npy").unlink(missing_ok=True)
+            (cache / "masks" / f"{id_}.npy").unlink(missing_ok=True)
+        first = rows.index[0]
+        channels, dims = signature[first]
+        manifest.loc[first, ["status", "stage", "id", "slice_index"]] = ["failed", "validate", rows.at[first, "source_id"], -1]
+        manifest.at[first, "error"] = _odd_one_out(channels, dims, common, manifest.loc[first], usual)
+        extra += list(rows.index[1:])
+    return manifest.drop(index=extra).reset_index(drop=True)
+
+
+def _odd_one_out(channels: int, dims: int, common: tuple[int, int], row: pd.Series, usual: pd.Series) -> str:
+    """Why a sample unlike the majority is left out; for EEG, the channels it lacks or adds."""
+    named = all(isinstance(r["channels"], (list, np.ndarray)) for r in (row, usual))
+    if named and dims == common[1]:
+        have, want = list(row["channels"]), list(usual["channels"])
+        lacks = [c for c in want if c not in have]
+        adds = [c for c in have if c not in want]
+        diff = "; ".join(
+            part for part in (f"lacks {', '.join(lacks)}" if lacks else "", f"adds {', '.join(adds)}" if adds else "") if part
         )
-        (cache / "images" / f"{id_}.npy").unlink(missing_ok=True)
-        (cache / "masks" / f"{id_}.npy").unlink(missing_ok=True)
-    return manifest
+        return (
+            f"{channels} channel(s) where most recordings have {common[0]}: {diff}; set data.eeg.channels to the "
+            "channels every recording has, or leave this recording out"
+        )
+    return f"{channels} channel(s), {dims}D; most samples have {common[0]} channel(s), {common[1]}D: convert this file"
 
 
 def read_manifest(cache_dir: str | Path) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,11 +151,25 @@ def read_image(paths: Sequence[str | Path] | str | Path) -> Image:
     }
     check_files(paths)
     try:
-        return readers[fmt](paths) if fmt == "dicom" else readers[fmt](paths[0])
+        image = readers[fmt](paths) if fmt == "dicom" else readers[fmt](paths[0])
     except DataError:
         raise
     except Exception as exc:  # the library's own word on a corrupt file (zlib, struct, pydicom, ...)
         raise unreadable(fmt, paths[0], exc) from exc
+    return in_native_byte_order(image)
+
+
+def in_native_byte_order(image: Image) -> Image:
+    """``image`` with its array in this machine's byte order. Big-endian files (Explicit VR Big Endian
+    DICOM, big-endian NIfTI) decode to big-endian arrays, which torch refuses; they are swapped in place
+    (no second copy of the volume) when the array is writable."""
+    array = image.array
+    if array.dtype.isnative:
+        return image
+    native = array.dtype.newbyteorder("=")
+    if array.flags.writeable:
+        return replace(image, array=array.byteswap(inplace=True).view(native))
+    return replace(image, array=array.astype(native))
 
 
 def read_header(paths: Sequence[str | Path] | str | Path) -> ImageHeader:
@@ -181,6 +195,17 @@ def check_files(paths: Sequence[Path]) -> None:
             raise DataError(f"{path}: is a folder, not an image file; point data.source.pattern at files")
         if path.is_file() and path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes); copy or download it again")
+
+
+def on_file(path: Path, read, *args, **kwargs):
+    """``read(*args, **kwargs)`` for one file of a DICOM series: a library's error names that file, not the
+    series' first (which may read fine)."""
+    try:
+        return read(*args, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:  # the library's word on this slice, translated
+        raise unreadable("dicom", path, exc) from exc
 
 
 def unreadable(fmt: str, path: Path, exc: Exception) -> DataError:
@@ -265,7 +290,7 @@ def _read_header(fmt: str, paths: Sequence[Path]) -> ImageHeader:
 
     shapes = []
     for p in paths:
-        ds = pydicom.dcmread(str(p), defer_size="1 KB")
+        ds = on_file(p, pydicom.dcmread, str(p), defer_size="1 KB")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DataError(
                 f"{p}: DICOM file without pixel data (not an image: {ds.get('Modality', '?')} object)"
@@ -467,7 +492,7 @@ def read_dicom(paths: Sequence[Path]) -> Image:
     """One multi-frame file -> a volume; one single-frame file -> a 2D image; several -> a series."""
     import pydicom
 
-    datasets = [pydicom.dcmread(str(p)) for p in paths]
+    datasets = [on_file(p, pydicom.dcmread, str(p)) for p in paths]
     for p, ds in zip(paths, datasets, strict=True):
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DataError(
@@ -627,7 +652,7 @@ def _dicom_series(datasets: list, paths: Sequence[Path]) -> Image:
         raise DataError(
             f"{folder}: two slices share one position; the folder holds duplicates or several series"
         )
-    slices = [_dicom_pixels(datasets[i]) for i in order]
+    slices = [on_file(paths[i], _dicom_pixels, datasets[i]) for i in order]  # an error names its slice
     color = int(datasets[0].get("SamplesPerPixel", 1)) > 1
     volume = np.stack(slices, axis=0)  # (D, H, W) or (D, H, W, 3)
     array = _channels_first(volume, color=color, spatial=3)

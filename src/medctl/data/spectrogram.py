@@ -75,7 +75,7 @@ def expected_image_size(eeg: EEGConfig) -> tuple[int, int] | None:
 
 
 def prepare_signal(raw, eeg: EEGConfig, what: str):
-    """Steps 1-3 on an ``mne.io.Raw`` (changed in place and returned)."""
+    """Steps 1-3 on an ``mne.io.Raw`` (changed in place and returned); :func:`check_finite` it first."""
     if eeg.reference:
         ref = "average" if eeg.reference == "average" else [c.strip() for c in eeg.reference.split(",")]
         missing = [c for c in ref if c not in raw.ch_names] if ref != "average" else []
@@ -105,6 +105,30 @@ def prepare_signal(raw, eeg: EEGConfig, what: str):
     if eeg.resample_hz and eeg.resample_hz != sfreq:
         raw.resample(eeg.resample_hz, verbose="error")
     return raw
+
+
+def check_finite(raw, eeg: EEGConfig, what: str) -> None:
+    """DataError naming each used channel that holds NaN or infinite samples, with how many and from when
+    (the band-pass would spread them over every window, and the windows would be cached as valid).
+
+    Used: every channel under an average reference, else the kept ones (``channels``, default all) and the
+    reference channels. A recording with gaps is skipped, not patched: a window of invented samples would
+    teach a model what the recording never said. Reads one channel at a time (no copy of the recording)."""
+    wanted = set(raw.ch_names) if eeg.reference == "average" or not eeg.channels else {*eeg.channels}
+    if eeg.reference and eeg.reference != "average":
+        wanted |= {c.strip() for c in eeg.reference.split(",")}
+    sfreq = float(raw.info["sfreq"])
+    found = []
+    for name in [c for c in raw.ch_names if c in wanted]:
+        bad = ~np.isfinite(raw.get_data(picks=[name])[0])  # (N,)
+        if bad.any():
+            count = "all" if bad.all() else f"{int(bad.sum())} of {bad.size}"
+            found.append(f"{name} ({count} samples, from {np.argmax(bad) / sfreq:.2f} s)")
+    if found:
+        raise DataError(
+            f"{what}: NaN or infinite samples in channel(s) {', '.join(found)}; the recording has gaps: "
+            "export it again, or leave the channel out of data.eeg.channels"
+        )
 
 
 def spectrogram_windows(data: np.ndarray, sfreq: float, eeg: EEGConfig, what: str) -> tuple[np.ndarray, dict]:

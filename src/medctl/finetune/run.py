@@ -66,7 +66,7 @@ from medctl.finetune.features import data_fingerprint
 from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.modes import ModeInputs, build_mode
 from medctl.io import atomic_write, write_json
-from medctl.models.architecture import describe_encoder, pretrained_encoder
+from medctl.models.architecture import choose_encoder, describe_encoder, pretrained_encoder
 from medctl.models.checkpoints import classifier_payload, save_checkpoint
 from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
@@ -157,6 +157,7 @@ def _finetune(
     set_threads(config.run.threads, config.data.num_workers)
     train, model_cfg = config.train, config.model
     first_trainable = encoder_trainable_from(model_cfg, train.epochs)
+    refuse_before_data(config, run_dir, resume, overwrite=overwrite, extend=extend)
 
     # 1. data: the cache, its targets and sizes; splits that cannot train a classifier stop here
     cache = rank0_value(lambda: preprocess(config.data).cache_dir)  # a rerun decodes nothing
@@ -499,6 +500,22 @@ def wants_feature_cache(
     return True
 
 
+def refuse_before_data(
+    config: Config, run_dir: str | Path | None, resume: bool, *, overwrite: bool, extend: bool
+) -> None:
+    """What is refused without the cache, so before the preprocess pass: a run already in the folder (or
+    --resume of none), and ``model.encoder = "auto"`` with no checkpoint to read the architecture from."""
+    model = config.model
+    if model.encoder == "auto" and not model.checkpoint and not model.architecture_from:
+        choose_encoder(model, in_channels=1)  # raises its one line: "auto" has nothing to read
+    if run_dir is None and not config.run.name:
+        return
+    path = Path(run_dir) if run_dir is not None else Path(config.run.root) / config.run.name
+    if resume:
+        check_resume_settings(path, config, extend=extend)
+    claim_run_dir(path, resume=resume, overwrite=overwrite, act=False)
+
+
 def prepare_run_dir(
     config: Config,
     command: str,
@@ -712,11 +729,13 @@ def check_splits(
     where = f"the `{data.split_column}` column" if data.split_column else "data.split_ratios"
     for split, name in (("train", "training"), ("val", "validation")):
         if not counts["splits"].get(split, 0):
-            fix = (
-                f"mark some rows {split!r} in the `{data.split_column}` column"
-                if data.split_column
-                else f"give data.split_ratios a {split} share, e.g. [0.7, 0.15, 0.15]"
-            )
+            lost = uncached_rows(split, summary, cache)
+            if lost:
+                fix = f"the table has {split} rows, but none is in the cache: {lost}"
+            elif data.split_column:
+                fix = f"mark some rows {split!r} in the `{data.split_column}` column"
+            else:
+                fix = f"give data.split_ratios a {split} share, e.g. [0.7, 0.15, 0.15]"
             raise DataError(f"{cache}/manifest.parquet: the {name} split is empty; {fix}")
     warnings = []
     for spec in specs:
@@ -735,6 +754,22 @@ def check_splits(
     for warning in warnings:
         log(f"warning: {warning}")
     return warnings
+
+
+def uncached_rows(split: str, summary: Mapping[str, Any], cache: Path) -> str:
+    """Why the table's ``split`` rows are not in the cache ("8 not fetched ...; 2 failed ..."), or ""."""
+    missing = int(summary.get("missing_splits", {}).get(split, 0))
+    manifest = pd.read_parquet(cache / "manifest.parquet", columns=["source_id", "split", "status"])
+    failed = manifest[(manifest.split == split) & (manifest.status == "failed")].source_id.nunique()
+    reasons = []
+    if missing:
+        reasons.append(
+            f"{missing} not fetched while storage was unreachable (data.allow_incomplete = true went on without "
+            "them): rerun `medctl preprocess` when it is back"
+        )
+    if failed:
+        reasons.append(f"{failed} failed to preprocess (see {cache}/data_errors.csv)")
+    return "; ".join(reasons)
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
