@@ -138,7 +138,8 @@ def run_evaluate(
         provenance=provenance(checkpoint, meta, cache, git=env),
     )
     log(f"evaluate: {len(dataset)} {split} samples -> {out}")
-    tracker.begin(out, source_run=checkpoint.parent.parent)  # into the checkpoint's tracked run, or linked to it
+    # into the tracked run of the checkpoint's training run, or a new run linked to it
+    tracker.begin(out, source_run=payload["provenance"]["training_run"]["dir"])
     tracker.finish()
     return EvaluateResult(out, split, checkpoint, len(dataset), payload)
 

@@ -18,7 +18,7 @@ from medctl.runs import flatten
 # env.json / results.json / metrics.json keys that say what a result was computed from
 PROVENANCE_KEYS = (
     "medctl", "git_sha", "git_dirty", "torch", "device", "seed", "cache_fingerprint", "split_manifest_hash",
-    "data_fingerprint", "checkpoint", "checkpoint_sha256", "encoder", "mode", "method",
+    "data_fingerprint", "checkpoint", "checkpoint_sha256", "same_data_as_training", "encoder", "mode", "method",
 )  # fmt: skip
 # reports, tables and figures, relative to the folder; a saliency folder's first few panels
 ARTIFACTS = (
