@@ -168,7 +168,8 @@ def test_a_killed_and_resumed_finetune_is_one_run_with_continuous_steps_params_a
     )
     eval_files = {a.path for a in client(mlflow_server).list_artifacts(first_id, "eval_test")}
     assert {"eval_test/report.md", "eval_test/report.html", "eval_test/metrics.json"} <= eval_files
-    assert any(path.endswith(".png") and "confusion" in path for path in eval_files), eval_files
+    figures = {a.path for a in client(mlflow_server).list_artifacts(first_id, "eval_test/figures")}
+    assert any(path.endswith(".png") and "confusion" in path for path in figures), figures
     assert_no_secret(root, killed.stdout + killed.stderr, resumed.output, evaluated.output)
 
 

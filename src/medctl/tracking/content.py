@@ -57,7 +57,8 @@ def provenance_of(folder: Path) -> dict[str, str]:
 
 def final_metrics_of(folder: Path) -> dict[str, float]:
     """The figures a run ends with: fine-tune's best-epoch metrics, pretraining's final monitoring,
-    evaluate's headline metrics with their 95% CIs (``<metric>_ci_low`` / ``_ci_high``)."""
+    evaluate's headline metrics with their 95% CIs (``<metric>_ci_low`` / ``_ci_high``), saliency's
+    scores per method (``<method>/pointing_hit_rate``, ...)."""
     results, evaluated = _json(folder / "results.json"), _json(folder / "metrics.json")
     final: dict[str, Any] = {}
     final |= {f"final/{k}": v for k, v in (results.get("metrics") or {}).items()}
@@ -69,7 +70,13 @@ def final_metrics_of(folder: Path) -> dict[str, float]:
             final[f"{key}_low"], final[f"{key}_high"] = value
         else:
             final[key] = value
-    return {k: float(v) for k, v in final.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+    for method, figures in (_json(folder / "scores.json").get("scores") or {}).items():  # saliency
+        final |= {f"{method}/{k}": v for k, v in figures.items() if k != "seconds"}
+    return {
+        k: float(v)
+        for k, v in final.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def artifacts_of(folder: Path, *, checkpoints: bool) -> list[Path]:
