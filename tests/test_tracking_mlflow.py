@@ -79,7 +79,8 @@ def tracked(mlflow_server, monkeypatch, request):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "lab")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # one retry: a pooled connection the server closed while idle is retried, as medctl's default does
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     return [f'tracking.project="{request.node.name[:60]}"']
 
 
