@@ -9,6 +9,7 @@ into its training run later needs no step of its own. A sweep and its entries sh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class WandbBackend:
     def __init__(self, settings: TrackingConfig):
         import wandb
 
+        # W&B's own chatter (a warning per saved file) off unless the user asks; medctl says what matters
+        os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.settings = settings
         self.run: Any = None
