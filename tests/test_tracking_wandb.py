@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,23 @@ def wandb_records(path: Path) -> Iterator[Any]:
             pieces = b""
 
 
+def complete_log(path: Path, timeout_s: float = 120) -> list[Any]:
+    """The records once W&B's service (its own process) has written the exit record: ``run.finish()``
+    returns before the last of the log may be on disk."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except DecodeError:  # a chunk still being written
+            records = []
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: W&B never finished its log"
+        time.sleep(0.5)
+
+
 def items(updates) -> dict[str, Any]:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in updates}
 
@@ -72,7 +90,7 @@ def test_an_offline_wandb_run_holds_the_config_the_history_and_the_summary(synth
     assert f"wandb sync {log_file.parent}" in " ".join(result.output.split())
 
     config, history, summary, run_tags = {}, [], {}, []
-    for record in wandb_records(log_file):
+    for record in complete_log(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             config |= items(record.run.config.update)
@@ -84,7 +102,7 @@ def test_an_offline_wandb_run_holds_the_config_the_history_and_the_summary(synth
         elif kind == "summary":
             summary |= items(record.summary.update)
     results = json.loads((run_dir / "results.json").read_text())
-    assert config.get("train.epochs") == 3 and config.get("model.encoder") == "vit3d_test", sorted(config)[:30]
+    assert config["train.epochs"] == 3 and config["model.encoder"] == "vit3d_test"
     assert config["medctl.split_manifest_hash"] == results["split_manifest_hash"]
     assert run_tags == ["cohort:a"]
     # every row of metrics.jsonl at medctl's step: the epochs' and each optimizer step's
