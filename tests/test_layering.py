@@ -31,6 +31,8 @@ RANKS = {
     "models": 2,
     "evaluation": 2,
     "training": 2,
+    # experiment tracking (MLflow, W&B) of run folders; the fit loop knows it only as a ScalarSink
+    "tracking": 2,
     # stages: one per command
     "pretrain": 3,
     "finetune": 3,

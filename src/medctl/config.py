@@ -430,6 +430,23 @@ class SaliencyConfig(Section):
     cam_check_samples: int = Field(default=8, ge=0)
 
 
+# ------------------------------------------------------------------------------------------ tracking
+class TrackingConfig(Section):
+    """Experiment tracking beside TensorBoard (which stays on): one tracked run per run folder.
+
+    Credentials never live here: W&B reads WANDB_API_KEY or ``wandb login``, MLflow its MLFLOW_TRACKING_*
+    variables; neither is written to a run folder or printed."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"  # needs `uv sync --extra tracking`
+    project: str = "medctl"  # the W&B project, or the MLflow experiment
+    run_name: str = ""  # "": run.name (a sweep entry: <sweep>/<entry>)
+    tags: dict[str, str] = {}  # MLflow tags; W&B labels "key:value"
+    # every n-th train_step row of metrics.jsonl is sent (epoch rows always are); 1 sends what TensorBoard gets
+    log_every: int = Field(default=1, ge=1)
+    uri: str = ""  # MLflow server or store; "": MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db)
+    log_checkpoints: bool = False  # best.ckpt / encoder.ckpt as artifacts (they can be GBs)
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -438,6 +455,7 @@ class Config(Section):
     pretrain: PretrainConfig = PretrainConfig()
     sweep: SweepConfig = SweepConfig()
     saliency: SaliencyConfig = SaliencyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_toml(self) -> str:
         return dump_toml(self.model_dump(mode="json"))

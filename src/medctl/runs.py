@@ -25,7 +25,8 @@ from medctl.progress import log
 SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_key|session_key)", re.I)
 
 
-# Keys a resumed run may change: where and how fast it runs, never what it computes (reported, not refused).
+# Keys a resumed run may change: where and how fast it runs, never what it computes (reported, not refused);
+# [tracking] (where it is reported) is free as well.
 RESUME_FREE = ("run.device", "run.threads", "data.num_workers", "data.preprocess.workers", "data.cache_dir",
                "data.download_dir", "train.log_every", "pretrain.log_every")  # fmt: skip
 EPOCH_KEYS = ("train.epochs", "pretrain.epochs")  # changed on --resume only with --extend
@@ -82,7 +83,11 @@ def check_resume_settings(run_dir: Path, config: Config, *, extend: bool) -> Non
     for table in _one_sided_method_tables(saved_tree, now_tree):  # only the pretrain stage completes its table
         changed = {k: v for k, v in changed.items() if not k.startswith(f"pretrain.{table}.")}
     changed.pop("run.root", None), changed.pop("run.name", None)
-    free = {k: v for k, v in changed.items() if k in RESUME_FREE or (extend and k in EPOCH_KEYS)}
+    free = {
+        k: v
+        for k, v in changed.items()
+        if k in RESUME_FREE or k.startswith("tracking.") or (extend and k in EPOCH_KEYS)
+    }
     for key, (old, new) in free.items():
         log(f"--resume: {key} {old!r} -> {new!r}")
     refused = {k: v for k, v in changed.items() if k not in free}

@@ -35,6 +35,7 @@ from medctl.io import write_json
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
 from medctl.runs import environment_info, git_state, redact
+from medctl.tracking import connect
 from medctl.training.precision import resolve_device, set_threads
 from medctl.training.predict import labels_of, predict_logits, probabilities
 
@@ -98,6 +99,7 @@ def run_evaluate(
         )  # fmt: skip
     classifier, meta = load_classifier(checkpoint)
     config = checkpoint_config(meta, checkpoint, config_overrides, config_file, overrides)
+    tracker = connect(config.tracking, kind="evaluate")
     device = resolve_device(config.run.device)
     set_threads(config.run.threads, config.data.num_workers)
     classifier = classifier.to(device)
@@ -136,6 +138,9 @@ def run_evaluate(
         provenance=provenance(checkpoint, meta, cache, git=env),
     )
     log(f"evaluate: {len(dataset)} {split} samples -> {out}")
+    # into the tracked run of the checkpoint's training run, or a new run linked to it
+    tracker.begin(out, source_run=payload["provenance"]["training_run"]["dir"])
+    tracker.finish()
     return EvaluateResult(out, split, checkpoint, len(dataset), payload)
 
 

@@ -72,6 +72,7 @@ from medctl.models.classifier import build_classifier
 from medctl.models.encoders.base import Encoder
 from medctl.progress import log
 from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
+from medctl.tracking import connect
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -154,6 +155,7 @@ def _finetune(
     config: Config, *, command: str, resume: bool, run_dir: str | Path | None, overwrite: bool, extend: bool
 ) -> FinetuneResult:
     start = time.perf_counter()
+    tracker = connect(config.tracking, kind="finetune")  # a tracking server that does not answer stops us here
     set_threads(config.run.threads, config.data.num_workers)
     train, model_cfg = config.train, config.model
     first_trainable = encoder_trainable_from(model_cfg, train.epochs)
@@ -175,6 +177,7 @@ def _finetune(
 
     # 2. the run directory
     run_dir = prepare_run_dir(config, command, run_dir, resume, overwrite=overwrite, extend=extend)
+    tracker.begin(run_dir, resume=resume)
     if is_rank0():
         class_to_idx = {s.name: {c: i for i, c in enumerate(s.classes)} for s in specs}
         write_json(run_dir / "class_to_idx.json", class_to_idx)
@@ -238,6 +241,7 @@ def _finetune(
         start_epoch_hook=partial(start_epoch, classifier.encoder, first_trainable, train.lr_encoder, augment),
         log_every=train.log_every,
         extend=extend,
+        sink=tracker,
     )
 
     # 8. results
@@ -249,6 +253,7 @@ def _finetune(
     if is_rank0():
         write_results(result, config, preprocessing, specs)
         plot_curves(fitted.history, specs, train.monitor, run_dir)
+        tracker.finish()
     barrier()
     return result
 

@@ -45,6 +45,7 @@ from medctl.pretrain import METHODS, build_method, method_settings, min_batch_pr
 from medctl.pretrain import monitoring as mon
 from medctl.progress import log
 from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
+from medctl.tracking import connect
 from medctl.training.distributed import (
     barrier,
     cleanup_distributed,
@@ -101,6 +102,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     # 0. the method's table checked and completed before any work (config.toml then holds all of it)
     config = config.model_copy(update={"pretrain": resolved_pretrain(config.pretrain)})
     settings = config.pretrain
+    tracker = connect(config.tracking, kind="pretrain")  # a tracking server that does not answer stops us here
 
     # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
     device = resolve_device(config.run.device)
@@ -144,6 +146,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     if is_rank0():
         create_run_dir(config, command, name=run_dir.name)
     barrier()
+    tracker.begin(run_dir, resume=resume)
     preprocessing = preprocessing_info(summary)
     provenance = pool_provenance(
         trained_ids(train_set), cache_fingerprint=summary["fingerprint"], id_column=config.data.id_column,
@@ -182,6 +185,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
         resume=resume,
         log_every=settings.log_every,
         extend=extend,
+        sink=tracker,
     )
 
     # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
@@ -193,7 +197,9 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     pretext = pretext_vs_chance(method, settings.method, fitted.history)
     if pretext:
         facts["pretext_vs_chance"] = pretext
-    return finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
+    result = finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
+    tracker.finish()
+    return result
 
 
 # -------------------------------------------------------------------------------- what fit calls

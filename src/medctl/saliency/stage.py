@@ -50,6 +50,7 @@ from medctl.saliency.attribution import resolve_methods
 from medctl.saliency.layers import lesion_extent
 from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency
 from medctl.storage import fetch, is_remote
+from medctl.tracking import connect
 from medctl.training.precision import resolve_device, set_threads
 
 EXTENT_MASKS = 32  # training masks read to measure the lesions' size for the CAM layer choice
@@ -106,6 +107,7 @@ def run_saliency_stage(
 
     classifier, meta = load_classifier(checkpoint)
     config = checkpoint_config(meta, checkpoint, None, config_file, overrides)
+    tracker = connect(config.tracking, kind="saliency")
     settings = config.saliency
     names = resolve_methods(list(methods) if methods else settings.methods)
     specs = [TargetSpec.from_dict(t) for t in meta.get("targets") or []]
@@ -171,6 +173,8 @@ def run_saliency_stage(
         cam_check_source=check_source,
     )
     write_text_atomic(out / "config.toml", config.to_toml())
+    tracker.begin(out, source_run=run_dir_of(checkpoint))  # into the checkpoint's tracked run, or linked to it
+    tracker.finish()
     return SaliencyStageResult(out, result, len(samples), checkpoint, spec.name, what)
 
 

@@ -79,6 +79,7 @@ from medctl.sweep.state import (
     inner_split_digest,
     write_done,
 )
+from medctl.tracking import connect
 
 MODES = ("linear_probe", "finetune", "both")
 
@@ -144,6 +145,7 @@ def run_sweep(
         )
     jobs = jobs or config.sweep.jobs
     sweep_dir = sweep_dir_of(config)
+    tracker = connect(config.tracking, kind="sweep")  # the parent run of every entry's run
 
     # 1. checkpoints and entries, every entry's config resolved up front
     checkpoints = find_checkpoints(config, all_checkpoints=all_checkpoints)
@@ -159,6 +161,7 @@ def run_sweep(
     manifest_hash = split_manifest_hash(cache)
     log(f"sweep: cache {cache}, split manifest {manifest_hash}")
     write_sweep_files(config, sweep_dir, command)
+    tracker.begin(sweep_dir, resume=not fresh)
     state = SweepState.load(sweep_dir, manifest_hash, mode)
     inner_digest = ""
     if config.sweep.select_on == "inner_val":
@@ -216,6 +219,7 @@ def run_sweep(
         if isinstance(overlap, str) and overlap.endswith(" test"):  # Overlap.cell(): "2 val / 1 test"
             log(f"warning: sweep: {entry}: {overlap} participants were in its pretraining pool")
     log(f"sweep: leaderboard -> {md_path}")
+    tracker.finish()
     return SweepResult(
         sweep_dir, board, csv_path, md_path, outcomes, manifest_hash, cache, mode, time.perf_counter() - start
     )

@@ -49,7 +49,8 @@ improvement. A monitor that is not in the row is a ConfigError listing the avail
 
 What ``fit`` writes (rank 0 only)
 ---------------------------------
-- ``metrics.jsonl`` + ``tb/`` via :class:`~medctl.training.logging.MetricsLogger`: phase ``train``
+- ``metrics.jsonl`` + ``tb/`` via :class:`~medctl.training.logging.MetricsLogger` (and every row to
+  ``sink``, an experiment tracker, when given): phase ``train``
   (epoch means of ``train_step``'s scalars, ``lr``, ``lr_<group name>``, ``grad_norm`` before clipping
   when ``grad_clip > 0``, ``samples_per_s``, ``epoch_time_s``), phase ``val`` (``evaluate``'s dict), and
   every ``log_every`` steps phase ``train_step`` (``loss``, ``lr``).
@@ -100,7 +101,7 @@ from medctl.training.distributed import (
     world_size,
 )
 from medctl.training.early_stopping import EarlyStopping
-from medctl.training.logging import MetricsLogger
+from medctl.training.logging import MetricsLogger, ScalarSink
 from medctl.training.precision import autocast_context, effective_precision
 from medctl.training.seed import rng_state
 from medctl.training.state import load_train_state, save_train_state
@@ -142,6 +143,7 @@ def fit(
     start_epoch_hook: Callable[[int], None] | None = None,
     log_every: int = 0,
     extend: bool = False,
+    sink: ScalarSink | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; see the module docstring for the full contract."""
     device = torch.device(device)
@@ -150,7 +152,7 @@ def fit(
     extra_modules = dict(extra_modules or {})
     stopper = EarlyStopping(monitor, patience=patience) if monitor else None
     own_logger = logger is None
-    logger = logger if logger is not None else MetricsLogger(run_dir)
+    logger = logger if logger is not None else MetricsLogger(run_dir, sink=sink)
     precision = effective_precision(device, precision)
     history: list[dict[str, float]] = []
     best_epoch: int | None = None

@@ -3,7 +3,8 @@
 A ``metrics.jsonl`` row is flat: ``{"time": unix seconds, "phase": "train"|"val"|"train_step"|...,
 "epoch": 1-based epoch, "step": optimizer steps done, <metric>: value, ...}``, so
 ``pandas.read_json(path, lines=True)`` gives a table. Tensorboard tags are ``<phase>/<metric>`` against
-the optimizer step. Only rank 0 writes (``enabled``).
+the optimizer step. Only rank 0 writes (``enabled``). A ``sink`` (an experiment tracker,
+:mod:`medctl.tracking`) receives every row as it is written: the same phase, scalars and step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,11 +22,18 @@ from medctl.io import dumps_json, write_text_atomic
 from medctl.training.distributed import is_rank0
 
 
+class ScalarSink(Protocol):
+    """Where a row goes besides metrics.jsonl and tensorboard; it must never raise (it warns)."""
+
+    def log_scalars(self, phase: str, scalars: Mapping[str, float], step: int) -> None: ...
+
+
 class MetricsLogger:
     """Append rows to ``<run_dir>/metrics.jsonl`` and scalars to ``<run_dir>/tb/``; ``close()`` at the end."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool | None = None):
+    def __init__(self, run_dir: str | Path, enabled: bool | None = None, sink: ScalarSink | None = None):
         self.run_dir = Path(run_dir)
+        self.sink = sink
         self.path = self.run_dir / "metrics.jsonl"
         self.tb_dir = self.run_dir / "tb"
         self.enabled = is_rank0() if enabled is None else enabled
@@ -50,6 +58,8 @@ class MetricsLogger:
         for name, value in scalars.items():
             if math.isfinite(value):
                 writer.add_scalar(f"{phase}/{name}", value, step)
+        if self.sink is not None:
+            self.sink.log_scalars(phase, scalars, step)
 
     def rewind(self, *, epoch: int, step: int) -> None:
         """Forget what an interrupted run logged after its last checkpoint (before resuming there).
