@@ -225,6 +225,29 @@ def test_maps_with_no_peak_count_as_misses(trained_3d, tmp_path):
         assert baseline["n_scored"] == lesions
 
 
+def test_every_lesion_sample_of_the_split_is_scored_and_a_cap_says_how_many(trained_3d, tmp_path):
+    """Maps are written for --max-samples 1, yet every lesion sample of the split is scored by default; with
+    saliency.score_all_lesions = false the rate says "scored k of n lesion samples" on its own line."""
+    test = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("split == 'test' and status == 'ok'")
+    lesions = int((test["label"] == 1).sum())
+    first = int(np.flatnonzero((test["label"] == 1).to_numpy())[0]) + 1  # write up to the first lesion sample
+    assert lesions >= 2
+    args = ["--ckpt", str(trained_3d.best_checkpoint), "--split", "test", "--method", "gradients"]
+    args += ["--max-samples", str(first)]
+    assert invoke(*args, "--out", str(tmp_path / "all"), *FAST).exit_code == 0
+    index = pd.read_csv(tmp_path / "all" / "index.csv")
+    entry = json.loads((tmp_path / "all" / "scores.json").read_text())["scores"]["gradients"]
+    assert entry["n_scored"] == lesions and index["map_nrrd"].notna().sum() == first
+    assert set(index.loc[index["pointing_hit"].notna(), "id"]) == set(test.loc[test["label"] == 1, "id"])
+
+    capped = invoke(*args, "--out", str(tmp_path / "capped"), *FAST, "saliency.score_all_lesions=false")
+    assert capped.exit_code == 0, capped.output
+    entry = json.loads((tmp_path / "capped" / "scores.json").read_text())["scores"]["gradients"]
+    assert entry["n_scored"] == 1
+    line = f"({entry['pointing_hits']}/1; scored 1 of {lesions} lesion samples)"
+    assert line in " ".join(capped.output.split()) and line in (tmp_path / "capped" / "report.md").read_text()
+
+
 def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_3d, tmp_path):
     """A classifier with random weights: IG from a zero baseline still follows the image (the lesions are
     its brightest voxels), so its maps barely change under re-initialisation and are flagged; nothing it
@@ -431,8 +454,10 @@ def test_two_dimensional_maps_and_a_second_target(synthetic_2d, classifier_2d):
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["target_name"] == "lesion" and scores["kind"] == "multiclass"
     index = pd.read_csv(folder / "index.csv")
-    assert len(index) == 4 and (index["target_class"] == "edema").all()
-    for _, row in index.iterrows():
+    assert (index["target_class"] == "edema").all()
+    written = index[index["map_nrrd"].notna()]  # the first 2 samples; the split's other lesion samples are scored
+    assert len(written) == 4 and index.loc[index["map_nrrd"].isna(), "pointing_hit"].notna().all()
+    for _, row in written.iterrows():
         header = nrrd.read_header(str(folder / row["map_nrrd"]))
         assert int(header["space dimension"]) == 2
         np.testing.assert_allclose(np.linalg.norm(header["space directions"], axis=1), [2.0, 2.0])
@@ -520,21 +545,18 @@ def test_gradcam_points_at_the_lesions_and_a_finer_layer_points_inside_them(lesi
 
 
 # ------------------------------------------------------ class evidence that is not the brightest structure
-@pytest.fixture(scope="module")
-def trained_on_distractors(tmp_path_factory):
-    """A 2D resnet (no max-pool, conv1 stride 1) fine-tuned 6 epochs on 160 synthetic 32x32 images with two
-    distractors each, brighter than any lesion and in every class: the fast version of the slow 3D test
-    below (about 25 s on 2 quiet cores; measured: val balanced accuracy 0.88)."""
+def finetune_on_distractors(root: Path, epochs: int):
+    """A 2D resnet (no max-pool, conv1 stride 1) fine-tuned on 160 synthetic 32x32 images with two distractors
+    each, brighter than any lesion and in every class."""
     from medctl.data.synthetic import make_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("distractors_2d")
     dataset = make_synthetic_dataset(root / "data", n=160, dims=2, size=(32, 32), seed=0, distractors=2)
     config = load_config(
         None,
         [
             *dataset.config_overrides(), "data.preprocess.workers=1", "data.batch_size=8", 'run.device="cpu"',
             'model.encoder="resnet_test_2d"', "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
-            "model.freeze_encoder=false", "train.epochs=6", "train.lr_head=1e-2", "train.lr_encoder=3e-3",
+            "model.freeze_encoder=false", f"train.epochs={epochs}", "train.lr_head=1e-2", "train.lr_encoder=3e-3",
             "train.warmup_epochs=1", "train.patience=0", f"run.root={json.dumps(str(root / 'runs'))}",
             'run.name="ft"', "run.seed=0",
         ],
@@ -543,14 +565,22 @@ def trained_on_distractors(tmp_path_factory):
     return run_finetune(config)
 
 
-DISTRACTOR_SALIENCY = ["saliency.ig_steps=8", "saliency.max_samples=12"]
+@pytest.fixture(scope="module")
+def trained_on_distractors(tmp_path_factory):
+    """6 epochs of :func:`finetune_on_distractors`: the fast version of the slow 3D test below (about 25 s on 2
+    quiet cores; measured: val balanced accuracy 0.88)."""
+    return finetune_on_distractors(tmp_path_factory.mktemp("distractors_2d"), epochs=6)
 
 
-def test_on_distractor_data_a_trained_model_beats_both_baselines_with_a_paired_test(trained_on_distractors, tmp_path):
-    """The image's intensity map points at the distractors and misses every lesion; the trained model's IG finds
-    the lesions: it beats both input baselines and its own random-weight copy by exact McNemar tests on the same
-    samples, every lesion sample of the split is scored although only 4 maps are written, and its deletion
-    curve falls faster than random order and than the random-weight maps' order (sign test, same samples)."""
+DISTRACTOR_SALIENCY = ["saliency.ig_steps=8", "saliency.max_samples=12", "saliency.deletion=false"]
+
+
+def test_on_distractor_data_beats_needs_a_paired_test_and_every_lesion_is_scored(trained_on_distractors, tmp_path):
+    """The image's intensity map points at the distractors and misses every lesion. Measured with this fixture
+    (benchmarks/RESULTS.md): HiResCAM hits 8 of the 16 test lesions where both input baselines hit none, an
+    exact McNemar p of 0.008, so it beats them; IG hits 5 of 16 (p = 0.0625), which is not distinguishable,
+    however far above 0/16 it looks. Only 4 maps are written, yet every lesion sample of the split is scored,
+    with the random-weight copy's maps on the same samples."""
     assert trained_on_distractors.metrics["balanced_accuracy"] >= 0.75  # the model learned the task
     out_dir = tmp_path / "trained"
     out = invoke(
@@ -558,38 +588,38 @@ def test_on_distractor_data_a_trained_model_beats_both_baselines_with_a_paired_t
         "--method", "ig", "--method", "hirescam", "--max-samples", "4", *DISTRACTOR_SALIENCY,
     )  # fmt: skip
     assert out.exit_code == 0, out.output
+    shown = " ".join(out.output.split())
     report = json.loads((out_dir / "scores.json").read_text())
-    manifest = pd.read_parquet(trained_on_distractors.cache_dir / "manifest.parquet")
-    test = manifest.query("split == 'test' and status == 'ok'")
-    lesions = [i for i in test["id"] if np.load(trained_on_distractors.cache_dir / "masks" / f"{i}.npy").any()]
+    cache = trained_on_distractors.cache_dir
+    test = pd.read_parquet(cache / "manifest.parquet").query("split == 'test' and status == 'ok'")
+    lesions = [i for i in test["id"] if np.load(cache / "masks" / f"{i}.npy").any()]
     index = pd.read_csv(out_dir / "index.csv")
-    ig_rows = index[index["method"] == "integrated_gradients"]
     assert report["lesions_in_split"] == len(lesions) > 4
-    assert set(ig_rows.loc[ig_rows["pointing_hit"].notna(), "id"]) == set(lesions)  # all scored by default
-    assert ig_rows["map_nrrd"].notna().sum() == 4  # only the first 4 written
+    for method in ("integrated_gradients", "hirescam"):
+        rows = index[index["method"] == method]
+        assert set(rows.loc[rows["pointing_hit"].notna(), "id"]) == set(lesions)  # all scored by default
+        assert rows["map_nrrd"].notna().sum() == 4  # only the first 4 written
+        entry = report["scores"][method]
+        assert entry["n_scored"] == entry["random_weights_scored"] == len(lesions)
+        assert entry["pointing_low"] < entry["pointing_hit_rate"] < entry["pointing_high"]
+        # the verdict follows the paired tests, and only them
+        tests = [entry["comparisons"][name] for name in ("input_intensity", "input_edges")]
+        beats = all(t["p"] < 0.05 and t["only_method"] > t["only_other"] for t in tests)
+        assert entry["beats_input_baseline"] is beats
+        assert ("beats the input baseline" in entry["verdict"]) is beats
+        # target "true" by default: each sample's labelled class; a misclassified sample is marked
+        assert (rows["target_class"] == rows["label"]).all()
+        assert (rows["misclassified"] == (rows["prediction"] != rows["label"])).all()
     intensity = report["baselines"]["input_intensity"]
     assert intensity["n_scored"] == len(lesions) and intensity["pointing_hit_rate"] == 0.0  # distractors win it
-
-    ig = report["scores"]["integrated_gradients"]
-    assert ig["n_scored"] == len(lesions) and ig["pointing_low"] < ig["pointing_hit_rate"] < ig["pointing_high"]
-    for baseline in ("input_intensity", "input_edges"):
-        assert ig["comparisons"][baseline]["p"] < 0.05 < ig["comparisons"][baseline]["only_method"]
-    assert ig["beats_input_baseline"] is True and ig["beats_random_weights"] is True and ig["failed"] is False
-    assert ig["input_driven"] is False
-    deletion = ig["deletion"]
-    assert deletion["n"] == len(ig_rows) and deletion["random_order"]["p"] < 0.05
-    assert deletion["auc"] < deletion["random_order_auc"] and deletion["auc"] < deletion["random_weights_auc"]
-    assert deletion["random_weights"]["p"] < 0.05 and ig["deletion_faithful"] is True
-    assert "deletion AUC" in ig["verdict"] and "faster than random order" in ig["verdict"]
-    beating = [m for m, e in report["scores"].items() if e["beats_input_baseline"]]
-    line = f"Beat the input baseline (paired exact test, p < 0.05): {', '.join(beating)}."
-    assert line in (out_dir / "report.md").read_text() and line in " ".join(out.output.split())
-    assert "beats the input baseline" in " ".join(out.output.split())
+    hires, ig = report["scores"]["hirescam"], report["scores"]["integrated_gradients"]
+    assert hires["beats_input_baseline"] is True and hires["comparisons"]["input_edges"]["p"] < 0.05
+    assert ig["pointing_hits"] > 0 and ig["beats_input_baseline"] is False
+    assert "not distinguishable from the input baseline" in ig["verdict"] and ig["failed"] is False
+    line = "Beat the input baseline (paired exact test, p < 0.05): hirescam."
+    assert line in (out_dir / "report.md").read_text() and line in shown
+    assert "Not distinguishable from the input baseline (paired exact test, p < 0.05): integrated_gradients" in shown
     assert report["cam_layers"]["hirescam"]["check"]["source"] == "val split"  # hirescam's own held-out check
-    # target "true" by default: the labelled class; a misclassified sample is marked
-    labels = ig_rows["label"]
-    assert (ig_rows["target_class"] == labels).all()
-    assert (ig_rows["misclassified"] == (ig_rows["prediction"] != labels)).all()
 
 
 def test_on_distractor_data_a_random_weight_model_is_flagged(tmp_path):
@@ -668,3 +698,30 @@ def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_
     assert beating, report["scores"]
     line = f"Beat the input baseline (paired exact test, p < 0.05): {', '.join(beating)}."
     assert line in (out_dir / "report.md").read_text() and line in " ".join(out.output.split())
+
+
+@pytest.mark.slow
+def test_a_trained_model_s_ig_deletes_the_evidence_faster_than_random_order(tmp_path):
+    """Deletion on the 2D distractor set after 12 epochs (about 60 s of training on 2 quiet cores; measured:
+    IG's deletion AUC 0.03 against 0.15 for random order, lower on 16 of 16 test lesions, p < 0.001; against
+    the random-weight copy's IG order 0.027, lower on 12 of 16, p = 0.077: IG from a zero baseline orders
+    the patches by brightness whatever the weights, so that comparison is reported as not distinguishable)."""
+    ckpt = finetune_on_distractors(tmp_path, epochs=12).best_checkpoint
+    out_dir = tmp_path / "deletion"
+    out = invoke(
+        "--ckpt", str(ckpt), "--split", "test", "--out", str(out_dir), "--method", "ig", "--max-samples", "4",
+        "saliency.ig_steps=8",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    ig = json.loads((out_dir / "scores.json").read_text())["scores"]["integrated_gradients"]
+    deletion = ig["deletion"]
+    index = pd.read_csv(out_dir / "index.csv")
+    scored = index[index["deletion_auc"].notna()]
+    assert deletion["n"] == len(scored) == ig["n_scored"]  # the lesion samples, each with both baselines
+    assert scored["deletion_random_order_auc"].notna().all() and scored["deletion_random_weights_auc"].notna().all()
+    assert deletion["auc"] < deletion["random_order_auc"]
+    assert deletion["random_order"]["p"] < 0.05 and deletion["random_order"]["lower"] > deletion["random_order"]["higher"]
+    assert ig["deletion_faithful"] is True and "faster than random order" in ig["verdict"]
+    weights = deletion["random_weights"]
+    word = "faster than" if weights["p"] < 0.05 and weights["lower"] > weights["higher"] else "not distinguishable from"
+    assert f"{word} random weights" in ig["verdict"]

@@ -449,7 +449,7 @@ def deletion_words(deletion: dict[str, Any], alpha: float) -> str:
 def hits_text(entry: dict[str, Any], lesions_in_split: int | None = None) -> str:
     """``0.75 [0.47, 0.91] (9/12)``, with ``; scored 6 of 20 lesion samples`` when a cap left some out."""
     if not entry.get("n_scored"):
-        return "—"
+        return f"— (scored 0 of {lesions_in_split} lesion samples)" if lesions_in_split else "—"
     text = (
         f"{entry['pointing_hit_rate']:.2f} [{entry['pointing_low']:.2f}, {entry['pointing_high']:.2f}] "
         f"({entry['pointing_hits']}/{entry['n_scored']}"
