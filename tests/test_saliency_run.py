@@ -18,7 +18,7 @@ from medctl.saliency import run_saliency
 from test_saliency_support import ball, make_model
 
 SIZE = (8, 16, 16)
-FAST = dict(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8], target="pred")
+FAST = dict(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8], target="pred", deletion=False)
 
 
 def settings(methods: list[str], **values) -> SaliencyConfig:
@@ -53,7 +53,7 @@ def test_three_dimensional_run_writes_maps_panels_index_and_scores(tmp_path, see
         classes=["low", "mid", "high"],
         target_name="grade",
         out_dir=tmp_path,
-        settings=settings(["integrated_gradients", "gradcam"], randomisation_check=True),
+        settings=settings(["integrated_gradients", "gradcam"], randomisation_check=True, deletion=True, deletion_steps=4),
     )
 
     index = pd.read_csv(result.index_path)
@@ -65,6 +65,12 @@ def test_three_dimensional_run_writes_maps_panels_index_and_scores(tmp_path, see
     assert index["pointing_hit"].notna().all() and index["mask_share"].between(0, 0.2).all()
     assert index["randomisation_spearman"].between(-1, 1).all()
     assert result.randomised_modules and "heads.grade" in result.randomised_modules
+    # a deletion curve per lesion sample and map, beside random order and the random-weight map's order
+    for column in ("deletion_auc", "deletion_random_order_auc", "deletion_random_weights_auc"):
+        assert index[column].between(0, 1).all()
+    assert result.scores["gradcam"]["deletion"]["n"] == 3 and "deletion AUC" in result.scores["gradcam"]["verdict"]
+    assert index["misclassified"].tolist() == (index["prediction"] != index["label"]).tolist()
+    assert set(index.loc[index["method"] == "gradcam", "layer"]) == {result.cam_layers["gradcam"].name}
 
     row = index.iloc[0]
     cached = read_image(tmp_path / row["map_nrrd"])  # (1, D, H, W) with LPS geometry
