@@ -618,7 +618,7 @@ def test_on_distractor_data_beats_needs_a_paired_test_and_every_lesion_is_scored
     assert "not distinguishable from the input baseline" in ig["verdict"] and ig["failed"] is False
     line = "Beat the input baseline (paired exact test, p < 0.05): hirescam."
     assert line in (out_dir / "report.md").read_text() and line in shown
-    assert "Not distinguishable from the input baseline (paired exact test, p < 0.05): integrated_gradients" in shown
+    assert "Not distinguishable from the input baseline (paired exact test at α = 0.05): integrated_gradients" in shown
     assert report["cam_layers"]["hirescam"]["check"]["source"] == "val split"  # hirescam's own held-out check
 
 

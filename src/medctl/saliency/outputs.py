@@ -90,7 +90,8 @@ def summary_lines(scores: Mapping[str, Mapping[str, Any]], alpha: float) -> list
     undecided = [m for m in having("beats_input_baseline", False) if m not in failed]
     if undecided:
         lines.append(
-            f"Not distinguishable from the input baseline ({level}): {', '.join(undecided)}: on these samples the "
+            f"Not distinguishable from the input baseline (paired exact test at α = {alpha:g}): {', '.join(undecided)}: "
+            "on these samples the "
             "pointing game cannot tell their maps from the image's own intensity or edges."
         )
     if failed:
