@@ -108,7 +108,7 @@ def test_a_token_encoder_from_the_registry(cache, tmp_path, seed):
         classes=spec.classes,
         target_name=spec.name,
         out_dir=tmp_path,
-        settings=SaliencyConfig(methods=["gradcam"], ig_steps=4, randomisation_check=True),
+        settings=SaliencyConfig(methods=["gradcam"], ig_steps=4, randomisation_check=True, deletion=False),
     )
     assert any(name.startswith("encoder.blocks.") for name in result.randomised_modules)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_two_dimensional_maps_from_pngs_and_from_slices(
         classes=spec.classes,
         target_name=spec.name,
         out_dir=out,
-        settings=SaliencyConfig(methods=["gradients"], ig_steps=4, randomisation_check=False),
+        settings=SaliencyConfig(methods=["gradients"], ig_steps=4, randomisation_check=False, deletion=False),
     )
     row = result.index.iloc[0]
     header = nrrd.read_header(str(out / row["map_nrrd"]))
