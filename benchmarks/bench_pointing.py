@@ -31,6 +31,7 @@ from pathlib import Path
 from machine_info import machine
 
 from medctl.data.synthetic import make_synthetic_dataset
+from medctl.saliency.scoring import hits_text
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # the pointing game's protocol (Zhang et al. 2016): explain the labelled class, whatever the prediction
@@ -130,12 +131,12 @@ def run_scenario(
     runs = [("", scenario.methods)] + [(layer, scenario.layer_methods) for layer in scenario.finer_layers]
     for layer, methods in runs:
         report = explain(ckpt, root / f"saliency_{layer or 'default'}", methods, layer)
-        chosen = (report.get("cam_layer") or {}).get("name", "")
+        layers = report.get("cam_layers") or {}
         if not layer:
-            cam_layer = report.get("cam_layer") or {}
+            cam_layers = layers
         for method, scores in report["scores"].items():
-            cam = method in ("gradcam", "hirescam")
-            shown = (layer or f"default ({chosen})") if cam else "-"
+            chosen = (layers.get(method) or {}).get("name", "")
+            shown = (layer or f"default ({chosen})") if method in layers else "-"
             rows.append({"method": method, "layer": shown, **scores})
         if not layer:
             for name, scores in report["baselines"].items():
@@ -143,7 +144,7 @@ def run_scenario(
     info = {
         "val balanced accuracy": results["metrics"]["balanced_accuracy"],
         "seconds": time.perf_counter() - started,
-        "cam_layer": cam_layer,
+        "cam_layers": cam_layers,
     }
     return info, rows
 
@@ -159,34 +160,33 @@ def table(
         "val balanced accuracy "
         f"{info['val balanced accuracy']:.3f}; scenario wall time {info['seconds']:.0f} s",
         "",
-        *cam_check_lines(info["cam_layer"]),
-        "| method | CAM layer | scored maps | pointing game | chance | mass in mask | s/map | verdict |",
+        *[line for method, cam in info["cam_layers"].items() for line in cam_check_lines(method, cam)],
+        "| method | CAM layer | scored maps | pointing game [95% CI] | chance | mass in mask | s/map | verdict |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         seconds = "" if math.isnan(row.get("seconds") or math.nan) else f"{row['seconds']:.2f}"
         lines.append(
-            f"| {row['method']} | {row['layer']} | {row['n_scored']} | {row['pointing_hit_rate']:.2f} "
-            f"({row['pointing_hits']}/{row['n_scored']}) | {row['pointing_chance']:.4f} | "
+            f"| {row['method']} | {row['layer']} | {row['n_scored']} | {hits_text(row)} | {row['pointing_chance']:.4f} | "
             f"{row['mass_in_mask']:.3f} | {seconds} | {row.get('verdict') or 'baseline'} |"
         )
     return lines
 
 
-def cam_check_lines(cam_layer: dict) -> list[str]:
-    """How the default CAM layer was chosen: the held-out check's candidates and scores, or the rule."""
+def cam_check_lines(method: str, cam_layer: dict) -> list[str]:
+    """How a CAM method's default layer was chosen: its held-out check's candidates and scores, or the rule."""
     check = cam_layer.get("check")
     if not check:
-        return [f"- default CAM layer `{cam_layer.get('name', '')}`: {cam_layer.get('rule', '')}", ""]
+        return [f"- {method}'s default layer `{cam_layer.get('name', '')}`: {cam_layer.get('rule', '')}", ""]
     scored = ", ".join(
         f"{c['name']} {c['check_pointing_hit_rate']:.2f} / {c['check_mass_in_mask']:.3f}"
         for c in cam_layer["candidates"]
         if "check_pointing_hit_rate" in c
     )
     return [
-        f"- default CAM layer `{cam_layer['name']}`, chosen on {len(check['ids'])} held-out lesion samples of the "
-        f"{check['source']} ({', '.join(check['methods'])}; pointing game / mass in mask per candidate: {scored}; "
-        f"{check['seconds']:.1f} s; the resolution rule alone: {check['resolution_rule_choice']})",
+        f"- {method}'s default layer `{cam_layer['name']}`, chosen on {len(check['ids'])} held-out lesion samples of "
+        f"the {check['source']} (pointing game / mass in mask per candidate: {scored}; best against chance "
+        f"p = {check['p']:.3f}; {check['seconds']:.1f} s; the resolution rule alone: {check['resolution_rule_choice']})",
         "",
     ]
 

@@ -61,10 +61,15 @@ def test_demo_writes_every_stage(demo_run):
     index = pd.read_csv(out / "finetune" / "saliency_test" / "index.csv")
     assert set(index["method"]) == {"integrated_gradients", "gradcam", "hirescam"}
     assert list((out / "finetune" / "saliency_test").rglob("*.nrrd"))
+    scores = json.loads((out / "finetune" / "saliency_test" / "scores.json").read_text())
+    assert scores["settings"]["gradcam_layer"] == "" and set(scores["cam_layers"]) == {"gradcam", "hirescam"}
+    for entry in scores["scores"].values():  # every rate with its interval, every verdict from a test
+        assert entry["n_scored"] == 0 or entry["pointing_low"] <= entry["pointing_hit_rate"] <= entry["pointing_high"]
+        assert "beats" not in entry["verdict"] or any(c["p"] < 0.05 for c in entry["comparisons"].values())
     # the report embeds its figures
     html = (out / "report.html").read_text()
     report = (out / "report.md").read_text()
-    assert "## Leaderboard" in report and "pointing game" in report and "medctl sweep" in report
+    assert "## Leaderboard" in report and "pointing game [95% CI]" in report and "medctl sweep" in report
     assert html.count("data:image/png;base64") >= 2
 
 

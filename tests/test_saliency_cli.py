@@ -31,7 +31,7 @@ from medctl.saliency.stage import run_saliency_stage
 
 runner = CliRunner()
 CACHED_SIZE = [8, 16, 16]  # the synthetic volumes are (16, 32, 32) with spacing (2, 1, 1)
-FAST = ["saliency.ig_steps=4", "saliency.randomisation_check=false"]
+FAST = ["saliency.ig_steps=4", "saliency.randomisation_check=false", "saliency.deletion=false"]
 
 
 def invoke(*args: str):
@@ -211,9 +211,41 @@ def test_maps_with_no_peak_count_as_misses(trained_3d, tmp_path):
         )
         assert entry["mass_in_mask"] == 0.0
     shown = " ".join(out.output.split())
-    assert f"integrated_gradients: pointing game 0.000 (0/{lesions}, input baseline" in shown
+    assert "integrated_gradients: pointing game 0.00 [0.00, " in shown and f"(0/{lesions}), chance" in shown
+    n = scores["scores"]["integrated_gradients"]["n"]
+    for method in ("integrated_gradients", "gradcam"):  # every map is all zero: counted, flagged, failed
+        entry = scores["scores"][method]
+        assert entry["empty_maps"] == n and entry["failed"] is True
+        assert entry["verdict"].startswith("the maps failed to locate the lesion (not above chance")
+        assert f"{n} of {n} maps empty" in entry["verdict"]
+    assert (pd.read_csv(tmp_path / "s" / "index.csv")["map_flat"] == "empty").all()
+    assert "Maps that point nowhere (all zero or constant): integrated_gradients" in shown
+    assert "The maps failed to locate the lesion: integrated_gradients, gradcam" in shown
     for baseline in scores["baselines"].values():  # the model-free maps are scored on the same samples
         assert baseline["n_scored"] == lesions
+
+
+def test_every_lesion_sample_of_the_split_is_scored_and_a_cap_says_how_many(trained_3d, tmp_path):
+    """Maps are written for --max-samples 1, yet every lesion sample of the split is scored by default; with
+    saliency.score_all_lesions = false the rate says "scored k of n lesion samples" on its own line."""
+    test = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("split == 'test' and status == 'ok'")
+    lesions = int((test["label"] == 1).sum())
+    first = int(np.flatnonzero((test["label"] == 1).to_numpy())[0]) + 1  # write up to the first lesion sample
+    assert lesions >= 2
+    args = ["--ckpt", str(trained_3d.best_checkpoint), "--split", "test", "--method", "gradients"]
+    args += ["--max-samples", str(first)]
+    assert invoke(*args, "--out", str(tmp_path / "all"), *FAST).exit_code == 0
+    index = pd.read_csv(tmp_path / "all" / "index.csv")
+    entry = json.loads((tmp_path / "all" / "scores.json").read_text())["scores"]["gradients"]
+    assert entry["n_scored"] == lesions and index["map_nrrd"].notna().sum() == first
+    assert set(index.loc[index["pointing_hit"].notna(), "id"]) == set(test.loc[test["label"] == 1, "id"])
+
+    capped = invoke(*args, "--out", str(tmp_path / "capped"), *FAST, "saliency.score_all_lesions=false")
+    assert capped.exit_code == 0, capped.output
+    entry = json.loads((tmp_path / "capped" / "scores.json").read_text())["scores"]["gradients"]
+    assert entry["n_scored"] == 1
+    line = f"({entry['pointing_hits']}/1; scored 1 of {lesions} lesion samples)"
+    assert line in " ".join(capped.output.split()) and line in (tmp_path / "capped" / "report.md").read_text()
 
 
 def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_3d, tmp_path):
@@ -231,7 +263,7 @@ def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_
     out_dir = tmp_path / "s"
     out = invoke(
         "--ckpt", str(ckpt), "--method", "ig", "--method", "gradcam", "--out", str(out_dir),
-        "saliency.ig_steps=4", "saliency.randomisation_samples=3",
+        "saliency.ig_steps=4", "saliency.randomisation_samples=3", "saliency.deletion=false",
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     shown = " ".join(out.output.split())
@@ -241,16 +273,18 @@ def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_
         report["settings"]["randomisation_scope"] == "full"
         and report["settings"]["randomisation_samples"] == 3
     )
-    # the check ran on the first 3 samples and on the first 3 lesion samples, no others
+    # the check ran on the first 3 samples and on every lesion sample (the paired random-weight test), no others
     index = pd.read_csv(out_dir / "index.csv")
     per_sample = index[index["method"] == "integrated_gradients"].reset_index(drop=True)
     lesion = per_sample["pointing_hit"].notna()
-    expected = per_sample.index < 3
-    expected |= lesion & (lesion.cumsum() <= 3)
+    expected = (per_sample.index < 3) | lesion
     assert per_sample["randomisation_spearman"].notna().tolist() == expected.tolist()
     assert ig["n_randomisation"] == cam["n_randomisation"] == int(expected.sum())
+    # rho is high and the paired test finds no win over random weights: both say the maps follow the input
     assert ig["randomisation_spearman"] >= 0.5 and ig["input_driven"] is True
-    assert "depends on the input more than the model" in ig["verdict"]
+    assert ig["beats_random_weights"] is False
+    assert "not distinguishable from random weights" in ig["verdict"]
+    assert "depends on the input more than the model (randomisation ρ" in ig["verdict"]
     assert ig["beats_input_baseline"] is False and cam["beats_input_baseline"] is False
     baselines = report["baselines"]
     assert set(baselines) == {"input_intensity", "input_edges"}
@@ -262,22 +296,21 @@ def test_every_score_comes_with_baselines_and_a_random_model_is_flagged(trained_
     scored = index[index["pointing_hit"].notna()]
     assert scored["input_intensity_hit"].notna().all() and scored["input_edges_hit"].notna().all()
     assert "input: intensity" in shown and "input: edges" in shown
-    assert "integrated_gradients: randomisation ρ ≥ 0.5" in shown
-    assert "— no better than the input baseline; depends on the input more than the model; " in shown
+    assert "Depend on the input more than the model: integrated_gradients" in shown
     markdown = (out_dir / "report.md").read_text()
-    assert "| input intensity (no model) |" in markdown and "Flagged by the randomisation check" in markdown
-    assert "No method beats the input baseline" in markdown
-    # the randomised copy's own pointing game, beside the trained model's, on the same checked lesion samples
+    assert "| input intensity (no model) |" in markdown and "Depend on the input more than the model" in markdown
+    assert "Beat the input baseline" not in markdown and "says nothing about the model" not in markdown
+    # the randomised copy's own pointing game, beside the trained model's, on every scored lesion sample
     checked = index[index["random_weights_hit"].notna()]
-    assert checked["pointing_hit"].notna().all() and len(checked) == len(
-        index[index["randomisation_spearman"].notna() & index["pointing_hit"].notna()]
-    )
+    assert len(checked) == len(scored)
     for name, entry in report["scores"].items():
         rows = checked[checked["method"] == name]
-        assert entry["random_weights_scored"] == len(rows) > 0
+        assert entry["random_weights_scored"] == len(rows) == entry["n_scored"] > 0
         assert entry["random_weights_hits"] == int(rows["random_weights_hit"].sum())
         assert entry["checked_hits"] == int(rows["pointing_hit"].sum())
-        assert entry["beats_random_weights"] == (entry["checked_hits"] > entry["random_weights_hits"])
+        paired = entry["comparisons"]["random_weights"]
+        trained_hit, random_hit = rows["pointing_hit"].astype(bool), rows["random_weights_hit"].astype(bool)
+        assert paired["only_method"] == int((trained_hit & ~random_hit).sum())
         assert f"(trained {entry['checked_hits']}/{len(rows)})" in markdown
 
 
@@ -286,7 +319,7 @@ def test_without_a_check_the_cam_layer_is_chosen_for_the_lesion_size_and_recorde
     sample_id = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").query("label == 1")["id"].iloc[0]
     args = ["--ckpt", ckpt, "--ids", sample_id, "--method", "gradcam", *FAST, "saliency.cam_check_samples=0"]
     assert invoke(*args, "--out", str(tmp_path / "auto")).exit_code == 0
-    chosen = json.loads((tmp_path / "auto" / "scores.json").read_text())["cam_layer"]
+    chosen = json.loads((tmp_path / "auto" / "scores.json").read_text())["cam_layers"]["gradcam"]
     extent = chosen["target_extent"]  # measured on the cache's training masks, in cached voxels
     assert extent and len(extent) == 3 and all(0 < e < s for e, s in zip(extent, CACHED_SIZE, strict=True))
     by_name = {c["name"]: c for c in chosen["candidates"]}
@@ -299,7 +332,7 @@ def test_without_a_check_the_cam_layer_is_chosen_for_the_lesion_size_and_recorde
     ]
     assert chosen["name"] == (finer_than_needed[-1]["name"] if finer_than_needed else chosen["name"])
     assert invoke(*args, "--gradcam-layer", "last", "--out", str(tmp_path / "last")).exit_code == 0
-    last = json.loads((tmp_path / "last" / "scores.json").read_text())["cam_layer"]
+    last = json.loads((tmp_path / "last" / "scores.json").read_text())["cam_layers"]["gradcam"]
     assert last["name"] == "last" and "own last spatial layer" in last["rule"]
     auto_map = nrrd.read(str(tmp_path / "auto" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
     last_map = nrrd.read(str(tmp_path / "last" / "maps" / sample_id / "gradcam.nrrd"), index_order="C")[0]
@@ -316,39 +349,43 @@ def test_the_default_cam_layer_is_the_best_on_held_out_lesions_and_recorded(trai
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     report = json.loads((out_dir / "scores.json").read_text())
-    chosen = report["cam_layer"]
-    check = chosen["check"]
     manifest = pd.read_parquet(trained_3d.cache_dir / "manifest.parquet").set_index("id")
-    assert check["source"] == "val split" and len(check["ids"]) == 2  # the val split has 2 lesion samples
-    assert set(manifest.loc[check["ids"], "split"]) == {"val"} and all(
-        manifest.loc[check["ids"], "label"] == 1
-    )
-    reported = set(pd.read_csv(out_dir / "index.csv")["id"])
-    assert not reported & set(check["ids"])
-    assert check["methods"] == ["gradcam", "hirescam"] and check["seconds"] > 0
-    scored = [c for c in chosen["candidates"] if "check_pointing_hit_rate" in c]
-    assert [c["name"] for c in scored] == ["layer1", "layer2", "layer3", "layer4"]  # the 4 deepest map sizes
-    best = max(scored, key=lambda c: (c["check_pointing_hit_rate"], c["check_mass_in_mask"]))
-    assert chosen["name"] in {c["name"] for c in scored}
-    by_name = {c["name"]: c for c in scored}
-    assert (
-        by_name[chosen["name"]]["check_pointing_hit_rate"],
-        by_name[chosen["name"]]["check_mass_in_mask"],
-    ) == (best["check_pointing_hit_rate"], best["check_mass_in_mask"])
-    assert chosen["stride"] == by_name[chosen["name"]]["stride"] and "held-out" in chosen["rule"]
+    index = pd.read_csv(out_dir / "index.csv")
     markdown = (out_dir / "report.md").read_text()
-    assert "Held-out check of the CAM layer (2 lesion samples of the val split" in markdown
-    assert f"| `{chosen['name']}` (chosen) |" in markdown
-    assert f"the CAMs read {chosen['name']}" in " ".join(out.output.split())
+    shown = " ".join(out.output.split())
+    assert set(report["cam_layers"]) == {"gradcam", "hirescam"}
+    for method, chosen in report["cam_layers"].items():  # each CAM method chose on its own check scores
+        check = chosen["check"]
+        assert check["source"] == "val split" and len(check["ids"]) == 2  # the val split has 2 lesion samples
+        assert set(manifest.loc[check["ids"], "split"]) == {"val"} and all(manifest.loc[check["ids"], "label"] == 1)
+        assert not set(index["id"]) & set(check["ids"])
+        assert check["method"] == method and check["seconds"] > 0 and 0 <= check["p"] <= 1
+        scored = [c for c in chosen["candidates"] if "check_pointing_hit_rate" in c]
+        assert [c["name"] for c in scored] == ["layer1", "layer2", "layer3", "layer4"]  # the 4 deepest map sizes
+        best = max(scored, key=lambda c: (c["check_pointing_hit_rate"], c["check_mass_in_mask"]))
+        by_name = {c["name"]: c for c in scored}
+        assert (
+            by_name[chosen["name"]]["check_pointing_hit_rate"],
+            by_name[chosen["name"]]["check_mass_in_mask"],
+        ) == (best["check_pointing_hit_rate"], best["check_mass_in_mask"])
+        assert chosen["stride"] == by_name[chosen["name"]]["stride"] and "held-out" in chosen["rule"]
+        assert report["scores"][method]["layer"] == chosen["name"]
+        assert set(index.loc[index["method"] == method, "layer"]) == {chosen["name"]}
+        assert f"Held-out check of {method}'s layer (2 lesion samples of the val split" in markdown
+        assert f"{method} layer: `{chosen['name']}`" in markdown
+        assert f"{method} layer {chosen['name']}: the best pointing game" in shown
+        if not check["significant"]:  # 2 check lesions rarely reach p < 0.05: the report warns
+            assert "not significantly above chance" in chosen["rule"]
+            assert f"no layer made {method} locate the held-out lesions" in markdown
     # explaining val itself: the check moves to train
     val_dir = tmp_path / "val"
     args = ["--ckpt", ckpt, "--split", "val", "--method", "gradcam", "--out", str(val_dir), *FAST]
     assert invoke(*args, "saliency.cam_check_samples=2").exit_code == 0
-    val_check = json.loads((val_dir / "scores.json").read_text())["cam_layer"]["check"]
+    val_check = json.loads((val_dir / "scores.json").read_text())["cam_layers"]["gradcam"]["check"]
     assert val_check["source"] == "train split" and set(manifest.loc[val_check["ids"], "split"]) == {"train"}
     # a named layer wins and needs no check
     assert invoke(*args, "--gradcam-layer", "layer3", "--out", str(tmp_path / "named")).exit_code == 0
-    named = json.loads((tmp_path / "named" / "scores.json").read_text())["cam_layer"]
+    named = json.loads((tmp_path / "named" / "scores.json").read_text())["cam_layers"]["gradcam"]
     assert named["name"] == "layer3" and named["check"] is None
 
 
@@ -417,8 +454,10 @@ def test_two_dimensional_maps_and_a_second_target(synthetic_2d, classifier_2d):
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["target_name"] == "lesion" and scores["kind"] == "multiclass"
     index = pd.read_csv(folder / "index.csv")
-    assert len(index) == 4 and (index["target_class"] == "edema").all()
-    for _, row in index.iterrows():
+    assert (index["target_class"] == "edema").all()
+    written = index[index["map_nrrd"].notna()]  # the first 2 samples; the split's other lesion samples are scored
+    assert len(written) == 4 and index.loc[index["map_nrrd"].isna(), "pointing_hit"].notna().all()
+    for _, row in written.iterrows():
         header = nrrd.read_header(str(folder / row["map_nrrd"]))
         assert int(header["space dimension"]) == 2
         np.testing.assert_allclose(np.linalg.norm(header["space directions"], axis=1), [2.0, 2.0])
@@ -506,21 +545,18 @@ def test_gradcam_points_at_the_lesions_and_a_finer_layer_points_inside_them(lesi
 
 
 # ------------------------------------------------------ class evidence that is not the brightest structure
-@pytest.fixture(scope="module")
-def trained_on_distractors(tmp_path_factory):
-    """A 2D resnet (no max-pool, conv1 stride 1) fine-tuned 6 epochs on 160 synthetic 32x32 images with two
-    distractors each, brighter than any lesion and in every class: the fast version of the slow 3D test
-    below (about 25 s on 2 quiet cores; measured: val balanced accuracy 0.88)."""
+def finetune_on_distractors(root: Path, epochs: int):
+    """A 2D resnet (no max-pool, conv1 stride 1) fine-tuned on 160 synthetic 32x32 images with two distractors
+    each, brighter than any lesion and in every class."""
     from medctl.data.synthetic import make_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("distractors_2d")
     dataset = make_synthetic_dataset(root / "data", n=160, dims=2, size=(32, 32), seed=0, distractors=2)
     config = load_config(
         None,
         [
             *dataset.config_overrides(), "data.preprocess.workers=1", "data.batch_size=8", 'run.device="cpu"',
             'model.encoder="resnet_test_2d"', "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
-            "model.freeze_encoder=false", "train.epochs=6", "train.lr_head=1e-2", "train.lr_encoder=3e-3",
+            "model.freeze_encoder=false", f"train.epochs={epochs}", "train.lr_head=1e-2", "train.lr_encoder=3e-3",
             "train.warmup_epochs=1", "train.patience=0", f"run.root={json.dumps(str(root / 'runs'))}",
             'run.name="ft"', "run.seed=0",
         ],
@@ -529,30 +565,61 @@ def trained_on_distractors(tmp_path_factory):
     return run_finetune(config)
 
 
-DISTRACTOR_SALIENCY = ["saliency.ig_steps=8", "saliency.max_samples=12", 'saliency.target="true"']
+@pytest.fixture(scope="module")
+def trained_on_distractors(tmp_path_factory):
+    """6 epochs of :func:`finetune_on_distractors`: the fast version of the slow 3D test below (about 25 s on 2
+    quiet cores; measured: val balanced accuracy 0.88)."""
+    return finetune_on_distractors(tmp_path_factory.mktemp("distractors_2d"), epochs=6)
 
 
-def test_on_distractor_data_a_trained_model_beats_the_input_baseline(trained_on_distractors, tmp_path):
-    """The image's intensity map points at the distractors and misses every lesion; the trained model's maps
-    find the lesions often enough to beat it, depend on its weights, and the report and the CLI say so."""
+DISTRACTOR_SALIENCY = ["saliency.ig_steps=8", "saliency.max_samples=12", "saliency.deletion=false"]
+
+
+def test_on_distractor_data_beats_needs_a_paired_test_and_every_lesion_is_scored(trained_on_distractors, tmp_path):
+    """The image's intensity map points at the distractors and misses every lesion. Measured with this fixture
+    (benchmarks/RESULTS.md): HiResCAM hits 8 of the 16 test lesions where both input baselines hit none, an
+    exact McNemar p of 0.008, so it beats them; IG hits 5 of 16 (p = 0.0625), which is not distinguishable,
+    however far above 0/16 it looks. Only 4 maps are written, yet every lesion sample of the split is scored,
+    with the random-weight copy's maps on the same samples."""
     assert trained_on_distractors.metrics["balanced_accuracy"] >= 0.75  # the model learned the task
     out_dir = tmp_path / "trained"
     out = invoke(
         "--ckpt", str(trained_on_distractors.best_checkpoint), "--split", "test", "--out", str(out_dir),
-        "--method", "ig", "--method", "hirescam", *DISTRACTOR_SALIENCY, "saliency.randomisation_samples=3",
+        "--method", "ig", "--method", "hirescam", "--max-samples", "4", *DISTRACTOR_SALIENCY,
     )  # fmt: skip
     assert out.exit_code == 0, out.output
+    shown = " ".join(out.output.split())
     report = json.loads((out_dir / "scores.json").read_text())
-    intensity = report["baselines"]["input_intensity"]
-    assert intensity["n_scored"] >= 4 and intensity["pointing_hit_rate"] == 0.0  # the distractors take its peak
-    beating = [m for m, e in report["scores"].items() if e["beats_input_baseline"]]
-    assert beating, report["scores"]
-    for method in beating:
+    cache = trained_on_distractors.cache_dir
+    test = pd.read_parquet(cache / "manifest.parquet").query("split == 'test' and status == 'ok'")
+    lesions = [i for i in test["id"] if np.load(cache / "masks" / f"{i}.npy").any()]
+    index = pd.read_csv(out_dir / "index.csv")
+    assert report["lesions_in_split"] == len(lesions) > 4
+    for method in ("integrated_gradients", "hirescam"):
+        rows = index[index["method"] == method]
+        assert set(rows.loc[rows["pointing_hit"].notna(), "id"]) == set(lesions)  # all scored by default
+        assert rows["map_nrrd"].notna().sum() == 4  # only the first 4 written
         entry = report["scores"][method]
-        assert entry["pointing_hit_rate"] > entry["input_baseline_rate"] and entry["input_driven"] is False
-    assert f"Beat the input baseline: {', '.join(beating)}." in (out_dir / "report.md").read_text()
-    assert f"beat the input baseline: {', '.join(beating)}" in " ".join(out.output.split())
-    assert report["cam_layer"]["check"]["source"] == "val split"  # hirescam's layer: the held-out check
+        assert entry["n_scored"] == entry["random_weights_scored"] == len(lesions)
+        assert entry["pointing_low"] < entry["pointing_hit_rate"] < entry["pointing_high"]
+        # the verdict follows the paired tests, and only them
+        tests = [entry["comparisons"][name] for name in ("input_intensity", "input_edges")]
+        beats = all(t["p"] < 0.05 and t["only_method"] > t["only_other"] for t in tests)
+        assert entry["beats_input_baseline"] is beats
+        assert ("beats the input baseline" in entry["verdict"]) is beats
+        # target "true" by default: each sample's labelled class; a misclassified sample is marked
+        assert (rows["target_class"] == rows["label"]).all()
+        assert (rows["misclassified"] == (rows["prediction"] != rows["label"])).all()
+    intensity = report["baselines"]["input_intensity"]
+    assert intensity["n_scored"] == len(lesions) and intensity["pointing_hit_rate"] == 0.0  # distractors win it
+    hires, ig = report["scores"]["hirescam"], report["scores"]["integrated_gradients"]
+    assert hires["beats_input_baseline"] is True and hires["comparisons"]["input_edges"]["p"] < 0.05
+    assert ig["pointing_hits"] > 0 and ig["beats_input_baseline"] is False
+    assert "not distinguishable from the input baseline" in ig["verdict"] and ig["failed"] is False
+    line = "Beat the input baseline (paired exact test, p < 0.05): hirescam."
+    assert line in (out_dir / "report.md").read_text() and line in shown
+    assert "Not distinguishable from the input baseline (paired exact test at α = 0.05): integrated_gradients" in shown
+    assert report["cam_layers"]["hirescam"]["check"]["source"] == "val split"  # hirescam's own held-out check
 
 
 def test_on_distractor_data_a_random_weight_model_is_flagged(tmp_path):
@@ -590,17 +657,20 @@ def test_on_distractor_data_a_random_weight_model_is_flagged(tmp_path):
     out_dir = tmp_path / "random_maps"
     out = invoke(
         "--ckpt", str(ckpt), "--split", "train", "--out", str(out_dir), "--method", "ig", *DISTRACTOR_SALIENCY,
-        "saliency.randomisation_samples=3",
+        "saliency.randomisation_samples=3", "saliency.deletion=false",
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     report = json.loads((out_dir / "scores.json").read_text())
     ig = report["scores"]["integrated_gradients"]
     intensity = report["baselines"]["input_intensity"]
     assert intensity["n_scored"] >= 4 and intensity["pointing_hit_rate"] == 0.0
+    assert ig["beats_input_baseline"] is False and ig["beats_random_weights"] is False
+    assert "beats" not in ig["verdict"]
     assert ig["input_driven"] is True and ig["randomisation_spearman"] >= 0.5
-    assert ig["beats_input_baseline"] is False
-    assert "Flagged by the randomisation check" in (out_dir / "report.md").read_text()
-    assert "integrated_gradients: randomisation ρ ≥ 0.5" in " ".join(out.output.split())
+    markdown = (out_dir / "report.md").read_text()
+    assert "Depend on the input more than the model: integrated_gradients" in markdown
+    assert "Beat the input baseline" not in markdown
+    assert "Depend on the input more than the model: integrated_gradients" in " ".join(out.output.split())
 
 
 @pytest.mark.slow
@@ -626,5 +696,32 @@ def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_
     assert intensity["n_scored"] >= 3 and intensity["pointing_hit_rate"] == 0.0  # the distractors win it
     beating = [m for m, e in report["scores"].items() if e["beats_input_baseline"]]
     assert beating, report["scores"]
-    assert f"Beat the input baseline: {', '.join(beating)}." in (out_dir / "report.md").read_text()
-    assert f"beat the input baseline: {', '.join(beating)}" in " ".join(out.output.split())
+    line = f"Beat the input baseline (paired exact test, p < 0.05): {', '.join(beating)}."
+    assert line in (out_dir / "report.md").read_text() and line in " ".join(out.output.split())
+
+
+@pytest.mark.slow
+def test_a_trained_model_s_ig_deletes_the_evidence_faster_than_random_order(tmp_path):
+    """Deletion on the 2D distractor set after 12 epochs (about 60 s of training on 2 quiet cores; measured:
+    IG's deletion AUC 0.03 against 0.15 for random order, lower on 16 of 16 test lesions, p < 0.001; against
+    the random-weight copy's IG order 0.027, lower on 12 of 16, p = 0.077: IG from a zero baseline orders
+    the patches by brightness whatever the weights, so that comparison is reported as not distinguishable)."""
+    ckpt = finetune_on_distractors(tmp_path, epochs=12).best_checkpoint
+    out_dir = tmp_path / "deletion"
+    out = invoke(
+        "--ckpt", str(ckpt), "--split", "test", "--out", str(out_dir), "--method", "ig", "--max-samples", "4",
+        "saliency.ig_steps=8",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    ig = json.loads((out_dir / "scores.json").read_text())["scores"]["integrated_gradients"]
+    deletion = ig["deletion"]
+    index = pd.read_csv(out_dir / "index.csv")
+    scored = index[index["deletion_auc"].notna()]
+    assert deletion["n"] == len(scored) == ig["n_scored"]  # the lesion samples, each with both baselines
+    assert scored["deletion_random_order_auc"].notna().all() and scored["deletion_random_weights_auc"].notna().all()
+    assert deletion["auc"] < deletion["random_order_auc"]
+    assert deletion["random_order"]["p"] < 0.05 and deletion["random_order"]["lower"] > deletion["random_order"]["higher"]
+    assert ig["deletion_faithful"] is True and "faster than random order" in ig["verdict"]
+    weights = deletion["random_weights"]
+    word = "faster than" if weights["p"] < 0.05 and weights["lower"] > weights["higher"] else "not distinguishable from"
+    assert f"{word} random weights" in ig["verdict"]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medctl.config import load_config
+from medctl.config import SaliencyConfig, load_config
 from medctl.data.dataset import CacheDataset, target_specs
 from medctl.data.preprocess import preprocess
 from medctl.data.readers import read_image
@@ -72,13 +72,8 @@ def test_run_saliency_on_a_registry_encoder_and_the_cache(synthetic_3d, cache, t
         samples,
         classes=spec.classes,
         target_name=spec.name,
-        methods=["integrated_gradients", "gradcam"],
         out_dir=tmp_path,
-        ig_steps=4,
-        occlusion_window=[4, 8, 8],
-        occlusion_stride=[4, 8, 8],
-        randomisation_check=True,
-        device="cpu",
+        settings=SaliencyConfig(methods=["integrated_gradients", "gradcam"], ig_steps=4, randomisation_check=True),
     )
 
     index = result.index
@@ -112,13 +107,8 @@ def test_a_token_encoder_from_the_registry(cache, tmp_path, seed):
         samples,
         classes=spec.classes,
         target_name=spec.name,
-        methods=["gradcam"],
         out_dir=tmp_path,
-        ig_steps=4,
-        occlusion_window=[4, 8, 8],
-        occlusion_stride=[4, 8, 8],
-        randomisation_check=True,
-        device="cpu",
+        settings=SaliencyConfig(methods=["gradcam"], ig_steps=4, randomisation_check=True, deletion=False),
     )
     assert any(name.startswith("encoder.blocks.") for name in result.randomised_modules)
     with torch.no_grad():
@@ -155,13 +145,8 @@ def test_two_dimensional_maps_from_pngs_and_from_slices(
         samples_with_geometry(cache, "test", 1),
         classes=spec.classes,
         target_name=spec.name,
-        methods=["gradients"],
         out_dir=out,
-        ig_steps=4,
-        occlusion_window=[4, 8, 8],
-        occlusion_stride=[4, 8, 8],
-        randomisation_check=False,
-        device="cpu",
+        settings=SaliencyConfig(methods=["gradients"], ig_steps=4, randomisation_check=False, deletion=False),
     )
     row = result.index.iloc[0]
     header = nrrd.read_header(str(out / row["map_nrrd"]))

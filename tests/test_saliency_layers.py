@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medctl.data.tables import TargetSpec
@@ -58,9 +59,14 @@ def test_resnet_and_token_encoders(seed):
     assert token.name == "norm" and "token" in token.rule  # no map finer than the patch grid exists
 
 
-def test_lesion_extent_is_the_median_box_of_connected_lesions():
+def test_lesion_extent_is_the_median_box_of_connected_lesions_capped_by_their_thickness():
     shape = (16, 32, 32)
     one = ball(shape, (5, 8, 8), 2.0) | ball(shape, (10, 24, 24), 3.0)  # boxes 5x5x5 and 7x7x7
     two = ball(shape, (8, 16, 16), 4.0)  # 9x9x9
-    assert lesion_extent([one, two]) == (7.0, 7.0, 7.0)
+    # a ball's thickness: twice the distance from its centre to the nearest outside voxel, (3, 1, 0) for r = 3
+    assert lesion_extent([one, two]) == pytest.approx((2 * 10**0.5,) * 3)
     assert lesion_extent([np.zeros(shape, bool)]) is None
+    rod = np.zeros(shape, bool)
+    for i in range(20):
+        rod[8, 4 + i, 4 + i : 6 + i] = True  # a staircase rod lying diagonally: a 1x20x21 box
+    assert lesion_extent([rod]) == (1.0, 2.0, 2.0)  # as thin as it is, not as big as its box

@@ -11,13 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+from medctl.config import SaliencyConfig
 from medctl.data.readers import read_image
 from medctl.errors import ConfigError, DataError, UserError
 from medctl.saliency import run_saliency
 from test_saliency_support import ball, make_model
 
 SIZE = (8, 16, 16)
-SETTINGS = dict(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8], device="cpu")
+FAST = dict(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8], target="pred", deletion=False)
+
+
+def settings(methods: list[str], **values) -> SaliencyConfig:
+    return SaliencyConfig(methods=methods, **{**FAST, **values})
 
 
 def volume_samples(n: int = 3, *, with_geometry: bool = True) -> list[dict]:
@@ -47,10 +52,8 @@ def test_three_dimensional_run_writes_maps_panels_index_and_scores(tmp_path, see
         volume_samples(),
         classes=["low", "mid", "high"],
         target_name="grade",
-        methods=["integrated_gradients", "gradcam"],
         out_dir=tmp_path,
-        randomisation_check=True,
-        **SETTINGS,
+        settings=settings(["integrated_gradients", "gradcam"], randomisation_check=True, deletion=True, deletion_steps=4),
     )
 
     index = pd.read_csv(result.index_path)
@@ -62,6 +65,12 @@ def test_three_dimensional_run_writes_maps_panels_index_and_scores(tmp_path, see
     assert index["pointing_hit"].notna().all() and index["mask_share"].between(0, 0.2).all()
     assert index["randomisation_spearman"].between(-1, 1).all()
     assert result.randomised_modules and "heads.grade" in result.randomised_modules
+    # a deletion curve per lesion sample and map, beside random order and the random-weight map's order
+    for column in ("deletion_auc", "deletion_random_order_auc", "deletion_random_weights_auc"):
+        assert index[column].between(0, 1).all()
+    assert result.scores["gradcam"]["deletion"]["n"] == 3 and "deletion AUC" in result.scores["gradcam"]["verdict"]
+    assert index["misclassified"].tolist() == (index["prediction"] != index["label"]).tolist()
+    assert set(index.loc[index["method"] == "gradcam", "layer"]) == {result.cam_layers["gradcam"].name}
 
     row = index.iloc[0]
     cached = read_image(tmp_path / row["map_nrrd"])  # (1, D, H, W) with LPS geometry
@@ -113,11 +122,8 @@ def test_two_dimensional_binary_run_with_true_targets_and_dataset_items(tmp_path
         samples,
         classes=["no", "yes"],
         target_name="edema",
-        methods=["occlusion"],
         out_dir=tmp_path,
-        target="true",
-        randomisation_check=False,
-        **SETTINGS,
+        settings=settings(["occlusion"], target="true", randomisation_check=False),
     )
     index = result.index
     assert index["target_class"].tolist() == ["no", "yes"]
@@ -142,11 +148,8 @@ def test_a_named_class_and_a_multilabel_target(tmp_path, seed):
         classes=["a", "b", "c"],
         target_name="findings",
         kind="multilabel",
-        methods=["gradients"],
         out_dir=tmp_path,
-        target="c",
-        randomisation_check=False,
-        **SETTINGS,
+        settings=settings(["gradients"], target="c", randomisation_check=False),
     )
     row = result.index.iloc[0]
     assert row["target_class"] == "c" and row["label"] == "b;c"
@@ -155,17 +158,11 @@ def test_a_named_class_and_a_multilabel_target(tmp_path, seed):
     assert row["target_probability"] == pytest.approx(expected, rel=1e-5)
 
 
-def run(tmp_path, model, samples, **overrides):
-    arguments = dict(
-        classes=["low", "mid", "high"],
-        target_name="grade",
-        methods=["gradients"],
-        out_dir=tmp_path,
-        randomisation_check=False,
-        **SETTINGS,
-    )
+def run(tmp_path, model, samples, methods=("gradients",), target="pred", **overrides):
+    arguments = dict(classes=["low", "mid", "high"], target_name="grade", out_dir=tmp_path)
     arguments.update(overrides)
-    return run_saliency(model, samples, **arguments)
+    chosen = settings(list(methods), target=target, randomisation_check=False)
+    return run_saliency(model, samples, settings=chosen, **arguments)
 
 
 def test_bad_input_fails_with_one_clear_line(tmp_path, seed):

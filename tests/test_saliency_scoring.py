@@ -19,7 +19,7 @@ from medctl.saliency import (
     randomised_copy,
     rank_correlation,
 )
-from medctl.saliency.outputs import random_weight_hits
+from medctl.saliency.outputs import random_weight_hits, summary_lines
 from medctl.saliency.scoring import (
     baseline_rows,
     describe,
@@ -205,54 +205,80 @@ def ndimage_edges(image):
     return ndimage.gaussian_gradient_magnitude(image, sigma=1.0)
 
 
-def test_judge_compares_with_the_stronger_input_baseline_and_flags_weight_independent_maps():
-    def rows(method, hits, rho=None):
-        return [
-            {"method": method, "pointing_hit": h, "pointing_chance": 0.01, "mask_share": 0.01, "mass_in_mask": 0.1,
-             "randomisation_spearman": rho}
-            for h in hits
-        ]  # fmt: skip
+def lesion_row(method, hit, *, intensity=False, edges=False, random_hit=None, rho=None, flat="", chance=0.01):
+    return {
+        "method": method, "pointing_hit": hit, "pointing_chance": chance, "mask_share": chance, "mass_in_mask": 0.1,
+        "input_intensity_hit": intensity, "input_edges_hit": edges, "random_weights_hit": random_hit,
+        "randomisation_spearman": rho, "map_flat": flat,
+    }  # fmt: skip
 
-    scores = summarise(
-        rows("ig", [True, True, True, True], 0.66) + rows("cam", [True, True, True, False], 0.1)
+
+def baseline_scores(rows):
+    """The input baselines' own summaries, read back from the hits each row carries."""
+    return summarise(
+        [{**r, "method": name, "pointing_hit": r[f"{name}_hit"]} for r in rows for name in ("input_intensity", "input_edges")]
     )
-    baselines = summarise(
-        rows("input_intensity", [True, True, False, False]) + rows("input_edges", [True, True, True, False])
+
+
+def test_beats_needs_a_paired_test_and_three_of_twenty_against_two_is_not_distinguishable():
+    # 20 lesion samples; the edges baseline hits the first 2, intensity none
+    edges = [i < 2 for i in range(20)]
+    ig = [lesion_row("ig", i < 12, edges=edges[i], rho=0.66) for i in range(20)]  # 12/20, the 2 included
+    occlusion = [lesion_row("occlusion", i in (0, 1, 5), edges=edges[i]) for i in range(20)]  # 3/20
+    cam = [lesion_row("cam", False, edges=edges[i], flat="empty" if i < 12 else "") for i in range(20)]
+    rows = ig + occlusion + cam
+    judged = judge(summarise(rows), baseline_scores(ig), alpha=0.05, threshold=0.5)
+    ig_, occ, cam_ = judged["ig"], judged["occlusion"], judged["cam"]
+    assert ig_["input_baseline"] == "input_edges" and ig_["input_baseline_rate"] == 0.1
+    comparison = ig_["comparisons"]["input_edges"]
+    assert (comparison["only_method"], comparison["only_other"]) == (10, 0) and comparison["p"] < 0.01
+    assert ig_["beats_input_baseline"] is True and ig_["failed"] is False
+    assert "beats the input baseline (edges) (12/20 vs 2/20, p = 0.002)" in ig_["verdict"]
+    # no random-weight check here: rho alone decides, and says so
+    assert ig_["input_driven"] is True and "depends on the input more than the model (randomisation ρ 0.66" in ig_["verdict"]
+    assert (ig_["pointing_low"], ig_["pointing_high"]) == (pytest.approx(0.387, abs=1e-3), pytest.approx(0.781, abs=1e-3))
+
+    assert occ["beats_input_baseline"] is False and occ["failed"] is False
+    assert occ["verdict"].startswith("not distinguishable from the input baseline (edges) (3/20 vs 2/20, p = 1.000)")
+    assert "beats" not in occ["verdict"]
+
+    # all misses, 12 empty maps: failed, counted, flagged; never "says nothing about the model"
+    assert cam_["failed"] is True and cam_["empty_maps"] == 12 and cam_["flat_maps"] is True
+    assert cam_["verdict"].startswith("the maps failed to locate the lesion (not above chance: 0/20 vs 0.010")
+    assert "12 of 20 maps empty" in cam_["verdict"]
+    lines = summary_lines(judged, 0.05)
+    assert "Beat the input baseline (paired exact test, p < 0.05): ig." in lines
+    assert any(line.startswith("Not distinguishable from the input baseline") and "occlusion" in line for line in lines)
+    assert "The maps failed to locate the lesion: cam" in " ".join(lines)
+    assert "Maps that point nowhere (all zero or constant): cam (12 of 20 maps empty)." in lines
+    assert "says nothing about the model" not in " ".join(lines)
+    line = describe("ig", ig_, lesions_in_split=40)
+    assert line.startswith("ig: pointing game 0.60 [0.39, 0.78] (12/20; scored 20 of 40 lesion samples), chance 0.010 — beats")
+    unchecked = judge(summarise([lesion_row("ig", True)]), {}, alpha=0.05, threshold=0.5)["ig"]
+    assert unchecked["beats_input_baseline"] is False and unchecked["input_driven"] is None
+
+
+def test_significantly_below_the_input_baseline_is_a_failure():
+    rows = [lesion_row("cam", i == 0, intensity=i < 10, chance=0.001) for i in range(20)]  # 1/20 vs 10/20
+    cam = judge(summarise(rows), baseline_scores(rows), alpha=0.05, threshold=0.5)["cam"]
+    assert cam["failed"] is True and cam["beats_input_baseline"] is False
+    assert cam["verdict"].startswith(
+        "the maps failed to locate the lesion (significantly below the input baseline (intensity) (1/20 vs 10/20"
     )
-    judged = judge(scores, baselines, threshold=0.5)
-    ig, cam = judged["ig"], judged["cam"]
-    assert ig["input_baseline"] == "input_edges" and ig["input_baseline_rate"] == 0.75
-    assert ig["beats_input_baseline"] is True and ig["input_driven"] is True
-    assert cam["beats_input_baseline"] is False and cam["input_driven"] is False  # a tie does not beat
-    assert ig["verdict"] == "beats the input baseline; depends on the input more than the model"
-    assert cam["verdict"] == "no better than the input baseline; depends on the weights"
-    line = describe("ig", ig)
-    assert line.startswith("ig: pointing game 1.000 (4/4, input baseline 0.750")
-    assert "chance 0.010" in line and "randomisation ρ 0.66" in line and "depends on the input more" in line
-    unchecked = judge(summarise(rows("ig", [True])), {}, threshold=0.5)["ig"]
-    assert unchecked["beats_input_baseline"] is None and unchecked["input_driven"] is None
-    assert unchecked["verdict"] == ""
 
 
-def test_judge_sets_each_map_beside_its_random_weight_model_on_the_same_checked_samples():
-    def row(method, hit, random_hit=None):
-        return {"method": method, "pointing_hit": hit, "pointing_chance": 0.01, "mask_share": 0.01,
-                "mass_in_mask": 0.1, "randomisation_spearman": 0.1 if random_hit is not None else None,
-                "random_weights_hit": random_hit}  # fmt: skip
-
-    # 4 lesion samples; the first 3 were checked. cam: 2 of those 3 hits, its random copy 2 as well; ig 3 vs 0
-    scores = summarise(
-        [row("cam", True, True), row("cam", True, True), row("cam", False, False), row("cam", True)]
-        + [row("ig", True, False), row("ig", True, False), row("ig", True, False), row("ig", False)]
-    )
-    assert (scores["cam"]["random_weights_scored"], scores["cam"]["random_weights_hits"]) == (3, 2)
-    assert scores["cam"]["checked_hits"] == 2 and scores["cam"]["pointing_hits"] == 3  # the unchecked hit is not compared
-    judged = judge(scores, {}, threshold=0.5)
-    assert judged["cam"]["beats_random_weights"] is False and judged["ig"]["beats_random_weights"] is True
-    assert judged["cam"]["verdict"] == "depends on the weights; no better than random weights (2/3 vs 2/3)"
-    assert judged["ig"]["verdict"] == "depends on the weights; beats random weights (3/3 vs 0/3)"
-    assert random_weight_hits(judged["cam"]) == "2/3 (trained 2/3)"
-    unchecked = judge(summarise([row("ig", True)]), {}, threshold=0.5)["ig"]
+def test_the_rho_flag_never_contradicts_a_win_over_random_weights():
+    """19/20 against 3/20 with random weights at rho 0.52: the paired test decides, rho is evidence only."""
+    ig = [lesion_row("ig", i < 19, random_hit=i < 3, rho=0.52) for i in range(20)]
+    cam = [lesion_row("cam", i < 3, random_hit=i < 2, rho=0.6) for i in range(20)]
+    judged = judge(summarise(ig + cam), {}, alpha=0.05, threshold=0.5)
+    assert judged["ig"]["beats_random_weights"] is True and judged["ig"]["input_driven"] is False
+    assert "beats random weights (19/20 vs 3/20, p < 0.001)" in judged["ig"]["verdict"]
+    assert "depends on the input" not in judged["ig"]["verdict"]
+    assert judged["cam"]["beats_random_weights"] is False and judged["cam"]["input_driven"] is True
+    assert "not distinguishable from random weights (3/20 vs 2/20, p = 1.000)" in judged["cam"]["verdict"]
+    assert random_weight_hits(judged["cam"]) == "2/20 (trained 3/20)"
+    unchecked = judge(summarise([lesion_row("ig", True)]), {}, alpha=0.05, threshold=0.5)["ig"]
     assert unchecked["beats_random_weights"] is None and random_weight_hits(unchecked) == "—"
 
 

@@ -406,27 +406,37 @@ class SweepConfig(Section):
 class SaliencyConfig(Section):
     methods: list[str] = ["integrated_gradients", "gradcam"]
     split: str = "test"
-    target: str = "pred"  # pred | true | a class name
-    max_samples: int = Field(default=8, ge=1)
+    # true: explain each sample's labelled class, so the pointing game asks where the evidence for its lesion
+    # is (Zhang et al. 2016; a misclassified sample's "pred" map explains the other class); pred | a class name
+    target: str = "true"
+    max_samples: int = Field(default=8, ge=1)  # samples of the split whose maps are written (NRRD, PNG)
+    # score every lesion sample of the split (scoring needs the map, not its files); false: only the written
+    score_all_lesions: bool = True
+    alpha: float = Field(default=0.05, gt=0, lt=1)  # level of every paired test behind "beats"
     ig_steps: int = Field(default=32, ge=2)
     occlusion_window: list[int] = [4, 8, 8]
     occlusion_stride: list[int] = [4, 8, 8]
     randomisation_check: bool = True
-    # the check recomputes each method's map with a re-initialised model: one extra map per sample, so it
-    # runs on the first few samples and the first few lesion samples (where the random maps are scored) only
+    # the check recomputes each map with a re-initialised model: on every scored lesion sample (the paired
+    # pointing test against random weights) and on the first few samples of any class (rank correlation)
     randomisation_samples: int = Field(default=4, ge=1)
     # full: every weight re-initialised (Adebayo et al.'s end point); top: heads + last encoder block only
     randomisation_scope: Literal["full", "top"] = "full"
-    # Spearman rho at or above which a method is flagged as input-driven (see saliency/scoring.py for why 0.5)
+    # Spearman rho at or above which a method is flagged as input-driven, unless the paired random-weight test
+    # shows its maps depend on the weights (see saliency/scoring.py for why 0.5)
     randomisation_threshold: float = Field(default=0.5, gt=0, le=1)
     pointing_tolerance: int = Field(default=0, ge=0)  # voxels the pointing-game mask is grown by
+    # deletion curve (faithfulness): a grid of deletion_grid patches per axis, removed in deletion_steps groups
+    deletion: bool = True
+    deletion_grid: int = Field(default=8, ge=2)
+    deletion_steps: int = Field(default=16, ge=2)
     internal_batch_size: int = Field(default=0, ge=0)  # IG/occlusion batch; 0 sizes it to fit memory
     memory_budget_gb: float = Field(default=0.0, ge=0)  # for that sizing; 0: 80% of free CUDA, 2 GiB CPU
-    # encoder module the CAMs read, e.g. "layer3" or "stem.1"; "" chooses the deepest map fine enough for
-    # the lesions (saliency/layers.py); "last" the encoder's own last spatial layer
+    # encoder module the CAMs read, e.g. "layer3" or "stem.1"; "" lets each CAM method choose its own on the
+    # held-out check (saliency/layers.py); "last" the encoder's own last spatial layer
     gradcam_layer: str = ""
     # with gradcam_layer "": lesion samples held out from the reported ones (val; train when val is reported)
-    # on which the deepest map sizes are scored to choose the CAM layer; 0 keeps the resolution rule alone
+    # on which each CAM method scores the deepest map sizes to choose its layer; 0: the resolution rule alone
     cam_check_samples: int = Field(default=8, ge=0)
 
 

@@ -40,7 +40,8 @@ from medctl.finetune.run import run_finetune
 from medctl.io import format_number, write_json
 from medctl.pretrain.run import run_pretrain
 from medctl.progress import log
-from medctl.saliency.outputs import random_weight_hits
+from medctl.saliency.outputs import deletion_cell, random_weight_hits, summary_lines
+from medctl.saliency.scoring import hits_text
 from medctl.saliency.stage import run_saliency_stage
 from medctl.sweep.run import run_sweep
 
@@ -368,44 +369,40 @@ def demo_report(
         "",
         "## Saliency on test samples",
         "",
-        "| map | pointing game | chance (mask share) | mass in mask | randomisation ρ | random-weight hits | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| map | pointing game [95% CI] (hits) | chance (mask share) | mass in mask | randomisation ρ | random-weight hits | deletion AUC (random order, weights) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method, scores in saliency.result.scores.items():
-        hits = f" ({scores['pointing_hits']}/{scores['n_scored']})" if scores.get("n_scored") else ""
+    result = saliency.result
+    lesions = result.lesions_in_split
+    for method, scores in result.scores.items():
         lines.append(
-            f"| {method} | {format_number(scores.get('pointing_hit_rate'), 2)}{hits} | {format_number(scores.get('mask_share'), 2)} | "
+            f"| {method} | {hits_text(scores, lesions)} | {format_number(scores.get('mask_share'), 2)} | "
             f"{format_number(scores.get('mass_in_mask'), 2)} | {format_number(scores.get('randomisation_spearman'), 2)} | "
-            f"{random_weight_hits(scores)} | {scores.get('verdict') or '—'} |"
+            f"{random_weight_hits(scores)} | {deletion_cell(scores)} | {scores.get('verdict') or '—'} |"
         )
-    for name, scores in saliency.result.baselines.items():
+    for name, scores in result.baselines.items():
         lines.append(
-            f"| {name.replace('_', ' ')} (no model) | {format_number(scores.get('pointing_hit_rate'), 2)} "
-            f"({scores['pointing_hits']}/{scores['n_scored']}) | {format_number(scores.get('mask_share'), 2)} | "
-            f"{format_number(scores.get('mass_in_mask'), 2)} | | | baseline |"
+            f"| {name.replace('_', ' ')} (no model) | {hits_text(scores, lesions)} | "
+            f"{format_number(scores.get('mask_share'), 2)} | {format_number(scores.get('mass_in_mask'), 2)} | | | | baseline |"
         )
-    beating = [m for m, s in saliency.result.scores.items() if s.get("beats_input_baseline")]
-    cam = saliency.result.cam_layer
+    alpha = next(iter(result.scores.values()))["alpha"]
     lines += [
         "",
-        (
-            f"Beat the input baseline: {', '.join(beating)}."
-            if beating
-            else "No method beats the input baseline: here the lesions are the brightest structure, so the "
-            "image alone points at them as well as any map; the pointing game cannot tell the model from the "
-            "input on this data (`make_synthetic_dataset(distractors=2)` makes a task where it can)."
-        ),
+        *summary_lines(result.scores, alpha),
         "",
-        "Pointing game: the share of lesion samples whose map peaks inside the lesion; chance is the hit rate of a "
-        "random peak; the input baselines score the image's own intensity and edge maps, no model. Randomisation "
-        "ρ: the rank correlation with the maps of a re-initialised copy of the model; at 0.5 or above the map "
-        "depends on the input more than on the weights (Adebayo et al. 2018); random-weight hits: that copy's "
-        "own pointing game on the checked samples, beside the trained model's. Grad-CAM weighs each channel by "
-        "its gradient averaged over the map; HiResCAM keeps the gradient at each voxel, which matters for "
-        "encoders that max-pool (MT3's plane projections).",
+        "Pointing game: the share of lesion samples whose map peaks inside the lesion, with its 95% Wilson "
+        "interval; chance is the hit rate of a random peak; the input baselines score the image's own intensity "
+        "and edge maps, no model. Every comparison is an exact McNemar test on the same samples, and \"beats\" "
+        f"needs p < {alpha:g}. Random-weight hits: the pointing game of a re-initialised copy of the model on the "
+        "same lesion samples, beside the trained model's; randomisation ρ: the rank correlation with that copy's "
+        "maps (Adebayo et al. 2018), evidence the paired test outranks. Deletion AUC: the class probability as "
+        "the most attributed patches are removed (lower: the model needed what the map shows), beside random "
+        "order and the random-weight maps' order. Grad-CAM weighs each channel by its gradient averaged over the "
+        "map; HiResCAM keeps the gradient at each voxel, which matters for encoders that max-pool (MT3's plane "
+        "projections).",
     ]
-    if cam is not None:
-        lines += ["", f"The CAMs read `{cam.name}`: {cam.rule}."]
+    for method, cam in result.cam_layers.items():
+        lines += ["", f"{method} reads `{cam.name}`: {cam.rule}."]
     lines += [""] + [
         f"![{path.parent.name} {path.stem}]({path.relative_to(out)})"
         for path in lesion_panels(saliency.out_dir)
@@ -423,7 +420,7 @@ def demo_report(
 def lesion_panels(saliency_dir: Path, limit: int = 2) -> list[Path]:
     """Panels of the first test samples that carry a lesion (scored against a mask), every method."""
     index = pd.read_csv(saliency_dir / "index.csv")
-    scored = index[index["pointing_hit"].notna()]
+    scored = index[index["pointing_hit"].notna() & index["panel_png"].notna()]  # scored and written
     ids = list(dict.fromkeys(scored["id"]))[:limit]
     return [saliency_dir / p for p in scored[scored["id"].isin(ids)]["panel_png"]]
 

@@ -26,7 +26,8 @@ def saliency_command(
         str | None,
         typer.Option(
             "--split",
-            help="Explain this split's first saliency.max_samples (default saliency.split).",
+            help="Explain this split (default saliency.split): maps written for its first saliency.max_samples, "
+            "every lesion sample scored.",
             show_default=False,
         ),
     ] = None,
@@ -81,7 +82,8 @@ def saliency_command(
         typer.Option(
             "--max-samples",
             min=1,
-            help="Samples of the split to explain (default saliency.max_samples).",
+            help="Samples of the split whose maps are written (default saliency.max_samples); every lesion "
+            "sample is scored unless saliency.score_all_lesions = false.",
             show_default=False,
         ),
     ] = None,
@@ -89,8 +91,8 @@ def saliency_command(
         str | None,
         typer.Option(
             "--gradcam-layer",
-            help="Encoder module Grad-CAM reads, e.g. layer3 or stem.1: finer than the default last spatial "
-            "layer for small lesions (sets saliency.gradcam_layer).",
+            help="Encoder module both CAMs read, e.g. layer3 or stem.1, or 'last' (the encoder's last spatial "
+            "map); by default each CAM method picks its own on held-out lesions (sets saliency.gradcam_layer).",
             show_default=False,
         ),
     ] = None,
@@ -135,60 +137,55 @@ def saliency_command(
 
 
 def show_saliency(result: SaliencyStageResult) -> None:
-    """The scores table (each method beside the model-free input baselines), what they mean, and the files."""
-    from medctl.saliency.outputs import random_weight_hits
-    from medctl.saliency.scoring import describe
+    """The scores table (each method with its interval beside the model-free input baselines), the verdicts
+    and the paired tests behind them, what they mean, and the files."""
+    from medctl.saliency.outputs import deletion_cell, random_weight_hits, summary_lines
+    from medctl.saliency.scoring import describe, hits_text
+
+    saliency = result.result
+    lesions = saliency.lesions_in_split
     table = Table(
         title=f"saliency of `{result.target_name}` on {result.n_samples} sample(s) ({result.samples})"
+        + (f", {lesions} lesion samples scored" if lesions else "")
     )
     table.add_column("method", no_wrap=True)
-    for column in ("pointing game", "chance", "mass in mask", "random. ρ", "random-weight hits", "s/map"):
-        table.add_column(column, justify="right", no_wrap=column == "pointing game")
-    saliency = result.result
+    columns = ("pointing game [95% CI]", "chance", "mass in mask", "random. ρ", "random-weight hits", "deletion AUC", "s/map")
+    for column in columns:
+        table.add_column(column, justify="right")
     for method, scores in saliency.scores.items():
         table.add_row(
             method,
-            _hits(scores),
+            hits_text(scores, lesions),
             _num(scores["pointing_chance"]),
             _num(scores["mass_in_mask"]),
             _num(scores["randomisation_spearman"], 2),
             random_weight_hits(scores),
+            deletion_cell(scores),
             _num(scores["seconds"], 2),
         )
     for name, scores in saliency.baselines.items():  # the same scores for maps made without the model
         table.add_row(
-            f"[dim]{name.replace('_', ': ', 1)}[/]", _hits(scores), _num(scores["pointing_chance"]),
-            _num(scores["mass_in_mask"]), "", "", "",
+            f"[dim]{name.replace('_', ': ', 1)}[/]", hits_text(scores, lesions), _num(scores["pointing_chance"]),
+            _num(scores["mass_in_mask"]), "", "", "", "",
         )  # fmt: skip
     show_table(table)
     for method, scores in saliency.scores.items():
-        console.print(f"  {describe(method, scores)}", soft_wrap=True, highlight=False)
-    beating = [m for m, s in saliency.scores.items() if s["beats_input_baseline"]]
-    if saliency.baselines:
-        console.print(
-            f"  beat the input baseline: {', '.join(beating)}"
-            if beating
-            else "  no method beats the input baseline: the image alone points at the lesions as well",
-            highlight=False,
-        )
-    flagged = [m for m, s in saliency.scores.items() if s["input_driven"]]
-    if flagged:
-        threshold = next(iter(saliency.scores.values()))["randomisation_threshold"]
-        console.print(
-            f"  [yellow]![/] {', '.join(flagged)}: randomisation ρ ≥ {threshold}, the maps depend on the input "
-            "more than on the model's weights (Adebayo et al. 2018)",
-            highlight=False,
-        )
+        console.print(f"  {describe(method, scores, lesions)}", soft_wrap=True, highlight=False)
+    alpha = next(iter(saliency.scores.values()))["alpha"]
+    for line in summary_lines(saliency.scores, alpha):
+        console.print(f"  {line}", soft_wrap=True, highlight=False)
     console.print(
-        "  pointing game: share of lesion samples whose map peaks in the mask (a map with no peak is a miss); "
-        "input: the image's own intensity and edge maps scored the same way, no model (input baseline: the "
-        "better of the two); chance: the mask's share of the image. random. ρ: rank correlation with the maps "
-        "of a re-initialised model (high: the map shows the input, not the model); random-weight hits: that "
-        "model's own pointing game on the same checked samples, beside the trained model's.",
+        "  pointing game: share of lesion samples whose map peaks in the mask (a map with no peak is a miss), "
+        "95% Wilson interval; input: the image's own intensity and edge maps scored the same way, no model; "
+        "chance: the mask's share of the image; every comparison is an exact McNemar test on the same samples. "
+        "random. ρ: rank correlation with the maps of a re-initialised model; random-weight hits: that model's "
+        "own pointing game on the same lesion samples. deletion AUC: class probability as the most attributed "
+        "patches are removed (lower: more faithful), beside random order and the random-weight maps' order.",
         highlight=False,
     )
-    if saliency.cam_layer is not None:
-        console.print(f"  CAM layer {saliency.cam_layer.name}: {saliency.cam_layer.rule}", highlight=False)
+    for method, layer in saliency.cam_layers.items():
+        warn = "[yellow]![/] " if layer.check and not layer.check["significant"] else ""
+        console.print(f"  {warn}{method} layer {layer.name}: {layer.rule}", soft_wrap=True, highlight=False)
     console.print(f"[green]✓[/] {result.out_dir}", soft_wrap=True, highlight=False)
     console.print(
         "  report.md, index.csv (one row per sample and method), scores.json, maps/<id>/<method>.{nrrd,png}, "
@@ -197,12 +194,6 @@ def show_saliency(result: SaliencyStageResult) -> None:
         highlight=False,
     )
     console.print("  open the *_original.nrrd maps in 3D Slicer over the original scan", highlight=False)
-
-
-def _hits(scores: dict) -> str:
-    if not scores["n_scored"]:
-        return _num(scores["pointing_hit_rate"])
-    return f"{_num(scores['pointing_hit_rate'])} ({scores['pointing_hits']}/{scores['n_scored']})"
 
 
 def _num(value: float | None, digits: int = 3) -> str:

@@ -4,12 +4,16 @@ the deepest spatial map fine enough for the target.
 **Held-out check** (:func:`check_cam_layers`, the default whenever lesion masks exist): the
 :data:`CHECK_CANDIDATES` deepest distinct map sizes of the encoder are each scored on a check set of
 masked samples that are not the ones being reported (by default up to ``saliency.cam_check_samples``
-lesion samples of the val split, or of train when val is the one reported): every requested CAM method
-explains each check sample's labelled class on each candidate layer, and the layer with the best
-pointing-game hit rate wins (ties: the higher mass in mask, then the deeper layer). The candidates, their
-check scores, the check set and the seconds it took are recorded in ``scores.json``. Its cost is
-``candidates x check samples x CAM methods`` Grad-CAM passes (one forward and one backward each): 4 x 8 x 2
-= 64 at the defaults, the price of explaining about 2 more samples with IG at 32 steps.
+lesion samples of the val split, or of train when val is the one reported). Each CAM method chooses its
+own layer: it explains each check sample's labelled class on each candidate layer, and the layer with its
+best pointing-game hit rate wins (ties: the higher mass in mask, then the deeper layer) -- Grad-CAM
+averages the gradient over the map and HiResCAM does not, so one layer rarely suits both. The winner's
+hits are tested against chance (one-sided exact binomial test); when they are not above it at
+``saliency.alpha`` the choice is kept but a warning is logged and written into the report. The candidates,
+their check scores, the check set, the test and the seconds it took are recorded per method in
+``scores.json``. Its cost is ``candidates x check samples x CAM methods`` CAM passes (one forward and one
+backward each): 4 x 8 x 2 = 64 at the defaults, the price of explaining about 2 more samples with IG at 32
+steps.
 
 **Resolution rule** (without masks, with ``saliency.cam_check_samples = 0``, or for an ``--input`` scan
 explained alone), below.
@@ -19,8 +23,9 @@ cells are eight voxels wide (the upsampled peak lands on a cell centre or a bord
 map is the most class-specific (Selvaraju et al. 2017), so the default is the deepest map that still
 resolves the target:
 
-- with lesion masks, the target's size is the median bounding-box extent of their connected lesions,
-  per axis (:func:`lesion_extent`); a map qualifies when each of its cells spans at most
+- with lesion masks, the target's size is the median extent of their connected lesions per axis, each
+  lesion's bounding box capped by its thickness so that a thin rod counts as thin however it lies
+  (:func:`lesion_extent`); a map qualifies when each of its cells spans at most
   1 / :data:`CELLS_ACROSS_TARGET` of that extent along every axis (two cells across a lesion);
 - without masks, a map qualifies when it has at least :data:`MIN_CELLS` cells along every axis (or
   the input's own size, when smaller);
@@ -31,8 +36,8 @@ first sample, is a map ``(1, C>1, *s)`` with the input's number of spatial axes,
 finish (a container finishes after its last child, so a whole stage wins over its last activation).
 By encoder family (strides for the default builders):
 
-- ``resnet*`` (MONAI): ``act`` (1/2), ``layer1`` (1/4), ``layer2`` (1/8), ``layer3`` (1/16), ``layer4``
-  (1/32); without max-pool and with conv1 stride 1 each is 4x finer;
+- ``resnet*`` (MONAI, ``conv1_t_stride = 1`` by default): ``act`` (1), ``layer1`` (1/2, after the max-pool),
+  ``layer2`` (1/4), ``layer3`` (1/8), ``layer4`` (1/16); without max-pool each is 2x finer (``layer4`` at 1/8);
 - ``convnext_tiny_cbam``: ``stages.0``-``stages.3`` and ``cbam.*`` (1/4 to 1/32);
 - ``unet2d``: ``down.0``-``down.3`` (1, 1/2, 1/4, 1/8);
 - ``mt3``: ``stem.0``-``stem.3`` (1, 1/2, 1/4, 1/8): its last map is too coarse for small lesions at
@@ -65,8 +70,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from medctl.evaluation.proportions import above_chance, format_p
 from medctl.saliency.attribution import AttributionSettings, ClassScores, compute_map
-from medctl.saliency.scoring import mass_in_mask, pointing_game
+from medctl.saliency.scoring import mass_in_mask, pointing_chance, pointing_game
 
 CELLS_ACROSS_TARGET = 2  # with masks: at least two map cells across the median lesion, along every axis
 MIN_CELLS = 8  # without masks: at least this many cells along every axis
@@ -130,13 +136,18 @@ def spatial_layers(classifier: nn.Module, x: torch.Tensor) -> list[SpatialLayer]
 
 
 def lesion_extent(masks: Iterable[np.ndarray]) -> tuple[float, ...] | None:
-    """Median bounding-box extent per axis (voxels) of the connected lesions in ``masks`` ``(*S)``;
-    None when there is no lesion."""
-    extents: list[tuple[int, ...]] = []
+    """Median size per axis (voxels) of the connected lesions in ``masks`` ``(*S)``; None when there is no
+    lesion. A lesion's size along an axis is its bounding-box extent, capped by its thickness (twice the largest
+    distance from a lesion voxel to the background): a thin rod lying diagonally fills a large box, but a map
+    must resolve its width to point inside it."""
+    extents: list[tuple[float, ...]] = []
     for mask in masks:
         labelled, count = ndimage.label(np.asarray(mask) > 0)
-        if count:
-            extents += [tuple(s.stop - s.start for s in box) for box in ndimage.find_objects(labelled)]
+        for index, box in enumerate(ndimage.find_objects(labelled), start=1):
+            lesion = labelled[box] == index
+            depth = ndimage.distance_transform_edt(np.pad(lesion, 1))  # voxels to the nearest background
+            thickness = 2 * float(depth.max())
+            extents.append(tuple(min(float(s.stop - s.start), thickness) for s in box))
     if not extents:
         return None
     return tuple(float(v) for v in np.median(np.asarray(extents, dtype=float), axis=0))
@@ -201,29 +212,33 @@ def check_cam_layers(
     check: Sequence[CheckSample],
     *,
     source: str,
-    methods: Sequence[str],
+    method: str,
     settings: AttributionSettings,
     tolerance: int = 0,
+    alpha: float,
 ) -> CamLayerChoice:
-    """The candidate layer whose ``methods`` maps point best at the lesions of ``check`` (see the module
+    """The candidate layer whose ``method`` maps point best at the lesions of ``check`` (see the module
     docstring); ``resolution_choice`` (from :func:`choose_cam_layer`) gives the candidates, in the order they
-    finish, and is returned unchanged when there is nothing to check."""
+    finish, and is returned unchanged when there is nothing to check. The winner's hits are tested against
+    chance (one-sided exact binomial test on the check lesions' mean share); ``check["significant"]`` is
+    False, and the rule says so, when they are not above chance at ``alpha``."""
     candidates = resolution_choice.candidates[-CHECK_CANDIDATES:]
     if not check or not candidates:
         return resolution_choice
     started = time.perf_counter()
+    chance = float(np.mean([pointing_chance(sample.mask, tolerance=tolerance) for sample in check]))
     scored = []
     for candidate in candidates:
         layer_settings = replace(settings, gradcam_layer=candidate["name"])
         hits, masses = [], []
         for sample in check:
-            for method in methods:
-                amap = compute_map(method, scores, sample.x, sample.target, layer_settings)  # (*S)
-                hits.append(bool(pointing_game(amap, sample.mask, tolerance=tolerance)))
-                masses.append(mass_in_mask(amap, sample.mask))
+            amap = compute_map(method, scores, sample.x, sample.target, layer_settings)  # (*S)
+            hits.append(bool(pointing_game(amap, sample.mask, tolerance=tolerance)))
+            masses.append(mass_in_mask(amap, sample.mask))
         scored.append(
             {
                 **candidate,
+                "check_hits": int(sum(hits)),
                 "check_pointing_hit_rate": float(np.mean(hits)),
                 "check_mass_in_mask": float(np.mean(masses)),
             }
@@ -232,12 +247,14 @@ def check_cam_layers(
     best = max(
         scored, key=lambda c: (c["check_pointing_hit_rate"], c["check_mass_in_mask"], depth[c["name"]])
     )
+    p = above_chance(best["check_hits"], len(check), chance)
     seconds = time.perf_counter() - started
     rule = (
-        f"the best pointing game (then mass in mask) of {', '.join(methods)} among the {len(scored)} deepest "
-        f"map sizes on {len(check)} held-out lesion samples ({source}): "
-        f"{best['check_pointing_hit_rate']:.2f} on {best['name']}; the resolution rule alone would read "
-        f"{resolution_choice.name}"
+        f"the best pointing game (then mass in mask) of {method} among the {len(scored)} deepest map sizes "
+        f"on {len(check)} held-out lesion samples ({source}): {best['check_hits']}/{len(check)} on "
+        f"{best['name']}, chance {chance:.3f}, {format_p(p)}"
+        + ("" if p < alpha else " — not significantly above chance: no candidate layer located the lesions")
+        + f"; the resolution rule alone would read {resolution_choice.name}"
     )
     unscored = resolution_choice.candidates[: len(resolution_choice.candidates) - len(scored)]
     return CamLayerChoice(
@@ -250,8 +267,11 @@ def check_cam_layers(
         {
             "source": source,
             "ids": [sample.id for sample in check],
-            "methods": list(methods),
+            "method": method,
             "tolerance": tolerance,
+            "chance": chance,
+            "p": p,
+            "significant": p < alpha,
             "seconds": round(seconds, 3),
             "resolution_rule_choice": resolution_choice.name,
         },

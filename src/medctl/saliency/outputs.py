@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from medctl.io import atomic_write, write_text_atomic
 from medctl.saliency.geometry import Geometry
-from medctl.saliency.scoring import peak_voxel
+from medctl.saliency.scoring import flat_counts, hits_text, peak_voxel
 
 INDEX_COLUMNS = [
     "id",
@@ -33,7 +33,10 @@ INDEX_COLUMNS = [
     "probability",
     "target_class",
     "target_probability",
+    "misclassified",
     "method",
+    "layer",
+    "map_flat",
     "map_nrrd",
     "map_original_nrrd",
     "panel_png",
@@ -45,6 +48,9 @@ INDEX_COLUMNS = [
     "input_edges_hit",
     "randomisation_spearman",
     "random_weights_hit",
+    "deletion_auc",
+    "deletion_random_order_auc",
+    "deletion_random_weights_auc",
     "seconds",
 ]
 
@@ -56,78 +62,123 @@ def random_weight_hits(entry: Mapping[str, Any]) -> str:
     return f"{entry['random_weights_hits']}/{n} (trained {entry['checked_hits']}/{n})" if n else "—"
 
 
+def deletion_cell(entry: Mapping[str, Any]) -> str:
+    """``0.21 (order 0.45, weights 0.40)``: the mean deletion area beside its baselines; ``—`` without."""
+    deletion = entry.get("deletion") or {}
+    if not deletion:
+        return "—"
+    others = [
+        f"{name} {deletion[f'random_{name}_auc']:.2f}"
+        for name in ("order", "weights")
+        if f"random_{name}_auc" in deletion
+    ]
+    return f"{deletion['auc']:.2f}" + (f" ({', '.join(others)})" if others else "")
+
+
+def summary_lines(scores: Mapping[str, Mapping[str, Any]], alpha: float) -> list[str]:
+    """The verdicts gathered, the same words in the CLI, ``report.md`` and the demo report: which methods beat
+    the input baseline, which failed, which are not distinguishable, which depend on the input, which gave
+    empty or constant maps."""
+    def having(key: str, value: Any = True) -> list[str]:
+        return [method for method, entry in scores.items() if entry.get(key) is value]
+
+    lines = []
+    beating, failed = having("beats_input_baseline"), having("failed")
+    level = f"paired exact test, p < {alpha:g}"
+    if beating:
+        lines.append(f"Beat the input baseline ({level}): {', '.join(beating)}.")
+    undecided = [m for m in having("beats_input_baseline", False) if m not in failed]
+    if undecided:
+        lines.append(
+            f"Not distinguishable from the input baseline (paired exact test at α = {alpha:g}): {', '.join(undecided)}: "
+            "on these samples the "
+            "pointing game cannot tell their maps from the image's own intensity or edges."
+        )
+    if failed:
+        lines.append(
+            f"The maps failed to locate the lesion: {', '.join(failed)} (not above chance, or significantly below "
+            "the input baseline)."
+        )
+    flagged = having("input_driven")
+    if flagged:
+        lines.append(
+            f"Depend on the input more than the model: {', '.join(flagged)} (randomisation ρ at or above the "
+            "threshold and no significant win over random weights; Adebayo et al. 2018)."
+        )
+    flat = [f"{method} ({flat_counts(entry)})" for method, entry in scores.items() if entry.get("flat_maps")]
+    if flat:
+        lines.append(f"Maps that point nowhere (all zero or constant): {', '.join(flat)}.")
+    return lines
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
-    """``report.md`` of a saliency run from its ``scores.json`` payload: every method next to the chance
-    level and the model-free input baselines, the randomisation check, and what that means."""
+    """``report.md`` of a saliency run from its ``scores.json`` payload: every method with its interval next to
+    the chance level and the model-free input baselines, the paired tests behind each verdict, the
+    randomisation check, the deletion curve, and each CAM method's layer."""
     scores, baselines = report["scores"], report.get("baselines") or {}
     settings = report["settings"]
+    lesions = report.get("lesions_in_split")
     lines = [
         f"# Saliency of `{report['target_name']}` (explaining: {report['target']})",
         "",
-        "| map | pointing game | hits | chance | mass in mask | randomisation ρ | random-weight hits | verdict |",
+        "| map | pointing game [95% CI] (hits) | chance | mass in mask | randomisation ρ | random-weight hits | "
+        "deletion AUC (random order, weights) | verdict |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for method, entry in scores.items():
         lines.append(
-            f"| {method} | {_f(entry['pointing_hit_rate'])} | {entry['pointing_hits']}/{entry['n_scored']} | "
-            f"{_f(entry['pointing_chance'])} | {_f(entry['mass_in_mask'])} | "
-            f"{_f(entry['randomisation_spearman'], 2)} | {random_weight_hits(entry)} | {entry.get('verdict') or '—'} |"
+            f"| {method} | {hits_text(entry, lesions)} | {_f(entry['pointing_chance'])} | {_f(entry['mass_in_mask'])} | "
+            f"{_f(entry['randomisation_spearman'], 2)} | {random_weight_hits(entry)} | {deletion_cell(entry)} | "
+            f"{entry.get('verdict') or '—'} |"
         )
     for name, entry in baselines.items():
         lines.append(
-            f"| {name.replace('_', ' ')} (no model) | {_f(entry['pointing_hit_rate'])} | "
-            f"{entry['pointing_hits']}/{entry['n_scored']} | {_f(entry['pointing_chance'])} | "
-            f"{_f(entry['mass_in_mask'])} | | | baseline |"
+            f"| {name.replace('_', ' ')} (no model) | {hits_text(entry, lesions)} | {_f(entry['pointing_chance'])} | "
+            f"{_f(entry['mass_in_mask'])} | | | | baseline |"
         )
-    beating = [m for m, e in scores.items() if e.get("beats_input_baseline")]
-    flagged = [m for m, e in scores.items() if e.get("input_driven")]
-    scored = any(e.get("n_scored") for e in scores.values())
-    lines += [""]
-    if scored:
-        lines.append(
-            f"Beat the input baseline: {', '.join(beating)}."
-            if beating
-            else "No method beats the input baseline: on these samples the image alone points at the "
-            "lesions as well as the maps do, so the pointing game says nothing about the model."
-        )
-    if flagged:
-        lines.append(
-            f"Flagged by the randomisation check (ρ ≥ {settings['randomisation_threshold']}): "
-            f"{', '.join(flagged)}: their maps barely change when the weights are re-initialised, so they "
-            "show the input more than what the model learned (Adebayo et al. 2018)."
-        )
+    lines += ["", *summary_lines(scores, settings["alpha"])]
     lines += [
         "",
         "Pointing game: the share of lesion samples whose map peaks inside the lesion (a map with no peak "
-        "counts as a miss). Chance: the lesion's share of the image. Input baselines: the image's own "
-        "intensity and its edge map (gradient magnitude), scored the same way without any model. "
-        f"Randomisation ρ: Spearman correlation of |map| with the maps of a copy whose weights were "
-        f"re-initialised ({settings['randomisation_scope']}), on the first {settings['randomisation_samples']} "
-        "samples and the first as many lesion samples; low is good. Random-weight hits: the pointing game of "
-        "that copy's maps on those lesion samples (the trained model's hits on the same samples in brackets); a trained model that points no "
-        "better than its own random initialisation has not shown that it learned where the lesion is.",
+        "counts as a miss), with its 95% Wilson interval. Chance: the lesion's share of the image. Input "
+        "baselines: the image's own intensity and its edge map (gradient magnitude), scored the same way "
+        "without any model. Every comparison is an exact McNemar test on the same samples (the samples one "
+        f"map hits and the other misses); \"beats\" needs p < {settings['alpha']:g}. Random-weight hits: the "
+        "pointing game of a copy whose weights were re-initialised "
+        f"({settings['randomisation_scope']}), on every scored lesion sample (the trained model's hits in "
+        "brackets); randomisation ρ: the Spearman correlation of |map| with that copy's maps, shown as evidence "
+        "(the paired test decides). Deletion AUC: the area under the class probability as the most attributed "
+        "patches are replaced by the image mean (lower: the model needed what the map points at), beside "
+        "random order and the random-weight maps' order, compared by the exact sign test per sample.",
     ]
-    cam = report.get("cam_layer")
-    if cam:
+    for method, cam in (report.get("cam_layers") or {}).items():
         shape = f" ({'x'.join(map(str, cam['shape']))})" if cam.get("shape") else ""
-        lines += ["", f"CAM layer: `{cam['name']}`{shape}: {cam['rule']}."]
+        lines += ["", f"{method} layer: `{cam['name']}`{shape}: {cam['rule']}."]
         check = cam.get("check")
         if check:
             lines += [
                 "",
-                f"Held-out check of the CAM layer ({len(check['ids'])} lesion samples of the {check['source']}, "
-                f"not among those reported; {', '.join(check['methods'])}; {check['seconds']:.1f} s):",
+                f"Held-out check of {method}'s layer ({len(check['ids'])} lesion samples of the {check['source']}, "
+                f"not among those reported; {check['seconds']:.1f} s):",
                 "",
-                "| layer | map | check pointing game | check mass in mask |",
-                "| --- | --- | ---: | ---: |",
+                "| layer | map | check hits | check pointing game | check mass in mask |",
+                "| --- | --- | ---: | ---: | ---: |",
             ]
             for candidate in cam["candidates"]:
                 if "check_pointing_hit_rate" in candidate:
                     chosen = " (chosen)" if candidate["name"] == cam["name"] else ""
                     lines.append(
                         f"| `{candidate['name']}`{chosen} | {'x'.join(map(str, candidate['shape']))} | "
-                        f"{_f(candidate['check_pointing_hit_rate'])} | {_f(candidate['check_mass_in_mask'])} |"
+                        f"{candidate['check_hits']}/{len(check['ids'])} | {_f(candidate['check_pointing_hit_rate'])} | "
+                        f"{_f(candidate['check_mass_in_mask'])} |"
                     )
+            if not check["significant"]:
+                lines += [
+                    "",
+                    f"Warning: the best candidate is not significantly above chance ({check['p']:.3f}); no layer "
+                    f"made {method} locate the held-out lesions, so its maps here are not evidence of where the "
+                    "model looks.",
+                ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,17 +1,20 @@
 """``run_saliency``: every requested map for every sample, written to disk, scored and indexed.
 
 The stage reads like a recipe: check the settings -> wrap the classifier into one target's class scores
-(and a randomised copy for the sanity check) -> choose the CAM layer -> for each sample: predict, pick
-the class to explain, compute each method's map, write NRRDs and a panel, score against the mask next to
-the model-free input baselines -> per-class mean maps -> ``index.csv``, ``scores.json`` and
-``report.md`` (which methods beat the input baseline, which are flagged by the randomisation check). It needs nothing but a classifier and samples, so the CLI stage is
-"load checkpoint + cache, call this".
+(and a randomised copy for the sanity check) -> choose each CAM method's layer -> for each sample:
+predict, pick the class to explain, compute each method's map, write NRRDs and a panel (the first
+``max_samples``), score against the mask next to the model-free input baselines and the random-weight
+copy's map, run the deletion curve -> per-class mean maps -> ``index.csv``, ``scores.json`` and
+``report.md`` (each rate with its interval; "beats" only where a paired exact test says so; failed and
+empty maps named). It needs nothing but a classifier and samples, so the CLI stage is "load checkpoint +
+cache, call this".
 
 Layout of ``out_dir``::
 
     index.csv                       one row per sample and method (outputs.INDEX_COLUMNS)
-    scores.json                     per-method summary with baselines and verdicts, settings, the CAM
-                                    layer and why, what the randomisation reset
+    scores.json                     per-method summary with intervals, paired tests, deletion areas and
+                                    verdicts, the settings, each CAM method's layer and why, what the
+                                    randomisation reset
     report.md                       the scores table and what it means
     maps/<id>/image.nrrd            the preprocessed input (channel mean) on the preprocessed grid
     maps/<id>/<method>.nrrd         the map on the preprocessed grid
@@ -46,6 +49,7 @@ from medctl.saliency.attribution import (
     gradcam_target,
     resolve_methods,
 )
+from medctl.saliency.deletion import curve_area, deletion_curve, patch_labels, patch_order, random_order
 from medctl.saliency.geometry import (
     Geometry,
     cache_geometry,
@@ -68,7 +72,7 @@ from medctl.saliency.scoring import (
 )
 from medctl.training.precision import resolve_device
 
-DEFAULTS = SaliencyConfig()  # the defaults of the keyword arguments below come from the config model
+DEFAULTS = SaliencyConfig()  # run_saliency's settings default to the config model's
 CAM_METHODS = {"gradcam", "hirescam"}
 
 
@@ -82,7 +86,8 @@ class SaliencyResult:
     class_means: list[dict[str, Any]] = field(default_factory=list)  # method, class, n, nrrd, png
     randomised_modules: list[str] = field(default_factory=list)
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # input_intensity, input_edges
-    cam_layer: CamLayerChoice | None = None  # the layer the CAMs read, when a CAM method ran
+    cam_layers: dict[str, CamLayerChoice] = field(default_factory=dict)  # per CAM method: the layer it read
+    lesions_in_split: int | None = None  # the split's lesion samples, when a split was explained
 
     @property
     def index_path(self) -> Path:
@@ -99,60 +104,39 @@ def run_saliency(
     *,
     classes: Sequence[str],
     target_name: str,
-    methods: Sequence[str],
     out_dir: str | Path,
-    target: str = "pred",
-    ig_steps: int,
-    occlusion_window: Sequence[int],
-    occlusion_stride: Sequence[int],
-    randomisation_check: bool,
-    device: str | torch.device,
+    settings: SaliencyConfig = DEFAULTS,
+    device: str | torch.device = "cpu",
     kind: TargetKind | None = None,
-    pointing_tolerance: int = DEFAULTS.pointing_tolerance,
-    internal_batch_size: int = DEFAULTS.internal_batch_size,
-    memory_budget_gb: float = DEFAULTS.memory_budget_gb,
-    gradcam_layer: str = DEFAULTS.gradcam_layer,
-    randomisation_samples: int = DEFAULTS.randomisation_samples,
-    randomisation_scope: str = DEFAULTS.randomisation_scope,
-    randomisation_threshold: float = DEFAULTS.randomisation_threshold,
     cam_target_extent: Sequence[float] | None = None,
     cam_check: Iterable[Mapping[str, Any]] = (),
     cam_check_source: str = "",
+    lesions_in_split: int | None = None,
 ) -> SaliencyResult:
-    """Explain ``classifier``'s ``target_name`` head on each sample with each method.
+    """Explain ``classifier``'s ``target_name`` head on each sample with each of ``settings.methods``.
 
     ``samples`` yields dicts with ``image`` ``(C, *S)``, ``id``, and optionally ``label`` (class index,
     or a multi-hot vector for multilabel; ``<target_name>`` is read when ``label`` is absent, so
-    :class:`CacheDataset` items work as they are), ``mask`` ``(1, *S)`` and ``geometry`` (the manifest
+    :class:`CacheDataset` items work as they are), ``mask`` ``(1, *S)``, ``geometry`` (the manifest
     row's ``spacing``, ``origin``, ``direction``, ``orig_shape`` and ``cache_affine``; see
-    :mod:`medctl.saliency.geometry`).
-    ``target``: ``pred`` (the predicted class), ``true`` (the label) or a class name. ``kind`` None
-    infers binary from a one-logit head and multiclass otherwise; pass ``multilabel`` explicitly.
-    ``internal_batch_size`` 0 and ``memory_budget_gb`` 0 mean automatic sizing. ``gradcam_layer`` names
-    a module inside the encoder for the CAMs; empty chooses one on the first sample by
-    :func:`medctl.saliency.layers.choose_cam_layer` from ``cam_target_extent`` (the lesions' median
-    extent per axis, in voxels of the samples' grid; None: no masks known), or, when ``cam_check`` yields
-    samples with lesion masks (held out from ``samples``; ``cam_check_source`` says where they come from),
-    by the held-out check :func:`medctl.saliency.layers.check_cam_layers`; ``"last"`` is the encoder's
-    own last spatial layer. The randomisation check (when on) runs on the first ``randomisation_samples``
-    samples and the first ``randomisation_samples`` lesion samples with a copy re-initialised per
-    ``randomisation_scope``, flags a method whose mean rho is at or above ``randomisation_threshold``, and
-    scores the copy's maps on those lesions beside the trained model's.
+    :mod:`medctl.saliency.geometry`) and ``write`` (False: score the maps without writing their files).
+    ``kind`` None infers binary from a one-logit head and multiclass otherwise; pass ``multilabel``
+    explicitly. The CAM layer of each CAM method (``settings.gradcam_layer`` empty) is chosen by its own
+    held-out check (:func:`medctl.saliency.layers.check_cam_layers`) when ``cam_check`` yields lesion
+    samples (held out from ``samples``; ``cam_check_source`` says where they come from), else by the
+    resolution rule from ``cam_target_extent`` (the lesions' median extent per axis in voxels; None: no
+    masks known). The randomisation check (when on) maps the first ``settings.randomisation_samples``
+    samples and every lesion sample with a re-initialised copy, so that its pointing game is compared on
+    the same samples. ``lesions_in_split`` (the lesion samples the split holds) lets the report say how
+    many of them were scored.
     """
     out_dir = Path(out_dir)
-    names = resolve_methods(methods)
+    names = resolve_methods(settings.methods)
     classes = list(classes)
-    check_target(target, classes, target_name)
-    settings = AttributionSettings(
-        ig_steps=ig_steps,
-        occlusion_window=tuple(occlusion_window),
-        occlusion_stride=tuple(occlusion_stride),
-        internal_batch_size=internal_batch_size,
-        memory_budget_bytes=int(memory_budget_gb * 1024**3),
-        gradcam_layer=gradcam_layer,
-    )
+    check_target(settings.target, classes, target_name)
+    attribution = attribution_settings(settings)
     if CAM_METHODS & set(names):
-        gradcam_target(classifier.encoder, gradcam_layer)  # an unknown layer fails before any work
+        gradcam_target(classifier.encoder, settings.gradcam_layer)  # an unknown layer fails before any work
     device = resolve_device(device)
     classifier = classifier.to(device).eval()
     spatial_dims = getattr(classifier.encoder, "spatial_dims", None)
@@ -161,7 +145,7 @@ def run_saliency(
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
     means = _ClassMeans()
-    n_checked = n_lesions_checked = 0
+    n_seen = 0
     total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     with progress_bar("saliency", total) as bar:
         for sample in samples:
@@ -171,20 +155,15 @@ def run_saliency(
             x = image[None].to(device)  # (1, C, *S)
             if explainers is None:
                 explainers = build_explainers(
-                    classifier, x, target_name, classes, kind, names, settings,
-                    randomisation_check=randomisation_check, randomisation_scope=randomisation_scope,
-                    cam_target_extent=cam_target_extent, cam_check=cam_check,
-                    cam_check_source=cam_check_source, pointing_tolerance=pointing_tolerance,
+                    classifier, x, target_name, classes, kind, names, attribution, settings,
+                    cam_target_extent=cam_target_extent, cam_check=cam_check, cam_check_source=cam_check_source,
                 )  # fmt: skip
-            lesion = _has_lesion(sample)
-            check = explainers.randomised is not None and (
-                n_checked < randomisation_samples or (lesion and n_lesions_checked < randomisation_samples)
-            )  # the first samples, and the first lesion samples, where the random model's maps can be scored
-            n_checked += check
-            n_lesions_checked += check and lesion
+            # the first samples for rho, and every lesion sample, where the random model's maps are scored
+            check = explainers.randomised is not None and (n_seen < settings.randomisation_samples or _has_lesion(sample))
+            n_seen += 1
             sample_rows, sample_baselines = explain_sample(
-                sample, image, x, explainers, names, classes, target, target_name, out_dir,
-                pointing_tolerance=pointing_tolerance, check=check, means=means,
+                sample, image, x, explainers, names, classes, target_name, out_dir, settings,
+                check=check, means=means,
             )  # fmt: skip
             rows += sample_rows
             baselines += sample_baselines
@@ -195,27 +174,32 @@ def run_saliency(
     class_means = means.write(out_dir / "class_means", classes)
     index = write_index(out_dir / "index.csv", rows)
     baseline_scores = summarise(baselines)
-    summary = judge(summarise(rows), baseline_scores, threshold=randomisation_threshold)
-    recorded = {
-        "ig_steps": ig_steps,
-        "occlusion_window": list(occlusion_window),
-        "occlusion_stride": list(occlusion_stride),
-        "pointing_tolerance": pointing_tolerance,
-        "gradcam_layer": gradcam_layer,
-        "internal_batch_size": internal_batch_size,
-        "memory_budget_gb": memory_budget_gb,
-        "randomisation_check": randomisation_check,
-        "randomisation_samples": randomisation_samples,
-        "randomisation_scope": randomisation_scope,
-        "randomisation_threshold": randomisation_threshold,
-    }
+    summary = judge(
+        summarise(rows), baseline_scores, alpha=settings.alpha, threshold=settings.randomisation_threshold
+    )
+    for method, layer in explainers.cam_layers.items():
+        summary[method]["layer"] = layer.name
     write_scores(
-        out_dir, explainers, target_name=target_name, classes=classes, target=target, methods=names,
-        settings=recorded, scores=summary, baselines=baseline_scores, class_means=class_means,
+        out_dir, explainers, target_name=target_name, classes=classes, settings=settings, methods=names,
+        scores=summary, baselines=baseline_scores, class_means=class_means, lesions_in_split=lesions_in_split,
     )  # fmt: skip
-    log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods -> {out_dir}")
+    n_written = index.loc[index["map_nrrd"].notna(), "id"].nunique()
+    log(f"saliency: {index['id'].nunique()} samples x {len(names)} methods ({n_written} written) -> {out_dir}")
     return SaliencyResult(
-        out_dir, index, summary, class_means, explainers.reset, baseline_scores, explainers.cam_layer
+        out_dir, index, summary, class_means, explainers.reset, baseline_scores, explainers.cam_layers,
+        lesions_in_split,
+    )  # fmt: skip
+
+
+def attribution_settings(settings: SaliencyConfig) -> AttributionSettings:
+    """What the attribution methods read of ``[saliency]``."""
+    return AttributionSettings(
+        ig_steps=settings.ig_steps,
+        occlusion_window=tuple(settings.occlusion_window),
+        occlusion_stride=tuple(settings.occlusion_stride),
+        internal_batch_size=settings.internal_batch_size,
+        memory_budget_bytes=int(settings.memory_budget_gb * 1024**3),
+        gradcam_layer=settings.gradcam_layer,
     )
 
 
@@ -225,25 +209,26 @@ def write_scores(
     *,
     target_name: str,
     classes: Sequence[str],
-    target: str,
+    settings: SaliencyConfig,
     methods: Sequence[str],
-    settings: dict[str, Any],
     scores: dict[str, dict[str, Any]],
     baselines: dict[str, dict[str, float]],
     class_means: list[dict[str, Any]],
+    lesions_in_split: int | None,
 ) -> None:
-    """``scores.json`` (the per-method summary with baselines and verdicts, the settings, the CAM layer and
-    what the randomisation reset) and ``report.md``."""
+    """``scores.json`` (the per-method summary with baselines, paired tests and verdicts, the settings, each
+    CAM method's layer and what the randomisation reset) and ``report.md``."""
     report = {
         "target_name": target_name,
         "kind": explainers.scores.kind,
         "classes": classes,
-        "target": target,
+        "target": settings.target,
         "methods": methods,
-        "settings": settings,
+        "settings": settings.model_dump(mode="json"),
+        "lesions_in_split": lesions_in_split,
         "scores": scores,
         "baselines": baselines,
-        "cam_layer": explainers.cam_layer.to_dict() if explainers.cam_layer is not None else None,
+        "cam_layers": {method: layer.to_dict() for method, layer in explainers.cam_layers.items()},
         "randomised_modules": explainers.reset,
         "class_means": class_means,
     }
@@ -255,13 +240,17 @@ def write_scores(
 @dataclass
 class Explainers:
     """The class scores every method explains, their randomised copy for the sanity check (None when off),
-    and the attribution settings with the CAM layer chosen."""
+    and the attribution settings of each method (its own CAM layer)."""
 
     scores: ClassScores
     randomised: ClassScores | None
     reset: list[str]  # the modules the randomised copy re-initialised
-    cam_layer: CamLayerChoice | None
+    cam_layers: dict[str, CamLayerChoice]  # CAM method -> the layer it reads
     settings: AttributionSettings
+
+    def settings_for(self, method: str) -> AttributionSettings:
+        layer = self.cam_layers.get(method)
+        return self.settings if layer is None else replace(self.settings, gradcam_layer=layer.name)
 
 
 def build_explainers(
@@ -271,36 +260,42 @@ def build_explainers(
     classes: Sequence[str],
     kind: TargetKind | None,
     names: Sequence[str],
-    settings: AttributionSettings,
+    attribution: AttributionSettings,
+    settings: SaliencyConfig,
     *,
-    randomisation_check: bool,
-    randomisation_scope: str,
     cam_target_extent: Sequence[float] | None,
     cam_check: Iterable[Mapping[str, Any]] = (),
     cam_check_source: str = "",
-    pointing_tolerance: int = 0,
 ) -> Explainers:
     """:class:`Explainers` from the first sample ``x`` ``(1, C, *S)``: it fixes the target's kind, the
-    randomised copy's example input and the CAM layer's output sizes."""
+    randomised copy's example input and each CAM method's layer (its own held-out check)."""
     scores = ClassScores(classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind))
-    randomised, reset, cam_layer = None, [], None
-    if randomisation_check:
-        random_model, reset = randomised_copy(classifier, example=x, scope=randomisation_scope)
+    randomised, reset = None, []
+    if settings.randomisation_check:
+        random_model, reset = randomised_copy(classifier, example=x, scope=settings.randomisation_scope)
         randomised = ClassScores(random_model, target_name, scores.kind)
     cam_methods = [name for name in names if name in CAM_METHODS]
+    cam_layers: dict[str, CamLayerChoice] = {}
     if cam_methods:
-        cam_layer = cam_layer_for(classifier, x, settings.gradcam_layer, cam_target_extent)
-        if not settings.gradcam_layer and cam_layer.candidates:
-            check = check_samples(cam_check, scores, x.device, target_name, classes)
-            cam_layer = check_cam_layers(
-                scores, cam_layer, check, source=cam_check_source, methods=cam_methods, settings=settings,
-                tolerance=pointing_tolerance,
+        resolution = cam_layer_for(classifier, x, settings.gradcam_layer, cam_target_extent)
+        check = (
+            check_samples(cam_check, scores, x.device, target_name, classes)
+            if not settings.gradcam_layer and resolution.candidates
+            else []
+        )
+        for method in cam_methods:
+            cam_layers[method] = check_cam_layers(
+                scores, resolution, check, source=cam_check_source, method=method, settings=attribution,
+                tolerance=settings.pointing_tolerance, alpha=settings.alpha,
             )  # fmt: skip
-        if not settings.gradcam_layer:
-            took = f" ({cam_layer.check['seconds']:.1f} s)" if cam_layer.check else ""
-            log(f"saliency: the CAMs read {cam_layer.name or 'the encoder output'}: {cam_layer.rule}{took}")
-        settings = replace(settings, gradcam_layer=cam_layer.name)
-    return Explainers(scores, randomised, reset, cam_layer, settings)
+            if settings.gradcam_layer:
+                continue
+            layer = cam_layers[method]
+            took = f" ({layer.check['seconds']:.1f} s)" if layer.check else ""
+            log(f"saliency: {method} reads {layer.name or 'the encoder output'}: {layer.rule}{took}")
+            if layer.check and not layer.check["significant"]:
+                log(f"saliency: warning: no candidate layer made {method} locate the held-out lesions above chance")
+    return Explainers(scores, randomised, reset, cam_layers, attribution)
 
 
 def explain_sample(
@@ -310,23 +305,24 @@ def explain_sample(
     explainers: Explainers,
     names: Sequence[str],
     classes: Sequence[str],
-    target: str,
     target_name: str,
     out_dir: Path,
+    settings: SaliencyConfig,
     *,
-    pointing_tolerance: int,
     check: bool,
     means: _ClassMeans,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One sample: predict, pick the class to explain, each method's map written and scored (and compared
-    with the randomised model's when ``check``); its index rows and its input-baseline rows."""
-    scores, settings = explainers.scores, explainers.settings
+    """One sample: predict, pick the class to explain, each method's map scored (and written, unless the
+    sample says ``write: False``), its deletion curve, and the randomised model's map when ``check``; its
+    index rows and its input-baseline rows."""
+    scores, tolerance = explainers.scores, settings.pointing_tolerance
     sample_id = str(sample["id"])
+    write = bool(sample.get("write", True))
     with torch.no_grad():
         probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
     predicted = int(probabilities.argmax())
     label = _label(sample, target_name, scores.kind)
-    target_index = _choose_target(target, predicted, label, classes, sample_id)
+    target_index = _choose_target(settings.target, predicted, label, classes, sample_id)
     spatial = tuple(image.shape[1:])
     mask = _mask(sample, spatial, sample_id)  # (*S) or None
     record = sample.get("geometry")
@@ -335,14 +331,19 @@ def explain_sample(
     source = None if spectrogram else source_geometry(record, len(spatial))  # the scan's grid or None
     grid = cache_geometry(record, spatial, source)  # the cached array's grid
     display = image.float().mean(dim=0).numpy()  # (*S)
+    # deletion measures evidence that is there to remove: every sample when no mask is known, else the lesion ones
+    wanted = settings.deletion and (mask is None or bool(mask.any()))
+    deletion = Deletion(scores, x, target_index, sample_id, settings) if wanted else None
 
     folder = out_dir / "maps" / safe_name(sample_id)
-    write_nrrd(folder / "image.nrrd", display, grid)
-    sample_baselines = baseline_rows(display, mask, tolerance=pointing_tolerance) if mask is not None else []
+    if write:
+        write_nrrd(folder / "image.nrrd", display, grid)
+    sample_baselines = baseline_rows(display, mask, tolerance=tolerance) if mask is not None else []
     rows = []
     for method in names:
+        method_settings = explainers.settings_for(method)
         started = time.perf_counter()
-        amap = compute_map(method, scores, x, target_index, settings)  # (*S)
+        amap = compute_map(method, scores, x, target_index, method_settings)  # (*S)
         seconds = time.perf_counter() - started
         if not np.all(np.isfinite(amap)):
             log(f"saliency: {method} gave non-finite values for {sample_id}; they are kept in the files")
@@ -353,24 +354,69 @@ def explain_sample(
             "probability": float(probabilities[predicted]),
             "target_class": classes[target_index],
             "target_probability": float(probabilities[target_index]),
+            "misclassified": _misclassified(label, predicted, scores.kind),
             "method": method,
+            "layer": method_settings.gradcam_layer if method in CAM_METHODS else "",
+            "map_flat": flatness(amap),
             "seconds": seconds,
         }
-        row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram))
+        if write:
+            row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram))
+            means.add(method, target_index, amap, display, grid)
         if mask is not None:
-            row["pointing_hit"] = pointing_game(amap, mask, tolerance=pointing_tolerance)
-            row["pointing_chance"] = pointing_chance(mask, tolerance=pointing_tolerance)
+            row["pointing_hit"] = pointing_game(amap, mask, tolerance=tolerance)
+            row["pointing_chance"] = pointing_chance(mask, tolerance=tolerance)
             row["mass_in_mask"] = mass_in_mask(amap, mask)
             row["mask_share"] = mask_share(mask)
             row.update({f"{b['method']}_hit": b["pointing_hit"] for b in sample_baselines})
+        random_map = None
         if check:
-            random_map = compute_map(method, explainers.randomised, x, target_index, settings)
+            random_map = compute_map(method, explainers.randomised, x, target_index, method_settings)
             row["randomisation_spearman"] = rank_correlation(amap, random_map)
             if mask is not None:
-                row["random_weights_hit"] = pointing_game(random_map, mask, tolerance=pointing_tolerance)
+                row["random_weights_hit"] = pointing_game(random_map, mask, tolerance=tolerance)
+        if deletion is not None:
+            row.update(deletion.areas(amap, random_map))
         rows.append(row)
-        means.add(method, target_index, amap, display, grid)
     return rows, sample_baselines
+
+
+class Deletion:
+    """One sample's deletion curves (:mod:`medctl.saliency.deletion`), scored with the trained model:
+    each map's, the random order's (once per sample) and the random-weight map's."""
+
+    def __init__(self, scores: ClassScores, x: torch.Tensor, target: int, sample_id: str, settings: SaliencyConfig):
+        self.scores, self.x, self.target, self.steps = scores, x, target, settings.deletion_steps
+        self.labels = patch_labels(tuple(x.shape[2:]), settings.deletion_grid)  # (*S)
+        order = random_order(int(self.labels.max()) + 1, sample_id)
+        self.random_order_auc = self.area(order)
+
+    def area(self, order: np.ndarray) -> float:
+        return curve_area(deletion_curve(self.scores, self.x, self.labels, order, self.target, self.steps))
+
+    def areas(self, amap: np.ndarray, random_map: np.ndarray | None) -> dict[str, float]:
+        found = {
+            "deletion_auc": self.area(patch_order(amap, self.labels)),
+            "deletion_random_order_auc": self.random_order_auc,
+        }
+        if random_map is not None:
+            found["deletion_random_weights_auc"] = self.area(patch_order(random_map, self.labels))
+        return found
+
+
+def flatness(amap: np.ndarray) -> str:
+    """``empty`` (all zero), ``constant`` (one value everywhere) or ``""``: a map that points nowhere."""
+    values = np.nan_to_num(amap, nan=0.0)
+    if not values.any():
+        return "empty"
+    return "constant" if np.ptp(values) == 0 else ""
+
+
+def _misclassified(label: int | list[int] | None, predicted: int, kind: str) -> bool | None:
+    """True when the sample's label is not the predicted class; None without a single-class label."""
+    if label is None or isinstance(label, list) or kind == "multilabel":
+        return None
+    return label != predicted
 
 
 def check_target(target: str, classes: Sequence[str], target_name: str) -> None:

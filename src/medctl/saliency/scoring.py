@@ -12,9 +12,14 @@
   that does not beat the stronger of the two has not shown that it explains the model.
 - Model randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps"): maps from a copy of the
   classifier with re-initialised weights (``full``: every weight; ``top``: the heads and the last encoder
-  block) should differ from the trained model's; the Spearman rank correlation of ``|map|`` before and
-  after is reported (low is good). At or above :data:`RANDOMISATION_THRESHOLD` a method is flagged: its
-  maps depend on the input more than on what the model learned.
+  block). Two pieces of evidence: the copy's own pointing game on the same lesion samples, compared with
+  the trained model's by the exact McNemar test, and the Spearman rank correlation of ``|map|`` before and
+  after. The paired test is the stronger: a method is flagged as input-driven only when rho is at or above
+  :data:`RANDOMISATION_THRESHOLD` *and* it does not beat random weights, so the two never contradict.
+- Verdicts (:func:`judge`): every hit rate carries its Wilson interval and every "beats" an exact paired
+  test at ``saliency.alpha`` (:mod:`medctl.evaluation.proportions`); otherwise "not distinguishable". A
+  method not above chance, or significantly below an input baseline, failed to locate the lesion; empty
+  and constant maps are counted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +36,16 @@ from scipy import ndimage, stats
 from torch import nn
 
 from medctl.errors import RunFailure
+from medctl.evaluation.proportions import (
+    PairedTest,
+    SignTest,
+    above_chance,
+    comparison_words,
+    format_p,
+    paired_hits_test,
+    rate_interval,
+    sign_test,
+)
 from medctl.io import format_number
 
 # Spearman rho of |map| between the trained and the fully re-initialised model at or above which a method
@@ -235,104 +251,221 @@ def last_block(classifier: nn.Module, example: torch.Tensor | None = None) -> tu
     return (finished[-1], candidates[finished[-1]]) if finished else None
 
 
-def summarise(rows: Iterable[dict]) -> dict[str, dict[str, float]]:
-    """Per method: sample count, lesion samples scored and hits, pointing-game hit rate and its chance
-    level, mean mass in mask and mean mask share (its chance level), mean randomisation Spearman (over
-    the samples that had the check) and mean seconds per map; NaN where nothing was scored."""
+def summarise(rows: Iterable[dict]) -> dict[str, dict[str, Any]]:
+    """Per method: sample count, lesion samples scored and hits with the rate's Wilson interval, chance level,
+    mean mass in mask and mask share, empty and constant maps, mean randomisation Spearman (over the samples
+    that had the check), mean seconds per map, and the paired comparisons on the same samples
+    (``comparisons``: exact McNemar tests against each input baseline and against the random-weight model's
+    maps; ``deletion``: mean areas and sign tests against random order and random weights). NaN where
+    nothing was scored."""
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
     summary = {}
     for method, items in by_method.items():
-        hits = [float(r["pointing_hit"]) for r in items if r.get("pointing_hit") is not None]
+        scored = [r for r in items if r.get("pointing_hit") is not None]
+        hits = [bool(r["pointing_hit"]) for r in scored]
+        rate = rate_interval(sum(hits), len(hits))
         rhos = [r.get("randomisation_spearman") for r in items if r.get("randomisation_spearman") is not None]
-        checked = [r for r in items if r.get("random_weights_hit") is not None and r.get("pointing_hit") is not None]
+        checked = [r for r in scored if r.get("random_weights_hit") is not None]
+        comparisons = {
+            name: paired_hits_test(
+                [r["pointing_hit"] for r in scored], [r[f"{name}_hit"] for r in scored]
+            ).to_dict()
+            for name in BASELINES
+            if scored and all(r.get(f"{name}_hit") is not None for r in scored)
+        }
+        if checked:
+            comparisons["random_weights"] = paired_hits_test(
+                [r["pointing_hit"] for r in checked], [r["random_weights_hit"] for r in checked]
+            ).to_dict()
         summary[method] = {
             "n": len(items),
             "n_scored": len(hits),
-            "pointing_hits": int(sum(hits)),
-            "pointing_hit_rate": _mean(hits),
-            "pointing_chance": _mean(
-                r.get("pointing_chance") for r in items if r.get("pointing_hit") is not None
-            ),
+            "pointing_hits": rate.hits,
+            "pointing_hit_rate": rate.rate,
+            "pointing_low": rate.low,
+            "pointing_high": rate.high,
+            "pointing_chance": _mean(r.get("pointing_chance") for r in scored),
             "mass_in_mask": _mean(r.get("mass_in_mask") for r in items),
-            "mask_share": _mean(r.get("mask_share") for r in items if r.get("pointing_hit") is not None),
+            "mask_share": _mean(r.get("mask_share") for r in scored),
+            "empty_maps": sum(r.get("map_flat") == "empty" for r in items),
+            "constant_maps": sum(r.get("map_flat") == "constant" for r in items),
             "randomisation_spearman": _mean(rhos),
             "n_randomisation": len(rhos),
             # the pointing game of the randomised model's maps, beside the trained model's on the same samples
             "random_weights_scored": len(checked),
-            "random_weights_hits": int(sum(float(r["random_weights_hit"]) for r in checked)),
-            "checked_hits": int(sum(float(r["pointing_hit"]) for r in checked)),
+            "random_weights_hits": sum(bool(r["random_weights_hit"]) for r in checked),
+            "checked_hits": sum(bool(r["pointing_hit"]) for r in checked),
+            "comparisons": comparisons,
+            "deletion": deletion_summary(items),
             "seconds": _mean(r.get("seconds") for r in items),
         }
     return summary
 
 
+def deletion_summary(items: Sequence[dict]) -> dict[str, Any]:
+    """Mean deletion areas of a method's maps, of random order and of the random-weight maps, with the
+    exact sign test of the method against each on the samples that have both (empty: no deletion scored)."""
+    auc = [r.get("deletion_auc") for r in items]
+    if all(v is None for v in auc):
+        return {}
+    summary: dict[str, Any] = {"auc": _mean(auc), "n": sum(v is not None for v in auc)}
+    for name in ("random_order", "random_weights"):
+        pairs = [
+            (r["deletion_auc"], r[f"deletion_{name}_auc"])
+            for r in items
+            if r.get("deletion_auc") is not None and r.get(f"deletion_{name}_auc") is not None
+        ]
+        if pairs:
+            summary[f"{name}_auc"] = _mean(b for _, b in pairs)
+            summary[name] = sign_test([a for a, _ in pairs], [b for _, b in pairs]).to_dict()
+    return summary
+
+
 def judge(
-    scores: dict[str, dict[str, float]],
-    baselines: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, Any]],
+    baselines: dict[str, dict[str, Any]],
     *,
+    alpha: float,
     threshold: float = RANDOMISATION_THRESHOLD,
 ) -> dict[str, dict]:
-    """Each method's scores with the input baseline and the sanity-check verdict added (a new dict).
+    """Each method's scores with the verdicts added (a new dict); every claim rests on a paired test at
+    ``alpha`` on the same samples.
 
-    ``input_baseline`` is the stronger model-free map (:data:`BASELINES`, highest pointing-game hit
-    rate, ties to the intensity map) and ``input_baseline_rate`` its rate; ``beats_input_baseline`` is
-    True when the method's hit rate is strictly higher (None when no lesion sample was scored);
-    ``input_driven`` is True when the randomisation rho is at or above ``threshold`` (None when not
-    checked). ``verdict`` says both in words.
+    - ``beats_input_baseline``: True when the exact McNemar test beats *every* input baseline
+      (:data:`BASELINES`); ``input_baseline`` names the stronger one (most hits, ties to intensity).
+    - ``failed``: True when the hits are not significantly above chance (one-sided binomial test on the mean
+      chance level) or significantly below an input baseline: the maps failed to locate the lesion.
+    - ``beats_random_weights``: the McNemar test against the random-weight model's maps on the same samples.
+    - ``input_driven``: randomisation rho at or above ``threshold`` *and* no significant win over random
+      weights; where the paired test shows the maps depend on the weights, rho is only reported (the stronger
+      test decides, so the two never contradict each other).
+    - ``deletion_faithful``: lower deletion areas than random order (sign test), when deletion ran.
+
+    ``verdict`` says all of it in words; None where something could not be tested (no lesion scored).
     """
-    rated = {n: b for n, b in baselines.items() if not math.isnan(b.get("pointing_hit_rate", math.nan))}
-    best = max(rated, key=lambda n: rated[n]["pointing_hit_rate"], default=None)
-    best_rate = rated[best]["pointing_hit_rate"] if best else math.nan
+    rated = {n: b for n, b in baselines.items() if b.get("n_scored")}
+    best = max(rated, key=lambda n: rated[n]["pointing_hits"], default=None)
     judged = {}
     for method, entry in scores.items():
-        rate, rho = entry["pointing_hit_rate"], entry["randomisation_spearman"]
-        beats = None if math.isnan(rate) or best is None else bool(rate > best_rate)
-        input_driven = None if math.isnan(rho) else bool(rho >= threshold)
-        n_checked = entry.get("random_weights_scored") or 0
-        trained, random = entry.get("checked_hits", 0), entry.get("random_weights_hits", 0)
-        beats_random = bool(trained > random) if n_checked else None
-        words = []
-        if beats is not None:
-            words.append("beats the input baseline" if beats else "no better than the input baseline")
+        comparisons = entry.get("comparisons") or {}
+        words: list[str] = []
+        beats = failed = None
+        if entry.get("n_scored"):
+            chance_p = above_chance(entry["pointing_hits"], entry["n_scored"], entry["pointing_chance"])
+            outcomes = {
+                name: comparison_words(PairedTest(**comparisons[name]), baseline_name(name), alpha)
+                for name in BASELINES
+                if name in comparisons
+            }
+            beats = bool(outcomes) and all(outcome == "beats" for outcome, _ in outcomes.values())
+            below = [phrase for outcome, phrase in outcomes.values() if outcome == "below"]
+            failed = chance_p >= alpha or bool(below)
+            if failed:
+                reason = below[0] if below else (
+                    f"not above chance: {entry['pointing_hits']}/{entry['n_scored']} vs "
+                    f"{entry['pointing_chance']:.3f}, {format_p(chance_p)}"
+                )
+                words.append(f"the maps failed to locate the lesion ({reason})")
+            elif outcomes:
+                # the comparison with the stronger baseline it did not win, else its weakest win
+                unbeaten = [name for name, (outcome, _) in outcomes.items() if outcome != "beats"]
+                unbeaten.sort(key=lambda name: -comparisons[name]["other_hits"])
+                words.append(outcomes[unbeaten[0]][1] if unbeaten else _weakest(outcomes, comparisons))
+            entry = {**entry, "chance_p": chance_p}
+        random_outcome = None
+        if "random_weights" in comparisons:
+            test = PairedTest(**comparisons["random_weights"])
+            random_outcome, phrase = comparison_words(test, "random weights", alpha)
+            words.append(phrase)
+        rho = entry["randomisation_spearman"]
+        input_driven = None if math.isnan(rho) else bool(rho >= threshold and random_outcome != "beats")
         if input_driven:
-            words.append("depends on the input more than the model")
-        elif input_driven is False:
-            words.append("depends on the weights")
-        if beats_random is not None:
-            versus = f"{trained}/{n_checked} vs {random}/{n_checked}"
-            words.append(f"beats random weights ({versus})" if beats_random else f"no better than random weights ({versus})")
+            words.append(f"depends on the input more than the model (randomisation ρ {rho:.2f} ≥ {threshold})")
+        elif input_driven is False and random_outcome is None:
+            words.append(f"depends on the weights (randomisation ρ {rho:.2f})")
+        flat = bool(entry.get("empty_maps") or entry.get("constant_maps"))
+        if flat:
+            words.append(flat_counts(entry))
+        deletion = entry.get("deletion") or {}
+        faithful = None
+        if "random_order" in deletion:
+            test = SignTest(**deletion["random_order"])
+            faithful = test.p < alpha and test.lower > test.higher
+            words.append(deletion_words(deletion, alpha))
         judged[method] = {
             **entry,
             "input_baseline": best,
-            "input_baseline_rate": best_rate,
+            "input_baseline_rate": rated[best]["pointing_hit_rate"] if best else math.nan,
             "beats_input_baseline": beats,
+            "failed": failed,
             "input_driven": input_driven,
-            "beats_random_weights": beats_random,
+            "beats_random_weights": None if random_outcome is None else random_outcome == "beats",
+            "flat_maps": flat,
+            "deletion_faithful": faithful,
+            "alpha": alpha,
             "randomisation_threshold": threshold,
             "verdict": "; ".join(words),
         }
     return judged
 
 
-def describe(method: str, entry: dict) -> str:
-    """One line: ``integrated_gradients: pointing game 1.000 (6/6; input baseline 1.000, chance 0.007,
-    randomisation rho 0.66 -- depends on the input more than the model)``."""
-    rate, chance = entry.get("pointing_hit_rate", math.nan), entry.get("pointing_chance", math.nan)
+def flat_counts(entry: dict[str, Any]) -> str:
+    """``12 of 20 maps empty, 1 of 20 maps constant``: the maps that point nowhere."""
+    counts = [(entry.get(f"{kind}_maps") or 0, kind) for kind in ("empty", "constant")]
+    return ", ".join(f"{count} of {entry['n']} maps {kind}" for count, kind in counts if count)
+
+
+def baseline_name(name: str) -> str:
+    """``input_edges`` -> ``the input baseline (edges)``."""
+    return f"the input baseline ({name.removeprefix('input_')})"
+
+
+def _weakest(outcomes: dict[str, tuple[str, str]], comparisons: dict[str, dict]) -> str:
+    """The phrase of the won comparison with the largest p (the one a reader should check)."""
+    name = max(outcomes, key=lambda n: comparisons[n]["p"])
+    return outcomes[name][1]
+
+
+def deletion_words(deletion: dict[str, Any], alpha: float) -> str:
+    """``deletion AUC 0.21: below random order 0.45 (11/12, p = 0.006), random weights 0.40 (...)``."""
     parts = []
-    if entry.get("n_scored"):
-        parts.append(f"{entry.get('pointing_hits', 0)}/{entry['n_scored']}")
-    if entry.get("input_baseline"):
-        parts.append(f"input baseline {format_number(entry.get('input_baseline_rate'))}")
-    parts.append(f"chance {format_number(chance)}")
-    rho = entry.get("randomisation_spearman", math.nan)
-    if rho is not None and not math.isnan(rho):
-        parts.append(f"randomisation ρ {rho:.2f}")
+    for name in ("random_order", "random_weights"):
+        if name not in deletion:
+            continue
+        test = SignTest(**deletion[name])
+        label = name.replace("_", " ")
+        counts = f"{deletion[name + '_auc']:.2f}, lower on {test.lower}/{test.n}, {format_p(test.p)}"
+        if test.p < alpha and test.lower > test.higher:
+            parts.append(f"faster than {label} ({counts})")
+        elif test.p < alpha:
+            parts.append(f"slower than {label} ({counts})")
+        else:
+            parts.append(f"not distinguishable from {label} ({counts})")
+    return f"deletion AUC {deletion['auc']:.2f}: " + ", ".join(parts)
+
+
+def hits_text(entry: dict[str, Any], lesions_in_split: int | None = None) -> str:
+    """``0.75 [0.47, 0.91] (9/12)``, with ``; scored 6 of 20 lesion samples`` when a cap left some out."""
+    if not entry.get("n_scored"):
+        return f"— (scored 0 of {lesions_in_split} lesion samples)" if lesions_in_split else "—"
+    text = (
+        f"{entry['pointing_hit_rate']:.2f} [{entry['pointing_low']:.2f}, {entry['pointing_high']:.2f}] "
+        f"({entry['pointing_hits']}/{entry['n_scored']}"
+    )
+    if lesions_in_split and entry["n_scored"] < lesions_in_split:
+        text += f"; scored {entry['n_scored']} of {lesions_in_split} lesion samples"
+    return text + ")"
+
+
+def describe(method: str, entry: dict, lesions_in_split: int | None = None) -> str:
+    """One line: ``integrated_gradients: pointing game 0.75 [0.47, 0.91] (9/12), chance 0.007 — beats the
+    input baseline (edges) (9/12 vs 2/12, p = 0.016); ...``."""
+    parts = [f"pointing game {hits_text(entry, lesions_in_split)}"] if entry.get("n_scored") else []
+    parts.append(f"chance {format_number(entry.get('pointing_chance', math.nan))}")
     verdict = entry.get("verdict")
-    return f"{method}: pointing game {format_number(rate)} ({', '.join(parts)}{' — ' + verdict if verdict else ''})"
-
-
+    return f"{method}: {', '.join(parts)}{' — ' + verdict if verdict else ''}"
 
 
 def _mean(values: Iterable[float | None]) -> float:

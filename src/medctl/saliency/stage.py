@@ -9,16 +9,20 @@ Steps: load the classifier -> resolve the config -> pick the target and the meth
 -> :func:`medctl.saliency.pipeline.run_saliency` (maps, NRRDs, panels, scores, ``index.csv``). The samples
 are one of:
 
-- a split of the cache (``split``, default ``saliency.split``): its first ``saliency.max_samples``,
-  with their masks and the manifest's source geometry;
+- a split of the cache (``split``, default ``saliency.split``): the maps of its first
+  ``saliency.max_samples`` are written, with their masks and the manifest's source geometry, and every
+  other lesion sample of the split is scored as well (``saliency.score_all_lesions``; scoring needs the
+  map, not its files), so that the hit rate covers the split's lesions and the report says how many;
 - ``ids`` from the cache, any split (a source id cut into slices selects all its slices);
 - ``input_path``: one raw file (or a DICOM series folder, local or ``s3://``) read with the data
   readers and preprocessed exactly as the checkpoint's cache was, its own geometry kept so the maps
-  resample back onto it; ``mask_path`` optionally gives its ground-truth mask for scoring.
+  resample back onto it; ``mask_path`` optionally gives its ground-truth mask for scoring. It has no
+  label, so ``target = "true"`` explains its predicted class (and says so).
 
-The CAM layer, unless ``saliency.gradcam_layer`` names one, is chosen on a held-out check: up to
-``saliency.cam_check_samples`` lesion samples of the val split (of train when val is the split being
-explained; never an explained id) score the deepest map sizes, and the best pointing one is read. Without
+Each CAM method's layer, unless ``saliency.gradcam_layer`` names one, is chosen on a held-out check: up
+to ``saliency.cam_check_samples`` lesion samples of the val split (of train when val is the split being
+explained; never an explained id) score the deepest map sizes, and the best pointing one for that method
+is read. Without
 such samples (or for an ``--input`` scan) it is chosen for the size of the lesions: their median extent is
 measured on up to :data:`EXTENT_MASKS` masks of the cache's training split (or on the ``--input`` scan's
 mask); see :mod:`medctl.saliency.layers`.
@@ -46,6 +50,7 @@ from medctl.data.transforms import preprocess_image, validate_image
 from medctl.errors import CheckpointError, DataError, UserError
 from medctl.io import write_text_atomic
 from medctl.models.checkpoints import load_classifier
+from medctl.progress import log
 from medctl.saliency.attribution import resolve_methods
 from medctl.saliency.layers import lesion_extent
 from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency
@@ -108,15 +113,18 @@ def run_saliency_stage(
     classifier, meta = load_classifier(checkpoint)
     config = checkpoint_config(meta, checkpoint, None, config_file, overrides)
     tracker = connect(config.tracking, kind="saliency")
-    settings = config.saliency
-    names = resolve_methods(list(methods) if methods else settings.methods)
+    chosen = {"methods": list(methods)} if methods else {}
+    if target:
+        chosen["target"] = target
+    settings = config.saliency.model_copy(update=chosen)
+    resolve_methods(settings.methods)  # an unknown method fails before the cache is read
     specs = [TargetSpec.from_dict(t) for t in meta.get("targets") or []]
     spec = choose_target(specs, target_name, checkpoint)
-    target = target or settings.target
-    check_target(target, spec.classes, spec.name)
+    check_target(settings.target, spec.classes, spec.name)
     device = resolve_device(config.run.device)
     set_threads(config.run.threads, config.data.num_workers)
     preprocessing = meta.get("preprocessing") or {}
+    lesions_in_split = None
 
     if input_path is not None:
         samples: Sequence[Mapping[str, Any]] = input_samples(
@@ -125,6 +133,9 @@ def run_saliency_stage(
         what, folder = f"input {Path(str(input_path)).name}", f"saliency_{file_stem(input_path)}"
         extent = lesion_extent(np.asarray(s["mask"])[0] for s in samples if "mask" in s)
         check, check_source = None, ""
+        if settings.target == "true":  # a raw scan carries no label
+            log("saliency: an --input scan has no label, so its maps explain the predicted class")
+            settings = settings.model_copy(update={"target": "pred"})
     else:
         cache = ensure_cache(config.data)
         check_cache_fits(cache, specs, preprocessing, checkpoint)
@@ -137,7 +148,8 @@ def run_saliency_stage(
             limit = settings.max_samples if max_samples is None else max_samples
             if limit < 1:
                 raise UserError(f"--max-samples {limit}: explain at least one sample")
-            samples = CachedSamples.from_split(cache, split, spec.name, limit)
+            samples = CachedSamples.from_split(cache, split, spec.name, limit, settings.score_all_lesions)
+            lesions_in_split = samples.lesions_in_split
             what, folder = f"{split} split", f"saliency_{split}"
         check_split = "train" if split == "val" else "val"
         n_check = 0 if settings.gradcam_layer else settings.cam_check_samples  # a named layer needs no check
@@ -153,29 +165,19 @@ def run_saliency_stage(
         classes=spec.classes,
         target_name=spec.name,
         kind=spec.kind,  # type: ignore[arg-type]
-        methods=names,
         out_dir=out,
-        target=target,
-        ig_steps=settings.ig_steps,
-        occlusion_window=settings.occlusion_window,
-        occlusion_stride=settings.occlusion_stride,
-        randomisation_check=settings.randomisation_check,
+        settings=settings,
         device=device,
-        pointing_tolerance=settings.pointing_tolerance,
-        internal_batch_size=settings.internal_batch_size,
-        memory_budget_gb=settings.memory_budget_gb,
-        gradcam_layer=settings.gradcam_layer,
-        randomisation_samples=settings.randomisation_samples,
-        randomisation_scope=settings.randomisation_scope,
-        randomisation_threshold=settings.randomisation_threshold,
         cam_target_extent=extent,
         cam_check=check if check is not None else (),
         cam_check_source=check_source,
+        lesions_in_split=lesions_in_split,
     )
-    write_text_atomic(out / "config.toml", config.to_toml())
+    write_text_atomic(out / "config.toml", config.model_copy(update={"saliency": settings}).to_toml())
     tracker.begin(out, source_run=run_dir_of(checkpoint))  # into the checkpoint's tracked run, or linked to it
     tracker.finish()
-    return SaliencyStageResult(out, result, len(samples), checkpoint, spec.name, what)
+    n_written = len(samples) if not isinstance(samples, CachedSamples) else samples.n_written
+    return SaliencyStageResult(out, result, n_written, checkpoint, spec.name, what)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -214,15 +216,27 @@ class CachedSamples:
         self.cache = cache
         self.dataset = dataset
         self.positions = list(positions)
+        self.n_written = len(self.positions)  # the first n_written have their maps written; the rest are scored
+        self.lesions_in_split: int | None = None
 
     @classmethod
-    def from_split(cls, cache: Path, split: str, target_name: str, limit: int) -> CachedSamples:
+    def from_split(
+        cls, cache: Path, split: str, target_name: str, limit: int, score_all_lesions: bool = True
+    ) -> CachedSamples:
+        """The split's first ``limit`` samples, written; with ``score_all_lesions``, then every other lesion
+        sample of the split, scored without writing its files."""
         dataset = CacheDataset(cache, split, [target_name])
         if not len(dataset):
             raise DataError(
                 f"{cache}: the {split} split has no samples; pick another with --split (train, val, test)"
             )
-        return cls(cache, dataset, range(min(limit, len(dataset))))
+        written = list(range(min(limit, len(dataset))))
+        lesions = lesion_positions(cache, dataset)
+        extra = [p for p in lesions if p >= len(written)] if score_all_lesions else []
+        samples = cls(cache, dataset, written + extra)
+        samples.n_written = len(written)
+        samples.lesions_in_split = len(lesions) if lesions else None
+        return samples
 
     @classmethod
     def from_ids(cls, cache: Path, ids: Sequence[str], target_name: str) -> CachedSamples:
@@ -252,21 +266,15 @@ class CachedSamples:
         """Up to ``limit`` samples of ``split`` whose lesion mask is not empty (the held-out check of the CAM
         layer), leaving out the ids in ``exclude``; none when the split has no such sample."""
         dataset = CacheDataset(cache, split, [target_name])
-        positions = []
-        for position, row in dataset.manifest.iterrows():
-            if len(positions) >= limit:
-                break
-            if str(row["id"]) in exclude or not bool(row.get("has_mask", False)):
-                continue
-            if np.load(cache / "masks" / f"{row['id']}.npy", mmap_mode="r").any():  # (1, *S)
-                positions.append(int(position))
+        kept = [p for p in lesion_positions(cache, dataset) if str(dataset.manifest.iloc[p]["id"]) not in exclude]
+        positions = kept[:limit]
         return cls(cache, dataset, positions)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for position in self.positions:
+        for index, position in enumerate(self.positions):
             item = dict(self.dataset[position])
             row = self.dataset.manifest.iloc[position]
             if bool(row.get("has_mask", False)):
@@ -274,7 +282,19 @@ class CachedSamples:
                     np.load(self.cache / "masks" / f"{item['id']}.npy")
                 )  # (1, *S)
             item["geometry"] = row.to_dict()
+            item["write"] = index < self.n_written
             yield item
+
+
+def lesion_positions(cache: Path, dataset: CacheDataset) -> list[int]:
+    """Positions of ``dataset``'s samples whose lesion mask is not empty."""
+    positions = []
+    for position, row in enumerate(dataset.manifest.itertuples(index=False)):
+        has_mask = getattr(row, "has_mask", False)
+        if has_mask == has_mask and bool(has_mask):  # NaN: no mask
+            if np.load(cache / "masks" / f"{row.id}.npy", mmap_mode="r").any():  # (1, *S)
+                positions.append(position)
+    return positions
 
 
 def training_masks(cache: Path, limit: int) -> Iterator[np.ndarray]:
