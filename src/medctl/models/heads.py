@@ -12,7 +12,6 @@ import copy
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medctl.errors import ConfigError
@@ -77,7 +76,10 @@ class AttentiveHead(nn.Module):
         query = self.query.expand(B, -1, -1)  # (B, 1, D)
         q = self.q(query).view(B, 1, heads, head_dim).transpose(1, 2)  # (B, h, 1, d)
         k, v = self.kv(self.norm1(tokens)).view(B, N, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        # one query: the attention written out ((B, h, 1, N) scores) rather than F.scaled_dot_product_attention,
+        # which has no batching rule, so a probe grid (medctl.training.stacked) vectorises it over its heads
+        weights = torch.softmax((q * head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)  # (B, h, 1, N)
+        attended = (weights @ v).transpose(1, 2).reshape(B, 1, D)
         pooled = query + attended
         pooled = pooled + self.mlp(self.norm2(pooled))
         return pooled[:, 0]
