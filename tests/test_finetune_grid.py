@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -14,6 +15,9 @@ from medctl.cli.app import app
 from medctl.config import load_config
 from medctl.finetune import run_finetune
 from medctl.finetune.grid import GridPoint, edge_warning
+from medctl.finetune.modes import ProbeHeads
+from medctl.models.heads import build_head
+from medctl.training.optim import param_groups_with_decay
 from medctl.training.stacked import Stacked, StackedAdamW
 
 from cli_support import one_error_line
@@ -96,6 +100,7 @@ def test_a_3x2_grid_on_cached_embeddings_trains_each_head_as_its_own_run_and_kee
     np.testing.assert_allclose(after[probs].to_numpy(), during[probs].to_numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_attentive_grid_on_cached_tokens_equals_its_single_runs(synthetic_3d, tmp_path, monkeypatch):
     monkeypatch.setattr("medctl.finetune.run.plot_curves", lambda *args: None)  # a second of matplotlib a run
     extra = ('model.head.kind="attentive"', "train.epochs=3", "train.patience=0")
@@ -143,6 +148,37 @@ def test_stacked_adamw_steps_each_member_as_torch_adamw_with_its_own_clipping_an
     for g, ref in enumerate(references):
         state = stacked.member_state(g)
         for name, value in ref.state_dict().items():
+            torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_stacked_attentive_heads_with_dropout_train_as_separate_heads_do():
+    """The member axis through the attentive pooler (vmap), dropout drawing the single head's mask."""
+    torch.manual_seed(0)
+    template = ProbeHeads(torch.nn.ModuleDict({"label": build_head("attentive", 16, 3, dropout=0.3)}))
+    lrs, decays = [1e-3, 3e-2], [1e-4, 1e-2]
+    stacked = Stacked(template, 2)
+    optimizer = StackedAdamW(stacked, lrs, decays, max_norm=1.0)
+    singles = [copy.deepcopy(template) for _ in lrs]
+    single_optimizers = [
+        torch.optim.AdamW(param_groups_with_decay(head, lr, wd), lr=lr) for head, lr, wd in zip(singles, lrs, decays, strict=True)
+    ]
+    for _ in range(4):
+        tokens, labels = torch.randn(6, 9, 16), torch.randint(0, 3, (6,))  # (B, T, D), (B,)
+        rng = torch.get_rng_state()
+        logits = stacked(tokens)["label"]  # (B, G, K)
+        losses = torch.stack([torch.nn.functional.cross_entropy(logits[:, g], labels) for g in range(2)])
+        optimizer.zero_grad()
+        losses.sum().backward()
+        optimizer.step()
+        for head, single_optimizer in zip(singles, single_optimizers, strict=True):
+            torch.set_rng_state(rng)  # the mask a single run would draw at this step
+            single_optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(head(tokens)["label"], labels).backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            single_optimizer.step()
+    for g, head in enumerate(singles):
+        state = stacked.member_state(g)
+        for name, value in head.state_dict().items():
             torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-4)
 
 

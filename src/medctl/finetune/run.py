@@ -20,6 +20,9 @@ The recipe, top to bottom:
      rate ``train.lr_encoder`` (the heads use ``train.lr_head``); ``0`` or ``1`` train it from the first
      epoch, ``-1`` never unfreezes; ``model.freeze_encoder = false`` trains it from the first epoch;
 
+   with ``train.grid`` (:mod:`medctl.finetune.grid`), a probe trains one head per (lr_head, weight_decay)
+   on the same inputs, stacked, and keeps the best on the selection split;
+
 5. losses per target from the training class counts (:mod:`medctl.training.losses`), summed with
    ``data.targets[].weight``; AdamW, cosine schedule with warmup, ``train.precision``;
 6. :func:`medctl.training.fit.fit`: validation every epoch, early stopping on ``train.monitor``, the best
