@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_support import one_error_line
 from medctl.cli.app import app
 from medctl.config import load_config
 from medctl.finetune import run_finetune
@@ -19,8 +20,6 @@ from medctl.finetune.modes import ProbeHeads
 from medctl.models.heads import build_head
 from medctl.training.optim import param_groups_with_decay
 from medctl.training.stacked import Stacked, StackedAdamW
-
-from cli_support import one_error_line
 
 runner = CliRunner()
 EASY = ['data.preprocess.intensity="minmax"', "data.preprocess.workers=1", 'run.device="cpu"']
