@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch.func import vmap
 
 from medctl.config import TrainConfig
 from medctl.data.tables import TargetSpec
-from medctl.errors import ConfigError
+from medctl.errors import ConfigError, RunFailure
 from medctl.finetune.modes import CachedLogits, Mode, ModeInputs, ProbeHeads
 from medctl.finetune.tokens import cached_logits
 from medctl.progress import log
@@ -75,7 +76,7 @@ def check_grid(train: TrainConfig, first_trainable: int | None, loss_fn: nn.Modu
             "`train.grid` trains probe heads on a frozen encoder, but this run fine-tunes it (model.freeze_encoder "
             "/ model.unfreeze_at_epoch); set train.grid = {} for a fine-tune"
         )
-    if train.monitor.removeprefix("val_") == "train_loss" or train.monitor == "train_loss":
+    if train.monitor == "train_loss":
         problems.append("`train.monitor` = train_loss selects nothing on held-out samples; a grid needs a validation metric")
     if isinstance(loss_fn, UncertaintyWeightedLoss):
         problems.append('`train.task_weights` = "uncertainty" learns one set of weights, not one per grid head; set train.grid = {}')
@@ -131,6 +132,7 @@ class GridSelection(nn.Module):
     def __init__(self, points: Sequence[GridPoint], stacked: Stacked, monitor: str, patience: int):
         super().__init__()
         members = len(points)
+        # the stack in a list: read here, trained and saved by the grid's module
         self.points, self.stacked, self.monitor, self.patience = list(points), [stacked], monitor, patience
         self.mode = "min" if lower_is_better(monitor) else "max"
         self.register_buffer("best_value", torch.full((members,), math.nan, dtype=torch.float64))
@@ -187,24 +189,23 @@ class GridValidation:
     targets: dict[str, torch.Tensor]
     selection: GridSelection
     metrics_of: Callable[..., tuple[dict[str, float], dict[str, np.ndarray]]]  # run.validation_metrics
-    monitored: str = ""  # the monitor without its val_ prefix
-
-    def __post_init__(self) -> None:
-        self.monitored = self.selection.monitor.removeprefix("val_")
+    stopped: dict[int, dict[str, float]] = field(default_factory=dict)  # a stopped member's last metrics: it is frozen
 
     def __call__(self, epoch: int) -> dict[str, float]:
+        monitored = self.selection.monitor.removeprefix("val_")
         logits = self.logits()  # {target: (N_val, G, K)}
         with torch.no_grad():
             device = next(iter(self.targets.values())).device
             losses = member_losses(self.loss_fn, {k: v.to(device) for k, v in logits.items()}, self.targets).tolist()
         per_member = [
-            self.metrics_of({k: v[:, g] for k, v in logits.items()}, self.labels, self.specs, loss)[0]
+            self.stopped.get(g) or self.metrics_of({k: v[:, g] for k, v in logits.items()}, self.labels, self.specs, loss)[0]
             for g, loss in enumerate(losses)
         ]
-        self.selection.update(epoch, [m[self.monitored] for m in per_member])
+        self.selection.update(epoch, [m[monitored] for m in per_member])
+        self.stopped = {g: m for g, m in enumerate(per_member) if not self.selection.active[g]}
         leader = self.selection.winner()
         shown = per_member[leader if leader is not None else 0]
-        return shown | {f"grid{g}_{self.monitored}": m[self.monitored] for g, m in enumerate(per_member)}
+        return shown | {f"grid{g}_{monitored}": m[monitored] for g, m in enumerate(per_member)}
 
 
 # ------------------------------------------------------------------------------------------ the grid
@@ -217,7 +218,6 @@ class Grid:
     mode: Mode  # the stacked heads' mode; the single-head mode stays the recipe's for the export
     selection: GridSelection
     stacked: Stacked
-    names: list[str] = field(default_factory=list)
 
     def optimization(self, train: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
         """One AdamW step for all members (each at its own lr and weight decay, clipped on its own) and the
@@ -246,7 +246,7 @@ class Grid:
         winner's, and what ``results.json`` records of every member (``grid``) and the winner (``selected``)."""
         winner = self.selection.winner()
         if winner is None:
-            raise ConfigError([f"no grid head produced a finite `{self.selection.monitor}`; check train.monitor and the val split"])
+            raise RunFailure(f"no grid head produced a finite `{self.selection.monitor}` on the selection split; check its labels")
         ProbeHeads(heads).load_state_dict(self.selection.best_state(winner))
         members = [self.record(g, fitted.history) for g in range(len(self.points))]
         chosen = members[winner]
@@ -306,8 +306,8 @@ def build_grid(mode: Mode, inputs: ModeInputs, points: Sequence[GridPoint], moni
         val_logits: Callable[[], Logits] = CachedGridLogits(module, cached.inputs, cached.rows, inputs)
     else:
         module = GridProbe(stacked, classifier.encoder, classifier.head_inputs)
-        val_logits = lambda: predict_logits(  # noqa: E731
-            module, inputs.val_set, batch_size=inputs.batch_size, num_workers=inputs.num_workers,
+        val_logits = partial(
+            predict_logits, module, inputs.val_set, batch_size=inputs.batch_size, num_workers=inputs.num_workers,
             device=inputs.device, precision=inputs.precision,
         )  # fmt: skip
     selection = GridSelection(points, stacked, monitor, patience).to(inputs.device)
@@ -316,7 +316,7 @@ def build_grid(mode: Mode, inputs: ModeInputs, points: Sequence[GridPoint], moni
         val_logits=val_logits, feature_cache=mode.feature_cache,
     )  # fmt: skip
     log(f"grid: {len(points)} heads (lr_head x weight_decay) trained together on each batch")
-    return Grid(list(points), grid_mode, selection, stacked, list(inputs.names))
+    return Grid(list(points), grid_mode, selection, stacked)
 
 
 @dataclass
