@@ -162,6 +162,9 @@ def part_optimism(args: argparse.Namespace, overrides: list[str], root: Path) ->
         "test balanced accuracy, grid - fixed (paired)": f"{test_gain['mean']:+.3f} ± {test_gain['std']:.3f}, p = {test_gain['p']:.2f}"
         + ("" if test_gain["p"] < 0.05 else " (not distinguishable)"),
         "per seed test (grid / fixed)": ", ".join(f"{tests['grid'][s]:.2f}/{tests['fixed'][s]:.2f}" for s in sorted(tests["grid"])),
+        "per seed val (grid / fixed)": ", ".join(
+            f"{gaps['grid'][s] + tests['grid'][s]:.2f}/{gaps['fixed'][s] + tests['fixed'][s]:.2f}" for s in sorted(tests["grid"])
+        ),
     }
 
 
