@@ -241,7 +241,7 @@ class Grid:
             self.mode.val_logits, single.loss_fn, single.specs, single.labels, single.targets, self.selection, metrics_of
         )
 
-    def select(self, fitted: FitResult, heads: nn.ModuleDict) -> tuple[FitResult, dict[str, Any], str]:
+    def select(self, fitted: FitResult, heads: nn.ModuleDict) -> tuple[FitResult, dict[str, Any]]:
         """Load the winner's best-epoch weights into ``heads`` (the classifier's); the fit result as the
         winner's, and what ``results.json`` records of every member (``grid``) and the winner (``selected``)."""
         winner = self.selection.winner()
@@ -255,7 +255,7 @@ class Grid:
         edge = edge_warning(self.points, winner)
         value = float(self.selection.best_value[winner])
         result = replace(fitted, best_epoch=chosen["best_epoch"], best_metric=value)
-        return result, {"grid": members, "selected": chosen | {"index": winner}}, edge
+        return result, {"grid": members, "selected": chosen | {"index": winner, "edge": edge}}
 
     def record(self, member: int, history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
         point, monitored = self.points[member], self.selection.monitor.removeprefix("val_")

@@ -256,8 +256,7 @@ def _finetune(
     )
     selected: dict[str, Any] = {}
     if grid:  # the winner's best epoch into the classifier's heads, exported as a single head's would be
-        fitted, selected, edge = grid.select(fitted, classifier.heads)
-        warnings += [edge] if edge else []
+        fitted, selected = grid.select(fitted, classifier.heads)
         winner_metrics = validate(fitted.best_epoch - 1)
         if is_rank0():
             export(fitted.best_epoch - 1, {"epoch": fitted.best_epoch, **{f"val_{k}": v for k, v in winner_metrics.items()}})
