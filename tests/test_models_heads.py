@@ -106,3 +106,21 @@ def test_standardised_inputs_fold_into_plain_heads_that_compute_the_same_logits(
         assert not isinstance(folded.heads["edema"], InputStandardized)
     with pytest.raises(TypeError, match="AttentiveHead"):
         InputStandardized.of(build_head("attentive", 32, 2), torch.randn(8, 32))
+
+
+def test_the_attentive_pooler_equals_cross_attention_over_every_token_key_and_value():
+    """The pooler skips the per-token keys and values (heads.py); the reference computes them."""
+    torch.manual_seed(0)
+    head = AttentiveHead(32, 3, num_heads=4)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.3 * torch.randn_like(param))  # away from LayerNorm's identity affine
+    tokens = torch.randn(5, 11, 32) * 2 + 1  # (B, N, D)
+    B, N, D, h = 5, 11, 32, 4
+    query = head.query.expand(B, -1, -1)  # (B, 1, D)
+    q = head.q(query).view(B, 1, h, D // h).transpose(1, 2)  # (B, h, 1, d)
+    k, v = head.kv(head.norm1(tokens)).view(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+    reference = query + attended
+    reference = (reference + head.mlp(head.norm2(reference)))[:, 0]
+    torch.testing.assert_close(head.pool(tokens), reference, atol=1e-5, rtol=1e-4)

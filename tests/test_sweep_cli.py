@@ -140,6 +140,13 @@ def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
     assert "| 1 | " + ok["entry"].iloc[0] in md and "leader" in md and "failed: " in md
     assert "leader" in result.output and ok["entry"].iloc[0] in result.output
     assert "corrupt failed: " in " ".join(result.output.split())
+    # sweep.toml's default grid: each entry at its own selected head, shown on the board
+    assert "head lr / wd" in md
+    for _, row in ok.iterrows():
+        selected = json.loads((sweep_dir / row["entry"] / "results.json").read_text())["selected"]
+        assert (row["lr_head"], row["weight_decay"]) == (selected["lr_head"], selected["weight_decay"])
+        line = next(line for line in md.splitlines() if f"| {row['entry']} |" in line)
+        assert f"| {selected['lr_head']:g} / {selected['weight_decay']:g} |" in line
 
     # 3. a third run has nothing to do: every finished entry is untouched, the corrupt one is retried
     before = {name: stamps(sweep_dir / name) for name in ok["entry"]}

@@ -24,7 +24,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -266,6 +266,26 @@ class AugmentConfig(Section):
     crop_prob: float = Field(default=0.5, ge=0, le=1)
 
 
+class GridConfig(Section):
+    """``train.grid``: one probe head per combination of these values, trained together on each batch; the
+    best on the selection split is kept (V-JEPA 2's attentive probe: 5 lr x 4 wd heads; DINOv2; CT-FM).
+    An empty list takes the single value ``train.lr_head`` / ``train.weight_decay``; both empty: no grid."""
+
+    lr_head: list[Annotated[float, Field(gt=0)]] = []
+    weight_decay: list[Annotated[float, Field(ge=0)]] = []
+
+    @field_validator("lr_head", "weight_decay")
+    @classmethod
+    def _distinct(cls, values: list[float]) -> list[float]:
+        if len(set(values)) != len(values):
+            raise ValueError("lists a value twice; give each value once")
+        return values
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lr_head or self.weight_decay)
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=50, ge=1)
     lr_head: float = Field(default=1e-3, gt=0)
@@ -302,6 +322,10 @@ class TrainConfig(Section):
     log_every: int = Field(default=50, ge=0)  # steps between train_step rows in metrics.jsonl; 0: epochs only
     bootstrap: int = Field(default=1000, ge=0)  # `medctl evaluate`: resamples for the 95% CIs; 0 skips them
     augment: AugmentConfig = AugmentConfig()
+    # a grid of probe heads, e.g. { lr_head = [1e-4, 1e-3, 1e-2], weight_decay = [0.0, 1e-2] }: one head per
+    # combination, each with its own optimiser state, early stopping and best epoch; the best on the selection
+    # split (val, or inner_val) is kept (ties: the smaller lr). {} trains the one head of lr_head and weight_decay
+    grid: GridConfig = GridConfig()
 
 
 # ------------------------------------------------------------------------------------------ pretrain

@@ -175,6 +175,7 @@ def run_demo(
                 f"model.checkpoint={json.dumps(str(leader['checkpoint']))}",
                 "model.freeze_encoder=true",
                 f"model.unfreeze_at_epoch={settings.unfreeze_at_epoch}",
+                "train.grid={}",  # the sweep's probe grid; a fine-tune trains one head
             ],
         )
         best = ft_dir / "checkpoints" / "best.ckpt"

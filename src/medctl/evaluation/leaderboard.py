@@ -236,12 +236,14 @@ def leaderboard_markdown(df: pd.DataFrame, shown: Sequence[tuple[str, str]] | No
     architecture = "architecture" in df.columns and df["architecture"].fillna("").astype(str).str.len().gt(0).any()
     seeded = "n_seeds" in df.columns
     audited = "pretrain_overlap" in df.columns  # val/test participants in the pretraining pool
+    gridded = "chosen_head" in df.columns and df["chosen_head"].map(lambda v: isinstance(v, str) and v.strip("— ·") != "").any()
     header = ["rank", "entry", "checkpoint", *(["architecture"] if architecture else []), "status"]
+    header += ["head lr / wd"] if gridded else []  # train.grid: the point each entry selected
     header += [f"{split} {label}" for split in SPLITS for _, label in shown]
     header += ["epochs", "wall time", "p vs leader"]
     header += ["seeds", "Δ vs random", "p vs random"] if seeded else []
     header += ["pretrain overlap"] if audited else []
-    text_columns = {"entry", "checkpoint", "architecture", "status"}
+    text_columns = {"entry", "checkpoint", "architecture", "status", "head lr / wd"}
     align = ["---" if column in text_columns else "---:" for column in header]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for _, row in df.iterrows():
@@ -256,6 +258,9 @@ def leaderboard_markdown(df: pd.DataFrame, shown: Sequence[tuple[str, str]] | No
             *([_cell(_text(row.get("architecture")) or "—")] if architecture else []),
             _cell(status),
         ]
+        if gridded:
+            chosen = row.get("chosen_head")
+            cells.append(_cell(chosen) if isinstance(chosen, str) and chosen else "—")
         for split in SPLITS:
             for metric, _ in shown:
                 cells.append(format_metric(row, f"{split}_{metric}"))

@@ -20,6 +20,9 @@ The recipe, top to bottom:
      rate ``train.lr_encoder`` (the heads use ``train.lr_head``); ``0`` or ``1`` train it from the first
      epoch, ``-1`` never unfreezes; ``model.freeze_encoder = false`` trains it from the first epoch;
 
+   with ``train.grid`` (:mod:`medctl.finetune.grid`), a probe trains one head per (lr_head, weight_decay)
+   on the same inputs, stacked, and keeps the best on the selection split;
+
 5. losses per target from the training class counts (:mod:`medctl.training.losses`), summed with
    ``data.targets[].weight``; AdamW, cosine schedule with warmup, ``train.precision``;
 6. :func:`medctl.training.fit.fit`: validation every epoch, early stopping on ``train.monitor``, the best
@@ -63,6 +66,7 @@ from medctl.evaluation.plots import plot_training_curves
 from medctl.evaluation.regression import REGRESSION_HEADLINE
 from medctl.finetune.augment import ImageAugment, build_augment
 from medctl.finetune.features import data_fingerprint
+from medctl.finetune.grid import build_grid, check_grid, grid_points
 from medctl.finetune.leakage import audit_checkpoint
 from medctl.finetune.modes import ModeInputs, build_mode
 from medctl.io import atomic_write, write_json
@@ -120,6 +124,7 @@ class FinetuneResult:
     pretraining_overlap: dict[str, Any] = field(default_factory=dict)  # Overlap.to_dict() of model.checkpoint
     encoder: str = ""  # the registry name built (``model.encoder = "auto"`` resolved)
     architecture: str = ""  # one line: name, width, depth, heads, positions, channels
+    grid: dict[str, Any] = field(default_factory=dict)  # train.grid: {"grid": every head, "selected": the winner}
 
     @property
     def results_path(self) -> Path:
@@ -210,10 +215,19 @@ def _finetune(
         in_channels=int(summary["in_channels"]), spatial_size=spatial_size, data_print=data_print,
         standardize=standardizes_inputs(model_cfg, first_trainable),
     )  # fmt: skip
-    model = wrap_for_fit(mode.module, classifier.encoder, first_trainable)
+    grid = None  # train.grid: copies of the heads stacked, one per (lr_head, weight_decay), on the same batches
+    if train.grid.enabled:
+        check_grid(train, first_trainable, loss_fn)
+        grid = build_grid(mode, inputs, grid_points(train), train.monitor, train.patience)
+    trained = grid.mode if grid else mode
+    model = wrap_for_fit(trained.module, classifier.encoder, first_trainable)
 
-    # 6. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder)
-    optimizer, scheduler = build_optimization(classifier, loss_fn, train, first_trainable, len(mode.train_loader))
+    # 6. optimizer over the heads (lr_head) and, when it ever trains, the encoder (lr_encoder); a grid's
+    #    heads each at their own lr and weight decay, each clipped on its own
+    steps = len(mode.train_loader)
+    optimizer, scheduler = (
+        grid.optimization(train, steps) if grid else build_optimization(classifier, loss_fn, train, first_trainable, steps)
+    )
     kind = "linear_probe" if first_trainable is None else "finetune"
     log(describe_run(kind, encoder, len(train_set), len(val_set), mode.feature_cache, first_trainable))
 
@@ -221,28 +235,36 @@ def _finetune(
     preprocessing = preprocessing_info(summary, spatial_size, data_print, cache)
     validate = Validation.of(val_set, specs, mode.val_logits, loss_fn, device)
     model_info = {"name": encoder.name, "args": encoder.build_args, "head": model_cfg.head.model_dump()}
+    export = BestExport(classifier, model_info, config, specs, preprocessing, kind, run_dir, val_set.ids, validate)
     fitted = fit(
         model=model,
-        train_step=mode.train_step,
-        train_loader=mode.train_loader,
+        train_step=trained.train_step,
+        train_loader=trained.train_loader,
         optimizer=optimizer,
         scheduler=scheduler,
         epochs=train.epochs,
         run_dir=run_dir,
         device=device,
         precision=train.precision,
-        grad_clip=train.grad_clip,
-        evaluate=validate,
-        monitor=train.monitor,
+        grad_clip=0.0 if grid else train.grad_clip,
+        evaluate=grid.validation(validate, validation_metrics) if grid else validate,
+        monitor=None if grid else train.monitor,  # a grid stops and selects each head on its own
         patience=train.patience,
-        export_best=BestExport(classifier, model_info, config, specs, preprocessing, kind, run_dir, val_set.ids, validate),
-        extra_modules=learned_loss_state(loss_fn),
+        export_best=None if grid else export,
+        extra_modules=learned_loss_state(loss_fn) | ({"grid": grid.selection} if grid else {}),
         resume=resume,
         start_epoch_hook=partial(start_epoch, classifier.encoder, first_trainable, train.lr_encoder, augment),
         log_every=train.log_every,
         extend=extend,
         sink=tracker,
+        stop_when=grid.selection.all_stopped if grid else None,
     )
+    selected: dict[str, Any] = {}
+    if grid:  # the winner's best epoch into the classifier's heads, exported as a single head's would be
+        fitted, selected = grid.select(fitted, classifier.heads)
+        winner_metrics = validate(fitted.best_epoch - 1)
+        if is_rank0():
+            export(fitted.best_epoch - 1, {"epoch": fitted.best_epoch, **{f"val_{k}": v for k, v in winner_metrics.items()}})
 
     # 8. results
     result = finetune_result(
@@ -250,6 +272,8 @@ def _finetune(
         data_print=data_print, warnings=warnings, overlap=overlap.to_dict(), encoder=encoder,
         wall_time_s=time.perf_counter() - start,
     )  # fmt: skip
+    if grid:
+        result.metrics, result.grid = winner_metrics, selected
     if is_rank0():
         write_results(result, config, preprocessing, specs)
         plot_curves(fitted.history, specs, train.monitor, run_dir)
@@ -812,5 +836,6 @@ def write_results(
         "warnings": result.warnings,
         "pretraining_overlap": result.pretraining_overlap,
         "history": result.history,
+        **result.grid,  # train.grid: every head (hyperparameters, best epoch, monitored value) and the selected one
     }
     write_results_and_timing(result.run_dir, payload)  # strict JSON: medctl.io's policy

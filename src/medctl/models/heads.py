@@ -71,13 +71,27 @@ class AttentiveHead(nn.Module):
         self.fc = nn.Linear(embed_dim, num_outputs)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> the attended query (B, D)."""
+        """(B, N, D) -> the attended query (B, D).
+
+        The cross-attention of one learned query, computed without the keys and values of every token: with
+        ``LN(x) = g * x_hat + b`` and the key of attention head j ``W_k[j] LN(x) + b_k[j]``, its score is
+        ``(g * W_k[j]^T q_j) . x_hat`` plus a constant the softmax drops, and since the weights sum to one its
+        value is ``W_v[j] LN(sum_i a_i x_hat_i) + b_v[j]``. The same function at O(N D h) rather than O(N D^2),
+        and ``x_hat`` (the tokens normalised without affine) does not depend on the head's weights, so a probe
+        grid (:mod:`medctl.training.stacked`) computes it once for all its heads.
+        """
         B, N, D = tokens.shape
         heads, head_dim = self.num_heads, D // self.num_heads
+        normed = F.layer_norm(tokens, (D,), eps=self.norm1.eps)  # (B, N, D) x_hat, no parameters
+        gain, shift = self.norm1.weight, self.norm1.bias  # (D,)
+        q = self.q(self.query[0, 0]).view(heads, head_dim)  # (h, d): the same query for every sample
+        w_k, w_v = self.kv.weight.view(2, heads, head_dim, D)  # (h, d, D) each
+        b_v = self.kv.bias.view(2, heads, head_dim)[1]  # (h, d)
+        reader = torch.einsum("hd,hdD->hD", q, w_k) * gain * head_dim**-0.5  # (h, D) scores = x_hat @ reader^T
+        weights = torch.softmax(normed @ reader.T, dim=1)  # (B, N, h), over the tokens
+        mixed = torch.einsum("bnh,bnD->bhD", weights, normed) * gain + shift  # (B, h, D) = LN(sum_i a_i x_hat_i)
+        attended = (torch.einsum("hdD,bhD->bhd", w_v, mixed) + b_v).reshape(B, 1, D)  # (B, 1, D)
         query = self.query.expand(B, -1, -1)  # (B, 1, D)
-        q = self.q(query).view(B, 1, heads, head_dim).transpose(1, 2)  # (B, h, 1, d)
-        k, v = self.kv(self.norm1(tokens)).view(B, N, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
         pooled = query + attended
         pooled = pooled + self.mlp(self.norm2(pooled))
         return pooled[:, 0]

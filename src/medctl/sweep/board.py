@@ -161,6 +161,7 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         "architecture": results.get("architecture", ""),
         "seed": entry.seed,
         "best_epoch": results.get("best_epoch"),
+        **chosen_head(results.get("selected")),
         "n_val": val.get("n_samples"),
         "n_test": test.get("n_samples"),
         "split_manifest_hash": results.get("split_manifest_hash"),
@@ -187,6 +188,15 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         **extra,
         **task_columns(results.get("targets") or [], {"val": val, "test": test}),
     )
+
+
+def chosen_head(selected: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The grid point a ``train.grid`` run selected (``results.json["selected"]``): its lr_head, weight_decay
+    and the cell the board shows, ``"0.001 / 0"``; empty without a grid."""
+    if not selected:
+        return {}
+    lr, decay = selected["lr_head"], selected["weight_decay"]
+    return {"lr_head": lr, "weight_decay": decay, "chosen_head": f"{lr:g} / {decay:g}"}
 
 
 def task_columns(targets: Sequence[Mapping[str, Any]], evaluated: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -300,6 +310,7 @@ def seed_summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             "epochs": _mean([r.get("epochs") for r in ok]),
             "wall_time_s": float(np.nansum([_number(r.get("wall_time_s")) for r in ok])) if ok else None,
             "split_manifest_hash": members[0].get("split_manifest_hash"),
+            "chosen_head": " · ".join(str(r.get("chosen_head") or "—") for r in ok),  # each seed's own
         }
         for key in metric_keys(members):
             values = [_number(r.get(key)) for r in ok]

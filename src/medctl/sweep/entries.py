@@ -206,6 +206,7 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     problems: list[str] = []
     if entry.kind == FINETUNE:
         set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)
+        set_dotted(tree, "train.grid", {})  # a grid selects probe heads; a fine-tune trains its encoder with one
         for dotted, value in parse_overrides(config.sweep.finetune_overrides, problems):
             if dotted.split(".")[0] in ("data", "run", "sweep"):
                 problems.append(

@@ -39,6 +39,8 @@ The functions ``fit`` calls
   is no ``monitor``): write the user-facing ``checkpoints/best.ckpt`` (a classifier or an encoder).
   ``record`` is this epoch's history row (see below).
 - ``export_last(epoch, record)``: rank 0, every epoch, after ``export_best``.
+- ``stop_when()``: after each epoch's validation; True ends the run as early stopping does (a probe grid
+  stops when each of its heads has stopped on its own).
 
 Monitoring and early stopping
 -----------------------------
@@ -144,6 +146,7 @@ def fit(
     log_every: int = 0,
     extend: bool = False,
     sink: ScalarSink | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; see the module docstring for the full contract."""
     device = torch.device(device)
@@ -227,6 +230,8 @@ def fit(
             if improved:
                 best_epoch = epoch + 1
                 best_metric = stopper.best if stopper is not None else None
+            if stop_when is not None:
+                stopped_early = broadcast_bool(stopped_early or stop_when(), device)
             _log_epoch(record, epoch, epochs, monitor, improved and stopper is not None)
 
             # 5. exports, then last.ckpt as the commit point of the epoch
@@ -256,7 +261,7 @@ def fit(
                 )
             barrier()
             if stopped_early:
-                log(f"early stopping: no improvement of {monitor} for {patience} epochs")
+                log(f"early stopping: no improvement of {monitor} for {patience} epochs" if stopper else "early stopping")
     finally:
         if own_logger:
             logger.close()
@@ -447,6 +452,6 @@ def _monitored_value(record: Mapping[str, float], monitor: str) -> float:
 def _log_epoch(record: Mapping[str, float], epoch: int, epochs: int, monitor: str | None, best: bool) -> None:
     if not is_rank0():
         return
-    shown = [f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("train_loss", "val_"))]
+    shown = [f"{k} {v:.4g}" for k, v in record.items() if k.startswith(("train_loss", "val_")) and "_grid" not in k]
     mark = f"  (best {monitor})" if best else ""
     log(f"epoch {epoch + 1}/{epochs}  " + "  ".join(shown) + mark)
