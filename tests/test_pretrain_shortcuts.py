@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from medctl.data.synthetic import synthetic_sample
@@ -93,16 +92,13 @@ def coil_volumes(n: int = 60) -> torch.Tensor:
 
 
 def test_shortcut_warning_on_volumes_with_an_oriented_bias_field():
-    rows = rotation_epochs(coil_volumes(), reorient=0.0)  # the pretext views keep the coil's gradient
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is the fastest on a shared 2-core machine
+    try:
+        rows = rotation_epochs(coil_volumes(), reorient=0.0)  # the pretext views keep the coil's gradient
+    finally:
+        torch.set_num_threads(threads)
     watch = EpochWatch("byol", {"loss_rotation": math.log(4)}, stop_on_collapse=False)
     warnings = [line for row in rows for line in watch.warn_shortcuts(row)]
     assert len(warnings) == 1 and "bias field" in warnings[0], rows
     assert rows[-1]["train_loss_rotation"] < 0.5 * math.log(4) < rows[0]["train_loss_rotation"]
-
-
-@pytest.mark.slow
-def test_randomised_trend_takes_the_shortcut_away():
-    rows = rotation_epochs(coil_volumes(), reorient=1.0)  # the default
-    watch = EpochWatch("byol", {"loss_rotation": math.log(4)}, stop_on_collapse=False)
-    assert [line for row in rows for line in watch.warn_shortcuts(row)] == []
-    assert rows[-1]["train_loss_rotation"] > 0.75 * math.log(4), rows
