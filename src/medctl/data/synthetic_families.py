@@ -54,7 +54,10 @@ def _place(grids, extent, inside, centre, radius, rng, radii_mm, taken, axis=Non
     raise ValueError(f"no room for one more structure in a volume of {inside.shape}: use a larger size")
 
 
-def count_sample(size, spacing, class_index, rng, *, distractors=0, oriented_bias=0.0):
+def count_sample(
+    size: tuple[int, ...], spacing: tuple[float, ...], class_index: int, rng: np.random.Generator, *,
+    distractors: int = 0, oriented_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """``class_index + 1`` small bright blobs, each kept apart from the others (see the module docstring)."""
     grids, extent, inside, centre, radius, tissue = _base(size, spacing, rng)
     mask = np.zeros(size, dtype=bool)
@@ -66,7 +69,10 @@ def count_sample(size, spacing, class_index, rng, *, distractors=0, oriented_bia
     return acquire(tissue, rng, bias_strength=0.3, oriented_bias=oriented_bias), mask.astype(np.uint8)
 
 
-def shape_sample(size, spacing, class_index, rng, *, distractors=0, oriented_bias=0.0):
+def shape_sample(
+    size: tuple[int, ...], spacing: tuple[float, ...], class_index: int, rng: np.random.Generator, *,
+    distractors: int = 0, oriented_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A round (class 0) or elongated (class 1) structure of random brightness, among round distractors."""
     grids, extent, inside, centre, radius, tissue = _base(size, spacing, rng)
     dims = len(size)
@@ -90,7 +96,10 @@ def shape_sample(size, spacing, class_index, rng, *, distractors=0, oriented_bia
     return acquire(tissue, rng, oriented_bias=oriented_bias, image_top=6.0), structure.astype(np.uint8)
 
 
-def texture_sample(size, spacing, class_index, rng, *, distractors=0, oriented_bias=0.0):
+def texture_sample(
+    size: tuple[int, ...], spacing: tuple[float, ...], class_index: int, rng: np.random.Generator, *,
+    distractors: int = 0, oriented_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The organ's texture coarse (class 0) or fine (class 1), at one amplitude."""
     lowest = 0.5 if class_index else 0.0  # fine: frequencies in the upper half of the band only
     *_, inside, _centre, _radius, tissue = _base(size, spacing, rng, TEXTURE_CELLS[class_index], 0.25, lowest)

@@ -12,6 +12,11 @@ each), embedded with the method's online encoder in eval mode without gradients:
   warning is logged only when the representation is worse than before: the ratio below
   ``COLLAPSE_RATIO`` and, where labels allow a k-NN, its accuracy no better than before. The advice
   names what controls collapse in that method (:data:`COLLAPSE_ADVICE`).
+- the collapse verdict (:class:`CollapseCheck`, on by default and with monitoring off too): after
+  ``pretrain.collapse_check_epoch`` epochs and after the last, the spread against the calibrated reference and
+  the online k-NN against chance (:class:`CollapseVerdict`); a failed one is a loud warning, and ends the run
+  under ``pretrain.stop_on_collapse`` (:class:`EpochWatch`, ``fit``'s ``stop_when``), which also warns when a
+  pretext head solves its task in the first epochs while BYOL stalls (a shortcut).
 - k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
   embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
   Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.

@@ -296,6 +296,7 @@ class MonitorEpochs:
     method: nn.Module
     monitor: Any  # mon.make_monitor's fixed train/val samples
     settings: PretrainConfig
+
     def __post_init__(self) -> None:
         self.check = mon.CollapseCheck.from_settings(self.settings)
 
@@ -362,7 +363,7 @@ def build_optimization(
 
 def calibrate_monitor(monitor: Any, settings: Any) -> dict[str, float]:
     """The untrained encoder's collapse statistics (and k-NN accuracy): the reference of every later
-    collapse check; {} when monitoring is off or on ranks other than 0."""
+    collapse check; {} when monitoring and the collapse verdict are off, or on ranks other than 0."""
     if not is_rank0() or (settings.monitor_every <= 0 and settings.knn_every <= 0 and not settings.collapse_check):
         return {}
     initial = mon.calibrate(monitor)
