@@ -308,21 +308,25 @@ class CollapseCheck:
     """When the verdict is due and what it says, for one run (``pretrain.collapse_*``, ``stop_on_collapse``)."""
 
     enabled: bool
-    early_epoch: int  # 1-based: the early verdict; the other comes after the last epoch
+    early_epoch: int  # 1-based: the first verdict; the last comes after the last epoch
     epochs: int
     share: float
     method: str
     stop: bool
+    monitor_every: int = 0  # with monitoring on, a verdict at every monitored epoch after the first verdict too
     knn_was_at_chance: bool = False  # at this run's previous verdict
 
     @classmethod
     def from_settings(cls, settings: Any) -> CollapseCheck:
         return cls(settings.collapse_check, settings.collapse_check_epoch, settings.epochs, settings.collapse_ratio,
-                   settings.method, settings.stop_on_collapse)  # fmt: skip
+                   settings.method, settings.stop_on_collapse, settings.monitor_every)  # fmt: skip
 
     def due(self, epoch: int, reference: dict[str, float]) -> bool:
-        """After the early epoch and after the last (0-based ``epoch``), once calibrated."""
-        return self.enabled and bool(reference) and epoch + 1 in (self.early_epoch, self.epochs)
+        """After the early epoch, after the last (0-based ``epoch``), and after every monitored epoch in between
+        (a BYOL run at the reporter's size of issue 29 was healthy at epoch 3, 1.8x, and collapsing at 6, 0.27x)."""
+        done = epoch + 1
+        monitored = self.monitor_every > 0 and done > self.early_epoch and done % self.monitor_every == 0
+        return self.enabled and bool(reference) and (done in (self.early_epoch, self.epochs) or monitored)
 
     def judge(self, epoch: int, metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
         """This epoch's verdict, logged (a failed one loudly, with what to do), as history figures."""
