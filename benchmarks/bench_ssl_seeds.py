@@ -1,7 +1,7 @@
 """Does each SSL method beat its own random initialisation on held-out test, over pretraining seeds?
 
-Everything runs through the real CLI (``python -m medctl``), on the synthetic lesion volumes of
-``medctl.data.synthetic`` (2 classes):
+Everything runs through the real CLI (``python -m medctl``), on the synthetic volumes of
+``medctl.data.synthetic`` (``--family``: lesion, 2 classes, by default; count, shape, texture: issue 29):
 
 1. ``medctl pretrain`` for seeds 0, 1, 2 (``run.seed``: the initial weights, the views, the batches) of
    BYOL on ``mt3_tiny`` with the auxiliary heads off and on (reconstruction, rotation, jigsaw), JEPA on
@@ -21,6 +21,7 @@ Everything runs through the real CLI (``python -m medctl``), on the synthetic le
 
     uv run python benchmarks/bench_ssl_seeds.py              # ~25 min on 2 cores; appends to RESULTS.md
     uv run python benchmarks/bench_ssl_seeds.py --no-append  # print only
+    uv run python benchmarks/bench_ssl_seeds.py --family count --n 120 --size 16 64 64 --epochs 30 --only byol
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from medctl.data.synthetic import make_synthetic_dataset
+from medctl.data.synthetic import FAMILIES, make_synthetic_dataset
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SEEDS = [0, 1, 2]
@@ -73,6 +74,10 @@ EXTRA_EXPORTS = {"jepa": {"jepa_context": "context_encoder.ckpt"}}  # method -> 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=60, help="synthetic volumes")
+    parser.add_argument(
+        "--family", default="lesion", choices=list(FAMILIES), help="what carries the class (medctl.data.synthetic)"
+    )
+    parser.add_argument("--size", type=int, nargs=3, default=list(SIZE), help="volume size D H W")
     parser.add_argument("--n-2d", type=int, default=160, help="synthetic 2D images (mim_contrastive)")
     parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
     parser.add_argument(
@@ -100,9 +105,9 @@ def main() -> None:
     start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench_ssl_seeds_"))
     try:
-        volumes = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=SIZE, seed=0)
+        volumes = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=args.size, seed=0, family=args.family)
         images = make_synthetic_dataset(
-            root / "data_2d", n=args.n_2d, dims=2, size=SIZE_2D, seed=0, distractors=DISTRACTORS_2D
+            root / "data_2d", n=args.n_2d, dims=2, size=SIZE_2D, seed=0, distractors=DISTRACTORS_2D, family=args.family
         )
         runs = [*COMMON, f'run.root="{root / "runs"}"']
         datasets = {"images": [*images.config_overrides(), *runs]}
@@ -155,7 +160,7 @@ def main() -> None:
             per_seed.append(pd.read_csv(sweep_dir / "leaderboard_seeds.csv").assign(encoder=name))
         board, seeds = pd.concat(boards), pd.concat(per_seed)
         wall = time.perf_counter() - start
-        lines = report(board, seeds, pretrain_results, args, wall)
+        lines = report(board, seeds, pretrain_results, args, wall, len(volumes.classes))
         print("\n".join(lines))
         if not args.no_append:
             with RESULTS.open("a") as fh:
@@ -168,12 +173,12 @@ def fmt(value: float, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall: float) -> list[str]:
+def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall: float, n_classes: int) -> list[str]:
     info = machine()
     lines = [
         f"## bench_ssl_seeds.py — {datetime.now():%Y-%m-%d %H:%M}",
         "",
-        f"- setting: synthetic lesion volumes ({args.n}, 2 classes, {SIZE[0]}x{SIZE[1]}x{SIZE[2]}; mim_contrastive on "
+        f"- setting: synthetic {args.family} volumes ({args.n}, {n_classes} classes, {'x'.join(map(str, args.size))}; mim_contrastive on "
         f"{args.n_2d} synthetic 2D images of {SIZE_2D[0]}x{SIZE_2D[1]} with {DISTRACTORS_2D} bright distractors "
         f"each), methods {', '.join(args.only or METHODS)}, pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
         f"linear probe 30 epochs on {'raw embeddings' if args.raw_probe else 'embeddings standardised on train'} "

@@ -30,7 +30,7 @@ def collapsing_forward(self: BYOL, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss": (unit - unit.mean(0)).pow(2).sum(1).mean()}
 
 
-def pretrain(dataset, tmp_path, name: str, *extra: str):
+def pretrain(dataset, tmp_path, name: str, *extra: str, exit_code: int = 0, resume: bool = False):
     args = [
         *dataset.config_overrides(),
         *TINY_BYOL,
@@ -42,16 +42,22 @@ def pretrain(dataset, tmp_path, name: str, *extra: str):
         for key in [n for n in os.environ if n.startswith("MEDCTL_")]:
             patch.delenv(key)
         patch.setenv("MEDCTL_NO_PROGRESS", "1")
-        result = runner.invoke(app, ["pretrain", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["pretrain", *args, *(["--resume"] if resume else [])], catch_exceptions=False)
+    assert result.exit_code == exit_code, result.output
     return " ".join(result.output.split()), json.loads(
         (tmp_path / "runs" / name / "results.json").read_text()
     )
 
 
-def test_collapse_warning_fires_for_a_collapsing_objective_not_for_byol(synthetic_3d, tmp_path, monkeypatch):
+def test_collapse_verdict_stops_a_collapsing_objective_early_not_byol(synthetic_3d, tmp_path, monkeypatch):
     healthy_out, healthy = pretrain(synthetic_3d, tmp_path, "healthy", "pretrain.epochs=2")
     assert "embeddings are collapsing" not in healthy_out
+    # the verdict comes at the end (epoch 2; the early one is due after epoch 3) and says so
+    assert "collapse check after epoch 2: spread" in healthy_out and ": not collapsed" in healthy_out
+    assert "COLLAPSED" not in healthy_out and "!!!" not in healthy_out
+    (verdict,) = healthy["collapse_check"]["verdicts"]
+    assert verdict["epoch"] == 2 and verdict["collapse_failed"] == 0.0 and verdict["collapse_spread_ratio"] > 0.5
+    assert healthy["collapse_check"]["ratio_below"] == 0.1 and "stopped" not in healthy
     assert "before pretraining: mean per-dimension std" in healthy_out
     initial = healthy["initial_monitoring"]
     assert initial["embed_std_mean"] > 0 and 0 <= initial["knn_accuracy"] <= 1
@@ -60,13 +66,24 @@ def test_collapse_warning_fires_for_a_collapsing_objective_not_for_byol(syntheti
         last["val_embed_std_mean"] / initial["embed_std_mean"]
     )
 
+    # monitoring off, as the reporter of issue 29 had it: the verdict after epoch 2 still runs, fails, and stops
     monkeypatch.setattr(BYOL, "forward", collapsing_forward)
+    settings = ["pretrain.epochs=4", "pretrain.lr=0.01", "pretrain.knn_every=0", "pretrain.monitor_every=0",
+                "pretrain.collapse_check_epoch=2"]  # fmt: skip
     collapsed_out, collapsed = pretrain(
-        synthetic_3d, tmp_path, "collapsed", "pretrain.epochs=4", "pretrain.lr=0.01", "pretrain.knn_every=0"
+        synthetic_3d, tmp_path, "collapsed", *settings, "pretrain.stop_on_collapse=true", exit_code=1
     )
     ratio = collapsed["history"][-1]["val_embed_std_ratio"]
-    assert ratio < 0.5
-    assert "warning: embeddings are collapsing" in collapsed_out
-    assert (
-        "that of the encoder before pretraining" in collapsed_out and "pretrain.ema_momentum" in collapsed_out
+    assert collapsed["epochs_run"] == 2 and ratio < 0.1
+    assert "collapse check after epoch 2" in collapsed_out and "COLLAPSED below 0.1x" in collapsed_out
+    assert "pretraining stopped: the collapse check failed after epoch 2" in collapsed_out
+    assert "--resume pretrain.stop_on_collapse=false" in collapsed_out
+    assert collapsed["stopped"] and collapsed["collapse_check"]["verdicts"][0]["collapse_failed"] == 1.0
+    checkpoints = tmp_path / "runs" / "collapsed" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "encoder.ckpt").is_file()
+    # the way on that the message names: the same run, resumed without the stop, trains to its last epoch
+    _, resumed = pretrain(
+        synthetic_3d, tmp_path, "collapsed", *settings, "pretrain.stop_on_collapse=false", resume=True
     )
+    assert resumed["epochs_run"] == 4 and resumed["collapse_check"]["verdicts"][-1]["epoch"] == 4
+    assert "warning: !!! collapse check" in collapsed_out and "pretrain.ema_momentum" in collapsed_out  # the advice

@@ -14,6 +14,7 @@ from medctl.models.registry import build_encoder
 from medctl.pretrain import build_method
 from medctl.pretrain.byol import ByolSettings
 from medctl.pretrain.run import pretext_vs_chance
+from medctl.pretrain.views import reorient_intensity
 
 SIZE = (8, 16, 16)
 
@@ -36,7 +37,8 @@ def head_losses(head: str, steps: int, **settings) -> list[float]:
         "jigsaw_weight": 0.0,
         f"{head}_weight": 1.0,
     }
-    config = ByolSettings(projector_dim=16, projector_hidden=32, **weights, **settings)
+    # these volumes' orientation IS their linear trend, which pretext_reorient would take away
+    config = ByolSettings(projector_dim=16, projector_hidden=32, pretext_reorient=0.0, **weights, **settings)
     method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -71,13 +73,30 @@ def test_pretext_inputs_keep_the_orientation_the_byol_views_flip(head, monkeypat
         f"{head}_weight": 1.0,
     }
     config = ByolSettings(
-        projector_dim=8, projector_hidden=16, view_flip_prob=1.0, **no_photometric, **weights
+        projector_dim=8,
+        projector_hidden=16,
+        view_flip_prob=1.0,
+        pretext_reorient=0.0,
+        **no_photometric,
+        **weights,
     )
     method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)
     x = structured_volumes(2, torch.Generator().manual_seed(0))
     method(x)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], x, atol=1e-4, rtol=1e-4)  # not x.flip(2, 3, 4), as the BYOL views are
+    reoriented = build_method(
+        "byol",
+        build_encoder("mt3_tiny", input_size=SIZE),
+        config.model_copy(update={"pretext_reorient": 1.0}),
+    )
+    reoriented(
+        x
+    )  # the default: the same view, its linear trend replaced by a random one (views.reorient_intensity)
+    assert not torch.allclose(seen[1], x, atol=1e-2)  # the trend differs, the rest is the same view
+    torch.testing.assert_close(
+        reorient_intensity(seen[1], 0.0), reorient_intensity(x, 0.0), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.slow
@@ -97,7 +116,10 @@ def test_jigsaw_head_learns_the_block_order():
 def test_pretrain_sets_each_pretext_loss_beside_its_chance_and_warns_for_a_head_that_learned_nothing(caplog):
     config = ByolSettings(projector_dim=8, projector_hidden=16, jigsaw_permutations=24)
     method = build_method("byol", build_encoder("mt3_tiny", input_size=SIZE), config)
-    assert method.chance_losses() == {"loss_rotation": pytest.approx(math.log(4)), "loss_jigsaw": pytest.approx(math.log(24))}
+    assert method.chance_losses() == {
+        "loss_rotation": pytest.approx(math.log(4)),
+        "loss_jigsaw": pytest.approx(math.log(24)),
+    }
     history = [
         {"train_loss_rotation": 1.40, "train_loss_jigsaw": 3.20},
         {"train_loss_rotation": 0.60, "train_loss_jigsaw": 3.10},  # only the last epoch counts

@@ -82,8 +82,11 @@ def test_knn_metrics_cover_class_targets_only():
         rng.standard_normal((6, 4)), {"a": rng.integers(0, 2, 6), "b": rng.integers(0, 3, 6)}
     )
     out = mon.knn_metrics(train, val)
-    assert set(out) == {"knn_accuracy", "knn_accuracy_a", "knn_accuracy_b"}
+    assert set(out) == {"knn_accuracy", "knn_accuracy_a", "knn_accuracy_b", "knn_chance", "knn_margin"}
     assert out["knn_accuracy"] == pytest.approx((out["knn_accuracy_a"] + out["knn_accuracy_b"]) / 2)
+    majority = [np.bincount(val.labels[t]).max() / 6 for t in ("a", "b")]  # always answering the commonest class
+    assert out["knn_chance"] == pytest.approx(np.mean(majority))
+    assert out["knn_margin"] == pytest.approx(np.sqrt(out["knn_chance"] * (1 - out["knn_chance"]) / 6))
     assert mon.knn_metrics(train, mon.Embeddings(np.zeros((0, 4)))) == {}
 
 
@@ -122,3 +125,22 @@ def test_fixed_subsets_and_schedules():
     assert [e for e in range(7) if mon.due(e, 3, 7)] == [2, 5, 6]  # every 3rd epoch and the last
     assert not any(mon.due(e, 0, 7) for e in range(7))
     assert math.isclose(mon.collapse_stats(np.eye(4))["embed_std_reference"], 0.5)
+
+
+def test_collapse_verdict_fails_on_spread_or_a_knn_that_falls_to_or_stays_at_chance():
+    reference = {"embed_std_mean": 0.01, "knn_accuracy": 0.45}
+    figures = {"embed_std_mean": 0.0005, "knn_accuracy": 0.5, "knn_chance": 0.25, "knn_margin": 0.09}
+    collapsed = mon.collapse_verdict(figures, reference, epoch=3, share=0.1, knn_was_at_chance=False)
+    assert collapsed.spread_ratio == pytest.approx(0.05) and collapsed.collapsed and collapsed.failed
+    assert "COLLAPSED below 0.1x" in collapsed.line("byol") and "pretrain.ema_momentum" in collapsed.line("byol")
+    assert collapsed.metrics() == {"collapse_spread_ratio": pytest.approx(0.05), "collapse_collapsed": 1.0,
+                                   "collapse_knn_at_chance": 0.0, "collapse_failed": 1.0}  # fmt: skip
+    healthy = mon.collapse_verdict({**figures, "embed_std_mean": 0.012}, reference, 3, 0.1, False)
+    assert not healthy.failed and healthy.line("byol").endswith(": not collapsed")
+    fell = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, reference, 3, 0.1, False)
+    assert fell.failed and "k-NN fell to chance" in fell.line("byol")  # the untrained encoder was above chance
+    hard_task = {"embed_std_mean": 0.01, "knn_accuracy": 0.27}
+    first = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, hard_task, 3, 0.1, False)
+    assert first.knn_at_chance and not first.failed  # at chance like its untrained encoder: no verdict yet
+    stays = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, hard_task, 30, 0.1, True)
+    assert stays.failed and "k-NN stays at chance" in stays.line("byol")

@@ -354,6 +354,13 @@ class PretrainConfig(Section):
     tsne_every: int = Field(default=0, ge=0)
     knn_every: int = Field(default=1, ge=0)
     monitor_samples: int = Field(default=256, ge=2)  # per split: a fixed, seeded subset keeps monitoring cheap
+    # the collapse verdict, on even with monitoring off: the embeddings' spread against the same encoder before
+    # pretraining, and the online k-NN against chance, after `collapse_check_epoch` epochs, at the end, and with
+    # monitoring on at every monitored epoch in between
+    collapse_check: bool = True
+    collapse_check_epoch: int = Field(default=3, ge=1)  # early enough to stop a doomed run, late enough to move
+    collapse_ratio: float = Field(default=0.1, gt=0, le=1)  # collapsed below this share of the spread before
+    stop_on_collapse: bool = False  # stop at a failed verdict (checkpoints kept, exit 1); see the README
     subset: str = ""  # pretrain on a subset of train: "fraction:0.5" (seeded) or "column:value" (manifest column)
 
 

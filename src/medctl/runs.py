@@ -28,7 +28,7 @@ SECRET_PATTERN = re.compile(r"(secret|token|password|passwd|credential|access_ke
 # Keys a resumed run may change: where and how fast it runs, never what it computes (reported, not refused);
 # [tracking] (where it is reported) is free as well.
 RESUME_FREE = ("run.device", "run.threads", "data.num_workers", "data.preprocess.workers", "data.cache_dir",
-               "data.download_dir", "train.log_every", "pretrain.log_every")  # fmt: skip
+               "data.download_dir", "train.log_every", "pretrain.log_every", "pretrain.stop_on_collapse")  # fmt: skip
 EPOCH_KEYS = ("train.epochs", "pretrain.epochs")  # changed on --resume only with --extend
 
 

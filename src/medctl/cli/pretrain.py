@@ -40,13 +40,16 @@ def pretrain_command(
     )
     console.print(f"[green]✓[/] run {result.run_dir}", soft_wrap=True, highlight=False)
     table = Table(title="pretraining")
-    for column in ("epochs", "final loss", "k-NN accuracy", "samples/s", "encoder.ckpt"):
+    for column in ("epochs", "final loss", "k-NN accuracy", "collapse check", "samples/s", "encoder.ckpt"):
         table.add_column(column, justify="left" if column == "encoder.ckpt" else "right")
     knn = "-" if result.knn_accuracy is None else f"{result.knn_accuracy:.3f}"
+    spread, failed = result.monitoring.get("collapse_spread_ratio"), result.monitoring.get("collapse_failed")
+    verdict = "-" if spread is None else f"spread {spread:.2f}x untrained, " + ("FAILED" if failed else "ok")
     table.add_row(
         str(result.epochs_run),
         f"{result.final_loss:.4f}",
         knn,
+        verdict,
         f"{result.samples_per_s:.1f}",
         str(result.encoder_checkpoint),
     )

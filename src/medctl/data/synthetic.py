@@ -34,6 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from medctl.data.readers import write_nrrd
+from medctl.data.synthetic_families import (
+    COUNT_CLASSES,
+    SHAPE_CLASSES,
+    TEXTURE_CLASSES,
+    count_sample,
+    shape_sample,
+    texture_sample,
+)
+from medctl.data.synthetic_parts import acquire, coordinates, smooth_noise
+from medctl.data.synthetic_parts import organ as make_organ
 
 CLASS_NAMES = {
     2: ["healthy", "edema"],
@@ -89,7 +99,7 @@ def make_synthetic_dataset(
     n: int = 24,
     dims: int = 3,
     size: Sequence[int] = (16, 32, 32),
-    n_classes: int = 2,
+    n_classes: int | None = None,
     seed: int = 0,
     slices_png: bool = False,
     spacing: Sequence[float] | None = None,
@@ -97,6 +107,8 @@ def make_synthetic_dataset(
     n_excluded: int = 2,
     cache_dir: str | Path | None = "default",
     distractors: int = 0,
+    family: str = "lesion",
+    oriented_bias: float = 0.0,
 ) -> SyntheticDataset:
     """Write ``n`` labelled samples under ``out_dir`` (see the module docstring) and describe them.
 
@@ -107,7 +119,19 @@ def make_synthetic_dataset(
     cache_dir: where config_overrides() points data.cache_dir; "default" is ``out_dir/cache``,
     None leaves data.cache_dir alone.
     distractors: bright non-lesion balls per sample, in every class (see the module docstring).
+    family: what carries the class: "lesion" (above; ``n_classes`` default 2) or one of
+    :mod:`medctl.data.synthetic_families` ("count", "shape", "texture"), whose classes are fixed.
+    oriented_bias: > 0 multiplies every sample by the same ramp ``exp(oriented_bias * y)`` along H, as a
+    receive coil on one side does (what lets a rotation head cheat); 0 leaves it out.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {', '.join(FAMILIES)}")
+    fixed_classes, sample = FAMILIES[family]
+    if fixed_classes and n_classes not in (None, len(fixed_classes)):
+        raise ValueError(f"n_classes={n_classes}: the {family} family has {len(fixed_classes)} classes")
+    n_classes = len(fixed_classes) if fixed_classes else (n_classes or 2)
+    if oriented_bias < 0:
+        raise ValueError(f"oriented_bias={oriented_bias}: give 0 (none) or a positive strength")
     if dims not in (2, 3):
         raise ValueError(f"dims={dims}: synthetic data is 2D (PNG) or 3D (NRRD)")
     if n_classes < 2:
@@ -131,7 +155,7 @@ def make_synthetic_dataset(
     image_root.mkdir(parents=True, exist_ok=True)
     mask_root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    classes = CLASS_NAMES.get(n_classes, ["healthy", *[f"grade{k}" for k in range(1, n_classes)]])
+    classes = fixed_classes or CLASS_NAMES.get(n_classes, ["healthy", *[f"grade{k}" for k in range(1, n_classes)]])
     rows = _participants(n, n_classes, n_excluded, rng)
     ids = [r["participant_id"] for r in rows]
     suffix = ".nrrd" if dims == 3 else ".png"
@@ -141,7 +165,7 @@ def make_synthetic_dataset(
         png_root.mkdir(exist_ok=True)
         png_mask_root.mkdir(exist_ok=True)
     for row in rows:
-        image, mask = synthetic_sample(size, spacing, row["class_index"], rng, distractors=distractors)
+        image, mask = sample(size, spacing, row["class_index"], rng, distractors=distractors, oriented_bias=oriented_bias)
         id_ = row["participant_id"]
         if dims == 3:
             write_nrrd(image_root / f"{id_}{suffix}", image, spacing=spacing)
@@ -210,16 +234,15 @@ def synthetic_sample(
     rng: np.random.Generator,
     *,
     distractors: int = 0,
+    oriented_bias: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image (int16 volume or float 2D image in [0, 1]) and its 0/1 uint8 lesion mask (lesions only:
     ``distractors`` bright balls are added outside it)."""
     dims = len(size)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in size], indexing="ij")  # normalised coordinates
+    grids = coordinates(size)
     extent = np.asarray(size) * np.asarray(spacing)  # mm
-    organ_radius = rng.uniform(0.65, 0.8, dims)
-    organ_centre = rng.uniform(-0.08, 0.08, dims)
-    organ = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, organ_centre, organ_radius, strict=True)) <= 1.0
-    texture = _smooth_noise(size, rng, cells=4) * 0.08
+    organ, organ_centre, organ_radius = make_organ(grids, rng)
+    texture = smooth_noise(size, rng, cells=4) * 0.08
     tissue = np.where(organ, 1.0 + texture, 0.15 + 0.3 * texture)  # organ ~1, background ~0.15
     mask = np.zeros(size, dtype=np.uint8)
     if class_index > 0:
@@ -249,29 +272,9 @@ def synthetic_sample(
                 break
         placed |= ball
         tissue = np.where(ball, tissue + rng.uniform(2.6, 3.0), tissue)
-    bias = np.exp(0.15 * _smooth_noise(size, rng, cells=2))  # smooth multiplicative field
-    scale, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
-    image = (tissue * bias * scale + offset + rng.normal(0.0, 0.06, size)).astype(np.float32)
-    if dims == 3:
-        return np.clip(image * 1000.0, -32768, 32767).astype(np.int16), mask
     # 2D images are [0, 1]: lesions (~2.5x the organ) reach 1 at /3; distractors (~4x) would be clipped to the
     # lesions' level there, so with distractors the scale leaves room for them to stay the brightest
-    return np.clip(image / (8.0 if distractors else 3.0), 0.0, 1.0), mask
-
-
-def _smooth_noise(size: tuple[int, ...], rng: np.random.Generator, cells: int, terms: int = 6) -> np.ndarray:
-    """Zero-mean, unit-variance noise varying over about ``cells`` cells per axis (random plane waves)."""
-    field = np.zeros(size, dtype=np.complex64)
-    for _ in range(terms):
-        wave = np.exp(1j * rng.uniform(0, 2 * np.pi)).astype(np.complex64)
-        for axis, n in enumerate(size):  # exp(i 2pi f.x) is a product of one factor per axis
-            shape = [1] * len(size)
-            shape[axis] = n
-            freq = rng.uniform(-cells / 2, cells / 2)
-            wave = wave * np.exp(2j * np.pi * freq * np.linspace(0, 1, n, dtype=np.float32)).reshape(shape)
-        field += wave
-    real = field.real
-    return (real - real.mean()) / (real.std() + 1e-6)
+    return acquire(tissue, rng, oriented_bias=oriented_bias, image_top=8.0 if distractors else 3.0), mask
 
 
 def _write_png(path: Path, image: np.ndarray, bits: int) -> None:
@@ -298,3 +301,12 @@ def _write_table(path: Path, rows: list[dict], classes: list[str]) -> None:
             f"{r['retinal_oct']}\t{r['subject_id']}"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+# family -> (its fixed class names, [] when n_classes chooses them; its sample function)
+FAMILIES = {
+    "lesion": ([], synthetic_sample),
+    "count": (COUNT_CLASSES, count_sample),
+    "shape": (SHAPE_CLASSES, shape_sample),
+    "texture": (TEXTURE_CLASSES, texture_sample),
+}

@@ -257,7 +257,7 @@ def _finetune(
         log_every=train.log_every,
         extend=extend,
         sink=tracker,
-        stop_when=grid.selection.all_stopped if grid else None,
+        early_stop_when=grid.selection.all_stopped if grid else None,
     )
     selected: dict[str, Any] = {}
     if grid:  # the winner's best epoch into the classifier's heads, exported as a single head's would be

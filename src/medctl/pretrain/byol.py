@@ -19,7 +19,10 @@ One step on a batch x (B, C, *S):
 5. ``jigsaw`` (3D only): the pretext view's 2x2x2 blocks shuffled by one of K fixed, far-apart
    permutations; a linear head predicts which one.
 
-The pretext view is a BYOL view without flips (crop-resize and photometric jitter only). The BYOL views
+The pretext view is a BYOL view without flips (crop-resize and photometric jitter only), whose linear
+intensity trend is replaced by a random one (``pretext_reorient``): otherwise a smooth bias field that is
+brighter on one side in every scan tells the rotation and the block order by itself, and the heads learn
+that instead of anatomy (``views.reorient_intensity``). The BYOL views
 flip every axis with probability ``view_flip_prob``, and flips destroy both labels: a 180 degree rotation
 is the double flip of its plane (and 90 equals 270 after it), so a rotation of a flipped view has at most
 two tell-apart classes out of four; a flip also swaps the blocks along its axis, so a shuffled flipped
@@ -53,6 +56,7 @@ from medctl.pretrain.views import (
     jigsaw_permutations,
     random_jigsaw,
     random_rotation,
+    reorient_intensity,
 )
 from medctl.training.ema import ema_update
 from medctl.training.ssl_losses import byol_symmetric_loss
@@ -71,6 +75,9 @@ class ByolSettings(Section):
     jigsaw_weight: float = Field(default=0.5, ge=0)
     jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
     rotation_plane: Literal["axial", "coronal", "sagittal"] = "axial"  # 2D inputs rotate in their only plane
+    # the pretext view's own linear intensity trend is replaced by a random one up to this slope (x its std),
+    # so that a bias field's orientation does not give rotations or block orders away; 0 keeps it
+    pretext_reorient: float = Field(default=1.0, ge=0)
     # views: random crop-resize, flips, then photometric jitter, blur and noise
     view_crop_scale: ShareRange = [0.5, 1.0]  # share of the volume a crop keeps before resizing back
     view_flip_prob: float = Field(default=0.5, ge=0, le=1)  # per spatial axis
@@ -144,6 +151,7 @@ class BYOL(nn.Module):
         jigsaw_weight: float,
         jigsaw_permutations: int,
         rotation_plane: str,
+        pretext_reorient: float,
         view_crop_scale: Sequence[float],
         view_flip_prob: float,
         view_intensity_jitter: float,
@@ -167,6 +175,7 @@ class BYOL(nn.Module):
         }
         self.decoder = EmbeddingDecoder(dim, encoder.in_channels, size) if reconstruction_weight > 0 else None
         self.rotation_plane = rotation_plane if encoder.spatial_dims == 3 else "axial"
+        self.pretext_reorient = pretext_reorient
         self.rotation_head = nn.Linear(dim, 4) if rotation_weight > 0 else None
         self.jigsaw_head = nn.Linear(dim, jigsaw_permutations) if jigsaw_weight > 0 else None
         if jigsaw_weight > 0:
@@ -201,6 +210,8 @@ class BYOL(nn.Module):
             loss = loss + self.weights["reconstruction"] * out["loss_reconstruction"]
         if self.rotation_head is not None or self.jigsaw_head is not None:
             pretext = byol_view(x, **{**self.view_settings, "flip_prob": 0.0})  # (B, C, *S), orientation kept
+            if self.pretext_reorient > 0:  # the anatomy's orientation kept, the intensity gradient's randomised
+                pretext = reorient_intensity(pretext, self.pretext_reorient)
         if self.rotation_head is not None:
             rotated, labels = random_rotation(pretext, plane=self.rotation_plane)  # (B, C, *S), (B,) in 0..3
             logits = self.rotation_head(self.encoder(rotated))  # (B, 4)

@@ -12,6 +12,11 @@ each), embedded with the method's online encoder in eval mode without gradients:
   warning is logged only when the representation is worse than before: the ratio below
   ``COLLAPSE_RATIO`` and, where labels allow a k-NN, its accuracy no better than before. The advice
   names what controls collapse in that method (:data:`COLLAPSE_ADVICE`).
+- the collapse verdict (:class:`CollapseCheck`, on by default and with monitoring off too): after
+  ``pretrain.collapse_check_epoch`` epochs and after the last, the spread against the calibrated reference and
+  the online k-NN against chance (:class:`CollapseVerdict`); a failed one is a loud warning, and ends the run
+  under ``pretrain.stop_on_collapse`` (:class:`EpochWatch`, ``fit``'s ``stop_when``), which also warns when a
+  pretext head solves its task in the first epochs while BYOL stalls (a shortcut).
 - k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
   embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
   Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.
@@ -45,6 +50,7 @@ from torch import nn
 from medctl.data.tables import TargetSpec
 from medctl.evaluation.plots import plot_training_curves, save_figure
 from medctl.progress import log
+from medctl.training.distributed import is_rank0
 from medctl.training.precision import autocast_context
 
 COLLAPSE_RATIO = 0.5  # warn below half the spread the encoder had before pretraining (and no k-NN gain)
@@ -184,10 +190,214 @@ def knn_metrics(train: Embeddings, val: Embeddings, k: int = 5) -> dict[str, flo
         name: knn_accuracy(train.vectors, train.labels[name], val.vectors, val.labels[name], k)
         for name in names
     }
-    out = {"knn_accuracy": float(np.mean(list(per_target.values())))}
+    chance = [majority_share(val.labels[name]) for name in names]
+    out = {"knn_accuracy": float(np.mean(list(per_target.values()))), "knn_chance": float(np.mean(chance))}
+    out["knn_margin"] = math.sqrt(out["knn_chance"] * (1.0 - out["knn_chance"]) / len(val.vectors))
     if len(per_target) > 1:
         out |= {f"knn_accuracy_{name}": value for name, value in per_target.items()}
     return out
+
+
+def majority_share(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most frequent class: a k-NN vote's chance level."""
+    return float(np.bincount(np.asarray(labels, dtype=np.int64)).max() / len(labels))
+
+
+# ------------------------------------------------------------------------------------------ verdict
+@dataclass
+class CollapseVerdict:
+    """The collapse check's verdict after an epoch: spread against the encoder before pretraining, and the
+    online k-NN against chance (``knn_chance`` + one binomial standard error ``knn_margin`` of the val set).
+
+    Failed: the spread fell below ``share`` of its value before (collapsed), or the k-NN is at chance while
+    the untrained encoder's was above it (pretraining lost what random weights saw), or it was at chance at
+    the previous verdict too (it stays there)."""
+
+    epoch: int  # 1-based
+    spread_ratio: float
+    share: float  # pretrain.collapse_ratio
+    knn_accuracy: float | None = None
+    knn_before: float | None = None
+    knn_chance: float | None = None
+    knn_margin: float = 0.0
+    knn_was_at_chance: bool = False  # at the previous verdict of this run
+
+    @property
+    def collapsed(self) -> bool:
+        return self.spread_ratio < self.share
+
+    @property
+    def knn_at_chance(self) -> bool:
+        return (
+            self.knn_accuracy is not None
+            and self.knn_chance is not None
+            and (self.knn_accuracy <= self.knn_chance + self.knn_margin)
+        )
+
+    @property
+    def knn_failed(self) -> bool:
+        above_before = (
+            self.knn_before is not None
+            and self.knn_chance is not None
+            and (self.knn_before > self.knn_chance + self.knn_margin)
+        )
+        return self.knn_at_chance and (above_before or self.knn_was_at_chance)
+
+    @property
+    def failed(self) -> bool:
+        return self.collapsed or self.knn_failed
+
+    def line(self, method: str) -> str:
+        """The verdict in one line; a failed one names what is wrong and what controls it in ``method``."""
+        knn = ""
+        if self.knn_accuracy is not None:
+            knn = f", online k-NN {self.knn_accuracy:.2f}"
+            if self.knn_chance is not None:
+                knn += f" (chance {self.knn_chance:.2f} + {self.knn_margin:.2f}"
+                knn += f", untrained {self.knn_before:.2f})" if self.knn_before is not None else ")"
+        head = f"collapse check after epoch {self.epoch}: spread {self.spread_ratio:.2f}x the untrained encoder's{knn}"
+        if not self.failed:
+            return f"{head}: not collapsed"
+        what = [f"COLLAPSED below {self.share:g}x" if self.collapsed else "",
+                "k-NN fell to chance" if self.knn_failed and not self.knn_was_at_chance else "",
+                "k-NN stays at chance" if self.knn_failed and self.knn_was_at_chance else ""]  # fmt: skip
+        advice = COLLAPSE_ADVICE.get(method, "lower pretrain.lr or check the augmentations")
+        return f"{head}: {' and '.join(w for w in what if w)}; {advice}"
+
+    def metrics(self) -> dict[str, float]:
+        """The figures for the epoch's history row (``val_collapse_*``), results.json and the report."""
+        return {
+            "collapse_spread_ratio": self.spread_ratio,
+            "collapse_collapsed": float(self.collapsed),
+            "collapse_knn_at_chance": float(self.knn_at_chance),
+            "collapse_failed": float(self.failed),
+        }
+
+
+def collapse_verdict(
+    metrics: dict[str, float], reference: dict[str, float], epoch: int, share: float, knn_was_at_chance: bool
+) -> CollapseVerdict:
+    """The verdict from one monitoring pass's ``metrics`` (collapse stats, k-NN) and ``calibrate``'s reference."""
+    return CollapseVerdict(
+        epoch=epoch,
+        spread_ratio=std_ratio(metrics, reference),
+        share=share,
+        knn_accuracy=metrics.get("knn_accuracy"),
+        knn_before=reference.get("knn_accuracy"),
+        knn_chance=metrics.get("knn_chance"),
+        knn_margin=metrics.get("knn_margin", 0.0),
+        knn_was_at_chance=knn_was_at_chance,
+    )
+
+
+def verdicts_in(history: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """The collapse verdicts a run gave (epoch and figures), from its history rows: for results.json."""
+    keys = ("val_embed_std_ratio", "val_knn_accuracy", "val_knn_chance")
+    return [
+        {
+            "epoch": row["epoch"],
+            **{k[len("val_") :]: row[k] for k in row if k.startswith("val_collapse_") or k in keys},
+        }
+        for row in history
+        if "val_collapse_failed" in row
+    ]
+
+
+@dataclass
+class CollapseCheck:
+    """When the verdict is due and what it says, for one run (``pretrain.collapse_*``, ``stop_on_collapse``)."""
+
+    enabled: bool
+    early_epoch: int  # 1-based: the first verdict; the last comes after the last epoch
+    epochs: int
+    share: float
+    method: str
+    stop: bool
+    monitor_every: int = 0  # with monitoring on, a verdict at every monitored epoch after the first verdict too
+    knn_was_at_chance: bool = False  # at this run's previous verdict
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CollapseCheck:
+        return cls(settings.collapse_check, settings.collapse_check_epoch, settings.epochs, settings.collapse_ratio,
+                   settings.method, settings.stop_on_collapse, settings.monitor_every)  # fmt: skip
+
+    def due(self, epoch: int, reference: dict[str, float]) -> bool:
+        """After the early epoch, after the last (0-based ``epoch``), and after every monitored epoch in between
+        (a BYOL run at the reporter's size of issue 29 was healthy at epoch 3, 1.8x, and collapsing at 6, 0.27x)."""
+        done = epoch + 1
+        monitored = self.monitor_every > 0 and done > self.early_epoch and done % self.monitor_every == 0
+        return self.enabled and bool(reference) and (done in (self.early_epoch, self.epochs) or monitored)
+
+    def judge(self, epoch: int, metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+        """This epoch's verdict, logged (a failed one loudly, with what to do), as history figures."""
+        verdict = collapse_verdict(metrics, reference, epoch + 1, self.share, self.knn_was_at_chance)
+        self.knn_was_at_chance = verdict.knn_at_chance
+        line = verdict.line(self.method)
+        if not verdict.failed:
+            log(line)
+        elif self.stop:
+            log(f"warning: !!! {line}; stopping here: pretrain.stop_on_collapse = true")
+        else:
+            log(f"warning: !!! {line}; pretrain.stop_on_collapse = true stops such a run here")
+        return verdict.metrics()
+
+
+SHORTCUT_EPOCHS = 3  # the first epochs, in which a pretext head that solves its task at once has cheated
+SHORTCUT_SHARE = 0.5  # a pretext loss below this share of chance is "far below"
+STALLED_SHARE = 0.7  # the BYOL loss has not improved (much) while it stays above this share of its first epoch's
+SHORTCUT_CAUSES = {
+    "rotation": "the orientation of a smooth bias field or a brighter side (a receive coil), the volume's borders "
+    "or padding, not the anatomy",
+    "jigsaw": "intensity gradients across the blocks (a bias field), the volume's borders or padding, or edge "
+    "continuity between blocks, not the anatomy",
+}
+
+
+@dataclass
+class EpochWatch:
+    """``fit``'s ``stop_when``: after every epoch, a warning for pretext heads that solved their task at once
+    while BYOL stalled (a shortcut), and the stop under ``pretrain.stop_on_collapse`` at a failed verdict."""
+
+    method: str
+    chance: dict[str, float]  # "loss_rotation" -> ln 4 ...: the method's chance_losses()
+    stop_on_collapse: bool
+    first_byol: float | None = None
+    warned: set[str] = field(default_factory=set)
+
+    def __call__(self, record: dict[str, float]) -> str:
+        self.warn_shortcuts(record)
+        if self.stop_on_collapse and record.get("val_collapse_failed"):
+            return f"the collapse check failed after epoch {int(record['epoch'])}"
+        return ""
+
+    def warn_shortcuts(self, record: dict[str, float]) -> list[str]:
+        """The shortcut warnings of this epoch (logged on rank 0), each head at most once per run."""
+        byol = record.get("train_loss_byol")
+        self.first_byol = byol if self.first_byol is None else self.first_byol
+        if byol is None or record["epoch"] > SHORTCUT_EPOCHS:
+            return []
+        lines = []
+        for key, level in self.chance.items():
+            head, loss = key.removeprefix("loss_"), record.get(f"train_{key}")
+            if (
+                head in self.warned
+                or loss is None
+                or loss >= SHORTCUT_SHARE * level
+                or byol < STALLED_SHARE * self.first_byol
+            ):
+                continue
+            self.warned.add(head)
+            lines.append(
+                f"warning: the {head} head is at loss {loss:.3f} after epoch {int(record['epoch'])}, far below chance "
+                f"({level:.2f}), while the BYOL loss has not improved ({self.first_byol:.3f} -> {byol:.3f}): it most "
+                f"likely solves {head} from a shortcut: {SHORTCUT_CAUSES.get(head, 'a global cue')}; keep "
+                f"pretrain.{self.method}.pretext_reorient > 0, crop borders away (pretrain.{self.method}.view_crop_scale), "
+                f"or set pretrain.{self.method}.{head}_weight = 0"
+            )
+        if is_rank0():
+            for line in lines:
+                log(line)
+        return lines
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -379,9 +589,11 @@ def monitor_epoch(
     monitor_every: int,
     knn_every: int,
     tsne_every: int,
+    verdict: bool = False,
 ) -> dict[str, float]:
-    """Collapse stats + reconstruction panel, k-NN accuracy and t-SNE, each when it is due this epoch."""
-    check, knn = due(epoch, monitor_every, epochs), due(epoch, knn_every, epochs)
+    """Collapse stats + reconstruction panel, k-NN accuracy and t-SNE, each when it is due this epoch
+    (``verdict``: collapse stats and k-NN this epoch whatever the schedule says)."""
+    check, knn = due(epoch, monitor_every, epochs) or verdict, due(epoch, knn_every, epochs) or verdict
     tsne = tsne_every > 0 and (epoch + 1) % tsne_every == 0
     if not (check or knn or tsne):
         return {}

@@ -38,7 +38,7 @@ from medctl.config import Config, PretrainConfig
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.provenance import pool_provenance
-from medctl.errors import ConfigError, DataError
+from medctl.errors import ConfigError, DataError, RunFailure
 from medctl.models.architecture import pretrained_encoder
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.pretrain import METHODS, build_method, method_settings, min_batch_problem, resolved_pretrain
@@ -186,6 +186,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
         log_every=settings.log_every,
         extend=extend,
         sink=tracker,
+        stop_when=mon.EpochWatch(settings.method, chance_losses(method), settings.stop_on_collapse),
     )
 
     # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
@@ -197,8 +198,18 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     pretext = pretext_vs_chance(method, settings.method, fitted.history)
     if pretext:
         facts["pretext_vs_chance"] = pretext
+    facts["collapse_check"] = {"ratio_below": settings.collapse_ratio, "verdicts": mon.verdicts_in(fitted.history)}
+    if fitted.stop_reason:
+        facts["stopped"] = fitted.stop_reason
     result = finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
     tracker.finish()
+    if fitted.stop_reason:
+        raise RunFailure(
+            f"pretraining stopped: {fitted.stop_reason} (pretrain.stop_on_collapse = true); its checkpoints and "
+            f"results.json are in {run_dir}; change what the warning above names and start again with a new "
+            f"run.name, or train on as it is with: medctl pretrain -c {run_dir / 'config.toml'} --resume "
+            "pretrain.stop_on_collapse=false"
+        )
     return result
 
 
@@ -225,11 +236,16 @@ class EmaUpdate:
 LEARNED_BELOW_CHANCE = 0.9  # a pretext head has learned when its last epoch's loss is under 90% of chance
 
 
+def chance_losses(method: nn.Module) -> dict[str, float]:
+    """Each pretext classifier's loss at chance (byol's rotation and jigsaw heads); {} for other methods."""
+    return method.chance_losses() if hasattr(method, "chance_losses") else {}
+
+
 def pretext_vs_chance(method: nn.Module, method_name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Each pretext classifier's last-epoch loss beside its chance level (``method.chance_losses()``: byol's
     rotation and jigsaw heads), for results.json; a head that ended above 90% of chance learned nothing on
     this data while the total loss fell, and gets a warning with the setting that turns it off."""
-    chance = method.chance_losses() if hasattr(method, "chance_losses") else {}
+    chance = chance_losses(method)
     last = history[-1] if history else {}
     report = {}
     for key, level in chance.items():
@@ -286,9 +302,13 @@ class MonitorEpochs:
     monitor: Any  # mon.make_monitor's fixed train/val samples
     settings: PretrainConfig
 
+    def __post_init__(self) -> None:
+        self.check = mon.CollapseCheck.from_settings(self.settings)
+
     def __call__(self, epoch: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if is_rank0():
+            verdict_due = self.check.due(epoch, self.monitor.reference)
             metrics = mon.monitor_epoch(
                 self.method,
                 self.monitor,
@@ -297,7 +317,10 @@ class MonitorEpochs:
                 monitor_every=self.settings.monitor_every,
                 knn_every=self.settings.knn_every,
                 tsne_every=self.settings.tsne_every,
+                verdict=verdict_due,
             )
+            if verdict_due:
+                metrics |= self.check.judge(epoch, metrics, self.monitor.reference)
         return gather_objects(metrics)[0]  # every rank agrees on rank 0's figures
 
 
@@ -345,8 +368,8 @@ def build_optimization(
 
 def calibrate_monitor(monitor: Any, settings: Any) -> dict[str, float]:
     """The untrained encoder's collapse statistics (and k-NN accuracy): the reference of every later
-    collapse check; {} when monitoring is off or on ranks other than 0."""
-    if not is_rank0() or (settings.monitor_every <= 0 and settings.knn_every <= 0):
+    collapse check; {} when monitoring and the collapse verdict are off, or on ranks other than 0."""
+    if not is_rank0() or (settings.monitor_every <= 0 and settings.knn_every <= 0 and not settings.collapse_check):
         return {}
     initial = mon.calibrate(monitor)
     log(

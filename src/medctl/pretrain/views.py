@@ -283,3 +283,33 @@ def byol_views(
         generator=generator,
     )
     return byol_view(x, **settings), byol_view(x, **settings)
+
+
+# --------------------------------------------------------------------------------- pretext shortcuts
+def _ramps(x: torch.Tensor) -> torch.Tensor:
+    """The centred linear coordinates of ``x``'s spatial grid, one per axis: (ndim, *spatial) in [-1, 1]."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (ndim, *S)
+
+
+def reorient_intensity(
+    x: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Remove each sample's own linear intensity trend and put a random one in its place, (B, C, *S) -> same.
+
+    The trend is the least-squares fit ``x ~ a + sum_i b_i * coord_i`` per sample and channel (a bias field's
+    orientation, a brighter side near a receive coil); the new one has a uniformly random direction and a
+    slope up to ``strength`` times the sample's std from one side to the centre. Rotations and block orders
+    can then no longer be read off the global gradient, only off the anatomy.
+    """
+    batch, channels, ndim = x.shape[0], x.shape[1], x.ndim - 2
+    ramps = _ramps(x).reshape(ndim, -1)  # (ndim, N), each zero-mean over the grid
+    flat = x.reshape(batch, channels, -1)  # (B, C, N)
+    slopes = flat @ ramps.T / (ramps * ramps).sum(dim=1)  # (B, C, ndim): the axes are orthogonal on the grid
+    detrended = flat - slopes @ ramps  # (B, C, N)
+    direction = F.normalize(_randn((batch, ndim), generator, x.device).to(x.dtype), dim=1)  # (B, ndim)
+    size = (
+        strength * _rand((batch, 1), generator, x.device).to(x.dtype) * flat.std(dim=(1, 2))[:, None]
+    )  # (B, 1)
+    trend = (size * direction) @ ramps  # (B, N)
+    return (detrended + trend[:, None, :]).reshape(x.shape)

@@ -39,8 +39,12 @@ The functions ``fit`` calls
   is no ``monitor``): write the user-facing ``checkpoints/best.ckpt`` (a classifier or an encoder).
   ``record`` is this epoch's history row (see below).
 - ``export_last(epoch, record)``: rank 0, every epoch, after ``export_best``.
-- ``stop_when()``: after each epoch's validation; True ends the run as early stopping does (a probe grid
+- ``early_stop_when()``: after each epoch's validation; True ends the run as early stopping does (a probe grid
   stops when each of its heads has stopped on its own).
+- ``stop_when(record) -> str``: every rank, after ``last.ckpt`` is written; a non-empty reason ends the
+  run there (``FitResult.stop_reason``). It must agree across ranks: read it from the record, whose
+  ``val_`` figures ``evaluate`` already made agree. The saved state is not marked as stopped, so
+  ``--resume`` trains on from the next epoch.
 
 Monitoring and early stopping
 -----------------------------
@@ -118,6 +122,7 @@ class FitResult:
     epochs_run: int  # epochs completed, including those before a resume
     history: list[dict[str, float]]  # one row per completed epoch
     stopped_early: bool
+    stop_reason: str = ""  # what ``stop_when`` said when it ended the run; "" otherwise
 
 
 def fit(
@@ -146,7 +151,8 @@ def fit(
     log_every: int = 0,
     extend: bool = False,
     sink: ScalarSink | None = None,
-    stop_when: Callable[[], bool] | None = None,
+    early_stop_when: Callable[[], bool] | None = None,
+    stop_when: Callable[[dict[str, float]], str] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; see the module docstring for the full contract."""
     device = torch.device(device)
@@ -160,7 +166,7 @@ def fit(
     history: list[dict[str, float]] = []
     best_epoch: int | None = None
     best_metric: float | None = None
-    start_epoch, step, stopped_early = 0, 0, False
+    start_epoch, step, stopped_early, stop_reason = 0, 0, False, ""
 
     # 1. resume: put every piece of state back as it was at the end of the last finished epoch
     if resume:
@@ -230,8 +236,8 @@ def fit(
             if improved:
                 best_epoch = epoch + 1
                 best_metric = stopper.best if stopper is not None else None
-            if stop_when is not None:
-                stopped_early = broadcast_bool(stopped_early or stop_when(), device)
+            if early_stop_when is not None:
+                stopped_early = broadcast_bool(stopped_early or early_stop_when(), device)
             _log_epoch(record, epoch, epochs, monitor, improved and stopper is not None)
 
             # 5. exports, then last.ckpt as the commit point of the epoch
@@ -262,12 +268,16 @@ def fit(
             barrier()
             if stopped_early:
                 log(f"early stopping: no improvement of {monitor} for {patience} epochs" if stopper else "early stopping")
+            # 6. the caller's own reason to stop, after the epoch is saved (a resume continues from here)
+            stop_reason = stop_when(record) if stop_when is not None else ""
+            if stop_reason:
+                break
     finally:
         if own_logger:
             logger.close()
         else:
             logger.flush()
-    return FitResult(best_epoch, best_metric, len(history), history, stopped_early)
+    return FitResult(best_epoch, best_metric, len(history), history, stopped_early, stop_reason)
 
 
 def train_one_epoch(

@@ -1,0 +1,136 @@
+"""Does a pretraining config collapse on a task it was not tuned on? One run, judged outside the run.
+
+The issue-29 reproduction: the ``count`` family of ``medctl.data.synthetic`` (4 classes by the number of
+small blobs, bias field, per-volume scaling; 120 volumes of 16x64x64 by default, ~70 in train), one
+``medctl pretrain`` run in process (monitoring off unless ``--set`` turns it on, as the reporter had it),
+then the encoder it exported and the same encoder at its random initialisation (``run.seed``) embed every
+train/val/test volume, and each gets:
+
+- spread: the mean per-dimension std of the L2-normalised embeddings (monitoring's ``collapse_stats``),
+  and its ratio to the random initialisation's;
+- 5-fold logistic regression (standardised features) and 5-fold cosine 5-NN accuracy over all volumes.
+
+    uv run python benchmarks/bench_byol_collapse.py --label defaults
+    uv run python benchmarks/bench_byol_collapse.py --label no_ema_end --set pretrain.ema_momentum_end=0.99
+
+Rows go to stdout and, as JSON lines, to ``--log`` (default /tmp/bench_byol_collapse.jsonl); the data is
+cached under ``--root`` so repeated runs share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from medctl.config import load_config
+from medctl.data.dataset import CacheDataset, read_summary
+from medctl.data.preprocess import preprocess
+from medctl.data.synthetic import make_synthetic_dataset
+from medctl.models.architecture import pretrained_encoder
+from medctl.pretrain.monitoring import collapse_stats, embed_items
+from medctl.pretrain.run import run_pretrain
+from medctl.training.seed import set_seed
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", required=True, help="name of this run's row")
+    parser.add_argument("--family", default="count")
+    parser.add_argument("--n", type=int, default=120)
+    parser.add_argument("--size", type=int, nargs="+", default=[16, 64, 64])
+    parser.add_argument("--oriented-bias", type=float, default=0.0)
+    parser.add_argument("--encoder", default="mt3")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
+    parser.add_argument("--root", default="/tmp/bench_byol_collapse")
+    parser.add_argument("--log", default="/tmp/bench_byol_collapse.jsonl")
+    return parser.parse_args()
+
+
+def embeddings(encoder: torch.nn.Module, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every train/val/test volume's embedding (N, D) and label (N,)."""
+    encoder.eval()
+    vectors, labels = [], []
+    for split in ("train", "val", "test"):
+        data = CacheDataset(cache, split)
+        with torch.no_grad():
+            got = embed_items(encoder, data, range(len(data)), data.targets, batch_size=8, device=torch.device("cpu"))
+        vectors.append(got.vectors)
+        labels.append(got.labels["label"])
+    return np.concatenate(vectors), np.concatenate(labels)
+
+
+def judge(vectors: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    knn = KNeighborsClassifier(5, metric="cosine", algorithm="brute")
+    return {
+        "spread": collapse_stats(vectors)["embed_std_mean"],
+        "linear": float(cross_val_score(linear, vectors, labels, cv=folds).mean()),
+        "knn": float(cross_val_score(knn, vectors, labels, cv=folds).mean()),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    root = Path(args.root) / f"{args.family}_{args.n}_{'x'.join(map(str, args.size))}_ob{args.oriented_bias:g}"
+    if not (root / "participants.tsv").exists():
+        make_synthetic_dataset(root, n=args.n, size=args.size, family=args.family, oriented_bias=args.oriented_bias)
+    data = root
+    classes = {"count": '["one", "two", "three", "four"]', "shape": '["round", "elongated"]',
+               "texture": '["coarse", "fine"]', "lesion": '["healthy", "edema"]'}[args.family]  # fmt: skip
+    kind = "multiclass" if args.family == "count" else "binary"
+    overrides = [
+        f'data.table="{data}/participants.tsv"', 'data.id_column="participant_id"',
+        f'data.source.root="{data}/images"', 'data.source.pattern="{participant_id}.nrrd"',
+        'data.split_column="recommended_split"', 'data.filter="retinal_oct == True"',
+        f'data.targets=[{{name="label", kind="{kind}", classes={classes}}}]',
+        f"data.preprocess.spatial_size={list(args.size)}", f'data.cache_dir="{data}/cache"',
+        "data.preprocess.workers=1", "data.num_workers=0", 'run.device="cpu"',
+        f'run.root="{root}/runs"', f'run.name="{args.label}_s{args.seed}"', f"run.seed={args.seed}",
+        f'model.encoder="{args.encoder}"', f"data.batch_size={args.batch}", f"pretrain.epochs={args.epochs}",
+        "pretrain.monitor_every=0", "pretrain.knn_every=0",
+        "pretrain.byol.rotation_weight=0", "pretrain.byol.jigsaw_weight=0", *args.set,
+    ]  # fmt: skip
+    config = load_config(None, overrides, env={})
+    cache = preprocess(config.data).cache_dir
+    summary = read_summary(cache)
+    start = time.perf_counter()
+    result = run_pretrain(config, overwrite=True)
+    wall = time.perf_counter() - start
+    size = tuple(int(s) for s in summary["spatial_size"])
+    shape = dict(in_channels=int(summary["in_channels"]), input_size=size, spatial_dims=int(summary["spatial_dims"]))
+    set_seed(args.seed)
+    random_init = pretrained_encoder(config.model, **shape).encoder  # the weights pretraining started from
+    trained = pretrained_encoder(
+        config.model.model_copy(update={"checkpoint": str(result.encoder_checkpoint), "checkpoint_key": ""}), **shape
+    ).encoder
+    before, after = judge(*embeddings(random_init, cache), args.seed), judge(*embeddings(trained, cache), args.seed)
+    history = result.history
+    row = {
+        "label": args.label, "seed": args.seed, "family": args.family, "set": args.set, "wall_s": round(wall),
+        "loss_first": history[0]["train_loss"], "loss_last": history[-1]["train_loss"],
+        "byol_first": history[0].get("train_loss_byol"), "byol_last": history[-1].get("train_loss_byol"),
+        "spread_ratio": after["spread"] / before["spread"], "random": before, "trained": after,
+        "monitor": {k: v for k, v in history[-1].items() if k.startswith("val_")},
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    with open(args.log, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
