@@ -136,10 +136,12 @@ def test_evaluate_names_a_bad_environment_value(classifier, tmp_path):
 
 # ------------------------------------------------------------ item 10: real, declared dependencies
 def _declared() -> dict[str, str]:
-    """Distribution name (normalised) -> its requirement string in pyproject.toml."""
+    """Distribution name (normalised) -> its requirement string in pyproject.toml (an optional extra, such as
+    `tracking`'s mlflow and wandb, declares what only its own code path imports)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [req for group in project.get("optional-dependencies", {}).values() for req in group]
     declared = {}
-    for requirement in project["dependencies"]:
+    for requirement in [*project["dependencies"], *extras]:
         name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
         declared[name.lower().replace("_", "-")] = requirement
     return declared
