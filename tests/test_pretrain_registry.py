@@ -172,10 +172,15 @@ def test_resume_of_a_run_saved_with_flat_keys_sees_no_change(tmp_path):
         config = load_config(None, list(overrides))
         return config.model_copy(update={"pretrain": resolved_pretrain(config.pretrain)})
 
-    now = resolved("pretrain.byol.rotation_weight=0")
+    now = resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.pretext_reorient=0")
     flat = tomllib.loads(now.to_toml())
-    flat["pretrain"] |= flat["pretrain"].pop("byol")  # the layout of a config.toml written before the tables
+    byol = flat["pretrain"].pop("byol")
+    del byol["pretext_reorient"]  # added after the tables: a config.toml written before them never held it
+    flat["pretrain"] |= byol  # the layout of a config.toml written before the tables
     (tmp_path / "config.toml").write_text(dump_toml(flat))
     check_resume_settings(tmp_path, now, extend=False)  # the same settings: no error
+    # its pretext views kept their intensity trend: resuming at today's default names the one setting that differs
+    with pytest.raises(ConfigError, match=r"differ: pretrain.byol.pretext_reorient 0.0 -> 1.0; resume"):
+        check_resume_settings(tmp_path, resolved("pretrain.byol.rotation_weight=0"), extend=False)
     with pytest.raises(ConfigError, match=r"pretrain.byol.rotation_weight 0.0 -> 0.5"):
         check_resume_settings(tmp_path, resolved(), extend=False)

@@ -621,6 +621,12 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
+# Keys added after runs were already written, with the value that reproduces how those runs behaved: a probe
+# read raw embeddings before model.head.standardize, and BYOL's pretext views kept their intensity trend
+# before pretrain.byol.pretext_reorient. --resume then names the one setting that continues such a run.
+ADDED_KEYS: dict[str, Any] = {"model.head.standardize": False, "pretrain.byol.pretext_reorient": 0.0}
+
+
 def upgrade_saved_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A config tree this program wrote (a run's config.toml, a checkpoint's config) with the flat
     ``[pretrain]`` keys of older versions moved into the table of its method (:data:`MOVED_KEYS`; the other
@@ -628,21 +634,23 @@ def upgrade_saved_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
     A ``[model.head]`` from before ``standardize`` existed says ``standardize = false``: that run's probe read
     raw embeddings, so ``--resume`` names the setting that continues it as it started."""
     upgraded = dict(tree)
-    model = tree.get("model")
-    head = model.get("head") if isinstance(model, Mapping) else None
-    if isinstance(head, Mapping) and "standardize" not in head:  # written before probes standardised their inputs
-        upgraded["model"] = {**model, "head": {**head, "standardize": False}}
     pretrain = tree.get("pretrain")
-    if not isinstance(pretrain, Mapping):
-        return upgraded
-    upgraded["pretrain"] = dict(pretrain)
-    table = f"pretrain.{pretrain.get('method', PretrainConfig.model_fields['method'].default)}."
-    for dotted, targets in MOVED_KEYS.items():
-        key = dotted.split(".", 1)[1]
-        if key in pretrain:
-            value = upgraded["pretrain"].pop(key)
-            for target in (t for t in targets if t.startswith(table)):
-                set_dotted(upgraded, target, value, keep=True)
+    if isinstance(pretrain, Mapping):
+        upgraded["pretrain"] = dict(pretrain)
+        table = f"pretrain.{pretrain.get('method', PretrainConfig.model_fields['method'].default)}."
+        for dotted, targets in MOVED_KEYS.items():
+            key = dotted.split(".", 1)[1]
+            if key in pretrain:
+                value = upgraded["pretrain"].pop(key)
+                for target in (t for t in targets if t.startswith(table)):
+                    set_dotted(upgraded, target, value, keep=True)
+    for dotted, old_behaviour in ADDED_KEYS.items():  # a table written before the key existed behaved the old way
+        *parents, key = dotted.split(".")
+        table = upgraded
+        for name in parents:
+            table = table.get(name) if isinstance(table, Mapping) else None
+        if isinstance(table, Mapping) and key not in table:
+            set_dotted(upgraded, dotted, old_behaviour, keep=True)
     return upgraded
 
 
