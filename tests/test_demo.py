@@ -52,8 +52,9 @@ def test_demo_writes_every_stage(demo_run):
     entry_metrics = json.loads((out / "sweep" / board["entry"][0] / "eval_test" / "metrics.json").read_text())
     assert board["test_balanced_accuracy"][0] == pytest.approx(entry_metrics["summary"]["balanced_accuracy"])
     # fine-tune of a pretrained leader, evaluated on test
-    results = json.loads((out / "finetune" / "results.json").read_text())
-    assert "byol" in json.dumps(results) or "checkpoints/byol" in (out / "finetune" / "config.toml").read_text()
+    pretrained = board[board["checkpoint"].fillna("") != ""]  # the random baseline leads nothing to fine-tune
+    finetuned = tomllib.loads((out / "finetune" / "config.toml").read_text())["model"]["checkpoint"]
+    assert finetuned == pretrained["checkpoint"].iloc[0] and "byol" in finetuned
     metrics = json.loads((out / "finetune" / "eval_test" / "metrics.json").read_text())
     assert 0.0 <= metrics["summary"]["balanced_accuracy"] <= 1.0
     assert (out / "finetune" / "eval_test" / "test_preds.parquet").exists()

@@ -10,7 +10,7 @@ from medctl.data.tables import TargetSpec
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder
 from medctl.saliency.layers import choose_cam_layer, lesion_extent, spatial_layers
-from test_saliency_support import ball
+from saliency_support import ball
 
 SPEC = TargetSpec.from_dict({"name": "label", "kind": "binary", "classes": ["healthy", "edema"]})
 

@@ -26,7 +26,7 @@ from medctl.saliency.attribution import (
     spatial_window,
     token_gradcam,
 )
-from test_saliency_support import TinyClassifier, TinyCNN, make_model
+from saliency_support import TinyClassifier, TinyCNN, make_model
 
 SIZES = {3: (8, 16, 16), 2: (16, 16)}
 SETTINGS = AttributionSettings(ig_steps=8, occlusion_window=(4, 8, 8), occlusion_stride=(4, 8, 8))

@@ -15,7 +15,7 @@ from medctl.config import SaliencyConfig
 from medctl.data.readers import read_image
 from medctl.errors import ConfigError, DataError, UserError
 from medctl.saliency import run_saliency
-from test_saliency_support import ball, make_model
+from saliency_support import ball, make_model
 
 SIZE = (8, 16, 16)
 FAST = dict(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8], target="pred", deletion=False)

@@ -30,7 +30,7 @@ from medctl.saliency.scoring import (
     peak_voxel,
     summarise,
 )
-from test_saliency_support import ball, blob_batch, make_model, train_blob_classifier
+from saliency_support import ball, blob_batch, make_model, train_blob_classifier
 
 
 def test_pointing_game_on_hand_built_maps():

@@ -106,15 +106,6 @@ def affine_from(spacing: Sequence[float], origin: Sequence[float], direction: np
     return affine
 
 
-def geometry_from_affine(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
-    """Inverse of :func:`affine_from`: (spacing, origin, direction)."""
-    n = affine.shape[0] - 1
-    linear = np.asarray(affine[:n, :n], dtype=float)
-    spacing = np.linalg.norm(linear, axis=0)
-    spacing = np.where(spacing > 0, spacing, 1.0)
-    return tuple(map(float, spacing)), tuple(map(float, affine[:n, n])), linear / spacing
-
-
 def image_format(name: str | Path) -> str:
     """ "nrrd" | "nifti" | "dicom" | "numpy" | "pillow" from the file name; no extension means DICOM."""
     lower = Path(name).name.lower()

@@ -9,7 +9,6 @@ tokens (B, N, D) (or a feature map flattened to tokens by the classifier).
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ from torch import nn
 
 from medctl.errors import ConfigError
 
-HeadKind = Literal["linear", "mlp", "attentive"]
 HEAD_KINDS = ("linear", "mlp", "attentive")
 
 

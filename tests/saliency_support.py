@@ -1,4 +1,4 @@
-"""Tiny models and toy data shared by the saliency tests (no tests here).
+"""Tiny models and toy data shared by the saliency tests (a support module, as cli_support.py is: no tests here).
 
 The models follow the medctl Encoder/Classifier contract (``embed_dim``, ``spatial_dims``,
 ``feature_layout``, ``forward_features``, ``gradcam_layer``, ``token_grid``; ``Classifier.forward ->
