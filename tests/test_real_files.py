@@ -243,19 +243,17 @@ def affine_of(row) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- volumes
+# the arrays as the files hold them: no resize, no intensity normalisation, a 4D file's first volume
+AS_STORED = ("data.preprocess.spatial_size=[]", 'data.preprocess.intensity="none"', "data.preprocess.volume_index=0")
+
+
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     return make_study(tmp_path_factory.mktemp("real_volumes"), VOLUMES)
 
 
 def test_real_volumes_are_cached_as_their_packages_read_them(volumes):
-    cache, manifest, errors = preprocessed(
-        volumes,
-        "whole",
-        "data.preprocess.spatial_size=[]",
-        'data.preprocess.intensity="none"',
-        "data.preprocess.volume_index=0",
-    )
+    cache, manifest, errors = preprocessed(volumes, "whole", *AS_STORED)
     check_skips(volumes, VOLUMES, errors)
     assert set(manifest.source_id) == set(volumes.files)
     rows = {row.id: row for row in manifest[manifest.status == "ok"].itertuples()}
@@ -289,9 +287,7 @@ def test_real_volumes_cut_into_axial_slices(volumes):
         volumes,
         "axial",
         'data.preprocess.slices="axial"',
-        "data.preprocess.spatial_size=[]",
-        'data.preprocess.intensity="none"',
-        "data.preprocess.volume_index=0",
+        *AS_STORED,
     )
     check_skips(volumes, VOLUMES, errors)
     assert set(manifest.source_id) == set(volumes.files)

@@ -30,6 +30,7 @@ from scipy import stats
 
 from medctl.errors import DataError
 from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
+from medctl.evaluation.proportions import p_cell, sign_test_counts
 from medctl.evaluation.ranking import higher_is_better
 from medctl.io import write_text_atomic
 
@@ -167,7 +168,7 @@ def paired_seed_test(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str
     if n < 2:
         p = math.nan
     elif std <= 1e-12:  # equal up to rounding: metrics from counts differ by 1e-17, not by a real spread
-        p = 1.0 if mean == 0 else min(1.0, 2 * 0.5**n)
+        p = 1.0 if mean == 0 else sign_test_counts(n, 0)
     else:
         t = mean / (std / math.sqrt(n))
         p = float(2 * stats.t.sf(abs(t), df=n - 1))
@@ -206,10 +207,7 @@ def format_duration(seconds: Any) -> str:
 
 
 def format_p(p: Any) -> str:
-    p = _number(p)
-    if math.isnan(p):
-        return "—"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    return p_cell(_number(p))
 
 
 def _text(value: Any) -> str:

@@ -113,9 +113,17 @@ def above_chance(hits: int, n: int, chance: float) -> float:
     return float(stats.binomtest(int(hits), int(n), chance, alternative="greater").pvalue)
 
 
-def format_p(p: float) -> str:
-    """``p = 0.031``; ``p < 0.001``."""
-    return "p = —" if p is None or p != p else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
+def p_cell(p: float | None) -> str:
+    """A p-value as a table cell: ``0.031``, ``<0.001``, ``—`` where no test ran."""
+    if p is None or p != p:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_p(p: float | None) -> str:
+    """``p = 0.031``; ``p < 0.001``; ``p = —``."""
+    cell = p_cell(p)
+    return f"p < {cell[1:]}" if cell.startswith("<") else f"p = {cell}"
 
 
 def comparison_words(test: PairedTest, name: str, alpha: float) -> tuple[str, str]:
