@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import medctl.data.preprocess as preprocess_module
+import medctl.data.modality as modality_module
 from medctl.cli.app import app
 from medctl.data.synthetic import make_synthetic_dataset
 
@@ -40,7 +40,7 @@ def test_preprocess_command_builds_the_cache_and_a_rerun_decodes_nothing(dataset
     assert sum(summary["counts"]["splits"].values()) == 10
 
     monkeypatch.setattr(
-        preprocess_module, "read_image", lambda paths: pytest.fail(f"decoded {paths} on a rerun")
+        modality_module, "read_image", lambda paths: pytest.fail(f"decoded {paths} on a rerun")
     )
     again = invoke("preprocess", "--workers", "1", *dataset.config_overrides())
     assert again.exit_code == 0 and "0 new, 10 cached, 0 failed" in again.output

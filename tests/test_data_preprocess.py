@@ -13,7 +13,8 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-import medctl.data.preprocess as preprocess_module
+import medctl.data.cache.pool as pool_module
+import medctl.data.modality as modality_module
 from medctl.config import load_config
 from medctl.data.dataset import CacheDataset, read_summary, target_specs
 from medctl.data.preprocess import cache_dir_for, ensure_cache, preprocess
@@ -82,9 +83,9 @@ def test_rerun_decodes_nothing_and_a_changed_file_is_redone(synthetic_3d, tmp_pa
     first = preprocess(config.data, workers=1)
     assert first.n_new == 6  # 8 rows, 2 with retinal_oct FALSE
     decoded = []
-    real_read = preprocess_module.read_image
+    real_read = modality_module.read_image  # the image modality decodes through it
     monkeypatch.setattr(
-        preprocess_module, "read_image", lambda paths: decoded.append(paths) or real_read(paths)
+        modality_module, "read_image", lambda paths: decoded.append(paths) or real_read(paths)
     )
     again = preprocess(config.data, workers=1)
     assert (again.n_new, again.n_cached, again.n_failed) == (0, first.n_new, 0) and decoded == []
@@ -322,7 +323,7 @@ def test_multilabel_targets_in_the_cache(tmp_path):
 
 @pytest.mark.slow
 def test_worker_pool_gives_the_same_cache(synthetic_3d, tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess_module, "MIN_SAMPLES_PER_WORKER", 1)
+    monkeypatch.setattr(pool_module, "MIN_SAMPLES_PER_WORKER", 1)
     inline = preprocess(config_for(synthetic_3d, tmp_path / "a").data, workers=1)
     pooled = preprocess(config_for(synthetic_3d, tmp_path / "b").data, workers=2)
     assert pooled.n_new == inline.n_new == 22

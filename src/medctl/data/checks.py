@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 
 from medctl.config import DataConfig
-from medctl.data.eeg import fetch_recording, read_recording_header
+from medctl.data.cache.memory import memory_budget, worker_memory_bytes
+from medctl.data.cache.summary import aspect_warning, class_counts
 from medctl.data.locator import Resolution, check_template, listing_prefix, resolve
-from medctl.data.preprocess import aspect_warning, class_counts, memory_budget, worker_memory_bytes
+from medctl.data.modality import modality_for
 from medctl.data.provenance import PretrainPool, count_overlap
-from medctl.data.readers import declared_size_problem, describe_geometry, read_header, read_image
+from medctl.data.readers import describe_geometry, read_image
 from medctl.data.tables import (
     TargetSpec,
     apply_filter,
@@ -324,13 +325,13 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
     picks = sorted({int(round(x)) for x in np.linspace(0, len(found) - 1, min(max_reads, len(found)))})
     unreadable = []
     sizes: dict[str, tuple[int, ...]] = {}  # id -> declared shape
+    modality = modality_for(data)
     for index in picks:
         id_ = found[index]
         try:
             files = [listing.files[k] for k in resolution.matches[id_]]
-            fetch = fetch_recording if data.modality == "eeg" else local_copy  # with BrainVision/EEGLAB side files
             paths = [
-                fetch(
+                modality.fetch(
                     f,
                     download_dir=data.download_dir,
                     endpoint_url=source.endpoint_url,
@@ -338,13 +339,10 @@ def _file_rows(ids: list[str], data: DataConfig, max_reads: int, warnings: list[
                 )
                 for f in files
             ]
-            if data.modality == "eeg":
-                read_recording_header(paths[0], data.eeg)
+            shape = modality.header_shape(paths)  # DataError for an unreadable file
+            if shape is None:  # a recording: no voxels to size or distort
                 continue
-            problem = declared_size_problem(paths[0]) if len(paths) == 1 else None
-            if problem:
-                raise DataError(problem)
-            sizes[id_] = read_header(paths).shape
+            sizes[id_] = shape
             if index == picks[0]:  # one whole decode: the spacing says whether spatial_size distorts
                 image = read_image(paths)
                 warning = aspect_warning(id_, image.array.shape, image.spacing, data.preprocess)

@@ -1,0 +1,1 @@
+"""One module per image file format, each defining ``FORMAT``; ``medctl.data.readers.FORMATS`` lists them."""
