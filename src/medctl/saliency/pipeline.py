@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ from medctl.errors import ConfigError, DataError, UserError
 from medctl.io import to_jsonable, write_json, write_text_atomic
 from medctl.progress import log, progress_bar
 from medctl.saliency.attribution import (
-    AttributionSettings,
     ClassScores,
     TargetKind,
     compute_map,
@@ -134,7 +133,6 @@ def run_saliency(
     names = resolve_methods(settings.methods)
     classes = list(classes)
     check_target(settings.target, classes, target_name)
-    attribution = attribution_settings(settings)
     if CAM_METHODS & set(names):
         gradcam_target(classifier.encoder, settings.gradcam_layer)  # an unknown layer fails before any work
     device = resolve_device(device)
@@ -155,7 +153,7 @@ def run_saliency(
             x = image[None].to(device)  # (1, C, *S)
             if explainers is None:
                 explainers = build_explainers(
-                    classifier, x, target_name, classes, kind, names, attribution, settings,
+                    classifier, x, target_name, classes, kind, names, settings,
                     cam_target_extent=cam_target_extent, cam_check=cam_check, cam_check_source=cam_check_source,
                 )  # fmt: skip
             # the first samples for rho, and every lesion sample, where the random model's maps are scored
@@ -189,18 +187,6 @@ def run_saliency(
         out_dir, index, summary, class_means, explainers.reset, baseline_scores, explainers.cam_layers,
         lesions_in_split,
     )  # fmt: skip
-
-
-def attribution_settings(settings: SaliencyConfig) -> AttributionSettings:
-    """What the attribution methods read of ``[saliency]``."""
-    return AttributionSettings(
-        ig_steps=settings.ig_steps,
-        occlusion_window=tuple(settings.occlusion_window),
-        occlusion_stride=tuple(settings.occlusion_stride),
-        internal_batch_size=settings.internal_batch_size,
-        memory_budget_bytes=int(settings.memory_budget_gb * 1024**3),
-        gradcam_layer=settings.gradcam_layer,
-    )
 
 
 def write_scores(
@@ -240,17 +226,17 @@ def write_scores(
 @dataclass
 class Explainers:
     """The class scores every method explains, their randomised copy for the sanity check (None when off),
-    and the attribution settings of each method (its own CAM layer)."""
+    and the settings each method reads (a CAM method: with its own layer)."""
 
     scores: ClassScores
     randomised: ClassScores | None
     reset: list[str]  # the modules the randomised copy re-initialised
     cam_layers: dict[str, CamLayerChoice]  # CAM method -> the layer it reads
-    settings: AttributionSettings
+    settings: SaliencyConfig
 
-    def settings_for(self, method: str) -> AttributionSettings:
+    def settings_for(self, method: str) -> SaliencyConfig:
         layer = self.cam_layers.get(method)
-        return self.settings if layer is None else replace(self.settings, gradcam_layer=layer.name)
+        return self.settings if layer is None else self.settings.model_copy(update={"gradcam_layer": layer.name})
 
 
 def build_explainers(
@@ -260,7 +246,6 @@ def build_explainers(
     classes: Sequence[str],
     kind: TargetKind | None,
     names: Sequence[str],
-    attribution: AttributionSettings,
     settings: SaliencyConfig,
     *,
     cam_target_extent: Sequence[float] | None,
@@ -285,7 +270,7 @@ def build_explainers(
         )
         for method in cam_methods:
             cam_layers[method] = check_cam_layers(
-                scores, resolution, check, source=cam_check_source, method=method, settings=attribution,
+                scores, resolution, check, source=cam_check_source, method=method, settings=settings,
                 tolerance=settings.pointing_tolerance, alpha=settings.alpha,
             )  # fmt: skip
             if settings.gradcam_layer:
@@ -295,7 +280,7 @@ def build_explainers(
             log(f"saliency: {method} reads {layer.name or 'the encoder output'}: {layer.rule}{took}")
             if layer.check and not layer.check["significant"]:
                 log(f"saliency: warning: no candidate layer made {method} locate the held-out lesions above chance")
-    return Explainers(scores, randomised, reset, cam_layers, attribution)
+    return Explainers(scores, randomised, reset, cam_layers, settings)
 
 
 def explain_sample(
