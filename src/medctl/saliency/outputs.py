@@ -23,7 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from medctl.io import MISSING, atomic_write, format_number, markdown_table, write_text_atomic
-from medctl.saliency.geometry import Geometry
+from medctl.saliency.geometry import Geometry, resample_to_grid, resample_to_shape
 from medctl.saliency.scoring import flat_counts, hits_text, peak_voxel
 
 INDEX_COLUMNS = [
@@ -348,3 +348,96 @@ def _overlay(amap: np.ndarray, vmax: float, signed: bool) -> np.ndarray:
         rgba = colormaps["inferno"](np.clip(amap / vmax, 0, 1))
     rgba[..., 3] = 0.85 * np.clip(np.abs(amap) / vmax, 0, 1) ** 0.5
     return rgba
+
+
+# ------------------------------------------------------------------------------------- map files
+SPECTROGRAM_AXES = ("frequency (Hz)", "time (s)")  # EEG windows: rows are frequencies, columns times
+
+
+def write_map(
+    out_dir: Path,
+    folder: Path,
+    method: str,
+    amap: np.ndarray,
+    display: np.ndarray,
+    mask: np.ndarray | None,
+    grid: Geometry | None,
+    source: Geometry | None,
+    row: Mapping[str, Any],
+    spectrogram: bool = False,
+) -> dict[str, str]:
+    """The map as NRRD (preprocessed grid, and the source grid when known) and as a PNG panel."""
+    files = {"map_nrrd": write_nrrd(folder / f"{method}.nrrd", amap, grid)}
+    if source is not None and grid is not None:
+        original = resample_to_grid(amap, grid, source)  # (*orig_shape)
+        files["map_original_nrrd"] = write_nrrd(folder / f"{method}_original.nrrd", original, source)
+    title = (
+        f"{row['id']} | {method} | explains {row['target_class']} (p={row['target_probability']:.2f}) | "
+        f"pred {row['prediction']}" + (f" | label {row['label']}" if row["label"] else "")
+    )
+    spacing = grid.spacing if grid is not None else None
+    files["panel_png"] = save_panel(
+        folder / f"{method}.png",
+        display,
+        amap,
+        mask=mask,
+        spacing=spacing,
+        title=title,
+        axis_labels=SPECTROGRAM_AXES if spectrogram and grid is not None else None,
+        origin=grid.origin if spectrogram and grid is not None else None,
+    )
+    return {key: path.relative_to(out_dir).as_posix() for key, path in files.items()}
+
+
+class ClassMeans:
+    """Running sums of max-normalised maps (and images) per method and explained class."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def add(
+        self, method: str, class_index: int, amap: np.ndarray, image: np.ndarray, grid: Geometry | None
+    ) -> None:
+        scale = float(np.nanmax(np.abs(amap))) if amap.size else 0.0
+        normalised = np.nan_to_num(amap / scale if scale > 0 else amap).astype(np.float64)
+        entry = self.sums.get((method, class_index))
+        if entry is None:
+            self.sums[(method, class_index)] = {
+                "map": normalised,
+                "image": image.astype(np.float64),
+                "n": 1,
+                "grid": grid,
+            }
+            return
+        shape = entry["map"].shape
+        entry["map"] += resample_to_shape(normalised, shape)
+        entry["image"] += resample_to_shape(image, shape)
+        entry["n"] += 1
+        if entry["grid"] != grid:
+            entry["grid"] = None  # samples on different grids: the mean has no single world placement
+
+    def write(self, folder: Path, classes: Sequence[str]) -> list[dict[str, Any]]:
+        written = []
+        for (method, class_index), entry in sorted(self.sums.items()):
+            name = f"{method}_{safe_name(classes[class_index])}"
+            mean_map = (entry["map"] / entry["n"]).astype(np.float32)
+            mean_image = (entry["image"] / entry["n"]).astype(np.float32)
+            grid = entry["grid"]
+            nrrd_path = write_nrrd(folder / f"{name}.nrrd", mean_map, grid)
+            png_path = save_panel(
+                folder / f"{name}.png",
+                mean_image,
+                mean_map,
+                spacing=grid.spacing if grid is not None else None,
+                title=f"{method} | mean over {entry['n']} maps explaining {classes[class_index]}",
+            )
+            written.append(
+                {
+                    "method": method,
+                    "class": classes[class_index],
+                    "n": entry["n"],
+                    "nrrd": nrrd_path.relative_to(folder.parent).as_posix(),
+                    "png": png_path.relative_to(folder.parent).as_posix(),
+                }
+            )
+        return written
