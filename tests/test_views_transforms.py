@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from medctl.pretrain.views import (
     ViewSettings,
-    apply_jigsaw,
     byol_view,
     byol_views,
     gaussian_blur,
@@ -121,6 +120,20 @@ def test_jigsaw_permutations_are_valid_distinct_and_far_apart(k, seed):
     assert torch.equal(perms, jigsaw_permutations(k, seed))  # fixed for a seed
 
 
+def apply_jigsaw(x: torch.Tensor, perm) -> torch.Tensor:
+    """Reference, by slicing: output block ``b`` of the 2x2x2 split (b = 4 * d + 2 * h + w) is input block ``perm[b]``."""
+    d, h, w = (size // 2 for size in x.shape[-3:])
+
+    def block(b: int) -> tuple[slice, ...]:
+        i, j, k = b // 4, b // 2 % 2, b % 2
+        return (..., slice(i * d, (i + 1) * d), slice(j * h, (j + 1) * h), slice(k * w, (k + 1) * w))
+
+    out = torch.empty_like(x)
+    for b, source in enumerate(perm):
+        out[block(b)] = x[block(int(source))]
+    return out
+
+
 def test_jigsaw_moves_whole_blocks_and_random_jigsaw_labels_the_permutation(seed):
     x = torch.arange(2 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 1, 4, 6, 8)  # (B, C, D, H, W)
     assert torch.equal(apply_jigsaw(x, list(range(8))), x)
@@ -135,7 +148,7 @@ def test_jigsaw_moves_whole_blocks_and_random_jigsaw_labels_the_permutation(seed
     for i in range(2):
         assert torch.equal(puzzles[i], apply_jigsaw(x[i], perms[labels[i]]))
     with pytest.raises(ValueError, match="even"):
-        apply_jigsaw(torch.zeros(1, 1, 3, 4, 4), perm)
+        random_jigsaw(torch.zeros(1, 1, 3, 4, 4), perm[None])
 
 
 # -------------------------------------------------------------------------------------- BYOL views

@@ -707,7 +707,7 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> di
     """Accuracy, balanced accuracy, macro-F1 and AUROC of one target (``nan`` where undefined).
 
     The vectorised forms from :mod:`medctl.evaluation.bootstrap` on one "resample" that holds every
-    sample once: the values of :func:`medctl.evaluation.metrics.val_metrics` (scikit-learn) at a
+    sample once: the values of :func:`medctl.evaluation.metrics.target_metrics` (scikit-learn) at a
     fraction of the cost, which matters when a probe validates every few milliseconds.
     """
     p = probs if spec.kind in ("multilabel", "regression") else class_probs(probs, len(spec.classes))  # (N, K)

@@ -149,7 +149,7 @@ def random_rotation(
     for k in (1, 2, 3):
         chosen = labels == k
         if chosen.any():
-            out[chosen] = torch.rot90(x[chosen], k, dims=dims)
+            out[chosen] = rotate_volume(x[chosen], k, dims)
     return out, labels
 
 
@@ -200,12 +200,6 @@ def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
     x = blocks.reshape(*lead, 2, 2, 2, depth, height, width)
     x = x.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5)
     return x.reshape(*lead, 2 * depth, 2 * height, 2 * width)
-
-
-def apply_jigsaw(x: torch.Tensor, perm: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Shuffle the 8 blocks of (..., D, H, W): output block ``i`` is input block ``perm[i]``."""
-    perm = torch.as_tensor(perm, dtype=torch.long, device=x.device)
-    return _from_blocks(_to_blocks(x)[..., perm, :, :, :])
 
 
 def random_jigsaw(
