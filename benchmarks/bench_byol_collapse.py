@@ -37,7 +37,7 @@ from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
 from medctl.models.architecture import pretrained_encoder
-from medctl.pretrain.monitoring import collapse_stats, embed_items
+from medctl.pretrain.embeddings import collapse_stats, embed_items
 from medctl.pretrain.run import run_pretrain
 from medctl.training.seed import set_seed
 

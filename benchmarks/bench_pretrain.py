@@ -41,7 +41,7 @@ from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
 from medctl.models.checkpoints import load_encoder_weights
 from medctl.models.registry import build_encoder
-from medctl.pretrain.monitoring import embed_items
+from medctl.pretrain.embeddings import embed_items
 from medctl.pretrain.run import run_pretrain
 from medctl.training.seed import set_seed
 

@@ -35,7 +35,7 @@ import torch
 from medctl.config import SaliencyConfig
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder
-from medctl.saliency import METHODS, AttributionSettings, ClassScores, auto_internal_batch_size, compute_map
+from medctl.saliency import METHODS, ClassScores, auto_internal_batch_size, compute_map
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULTS = SaliencyConfig()
@@ -123,11 +123,11 @@ def peak_since(device: torch.device, baseline: int) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def settings_for(args: argparse.Namespace, on_gpu: bool) -> tuple[tuple[int, ...], AttributionSettings]:
+def settings_for(args: argparse.Namespace, on_gpu: bool) -> tuple[tuple[int, ...], SaliencyConfig]:
     size = tuple(args.size or ((64, 384, 384) if on_gpu else (32, 64, 64)))
     window = tuple(args.occlusion_window or ((16, 64, 64) if on_gpu else DEFAULTS.occlusion_window))
     stride = tuple(args.occlusion_stride or window)
-    return size, AttributionSettings(ig_steps=args.ig_steps, occlusion_window=window, occlusion_stride=stride)
+    return size, SaliencyConfig(ig_steps=args.ig_steps, occlusion_window=list(window), occlusion_stride=list(stride))
 
 
 def encoder_name(args: argparse.Namespace, on_gpu: bool) -> str:

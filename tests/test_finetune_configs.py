@@ -14,7 +14,7 @@ from medctl.finetune.augment import build_augment
 from medctl.finetune.run import check_monitor, encoder_trainable_from, wants_feature_cache
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder, get_spec
-from medctl.training.losses import build_target_loss
+from medctl.training.losses import LossSettings, build_target_loss
 
 CONFIGS = sorted(Path("config/finetune").glob("*.toml"))
 
@@ -45,11 +45,7 @@ def test_scenario_config_validates_and_builds(path):
     check_monitor(config.train.monitor, specs)
     for spec in specs:  # the loss settings fit each target's kind
         counts = np.ones((len(spec.classes), 2)) if spec.kind == "multilabel" else np.ones(len(spec.classes))
-        build_target_loss(
-            spec.kind, config.train.loss, counts=counts, class_weights=config.train.class_weights,
-            focal_gamma=config.train.focal_gamma, focal_alpha=config.train.focal_alpha,
-            label_smoothing=config.train.label_smoothing, target=spec.name,
-        )  # fmt: skip
+        build_target_loss(spec.kind, LossSettings.of(config.train), counts, target=spec.name)
     with torch.device("meta"):  # the real sizes, without the memory
         encoder = build_encoder(name, input_size=size, **args)
         head = config.model.head

@@ -16,9 +16,12 @@ import torch
 from medctl.errors import ConfigError
 from medctl.evaluation.reports import evaluate_predictions
 from medctl.io import (
+    MISSING,
     atomic_write,
     dumps_json,
     format_number,
+    markdown_cell,
+    markdown_table,
     process_alive,
     remove_stale_temps,
     temp_path,
@@ -132,7 +135,15 @@ def test_one_number_format():
     assert format_number(0.81234) == "0.812" and format_number(np.float32(0.5), 2) == "0.50"
     assert format_number(3, 1) == "3.0"
     for missing in (None, math.nan, math.inf, "0.5", True):
-        assert format_number(missing) == "n/a" and format_number(missing, missing="—") == "—"
+        assert format_number(missing) == MISSING == "—"
+
+
+def test_one_markdown_table_escapes_every_cell_the_same_way():
+    lines = markdown_table(["class", "n"], [["a|b", 3], ["two\nlines", format_number(math.nan)]], "lr")
+    assert lines == ["| class | n |", "| --- | ---: |", "| a\\|b | 3 |", "| two lines | — |"]
+    assert markdown_cell("x\r\ny|z") == "x y\\|z"
+    with pytest.raises(ValueError, match="2 columns"):
+        markdown_table(["a", "b"], [], "l")
 
 
 def test_one_device_resolver_names_run_device():

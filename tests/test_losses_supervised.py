@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medctl.config import TrainConfig
 from medctl.errors import ConfigError
 from medctl.training.losses import (
     LOSSES,
     BinaryCrossEntropy,
     FocalLoss,
+    LossSettings,
     MultiTargetLoss,
     SigmoidFocalLoss,
     bce_pos_weight,
@@ -119,60 +122,61 @@ def test_label_counts_layouts():
     assert multi.tolist() == [[1, 2], [2, 1]]
 
 
+def settings(loss: str, **changes) -> LossSettings:
+    """The [train] defaults (as TrainConfig holds them) with ``loss`` and ``changes``."""
+    return replace(LossSettings.of(TrainConfig()), loss=loss, **changes)
+
+
+def test_loss_settings_read_the_train_section():
+    train = TrainConfig(loss="focal", class_weights=[1.0, 2.0], focal_gamma=1.5, focal_alpha=0.25, label_smoothing=0.1)
+    assert LossSettings.of(train) == LossSettings("focal", [1.0, 2.0], 1.5, 0.25, 0.1)
+
+
 def test_build_target_loss_binary(seed):
     logits = torch.randn(6, 1)
     labels = torch.tensor([0, 0, 0, 0, 1, 1])
-    common = dict(
-        counts=[4, 2], class_weights="auto", focal_gamma=2.0, focal_alpha="dynamic", label_smoothing=0.0
-    )
-    ce = build_target_loss("binary", "cross_entropy", **common)
+    counts = [4, 2]
+    ce = build_target_loss("binary", settings("cross_entropy"), counts)
     expected = F.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), pos_weight=torch.tensor(2.0))
     assert torch.allclose(ce(logits, labels), expected)
-    assert torch.allclose(build_target_loss("binary", "bce", **common)(logits, labels), expected)
-    focal = build_target_loss("binary", "focal", **common)
+    assert torch.allclose(build_target_loss("binary", settings("bce"), counts)(logits, labels), expected)
+    focal = build_target_loss("binary", settings("focal"), counts)
     ref = reference_sigmoid_focal(logits[:, 0], labels.float(), 4 / 6, 2.0)
     assert focal(logits, labels).item() == pytest.approx(ref, rel=1e-5)
-    weighted = build_target_loss("binary", "bce", **(common | {"class_weights": [1.0, 3.0]}))
+    weighted = build_target_loss("binary", settings("bce", class_weights=[1.0, 3.0]), counts)
     assert torch.allclose(weighted.pos_weight, torch.tensor([3.0]))
 
 
 def test_build_target_loss_multiclass(seed):
     logits = torch.randn(8, 3)
     labels = torch.randint(0, 3, (8,))
-    common = dict(
-        counts=[50, 30, 20], class_weights="auto", focal_gamma=2.0, focal_alpha="dynamic", label_smoothing=0.1
-    )
-    ce = build_target_loss("multiclass", "cross_entropy", **common)
+    counts = [50, 30, 20]
+    ce = build_target_loss("multiclass", settings("cross_entropy", label_smoothing=0.1), counts)
     weights = class_weights_from_counts([50, 30, 20])
     assert torch.allclose(
         ce(logits, labels), F.cross_entropy(logits, labels, weight=weights, label_smoothing=0.1)
     )
-    focal = build_target_loss("multiclass", "focal", **(common | {"label_smoothing": 0.0}))
+    focal = build_target_loss("multiclass", settings("focal"), counts)
     ref = reference_softmax_focal(logits, labels, [0.5, 0.7, 0.8], 2.0)
     assert focal(logits, labels).item() == pytest.approx(ref, rel=1e-5)
-    explicit = build_target_loss(
-        "multiclass", "cross_entropy", **(common | {"counts": None, "class_weights": [1, 2, 3]})
-    )
+    explicit = build_target_loss("multiclass", settings("cross_entropy", class_weights=[1, 2, 3]), None)
     assert explicit.weight.tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ConfigError, match="one per class"):
-        build_target_loss("multiclass", "cross_entropy", **(common | {"class_weights": [1.0, 2.0]}))
+        build_target_loss("multiclass", settings("cross_entropy", class_weights=[1.0, 2.0]), counts)
     with pytest.raises(ConfigError, match='train.loss` = "bce".*study_group'):
-        build_target_loss("multiclass", "bce", target="study_group", **common)
+        build_target_loss("multiclass", settings("bce"), counts, target="study_group")
 
 
 def test_build_target_loss_multilabel(seed):
     logits = torch.randn(5, 3)
     labels = (torch.rand(5, 3) > 0.6).float()
     counts = [[8, 2], [5, 5], [9, 1]]
-    common = dict(
-        counts=counts, class_weights="auto", focal_gamma=1.0, focal_alpha="dynamic", label_smoothing=0.0
-    )
-    bce = build_target_loss("multilabel", "bce", **common)
+    bce = build_target_loss("multilabel", settings("bce", focal_gamma=1.0), counts)
     assert torch.allclose(
         bce(logits, labels),
         F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor([4.0, 1.0, 9.0])),
     )
-    focal = build_target_loss("multilabel", "focal", **common)
+    focal = build_target_loss("multilabel", settings("focal", focal_gamma=1.0), counts)
     alpha = torch.tensor([0.8, 0.5, 0.9])
     ref = np.mean(
         [reference_sigmoid_focal(logits[:, j], labels[:, j], alpha[j].item(), 1.0) for j in range(3)]
@@ -183,19 +187,18 @@ def test_build_target_loss_multilabel(seed):
 
 
 def test_impossible_settings_name_the_key():
-    common = dict(class_weights="auto", focal_gamma=2.0, focal_alpha="dynamic", label_smoothing=0.0)
     with pytest.raises(ConfigError, match="training class counts"):
-        build_target_loss("multiclass", "cross_entropy", counts=None, **common)
+        build_target_loss("multiclass", settings("cross_entropy"), None)
     with pytest.raises(ConfigError, match="train.loss"):
-        build_target_loss("multiclass", "dice", counts=[1, 2], **common)
+        build_target_loss("multiclass", settings("dice"), [1, 2])
     with pytest.raises(ConfigError, match="train.focal_gamma"):
         FocalLoss(gamma=-1.0)
     with pytest.raises(ConfigError, match="train.focal_alpha"):
         SigmoidFocalLoss(alpha=1.5)
     with pytest.raises(ConfigError, match="label_smoothing"):
-        build_target_loss("binary", "focal", counts=[3, 1], **(common | {"label_smoothing": 0.1}))
+        build_target_loss("binary", settings("focal", label_smoothing=0.1), [3, 1])
     with pytest.raises(ValueError, match=r"\[neg, pos\]"):
-        build_target_loss("binary", "bce", counts=[3, 1, 1], **common)
+        build_target_loss("binary", settings("bce"), [3, 1, 1])
     assert set(LOSSES) == {"cross_entropy", "focal", "bce"}
     assert [row["name"] for row in describe_losses()] == list(LOSSES) and all(
         r["description"] for r in describe_losses()

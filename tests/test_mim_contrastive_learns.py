@@ -32,8 +32,9 @@ from medctl.data.synthetic import make_synthetic_dataset
 from medctl.models.checkpoints import load_encoder_weights
 from medctl.models.registry import build_encoder
 from medctl.pretrain import build_method
+from medctl.pretrain.embeddings import collapse_stats
 from medctl.pretrain.mim_contrastive import MIMContrastiveSettings
-from medctl.pretrain.monitoring import COLLAPSE_RATIO, collapse_stats
+from medctl.pretrain.monitoring import COLLAPSE_RATIO
 
 SIZE = (32, 32)
 MIM = dict(projector_dim=32, projector_hidden=64, patch_size=8)  # 32 x 16 halves: a 4 x 2 patch grid

@@ -10,29 +10,30 @@ import pytest
 import torch
 from PIL import Image
 
+from medctl.pretrain import embeddings, figures
 from medctl.pretrain import monitoring as mon
 
 
 def test_collapse_stats_tell_spread_from_collapsed_embeddings():
     rng = np.random.default_rng(0)
-    spread = mon.collapse_stats(rng.standard_normal((512, 64)))
+    spread = embeddings.collapse_stats(rng.standard_normal((512, 64)))
     assert spread["embed_std_reference"] == pytest.approx(1 / 8)
     assert spread["embed_std_mean"] == pytest.approx(1 / 8, rel=0.05) and spread["embed_std_min"] > 0.1
     one_point = np.tile(rng.standard_normal(64), (32, 1)) + 1e-6 * rng.standard_normal((32, 64))
-    collapsed = mon.collapse_stats(one_point)
+    collapsed = embeddings.collapse_stats(one_point)
     assert collapsed["embed_std_mean"] < 1e-5
     # reference: std over samples of each dimension of the unit vectors, averaged
     unit = one_point / np.linalg.norm(one_point, axis=1, keepdims=True)
     assert collapsed["embed_std_mean"] == pytest.approx(unit.std(axis=0, ddof=1).mean(), rel=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
-        mon.collapse_stats(np.ones((1, 4)))
+        embeddings.collapse_stats(np.ones((1, 4)))
 
 
 def test_a_warning_needs_a_representation_worse_than_the_untrained_encoder(caplog):
     reference = {"embed_std_mean": 0.02, "embed_std_min": 0.0, "embed_std_reference": 0.125, "knn_accuracy": 0.6}
     low = {"embed_std_mean": 0.004, "embed_std_min": 0.0, "embed_std_reference": 0.125}  # 0.2x the reference
     kept = {**low, "embed_std_mean": 0.015}  # 0.75x: far below 0.1/sqrt(D) yet no worse than before
-    assert mon.std_ratio(low, reference) == pytest.approx(0.2)
+    assert embeddings.std_ratio(low, reference) == pytest.approx(0.2)
     assert mon.collapse_warning(kept, reference, "byol", knn=0.5) == ""
     assert mon.collapse_warning(low, reference, "byol", knn=0.8) == ""  # narrower but better separated
     assert mon.collapse_warning(low, None, "byol") == ""  # nothing to compare with: no claim
@@ -66,65 +67,65 @@ def test_knn_accuracy_matches_a_cosine_majority_vote():
     train = centres[train_y] + rng.standard_normal((60, 16)) * 2.5
     query = centres[query_y] + rng.standard_normal((25, 16)) * 2.5
     expected = float((reference_knn(train, train_y, query, 5) == query_y).mean())
-    assert mon.knn_accuracy(train, train_y, query, query_y, k=5) == pytest.approx(expected)
+    assert embeddings.knn_accuracy(train, train_y, query, query_y, k=5) == pytest.approx(expected)
     assert 0.4 < expected < 1.0  # the noise makes it a real test
-    separable = mon.knn_accuracy(centres[train_y] * 10, train_y, centres[query_y] * 10, query_y)
+    separable = embeddings.knn_accuracy(centres[train_y] * 10, train_y, centres[query_y] * 10, query_y)
     assert separable == 1.0
-    assert mon.knn_accuracy(train[:3], train_y[:3], query, query_y, k=5) >= 0  # k falls to N_train
+    assert embeddings.knn_accuracy(train[:3], train_y[:3], query, query_y, k=5) >= 0  # k falls to N_train
 
 
 def test_knn_metrics_cover_class_targets_only():
     rng = np.random.default_rng(2)
-    train = mon.Embeddings(
+    train = embeddings.Embeddings(
         rng.standard_normal((10, 4)), {"a": rng.integers(0, 2, 10), "b": rng.integers(0, 3, 10)}
     )
-    val = mon.Embeddings(
+    val = embeddings.Embeddings(
         rng.standard_normal((6, 4)), {"a": rng.integers(0, 2, 6), "b": rng.integers(0, 3, 6)}
     )
-    out = mon.knn_metrics(train, val)
+    out = embeddings.knn_metrics(train, val)
     assert set(out) == {"knn_accuracy", "knn_accuracy_a", "knn_accuracy_b", "knn_chance", "knn_margin"}
     assert out["knn_accuracy"] == pytest.approx((out["knn_accuracy_a"] + out["knn_accuracy_b"]) / 2)
     majority = [np.bincount(val.labels[t]).max() / 6 for t in ("a", "b")]  # always answering the commonest class
     assert out["knn_chance"] == pytest.approx(np.mean(majority))
     assert out["knn_margin"] == pytest.approx(np.sqrt(out["knn_chance"] * (1 - out["knn_chance"]) / 6))
-    assert mon.knn_metrics(train, mon.Embeddings(np.zeros((0, 4)))) == {}
+    assert embeddings.knn_metrics(train, embeddings.Embeddings(np.zeros((0, 4)))) == {}
 
 
 def test_tsne_adapts_to_small_n_and_writes_a_png(tmp_path):
-    assert mon.tsne_perplexity(1000) == 30 and mon.tsne_perplexity(10) == 3 and mon.tsne_perplexity(2) == 1
+    assert figures.tsne_perplexity(1000) == 30 and figures.tsne_perplexity(10) == 3 and figures.tsne_perplexity(2) == 1
     rng = np.random.default_rng(3)
     vectors, labels = rng.standard_normal((9, 8)), np.array([0, 1, 0, 1, 0, 1, 0, 1, 1])
     groups = np.array(["train"] * 6 + ["val"] * 3)
-    path = mon.plot_tsne(vectors, labels, ["healthy", "edema"], tmp_path / "t.png", groups=groups)
+    path = figures.plot_tsne(vectors, labels, ["healthy", "edema"], tmp_path / "t.png", groups=groups)
     assert Image.open(path).size[0] > 100
-    assert mon.plot_tsne(vectors[:3], labels[:3], ["h", "e"], tmp_path / "none.png") is None
+    assert figures.plot_tsne(vectors[:3], labels[:3], ["h", "e"], tmp_path / "none.png") is None
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 8, 16, 16), (5, 1, 24, 24)])
 def test_reconstruction_panel_and_loss_curve(tmp_path, shape):
     x = torch.randn(shape)
     mask = (torch.rand(shape[0], 1, *shape[2:]) < 0.3).float()
-    path = mon.plot_reconstruction(x, mask, x * 0.5, tmp_path / "panel.png", title="epoch 1")
+    path = figures.plot_reconstruction(x, mask, x * 0.5, tmp_path / "panel.png", title="epoch 1")
     width, height = Image.open(path).size
     assert width > 600 and height > 150 * min(
-        shape[0], mon.PANEL_ROWS
+        shape[0], figures.PANEL_ROWS
     )  # four columns, one row per sample (<= 4)
     history = [
         {"epoch": e, "train_loss": 1 / (e + 1), "train_loss_byol": 0.5, "val_knn_accuracy": 0.6}
         for e in range(3)
     ]
     assert (
-        Image.open(mon.plot_loss_curve(history, tmp_path / "loss.png")).size[0] > 3 * 300
+        Image.open(figures.plot_loss_curve(history, tmp_path / "loss.png")).size[0] > 3 * 300
     )  # loss, loss_byol, knn
 
 
 def test_fixed_subsets_and_schedules():
-    assert mon.fixed_subset(5, 10, 0) == [0, 1, 2, 3, 4]
-    chosen = mon.fixed_subset(100, 10, 0)
-    assert chosen == sorted(chosen) and len(set(chosen)) == 10 and chosen == mon.fixed_subset(100, 10, 0)
+    assert embeddings.fixed_subset(5, 10, 0) == [0, 1, 2, 3, 4]
+    chosen = embeddings.fixed_subset(100, 10, 0)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 10 and chosen == embeddings.fixed_subset(100, 10, 0)
     assert [e for e in range(7) if mon.due(e, 3, 7)] == [2, 5, 6]  # every 3rd epoch and the last
     assert not any(mon.due(e, 0, 7) for e in range(7))
-    assert math.isclose(mon.collapse_stats(np.eye(4))["embed_std_reference"], 0.5)
+    assert math.isclose(embeddings.collapse_stats(np.eye(4))["embed_std_reference"], 0.5)
 
 
 def test_collapse_verdict_fails_on_spread_or_a_knn_that_falls_to_or_stays_at_chance():

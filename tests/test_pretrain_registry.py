@@ -37,9 +37,9 @@ class ToySettings(Section):
 class Toy(nn.Module):
     """Pull the spread of noisy embeddings towards a target: the smallest method the stage can run."""
 
-    def __init__(self, encoder: nn.Module, *, spread: float, noise_std: float):
+    def __init__(self, encoder: nn.Module, settings: ToySettings):
         super().__init__()
-        self.encoder, self.spread, self.noise_std = encoder, spread, noise_std
+        self.encoder, self.spread, self.noise_std = encoder, settings.spread, settings.noise_std
 
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def rotation_epochs(volumes: torch.Tensor, reorient: float, epochs: int = 3, ste
     encoder = build_encoder("mt3_tiny", input_size=tuple(volumes.shape[2:]))
     settings = ByolSettings(projector_dim=16, projector_hidden=32, reconstruction_weight=0, rotation_weight=1.0,
                             jigsaw_weight=0, pretext_reorient=reorient)  # fmt: skip
-    method = BYOL(encoder, **settings.model_dump())
+    method = BYOL(encoder, settings)
     optimizer = torch.optim.AdamW(
         [p for p in method.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05
     )

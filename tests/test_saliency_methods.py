@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from captum.attr import LayerGradCam
 
+from medctl.config import SaliencyConfig, load_config
 from medctl.errors import ConfigError, UserError
 from medctl.saliency import (
     METHODS,
-    AttributionSettings,
     ClassScores,
     auto_internal_batch_size,
     compute_map,
@@ -29,7 +28,7 @@ from medctl.saliency.attribution import (
 from saliency_support import TinyClassifier, TinyCNN, make_model
 
 SIZES = {3: (8, 16, 16), 2: (16, 16)}
-SETTINGS = AttributionSettings(ig_steps=8, occlusion_window=(4, 8, 8), occlusion_stride=(4, 8, 8))
+SETTINGS = SaliencyConfig(ig_steps=8, occlusion_window=[4, 8, 8], occlusion_stride=[4, 8, 8])
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -144,7 +143,7 @@ def test_a_chosen_cnn_layer_is_read_as_a_map_at_its_own_resolution(seed):
     model = make_model("cnn", 3, {"grade": 3}, SIZES[3])
     scores = ClassScores(model, "grade", "multiclass")
     x = torch.randn(1, 1, *SIZES[3])
-    chosen = replace(SETTINGS, gradcam_layer="stem.0")  # the full-resolution conv, before the max-pool
+    chosen = SETTINGS.model_copy(update={"gradcam_layer": "stem.0"})  # the full-resolution conv, before the max-pool
 
     amap = compute_map("gradcam", scores, x, 1, chosen)
 
@@ -159,7 +158,7 @@ def test_a_chosen_token_layer_is_read_as_tokens(seed):
     scores = ClassScores(model, "grade", "multiclass")
     x = torch.randn(1, 1, *SIZES[3])
 
-    amap = compute_map("gradcam", scores, x, 0, replace(SETTINGS, gradcam_layer="blocks.0"))
+    amap = compute_map("gradcam", scores, x, 0, SETTINGS.model_copy(update={"gradcam_layer": "blocks.0"}))
 
     cam = token_gradcam(scores, model.encoder.blocks[0], (2, 4, 4), x, 0)  # (1, 1, *grid)
     upsampled = torch.nn.functional.interpolate(cam, size=SIZES[3], mode="trilinear")[0, 0]
@@ -175,7 +174,7 @@ def test_hirescam_equals_gradcam_where_the_layer_is_average_pooled_into_the_head
     np.testing.assert_allclose(np.stack(maps["hirescam"]), np.stack(maps["gradcam"]), rtol=1e-4, atol=1e-6)
     assert max(m.max() for m in maps["hirescam"]) > 0  # ReLU'd: some class has positive evidence
     # a finer layer is not pooled straight into the head: there the two differ
-    stem = replace(SETTINGS, gradcam_layer="stem.0")
+    stem = SETTINGS.model_copy(update={"gradcam_layer": "stem.0"})
     finer = {
         m: np.stack([compute_map(m, scores, x, k, stem) for k in range(3)]) for m in ("hirescam", "gradcam")
     }
@@ -221,9 +220,12 @@ def test_unknown_method_names_the_key_and_the_known_ones():
 
 def test_impossible_settings_are_rejected_all_at_once():
     with pytest.raises(ConfigError) as info:
-        AttributionSettings(
-            ig_steps=1, occlusion_window=(0, 8, 8), occlusion_stride=(), internal_batch_size=-1
-        )
+        load_config(
+            overrides=[
+                "saliency.ig_steps=1", "saliency.occlusion_window=[0, 8, 8]", "saliency.occlusion_stride=[]",
+                "saliency.internal_batch_size=-1",
+            ]
+        )  # fmt: skip
     message = str(info.value)
     for key in ("ig_steps", "occlusion_window", "occlusion_stride", "internal_batch_size"):
         assert f"saliency.{key}" in message

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from medctl.config import SaliencyConfig
 from medctl.saliency import (
-    AttributionSettings,
     ClassScores,
     compute_map,
     mask_share,
@@ -297,7 +297,7 @@ def test_trained_model_points_at_the_ball_far_above_chance(blob_model):
     scores = ClassScores(blob_model, "blob", "binary")
     random_model, _ = randomised_copy(blob_model)
     randomised = ClassScores(random_model, "blob", "binary")
-    settings = AttributionSettings(ig_steps=16, occlusion_window=(2, 4, 4), occlusion_stride=(2, 4, 4))
+    settings = SaliencyConfig(ig_steps=16, occlusion_window=[2, 4, 4], occlusion_stride=[2, 4, 4])
     # Grad-CAM lives on the half-resolution feature map: one voxel of tolerance, and the matching chance
     tolerance = {"integrated_gradients": 0, "gradcam": 1, "hirescam": 1}
     results = {method: {"hit": [], "chance": [], "mass": [], "share": [], "rho": []} for method in tolerance}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medctl.pretrain.views import (
-    apply_jigsaw,
+    ViewSettings,
     byol_view,
     byol_views,
     gaussian_blur,
@@ -120,6 +120,20 @@ def test_jigsaw_permutations_are_valid_distinct_and_far_apart(k, seed):
     assert torch.equal(perms, jigsaw_permutations(k, seed))  # fixed for a seed
 
 
+def apply_jigsaw(x: torch.Tensor, perm) -> torch.Tensor:
+    """Reference, by slicing: output block ``b`` of the 2x2x2 split (b = 4 * d + 2 * h + w) is input block ``perm[b]``."""
+    d, h, w = (size // 2 for size in x.shape[-3:])
+
+    def block(b: int) -> tuple[slice, ...]:
+        i, j, k = b // 4, b // 2 % 2, b % 2
+        return (..., slice(i * d, (i + 1) * d), slice(j * h, (j + 1) * h), slice(k * w, (k + 1) * w))
+
+    out = torch.empty_like(x)
+    for b, source in enumerate(perm):
+        out[block(b)] = x[block(int(source))]
+    return out
+
+
 def test_jigsaw_moves_whole_blocks_and_random_jigsaw_labels_the_permutation(seed):
     x = torch.arange(2 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 1, 4, 6, 8)  # (B, C, D, H, W)
     assert torch.equal(apply_jigsaw(x, list(range(8))), x)
@@ -134,38 +148,43 @@ def test_jigsaw_moves_whole_blocks_and_random_jigsaw_labels_the_permutation(seed
     for i in range(2):
         assert torch.equal(puzzles[i], apply_jigsaw(x[i], perms[labels[i]]))
     with pytest.raises(ValueError, match="even"):
-        apply_jigsaw(torch.zeros(1, 1, 3, 4, 4), perm)
+        random_jigsaw(torch.zeros(1, 1, 3, 4, 4), perm[None])
 
 
 # -------------------------------------------------------------------------------------- BYOL views
-BYOL = dict(
+BYOL = ViewSettings(
     crop_scale=(0.4, 1.0), flip_prob=0.5, intensity_jitter=0.2, noise_std=0.05, blur_prob=0.5, blur_sigma=1.0
 )
 
 
+def plain_view(crop_scale: tuple[float, float], flip_prob: float) -> ViewSettings:
+    """A crop and flips only: no photometric change."""
+    return ViewSettings(crop_scale, flip_prob, **NO_PHOTOMETRIC)
+
+
 def test_byol_views_keep_the_shape_differ_and_repeat_with_a_generator(seed):
     x = torch.randn(3, 1, 8, 16, 16)  # (B, C, D, H, W)
-    one, two = byol_views(x, **BYOL, generator=generator(0))
+    one, two = byol_views(x, BYOL, generator(0))
     assert one.shape == two.shape == x.shape and torch.isfinite(one).all()
     assert not torch.allclose(one, two)
-    again, _ = byol_views(x, **BYOL, generator=generator(0))
+    again, _ = byol_views(x, BYOL, generator(0))
     assert torch.equal(one, again)
-    flat = byol_view(torch.randn(2, 1, 16, 16), **BYOL)  # 2D slices too
+    flat = byol_view(torch.randn(2, 1, 16, 16), BYOL)  # 2D slices too
     assert flat.shape == (2, 1, 16, 16)
 
 
 def test_a_full_crop_without_flips_or_jitter_is_the_identity(seed):
     x = torch.randn(2, 1, 4, 8, 8)
-    same = byol_view(x, crop_scale=(1.0, 1.0), flip_prob=0.0, **NO_PHOTOMETRIC)
+    same = byol_view(x, plain_view((1.0, 1.0), 0.0))
     assert torch.allclose(same, x, atol=1e-5)
-    flipped = byol_view(x, crop_scale=(1.0, 1.0), flip_prob=1.0, **NO_PHOTOMETRIC)
+    flipped = byol_view(x, plain_view((1.0, 1.0), 1.0))
     assert torch.allclose(flipped, x.flip(2, 3, 4), atol=1e-5)
 
 
 def test_a_small_crop_zooms_in(seed):
     x = torch.zeros(1, 1, 8, 8, 8)
     x[..., 2:6, 2:6, 2:6] = 1.0  # a bright cube in the middle
-    zoomed = byol_view(x, crop_scale=(0.125, 0.125), flip_prob=0.0, **NO_PHOTOMETRIC, generator=generator(0))
+    zoomed = byol_view(x, plain_view((0.125, 0.125), 0.0), generator(0))
     assert zoomed.mean() > x.mean()  # half of each axis, resized back: the cube fills more of the view
     with pytest.raises(ValueError, match="view_crop_scale"):
-        byol_view(x, crop_scale=(0.0, 1.0), flip_prob=0.0, **NO_PHOTOMETRIC)
+        byol_view(x, plain_view((0.0, 1.0), 0.0))

@@ -445,8 +445,8 @@ class SaliencyConfig(Section):
     score_all_lesions: bool = True
     alpha: float = Field(default=0.05, gt=0, lt=1)  # level of every paired test behind "beats"
     ig_steps: int = Field(default=32, ge=2)
-    occlusion_window: list[int] = [4, 8, 8]
-    occlusion_stride: list[int] = [4, 8, 8]
+    occlusion_window: list[Annotated[int, Field(ge=1)]] = Field(default=[4, 8, 8], min_length=1)  # voxels per spatial axis
+    occlusion_stride: list[Annotated[int, Field(ge=1)]] = Field(default=[4, 8, 8], min_length=1)
     randomisation_check: bool = True
     # the check recomputes each map with a re-initialised model: on every scored lesion sample (the paired
     # pointing test against random weights) and on the first few samples of any class (rank correlation)

@@ -10,7 +10,8 @@ A ``kill -9`` between 1 and 3 leaves a temp file behind; :func:`remove_stale_tem
 
 JSON policy (:func:`to_jsonable`): numpy scalars and arrays become Python values, tuples lists, paths
 strings, and non-finite floats ``null`` (JSON has no NaN; ``json.dumps`` would write invalid ``NaN``).
-The same values in text (tables, report lines) go through :func:`format_number`.
+The same values in text go through :func:`format_number` (one missing-value mark, :data:`MISSING`), and
+every report's Markdown table through :func:`markdown_table` (one escaping rule, :func:`markdown_cell`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import IO, Any
@@ -120,11 +121,34 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def format_number(value: Any, digits: int = 3, missing: str = "n/a") -> str:
-    """A number for a table or a report line: ``digits`` decimals; ``missing`` for None, NaN, inf or text."""
+MISSING = "—"  # how every report shows a value that is not there (None, NaN, inf, text where a number goes)
+
+
+def format_number(value: Any, digits: int = 3) -> str:
+    """A number for a table or a report line: ``digits`` decimals; :data:`MISSING` for None, NaN, inf or text."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        return missing
-    return f"{value:.{digits}f}" if math.isfinite(value) else missing
+        return MISSING
+    return f"{value:.{digits}f}" if math.isfinite(value) else MISSING
+
+
+def markdown_cell(value: Any) -> str:
+    """``value`` as the text of one Markdown table cell: ``|`` escaped, line breaks as spaces (a row is one line)."""
+    return str(value).replace("|", "\\|").replace("\r\n", " ").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
+    """A GFM pipe table as lines: the header, the alignment row, one line per row, every cell through
+    :func:`markdown_cell` (format numbers with :func:`format_number` first). ``align`` has one letter per
+    column, ``l`` or ``r`` (default: all left)."""
+    align = align or "l" * len(header)
+    if len(align) != len(header):
+        raise ValueError(f"markdown_table: {len(header)} columns but alignment {align!r}")
+
+    def line(cells: Sequence[Any]) -> str:
+        return "|" + "".join(f" {text} |" if text else " |" for text in map(markdown_cell, cells))
+
+    rules = ["---:" if a == "r" else "---" for a in align]
+    return [line(header), "| " + " | ".join(rules) + " |", *(line(row) for row in rows)]
 
 
 def dumps_json(value: Any, *, indent: int | None = 2) -> str:

@@ -211,10 +211,11 @@ def finetune_problems(config: Config, encoder) -> list[str]:
     from medctl.finetune.run import check_monitor, encoder_trainable_from
     from medctl.models.classifier import build_classifier
     from medctl.models.heads import num_outputs
-    from medctl.training.losses import build_target_loss, label_counts
+    from medctl.training.losses import LossSettings, build_target_loss, label_counts
 
     problems = []
     train, head = config.train, config.model.head
+    loss = LossSettings.of(train)
     specs = [
         TargetSpec(t.name, t.kind, list(t.classes or t.columns))
         for t in config.data.targets
@@ -239,13 +240,7 @@ def finetune_problems(config: Config, encoder) -> list[str]:
         # one sample of every class (every label on and off): counts in the layout the loss builders take
         rows = np.eye(outputs, dtype=int).tolist() + [[0] * outputs] if spec.kind == "multilabel" else range(len(spec.classes))
         counts = label_counts(np.asarray(list(rows)), spec.kind, outputs)
-        checks.append(
-            lambda spec=spec, counts=counts: build_target_loss(
-                spec.kind, train.loss, counts=counts, class_weights=train.class_weights,
-                focal_gamma=train.focal_gamma, focal_alpha=train.focal_alpha,
-                label_smoothing=train.label_smoothing, target=spec.name,
-            )
-        )  # fmt: skip
+        checks.append(lambda spec=spec, counts=counts: build_target_loss(spec.kind, loss, counts, target=spec.name))
     for check in checks:
         try:
             check()

@@ -156,17 +156,17 @@ def show_saliency(result: SaliencyStageResult) -> None:
         table.add_row(
             method,
             hits_text(scores, lesions),
-            _num(scores["pointing_chance"]),
-            _num(scores["mass_in_mask"]),
-            _num(scores["randomisation_spearman"], 2),
+            format_number(scores["pointing_chance"]),
+            format_number(scores["mass_in_mask"]),
+            format_number(scores["randomisation_spearman"], 2),
             random_weight_hits(scores),
             deletion_cell(scores),
-            _num(scores["seconds"], 2),
+            format_number(scores["seconds"], 2),
         )
     for name, scores in saliency.baselines.items():  # the same scores for maps made without the model
         table.add_row(
-            f"[dim]{name.replace('_', ': ', 1)}[/]", hits_text(scores, lesions), _num(scores["pointing_chance"]),
-            _num(scores["mass_in_mask"]), "", "", "", "",
+            f"[dim]{name.replace('_', ': ', 1)}[/]", hits_text(scores, lesions), format_number(scores["pointing_chance"]),
+            format_number(scores["mass_in_mask"]), "", "", "", "",
         )  # fmt: skip
     show_table(table)
     for method, scores in saliency.scores.items():
@@ -196,5 +196,3 @@ def show_saliency(result: SaliencyStageResult) -> None:
     console.print("  open the *_original.nrrd maps in 3D Slicer over the original scan", highlight=False)
 
 
-def _num(value: float | None, digits: int = 3) -> str:
-    return format_number(value, digits, missing="—")

@@ -1,7 +1,7 @@
 """Evaluation on predictions (numpy / pandas), never on models.
 
-- :mod:`~medctl.evaluation.metrics`: scikit-learn metrics for binary, multiclass and multilabel targets;
-  ``val_metrics`` for training loops.
+- :mod:`~medctl.evaluation.metrics`: scikit-learn metrics for binary, multiclass and multilabel targets
+  (a training loop's per-epoch values come from the vectorised forms in :mod:`~medctl.evaluation.bootstrap`).
 - :mod:`~medctl.evaluation.bootstrap`: percentile bootstrap CIs and the paired bootstrap test, vectorised.
 - :mod:`~medctl.evaluation.plots`: confusion matrices, training curves, ROC curves as PNG.
 - :mod:`~medctl.evaluation.reports`: ``evaluate_predictions`` (all artifacts of one split), with
@@ -26,7 +26,7 @@ from medctl.evaluation.leaderboard import (
     write_leaderboard,
 )
 from medctl.evaluation.markdown import markdown_to_html, write_report
-from medctl.evaluation.metrics import classification_metrics, multilabel_metrics, target_metrics, val_metrics
+from medctl.evaluation.metrics import classification_metrics, multilabel_metrics, target_metrics
 from medctl.evaluation.plots import plot_confusion_matrix, plot_roc, plot_training_curves
 from medctl.evaluation.reports import evaluate_predictions
 
@@ -50,7 +50,6 @@ __all__ = [
     "plot_roc",
     "plot_training_curves",
     "target_metrics",
-    "val_metrics",
     "write_leaderboard",
     "write_report",
 ]

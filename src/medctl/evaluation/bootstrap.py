@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from medctl.errors import DataError
 from medctl.evaluation.metrics import binary_auroc, macro_auroc
+from medctl.io import MISSING, format_number
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 CHUNK_ELEMENTS = 1_000_000  # resamples are evaluated in blocks of about this many (B x N) cells
@@ -401,3 +402,9 @@ def paired_bootstrap_pvalue(
 ) -> float:
     """The p-value of :func:`paired_bootstrap` (see there for exactly how it is computed)."""
     return paired_bootstrap(metric_fn, y_true, probs_a, probs_b, n, seed).p_value
+
+
+def interval_cells(ci: Mapping[str, Any]) -> list[str]:
+    """A bootstrap interval's two report cells: ``[low, high]`` (or :data:`MISSING`) and ``used / requested``."""
+    interval = MISSING if ci["low"] is None else f"[{format_number(ci['low'])}, {format_number(ci['high'])}]"
+    return [interval, f"{ci['n_used']} / {ci['n_requested']}"]

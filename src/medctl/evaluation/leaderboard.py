@@ -32,7 +32,7 @@ from medctl.errors import DataError
 from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
 from medctl.evaluation.proportions import p_cell, sign_test_counts
 from medctl.evaluation.ranking import higher_is_better
-from medctl.io import write_text_atomic
+from medctl.io import MISSING, format_number, markdown_table, write_text_atomic
 
 SPLITS = ("val", "test")
 CLASSIFICATION_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
@@ -179,11 +179,9 @@ def paired_seed_test(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str
 def format_ci(value: Any, low: Any = None, high: Any = None) -> str:
     """``0.812 [0.75, 0.87]``; the value alone without an interval; an em dash when missing."""
     value, low, high = _number(value), _number(low), _number(high)
-    if math.isnan(value):
-        return "—"
-    if math.isnan(low) or math.isnan(high):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    if math.isnan(value) or math.isnan(low) or math.isnan(high):
+        return format_number(value)
+    return f"{format_number(value)} [{format_number(low, 2)}, {format_number(high, 2)}]"
 
 
 def format_metric(row: Mapping[str, Any], key: str) -> str:
@@ -191,16 +189,16 @@ def format_metric(row: Mapping[str, Any], key: str) -> str:
     std = _number(row.get(f"{key}_std"))
     value = _number(row.get(key))
     if not math.isnan(std) and not math.isnan(value):
-        return f"{value:.3f} ± {std:.3f}"
+        return f"{format_number(value)} ± {format_number(std)}"
     return format_ci(row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high"))
 
 
 def format_duration(seconds: Any) -> str:
     seconds = _number(seconds)
     if math.isnan(seconds):
-        return "—"
+        return MISSING
     if seconds < 60:
-        return f"{seconds:.1f} s"
+        return f"{format_number(seconds, 1)} s"
     if seconds < 3600:
         return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
     return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
@@ -212,10 +210,6 @@ def format_p(p: Any) -> str:
 
 def _text(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def shown_metrics(df: pd.DataFrame) -> tuple[tuple[str, str], ...]:
@@ -242,42 +236,42 @@ def leaderboard_markdown(df: pd.DataFrame, shown: Sequence[tuple[str, str]] | No
     header += ["seeds", "Δ vs random", "p vs random"] if seeded else []
     header += ["pretrain overlap"] if audited else []
     text_columns = {"entry", "checkpoint", "architecture", "status", "head lr / wd"}
-    align = ["---" if column in text_columns else "---:" for column in header]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    align = "".join("l" if column in text_columns else "r" for column in header)
+    rows = []
     for _, row in df.iterrows():
         ok = str(row.get("status", "ok")) == "ok"
         rank = row.get("rank")
         is_leader = ok and not pd.isna(rank) and int(rank) == 1
         status = "ok" if ok else f"{row.get('status')}: {row.get('reason') or 'no reason recorded'}"
         cells = [
-            "—" if pd.isna(rank) else str(int(rank)),
-            _cell(row["entry"]),
-            _cell(row.get("checkpoint") or "— (random init)"),
-            *([_cell(_text(row.get("architecture")) or "—")] if architecture else []),
-            _cell(status),
+            MISSING if pd.isna(rank) else str(int(rank)),
+            row["entry"],
+            row.get("checkpoint") or f"{MISSING} (random init)",
+            *([_text(row.get("architecture")) or MISSING] if architecture else []),
+            status,
         ]
         if gridded:
             chosen = row.get("chosen_head")
-            cells.append(_cell(chosen) if isinstance(chosen, str) and chosen else "—")
+            cells.append(chosen if isinstance(chosen, str) and chosen else MISSING)
         for split in SPLITS:
             for metric, _ in shown:
                 cells.append(format_metric(row, f"{split}_{metric}"))
         epochs = _number(row.get("epochs"))
-        cells.append("—" if math.isnan(epochs) else str(round(epochs)))
+        cells.append(MISSING if math.isnan(epochs) else str(round(epochs)))
         cells.append(format_duration(row.get("wall_time_s")))
         cells.append("leader" if is_leader else format_p(row.get("p_vs_leader")))
         if seeded:
             delta = {"delta": row.get("delta_vs_random"), "delta_std": row.get("delta_vs_random_std")}
             cells += [
-                str(row.get("seeds") or "—"),
+                str(row.get("seeds") or MISSING),
                 format_metric(delta, "delta"),
                 format_p(row.get("p_vs_random")),
             ]
         if audited:
             overlap = row.get("pretrain_overlap")
-            cells.append(_cell(overlap) if isinstance(overlap, str) and overlap else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells.append(overlap if isinstance(overlap, str) and overlap else MISSING)
+        rows.append(cells)
+    return "\n".join(markdown_table(header, rows, align)) + "\n"
 
 
 def write_leaderboard(

@@ -281,29 +281,3 @@ def target_metrics(
     if kind == "multilabel":
         return multilabel_metrics(y_true, probs, classes, threshold)
     return classification_metrics(y_true, probs, classes, kind)
-
-
-def val_metrics(
-    y_true: Any,
-    probs: Any,
-    kind: str = "multiclass",
-    classes: Sequence[str] | None = None,
-    loss: float | None = None,
-) -> dict[str, float]:
-    """The flat dict a training loop monitors: accuracy, balanced_accuracy, macro_f1, auroc (+ loss).
-
-    Every value is a float; an undefined one (AUROC with a single class in the split, F1 with nothing
-    to average) is ``nan``, which never counts as an improvement. ``classes`` defaults to ``"0".."K-1"``
-    from the width of ``probs`` (binary: 2).
-    """
-    if classes is None:
-        width = np.asarray(probs).shape[1] if np.asarray(probs).ndim == 2 else 1
-        classes = [str(k) for k in range(2 if kind == "binary" else width)]
-    metrics = target_metrics(y_true, probs, classes, kind)
-    flat = {
-        key: float("nan") if metrics[key] is None else float(metrics[key])
-        for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
-    }
-    if loss is not None:
-        flat["loss"] = float(loss)
-    return flat

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from medctl.io import MISSING, format_number
+
 CONFIDENCE = 0.95
 
 
@@ -116,8 +118,8 @@ def above_chance(hits: int, n: int, chance: float) -> float:
 def p_cell(p: float | None) -> str:
     """A p-value as a table cell: ``0.031``, ``<0.001``, ``—`` where no test ran."""
     if p is None or p != p:
-        return "—"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+        return MISSING
+    return "<0.001" if p < 0.001 else format_number(p)
 
 
 def format_p(p: float | None) -> str:

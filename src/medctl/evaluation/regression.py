@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from medctl.evaluation.bootstrap import Metric
+from medctl.evaluation.bootstrap import Metric, interval_cells
+from medctl.io import format_number, markdown_table
 
 REGRESSION_HEADLINE = ("mae", "rmse", "r2", "pearson_r")
 
@@ -131,7 +132,7 @@ def plot_regression_scatter(y_true: Any, pred: Any, path: str | Path, *, title: 
     ax.set_xlabel("true")
     ax.set_ylabel("predicted")
     r = _s_pearson(y, p)
-    ax.set_title(f"{title}\nMAE {_s_mae(y, p):.3g}, r {'—' if r is None else f'{r:.3f}'}".strip())
+    ax.set_title(f"{title}\nMAE {_s_mae(y, p):.3g}, r {format_number(r)}".strip())
     ax.legend(loc="upper left")
     return save_figure(fig, path)
 
@@ -139,17 +140,12 @@ def plot_regression_scatter(y_true: Any, pred: Any, path: str | Path, *, title: 
 def regression_report_lines(name: str, result: dict[str, Any], level: int) -> list[str]:
     """The markdown section of one regression target in ``report.md``."""
 
-    def f(value: Any) -> str:
-        return "—" if value is None else f"{value:.3f}"
-
+    rows = [
+        [key.replace("_", " "), format_number(result[key]), *interval_cells(result["ci"][key])]
+        for key in REGRESSION_HEADLINE
+    ]
+    rows.append([f"MAE of predicting the mean ({format_number(result['y_mean'])})", format_number(result["mae_of_mean"]), "", ""])
     lines = ["", f"## Target `{name}` (regression)", ""]
-    lines += ["| metric | value | " + f"{level}% CI | resamples used |", "| --- | ---: | --- | ---: |"]
-    for key in REGRESSION_HEADLINE:
-        ci = result["ci"][key]
-        interval = "—" if ci["low"] is None else f"[{f(ci['low'])}, {f(ci['high'])}]"
-        lines.append(
-            f"| {key.replace('_', ' ')} | {f(result[key])} | {interval} | {ci['n_used']} / {ci['n_requested']} |"
-        )
-    lines.append(f"| MAE of predicting the mean ({f(result['y_mean'])}) | {f(result['mae_of_mean'])} | | |")
+    lines += markdown_table(["metric", "value", f"{level}% CI", "resamples used"], rows, "lrlr")
     lines += ["", f"![predicted vs true, {name}]({result['files']['scatter_png']})"]
     return lines

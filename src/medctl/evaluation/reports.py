@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from medctl.errors import DataError
-from medctl.evaluation.bootstrap import BootstrapResult, bootstrap_many, headline_metrics
+from medctl.evaluation.bootstrap import BootstrapResult, bootstrap_many, headline_metrics, interval_cells
 from medctl.evaluation.columns import pred_name, true_name
 from medctl.evaluation.columns import prefix as column_prefix
 from medctl.evaluation.leaderboard import (
@@ -49,7 +49,16 @@ from medctl.evaluation.regression import (
     regression_metrics,
     regression_report_lines,
 )
-from medctl.io import atomic_write, to_jsonable, write_json, write_text_atomic
+from medctl.io import (
+    MISSING,
+    atomic_write,
+    format_number,
+    markdown_cell,
+    markdown_table,
+    to_jsonable,
+    write_json,
+    write_text_atomic,
+)
 from medctl.progress import log
 
 __all__ = [
@@ -275,14 +284,6 @@ def _write_target_files(
 
 
 # -------------------------------------------------------------------------------------------- report
-def _f(value: Any, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _esc(text: Any) -> str:
-    return str(text).replace("|", "\\|")
-
-
 def report_markdown(payload: Mapping[str, Any]) -> str:
     """The markdown of ``report.md`` from a ``metrics.json`` payload (figures by relative path)."""
     level = round(100 * (1 - payload["alpha"]))
@@ -299,26 +300,23 @@ def report_markdown(payload: Mapping[str, Any]) -> str:
             lines += regression_report_lines(name, result, level)
             continue
         lines += ["", f"## Target `{name}` ({kind}: {', '.join(result['classes'])})", ""]
-        lines += ["| metric | value | " + f"{level}% CI | resamples used |", "| --- | ---: | --- | ---: |"]
+        rows = []
         for key in HEADLINE:
-            ci = result["ci"][key]
-            interval = "—" if ci["low"] is None else f"[{_f(ci['low'])}, {_f(ci['high'])}]"
             shown = "subset accuracy" if kind == "multilabel" and key == "accuracy" else key.replace("_", " ")
-            lines.append(
-                f"| {shown} | {_f(result[key])} | {interval} | {ci['n_used']} / {ci['n_requested']} |"
-            )
+            rows.append([shown, format_number(result[key]), *interval_cells(result["ci"][key])])
         extra = ["weighted_f1"] if kind != "multilabel" else ["hamming_loss", "micro_f1", "micro_auroc"]
-        for key in extra:
-            lines.append(f"| {key.replace('_', ' ')} | {_f(result.get(key))} | | |")
+        rows += [[key.replace("_", " "), format_number(result.get(key)), "", ""] for key in extra]
+        lines += markdown_table(["metric", "value", f"{level}% CI", "resamples used"], rows, "lrlr")
         heading = "label" if kind == "multilabel" else "class"
-        lines += ["", f"### Per {heading}", "", f"| {heading} | support | precision | recall | F1 | AUROC |"]
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for cls, entry in result["per_class"].items():
-            cells = [_f(entry[k]) for k in ("precision", "recall", "f1", "auroc")]
-            lines.append(f"| {_esc(cls)} | {entry['support']} | " + " | ".join(cells) + " |")
+        rows = [
+            [cls, entry["support"], *(format_number(entry[k]) for k in ("precision", "recall", "f1", "auroc"))]
+            for cls, entry in result["per_class"].items()
+        ]
+        lines += ["", f"### Per {heading}", ""]
+        lines += markdown_table([heading, "support", "precision", "recall", "F1", "AUROC"], rows, "lrrrrr")
         files = result["files"]
-        lines += ["", f"![confusion matrix, {_esc(name)}]({files['confusion_png']})", ""]
-        lines += [f"![ROC curves, {_esc(name)}]({files['roc_png']})"]
+        lines += ["", f"![confusion matrix, {markdown_cell(name)}]({files['confusion_png']})", ""]
+        lines += [f"![ROC curves, {markdown_cell(name)}]({files['roc_png']})"]
         if result.get("notes"):
             lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     lines += ["", f"Predictions: `{payload['files']['preds']}`; all numbers: `metrics.json`.", ""]
@@ -330,15 +328,16 @@ def provenance_markdown(provenance: Mapping[str, Any]) -> list[str]:
     """The report's provenance section: one line per fact, nested values flattened (``training_run.dir``)."""
     if not provenance:
         return []
-    lines = ["## Provenance", "", "| what | value |", "| --- | --- |"]
+    rows = []
     for key, value in provenance.items():
         items = value.items() if isinstance(value, Mapping) else [("", value)]
         for sub, item in items:
             name = f"{key}.{sub}" if sub else key
-            shown = "—" if item is None else f"`{_esc(item)}`"
-            lines.append(f"| {name.replace('_', ' ')} | {shown} |")
+            rows.append([name.replace("_", " "), MISSING if item is None else f"`{item}`"])
     return [
-        *lines,
+        "## Provenance",
+        "",
+        *markdown_table(["what", "value"], rows),
         "",
         "The environment (versions, device, command) is in `env.json` beside this report.",
         "",

@@ -88,7 +88,7 @@ from medctl.training.distributed import (
     wrap_ddp,
 )
 from medctl.training.fit import FitResult, fit
-from medctl.training.losses import MultiTargetLoss, build_target_loss, label_counts
+from medctl.training.losses import LossSettings, MultiTargetLoss, build_target_loss, label_counts
 from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
 from medctl.training.optim import adamw_with_cosine, param_groups_with_decay
 from medctl.training.precision import resolve_device, set_threads
@@ -655,22 +655,14 @@ def build_loss(
     """One loss per target (classification: from its training class counts; regression: on the standardised
     scale), weighted by ``train.task_weights`` (a table, or learned "uncertainty") over ``data.targets[].weight``."""
     losses: dict[str, nn.Module] = {}
+    settings = LossSettings.of(train)
     for spec in specs:
         if spec.kind == "regression":
             mean, std = (scales or {}).get(spec.name, (0.0, 1.0))
             losses[spec.name] = RegressionLoss(train.regression_loss, mean=mean, std=std, huber_delta=train.huber_delta)
             continue
         counts = label_counts(train_set.labels(spec.name), spec.kind, len(spec.classes))
-        losses[spec.name] = build_target_loss(
-            spec.kind,
-            train.loss,
-            counts=counts,
-            class_weights=train.class_weights,
-            focal_gamma=train.focal_gamma,
-            focal_alpha=train.focal_alpha,
-            label_smoothing=train.label_smoothing,
-            target=spec.name,
-        )
+        losses[spec.name] = build_target_loss(spec.kind, settings, counts, target=spec.name)
     if train.task_weights == "uncertainty":
         return UncertaintyWeightedLoss(losses)
     unknown = sorted(set(train.task_weights) - set(losses))
@@ -715,7 +707,7 @@ def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> di
     """Accuracy, balanced accuracy, macro-F1 and AUROC of one target (``nan`` where undefined).
 
     The vectorised forms from :mod:`medctl.evaluation.bootstrap` on one "resample" that holds every
-    sample once: the values of :func:`medctl.evaluation.metrics.val_metrics` (scikit-learn) at a
+    sample once: the values of :func:`medctl.evaluation.metrics.target_metrics` (scikit-learn) at a
     fraction of the cost, which matters when a probe validates every few milliseconds.
     """
     p = probs if spec.kind in ("multilabel", "regression") else class_probs(probs, len(spec.classes))  # (N, K)

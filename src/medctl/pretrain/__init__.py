@@ -8,7 +8,7 @@ checked with the rest of the config (:func:`method_table_problems`, run by every
 and each method is built from its own (:func:`method_settings`, :func:`build_method`). Every method
 offers the same small surface to the stage (:mod:`~medctl.pretrain.run`):
 
-- ``Module(encoder, **fields)``: built from the encoder and its typed table's fields (keyword-only);
+- ``Module(encoder, settings)``: built from the encoder and its typed table, passed whole;
 - ``forward(x) -> {"loss": scalar with a graph, <other scalars logged as train_<name>>}``;
 - ``update_target(momentum)``: move the EMA target network(s) after an optimizer step (no-op without);
 - ``embed(x) -> (B, D)``: the online encoder's pooled embedding, for monitoring;

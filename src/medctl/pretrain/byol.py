@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -51,6 +52,7 @@ from medctl.models.encoders.base import Encoder
 from medctl.pretrain.spec import MethodSpec, ShareRange
 from medctl.pretrain.views import (
     PLANES,
+    ViewSettings,
     byol_view,
     byol_views,
     jigsaw_permutations,
@@ -85,6 +87,18 @@ class ByolSettings(Section):
     view_noise_std: float = Field(default=0.05, ge=0)
     view_blur_prob: float = Field(default=0.2, ge=0, le=1)
     view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
+
+    def views(self) -> ViewSettings:
+        """The ``view_*`` keys as the one object the view functions take."""
+        low, high = self.view_crop_scale
+        return ViewSettings(
+            crop_scale=(low, high),
+            flip_prob=self.view_flip_prob,
+            intensity_jitter=self.view_intensity_jitter,
+            noise_std=self.view_noise_std,
+            blur_prob=self.view_blur_prob,
+            blur_sigma=self.view_blur_sigma,
+        )
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -140,62 +154,37 @@ class EmbeddingDecoder(nn.Module):
 class BYOL(nn.Module):
     """Online encoder + projector + predictor, EMA target encoder + projector, optional pretext heads."""
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        *,
-        projector_dim: int,
-        projector_hidden: int,
-        reconstruction_weight: float,
-        rotation_weight: float,
-        jigsaw_weight: float,
-        jigsaw_permutations: int,
-        rotation_plane: str,
-        pretext_reorient: float,
-        view_crop_scale: Sequence[float],
-        view_flip_prob: float,
-        view_intensity_jitter: float,
-        view_noise_std: float,
-        view_blur_prob: float,
-        view_blur_sigma: float,
-    ):
+    def __init__(self, encoder: Encoder, settings: ByolSettings):
         super().__init__()
         size = tuple(encoder.input_size)  # (D, H, W) or (H, W)
-        _check_settings(encoder.spatial_dims, size, rotation_weight, rotation_plane, jigsaw_weight)
+        _check_settings(encoder.spatial_dims, size, settings)
         dim = encoder.embed_dim
         self.encoder = encoder
-        self.projector = projection_mlp(dim, projector_hidden, projector_dim)
-        self.predictor = projection_mlp(projector_dim, projector_hidden, projector_dim)
+        self.projector = projection_mlp(dim, settings.projector_hidden, settings.projector_dim)
+        self.predictor = projection_mlp(settings.projector_dim, settings.projector_hidden, settings.projector_dim)
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)
         self.weights = {
-            "reconstruction": reconstruction_weight,
-            "rotation": rotation_weight,
-            "jigsaw": jigsaw_weight,
+            "reconstruction": settings.reconstruction_weight,
+            "rotation": settings.rotation_weight,
+            "jigsaw": settings.jigsaw_weight,
         }
-        self.decoder = EmbeddingDecoder(dim, encoder.in_channels, size) if reconstruction_weight > 0 else None
-        self.rotation_plane = rotation_plane if encoder.spatial_dims == 3 else "axial"
-        self.pretext_reorient = pretext_reorient
-        self.rotation_head = nn.Linear(dim, 4) if rotation_weight > 0 else None
-        self.jigsaw_head = nn.Linear(dim, jigsaw_permutations) if jigsaw_weight > 0 else None
-        if jigsaw_weight > 0:
+        self.decoder = EmbeddingDecoder(dim, encoder.in_channels, size) if self.weights["reconstruction"] > 0 else None
+        self.rotation_plane = settings.rotation_plane if encoder.spatial_dims == 3 else "axial"
+        self.pretext_reorient = settings.pretext_reorient
+        self.rotation_head = nn.Linear(dim, 4) if self.weights["rotation"] > 0 else None
+        self.jigsaw_head = nn.Linear(dim, settings.jigsaw_permutations) if self.weights["jigsaw"] > 0 else None
+        if self.jigsaw_head is not None:
             self.register_buffer(
-                "permutations", jigsaw_permutations_table(jigsaw_permutations), persistent=False
+                "permutations", jigsaw_permutations_table(settings.jigsaw_permutations), persistent=False
             )
-        self.view_settings = dict(
-            crop_scale=tuple(view_crop_scale),
-            flip_prob=view_flip_prob,
-            intensity_jitter=view_intensity_jitter,
-            noise_std=view_noise_std,
-            blur_prob=view_blur_prob,
-            blur_sigma=view_blur_sigma,
-        )
-
+        self.views = settings.views()
+        self.pretext_views = replace(self.views, flip_prob=0.0)  # orientation kept: see the module docstring
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, *S) -> {"loss", "loss_byol", and per active head "loss_<head>", "acc_<head>"}."""
         batch = x.shape[0]
-        v1, v2 = byol_views(x, **self.view_settings)  # (B, C, *S) each
+        v1, v2 = byol_views(x, self.views)  # (B, C, *S) each
         views = torch.cat([v1, v2])  # (2B, C, *S)
         y = self.encoder(views)  # (2B, D)
         p1, p2 = (self.predictor(self.projector(half)) for half in y.split(batch))  # (B, P) each
@@ -209,7 +198,7 @@ class BYOL(nn.Module):
             out["loss_reconstruction"] = F.mse_loss(self.decoder(y).float(), views.float())
             loss = loss + self.weights["reconstruction"] * out["loss_reconstruction"]
         if self.rotation_head is not None or self.jigsaw_head is not None:
-            pretext = byol_view(x, **{**self.view_settings, "flip_prob": 0.0})  # (B, C, *S), orientation kept
+            pretext = byol_view(x, self.pretext_views)  # (B, C, *S), orientation kept
             if self.pretext_reorient > 0:  # the anatomy's orientation kept, the intensity gradient's randomised
                 pretext = reorient_intensity(pretext, self.pretext_reorient)
         if self.rotation_head is not None:
@@ -262,10 +251,9 @@ def jigsaw_permutations_table(k: int) -> torch.Tensor:
     return jigsaw_permutations(k, JIGSAW_SEED)
 
 
-def _check_settings(
-    spatial_dims: int, size: tuple[int, ...], rotation_weight: float, plane: str, jigsaw_weight: float
-) -> None:
+def _check_settings(spatial_dims: int, size: tuple[int, ...], settings: ByolSettings) -> None:
     """Reject pretext tasks the input cannot support, every problem at once."""
+    rotation_weight, plane, jigsaw_weight = settings.rotation_weight, settings.rotation_plane, settings.jigsaw_weight
     problems = []
     if rotation_weight > 0:
         dims = PLANES[plane] if spatial_dims == 3 else (-2, -1)

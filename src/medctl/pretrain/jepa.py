@@ -97,35 +97,22 @@ class Predictor(nn.Module):
 class JEPA(nn.Module):
     """Online (context) ViT, EMA target ViT, and a narrow predictor; L1 on layer-normed target features."""
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        *,
-        predictor_dim: int,
-        predictor_depth: int,
-        predictor_heads: int,
-        mask_blocks: int,
-        mask_block_scale: Sequence[float],
-        mask_aspect_ratio: Sequence[float],
-        mask_depth_scale: Sequence[float],
-        export_vjepa2: bool,
-    ):
+    def __init__(self, encoder: Encoder, settings: JepaSettings):
         super().__init__()
-        self.grid = _check_settings(encoder, predictor_dim, predictor_heads)
+        self.grid = _check_settings(encoder, settings.predictor_dim, settings.predictor_heads)
         self.mask_settings = dict(
-            n_blocks=mask_blocks,
-            block_scale=tuple(mask_block_scale),
-            aspect_ratio=tuple(mask_aspect_ratio),
-            depth_scale=tuple(mask_depth_scale),
+            n_blocks=settings.mask_blocks,
+            block_scale=tuple(settings.mask_block_scale),
+            aspect_ratio=tuple(settings.mask_aspect_ratio),
+            depth_scale=tuple(settings.mask_depth_scale),
         )
         _check_masks(self.grid, self.mask_settings)
         self.encoder = encoder
         self.target_encoder = frozen_copy(encoder)
         self.predictor = Predictor(
-            encoder.embed_dim, predictor_dim, predictor_depth, predictor_heads, self.grid
+            encoder.embed_dim, settings.predictor_dim, settings.predictor_depth, settings.predictor_heads, self.grid
         )
-        self.export_vjepa2 = export_vjepa2  # the stage also writes vjepa2_layout() as checkpoints/vjepa2.pt
-
+        self.export_vjepa2 = settings.export_vjepa2  # the stage also writes vjepa2_layout() as checkpoints/vjepa2.pt
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, D, H, W) -> {"loss", "context_tokens", "target_std"}."""

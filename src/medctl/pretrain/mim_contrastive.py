@@ -43,7 +43,6 @@ contrastive branch and the embedding used downstream see unmasked halves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -62,7 +61,7 @@ from medctl.pretrain.masks import (
     patch_mask_to_pixels,
 )
 from medctl.pretrain.spec import MethodSpec, ShareRange
-from medctl.pretrain.views import byol_view, halves_views, unsharp
+from medctl.pretrain.views import ViewSettings, byol_view, halves_views, unsharp
 from medctl.training.ssl_losses import info_nce
 
 PANEL_SEED = 0  # the reconstruction panels mask the same patches every epoch
@@ -96,46 +95,26 @@ class MIMContrastiveSettings(Section):
 class MIMContrastive(nn.Module):
     """U-Net encoder/decoder, a projection MLP, and the two losses on left/right halves."""
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        *,
-        projector_dim: int,
-        projector_hidden: int,
-        patch_size: int,
-        mask_ratio: float,
-        temperature: float,
-        contrastive_weight: float,
-        mim_weight: float,
-        halves_unsharp_amount: float,
-        halves_unsharp_sigma: float,
-        halves_intensity_jitter: float,
-        halves_noise_std: float,
-        halves_blur_prob: float,
-        halves_blur_sigma: float,
-        halves_crop_scale: Sequence[float],
-        halves_positives: str,
-    ):
+    def __init__(self, encoder: Encoder, settings: MIMContrastiveSettings):
         super().__init__()
-        self.grid = _check_settings(
-            encoder, patch_size, mask_ratio, temperature, contrastive_weight, mim_weight, halves_positives
-        )
+        self.grid = _check_settings(encoder, settings)
         self.encoder = encoder
-        self.projector = projection_mlp(encoder.embed_dim, projector_hidden, projector_dim)
-        self.patch_size, self.mask_ratio, self.temperature = patch_size, mask_ratio, temperature
-        self.contrastive_weight, self.mim_weight = contrastive_weight, mim_weight
-        self.unsharp = (halves_unsharp_sigma, halves_unsharp_amount)
+        self.projector = projection_mlp(encoder.embed_dim, settings.projector_hidden, settings.projector_dim)
+        self.patch_size, self.mask_ratio = settings.patch_size, settings.mask_ratio
+        self.temperature = settings.temperature
+        self.contrastive_weight, self.mim_weight = settings.contrastive_weight, settings.mim_weight
+        self.unsharp = (settings.halves_unsharp_sigma, settings.halves_unsharp_amount)
         self.view_settings = dict(
-            unsharp_sigma=halves_unsharp_sigma,
-            unsharp_amount=halves_unsharp_amount,
-            intensity_jitter=halves_intensity_jitter,
-            noise_std=halves_noise_std,
-            blur_prob=halves_blur_prob,
-            blur_sigma=halves_blur_sigma,
+            unsharp_sigma=settings.halves_unsharp_sigma,
+            unsharp_amount=settings.halves_unsharp_amount,
+            intensity_jitter=settings.halves_intensity_jitter,
+            noise_std=settings.halves_noise_std,
+            blur_prob=settings.halves_blur_prob,
+            blur_sigma=settings.halves_blur_sigma,
         )
-        self.crop_scale = tuple(halves_crop_scale)
-        self.positives = halves_positives
-
+        low, high = settings.halves_crop_scale
+        self.crop_scale = (low, high)
+        self.positives = settings.halves_positives
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, C, H, W) -> {"loss", "loss_contrastive", "loss_mim"}."""
@@ -160,7 +139,7 @@ class MIMContrastive(nn.Module):
         """InfoNCE on the halves (B, C, H, W/2) each; the positives are set by ``halves_positives``."""
         jitter = self.view_settings["intensity_jitter"] if self.positives == "views" else 0.0
         noise = self.view_settings["noise_std"] if self.positives == "views" else 0.0
-        crop = dict(
+        crop = ViewSettings(
             crop_scale=self.crop_scale,
             flip_prob=0.0,
             intensity_jitter=jitter,
@@ -170,9 +149,9 @@ class MIMContrastive(nn.Module):
         )  # geometry, plus (views) a second photometric draw: each half's first one is already applied
         if self.positives == "views":
             halves = torch.cat([left, right])  # (2B, C, H, W/2)
-            first, second = byol_view(halves, **crop), byol_view(halves, **crop)  # (2B, C, H, W/2) each
+            first, second = byol_view(halves, crop), byol_view(halves, crop)  # (2B, C, H, W/2) each
         else:
-            first, second = byol_view(left, **crop), byol_view(right, **crop)  # (B, C, H, W/2) each
+            first, second = byol_view(left, crop), byol_view(right, crop)  # (B, C, H, W/2) each
         bottleneck = self.encoder.forward_features(torch.cat([first, second]))  # (2N, E, h, w/2)
         z = F.normalize(self.projector(bottleneck.mean(dim=(2, 3))), dim=1)  # (2N, P), unit length
         return info_nce(*z.split(first.shape[0]), self.temperature)
@@ -209,16 +188,11 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (error * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def _check_settings(
-    encoder: Encoder,
-    patch_size: int,
-    mask_ratio: float,
-    temperature: float,
-    contrastive_weight: float,
-    mim_weight: float,
-    positives: str,
-) -> tuple[int, int]:
+def _check_settings(encoder: Encoder, settings: MIMContrastiveSettings) -> tuple[int, int]:
     """The (gh, gw) patch grid of one half; every impossible setting is reported at once."""
+    patch_size, mask_ratio, temperature = settings.patch_size, settings.mask_ratio, settings.temperature
+    contrastive_weight, mim_weight = settings.contrastive_weight, settings.mim_weight
+    positives = settings.halves_positives
     name = getattr(encoder, "name", type(encoder).__name__)
     if encoder.spatial_dims != 2 or not hasattr(encoder, "decode") or not hasattr(encoder, "encode"):
         raise ConfigError(

@@ -1,54 +1,47 @@
-"""Is pretraining learning anything? Collapse checks, online k-NN, t-SNE, reconstruction panels, loss curve.
+"""Is pretraining learning anything? The monitor a run carries: collapse checks and their verdict, figures.
 
 Everything runs on fixed, seeded subsets of the train and val splits (``pretrain.monitor_samples``
-each), embedded with the method's online encoder in eval mode without gradients:
+each), embedded with the method's online encoder in eval mode without gradients; what is measured on them
+(collapse statistics, the online k-NN) is :mod:`medctl.pretrain.embeddings`, the figures (t-SNE,
+reconstruction panels, the loss curve) :mod:`medctl.pretrain.figures`.
 
-- collapse: the per-dimension standard deviation of the L2-normalised embeddings, mean and min. Spread
-  out unit vectors in D dimensions have a std near ``1 / sqrt(D)`` per dimension; a collapsed encoder
-  (every input mapped to one point) drives it to 0. An absolute threshold cannot tell a good encoder from
-  a bad one (mean-pooled tokens, or GroupNorm + ReLU maps, sit far below ``1 / sqrt(D)`` at any stage), so
-  the check is calibrated: :func:`calibrate` measures the same encoder before pretraining (its random
-  initialisation, or ``model.checkpoint``), every check reports ``embed_std_ratio`` (now / before), and a
-  warning is logged only when the representation is worse than before: the ratio below
-  ``COLLAPSE_RATIO`` and, where labels allow a k-NN, its accuracy no better than before. The advice
-  names what controls collapse in that method (:data:`COLLAPSE_ADVICE`).
+- collapse: an absolute threshold on the embeddings' spread cannot tell a good encoder from a bad one
+  (mean-pooled tokens, or GroupNorm + ReLU maps, sit far below ``1 / sqrt(D)`` at any stage), so the check
+  is calibrated: :func:`calibrate` measures the same encoder before pretraining (its random initialisation,
+  or ``model.checkpoint``), every check reports ``embed_std_ratio`` (now / before), and a warning is logged
+  only when the representation is worse than before: the ratio below ``COLLAPSE_RATIO`` and, where labels
+  allow a k-NN, its accuracy no better than before. The advice names what controls collapse in that method
+  (:data:`COLLAPSE_ADVICE`).
 - the collapse verdict (:class:`CollapseCheck`, on by default and with monitoring off too): after
   ``pretrain.collapse_check_epoch`` epochs and after the last, the spread against the calibrated reference and
   the online k-NN against chance (:class:`CollapseVerdict`); a failed one is a loud warning, and ends the run
   under ``pretrain.stop_on_collapse`` (:class:`EpochWatch`, ``fit``'s ``stop_when``), which also warns when a
   pretext head solves its task in the first epochs while BYOL stalls (a shortcut).
-- k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
-  embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
-  Discrimination", CVPR 2018); the accuracy, per binary/multiclass target.
-- t-SNE (van der Maaten and Hinton, JMLR 2008; sklearn) of the train and val subsets coloured by label,
-  perplexity adapted to small N.
 
 Without a val split (normal for unlabelled pretraining) everything runs on the train subset alone and the
 k-NN accuracy is left out. A figure that cannot be drawn is a logged warning, never the end of a run.
-- reconstruction panels (original, mask, reconstruction, residual) for methods that reconstruct.
-- the loss curve at the end, from ``fit``'s history.
-
-Figures are PNGs drawn into their own matplotlib ``Figure`` (no pyplot, no global state).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from matplotlib.figure import Figure
-from sklearn.manifold import TSNE
-from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
-from medctl.data.tables import TargetSpec
-from medctl.evaluation.plots import plot_training_curves, save_figure
+from medctl.pretrain.embeddings import (
+    Embeddings,
+    collapse_stats,
+    embed_items,
+    fixed_subset,
+    knn_metrics,
+    stack_items,
+    std_ratio,
+)
+from medctl.pretrain.figures import PANEL_ROWS, draw_tsne, drawn, plot_loss_curve, plot_reconstruction
 from medctl.progress import log
 from medctl.training.distributed import is_rank0
 from medctl.training.precision import autocast_context
@@ -61,83 +54,6 @@ COLLAPSE_ADVICE = {
     "mim_contrastive": "InfoNCE spreads the projections, not the pooled embedding: raise pretrain.mim_contrastive.contrastive_weight "
     "relative to pretrain.mim_contrastive.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
 }
-PANEL_ROWS = 4
-
-
-@dataclass
-class Embeddings:
-    """Embeddings of some items of a dataset, with their labels (binary/multiclass targets only)."""
-
-    vectors: np.ndarray  # (N, D) float32
-    labels: dict[str, np.ndarray] = field(default_factory=dict)  # target -> (N,) class indices
-    ids: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------- embeddings
-def fixed_subset(n: int, limit: int, seed: int) -> list[int]:
-    """At most ``limit`` of ``range(n)``, drawn once with ``seed`` (sorted), so every epoch sees the same items."""
-    if n <= limit:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
-
-
-def stack_items(dataset: Any, indices: Sequence[int]) -> dict[str, Any]:
-    """Items ``indices`` of a map-style dataset collated by hand (no DataLoader, so no RNG is drawn)."""
-    items = [dataset[i] for i in indices]
-    batch: dict[str, Any] = {"ids": [item["id"] for item in items]}
-    for key in items[0]:
-        if isinstance(items[0][key], torch.Tensor):
-            batch[key] = torch.stack([item[key] for item in items])
-    return batch
-
-
-@torch.no_grad()
-def embed_items(
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    dataset: Any,
-    indices: Sequence[int],
-    targets: Sequence[TargetSpec],
-    *,
-    batch_size: int,
-    device: torch.device,
-) -> Embeddings:
-    """``embed`` (B, C, *S) -> (B, D) over ``dataset[indices]`` in batches; labels of class targets kept."""
-    vectors, ids = [], []
-    labels: dict[str, list[np.ndarray]] = {t.name: [] for t in targets if t.kind != "multilabel"}
-    for start in range(0, len(indices), batch_size):
-        batch = stack_items(dataset, indices[start : start + batch_size])
-        vectors.append(embed(batch["image"].to(device)).float().cpu().numpy())  # (b, D)
-        ids += batch["ids"]
-        for name in labels:
-            labels[name].append(batch[name].numpy().reshape(-1))
-    dim = vectors[0].shape[1] if vectors else 0
-    return Embeddings(
-        np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
-        {name: np.concatenate(parts) for name, parts in labels.items() if parts},
-        ids,
-    )
-
-
-# --------------------------------------------------------------------------------------- collapse
-def collapse_stats(vectors: np.ndarray) -> dict[str, float]:
-    """Per-dimension std of L2-normalised embeddings (N, D): its mean and min, and 1/sqrt(D) for scale."""
-    if len(vectors) < 2:
-        raise ValueError("the collapse check needs at least 2 embeddings")
-    unit = F.normalize(torch.as_tensor(vectors, dtype=torch.float64), dim=1)  # (N, D)
-    std = unit.std(dim=0)  # (D,)
-    return {
-        "embed_std_mean": float(std.mean()),
-        "embed_std_min": float(std.min()),
-        "embed_std_reference": 1.0 / math.sqrt(unit.shape[1]),
-    }
-
-
-def std_ratio(stats: dict[str, float], reference: dict[str, float]) -> float:
-    """Mean per-dimension std now over the same before pretraining (inf when the reference is 0)."""
-    before = reference.get("embed_std_mean", 0.0)
-    return stats["embed_std_mean"] / before if before > 0 else math.inf
-
-
 def collapse_warning(
     stats: dict[str, float], reference: dict[str, float] | None, method: str, knn: float | None = None
 ) -> str:
@@ -163,44 +79,6 @@ def collapse_warning(
         f"embeddings are collapsing: mean per-dimension std {stats['embed_std_mean']:.2e} is {ratio:.2f}x that of "
         f"the encoder before pretraining ({reference['embed_std_mean']:.2e}){knn_text}; {advice}"
     )
-
-
-# -------------------------------------------------------------------------------------------- k-NN
-def knn_accuracy(
-    train_vectors: np.ndarray,
-    train_labels: np.ndarray,
-    query_vectors: np.ndarray,
-    query_labels: np.ndarray,
-    k: int = 5,
-) -> float:
-    """Accuracy of a cosine k-NN vote (``k = min(k, N_train)``) of the queries against the train embeddings."""
-    if len(train_vectors) == 0 or len(query_vectors) == 0:
-        raise ValueError("k-NN needs train and query embeddings")
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(train_vectors)), metric="cosine", algorithm="brute")
-    knn.fit(train_vectors, train_labels)
-    return float((knn.predict(query_vectors) == query_labels).mean())
-
-
-def knn_metrics(train: Embeddings, val: Embeddings, k: int = 5) -> dict[str, float]:
-    """``knn_accuracy`` (mean over class targets) and ``knn_accuracy_<target>`` when there are several."""
-    names = [name for name in train.labels if name in val.labels]
-    if not names or len(train.vectors) == 0 or len(val.vectors) == 0:
-        return {}
-    per_target = {
-        name: knn_accuracy(train.vectors, train.labels[name], val.vectors, val.labels[name], k)
-        for name in names
-    }
-    chance = [majority_share(val.labels[name]) for name in names]
-    out = {"knn_accuracy": float(np.mean(list(per_target.values()))), "knn_chance": float(np.mean(chance))}
-    out["knn_margin"] = math.sqrt(out["knn_chance"] * (1.0 - out["knn_chance"]) / len(val.vectors))
-    if len(per_target) > 1:
-        out |= {f"knn_accuracy_{name}": value for name, value in per_target.items()}
-    return out
-
-
-def majority_share(labels: np.ndarray) -> float:
-    """The accuracy of always answering the most frequent class: a k-NN vote's chance level."""
-    return float(np.bincount(np.asarray(labels, dtype=np.int64)).max() / len(labels))
 
 
 # ------------------------------------------------------------------------------------------ verdict
@@ -400,105 +278,6 @@ class EpochWatch:
         return lines
 
 
-# ------------------------------------------------------------------------------------------ figures
-def tsne_perplexity(n: int) -> float:
-    """sklearn's default of 30 for large N; about N/3 for small N (it must stay below N)."""
-    return float(max(1.0, min(30.0, (n - 1) / 3.0)))
-
-
-def plot_tsne(
-    vectors: np.ndarray,
-    labels: np.ndarray | None,
-    classes: Sequence[str],
-    path: str | Path,
-    *,
-    title: str = "",
-    groups: np.ndarray | None = None,
-    seed: int = 0,
-) -> Path | None:
-    """A 2D t-SNE of (N, D) embeddings coloured by class (markers by ``groups``); None when N < 4."""
-    n = len(vectors)
-    if n < 4:
-        return None
-    points = TSNE(
-        n_components=2, perplexity=tsne_perplexity(n), init="pca", learning_rate="auto", random_state=seed
-    ).fit_transform(np.asarray(vectors, dtype=np.float64))  # (N, 2)
-    fig = Figure(figsize=(5.0, 4.2))
-    ax = fig.subplots()
-    groups = np.zeros(n, dtype=object) if groups is None else np.asarray(groups, dtype=object)
-    markers = dict(zip(sorted(set(groups.tolist())), "o^sDvP*", strict=False))
-    labels = np.zeros(n, dtype=int) if labels is None else np.asarray(labels)
-    colours = {c: f"C{i % 10}" for i, c in enumerate(sorted(set(labels.tolist())))}
-    for group, marker in markers.items():
-        for label, colour in colours.items():
-            chosen = (groups == group) & (labels == label)
-            if chosen.any():
-                name = classes[label] if 0 <= label < len(classes) else str(label)
-                legend = f"{name}" + (f" ({group})" if len(markers) > 1 else "")
-                ax.scatter(points[chosen, 0], points[chosen, 1], s=18, c=colour, marker=marker, label=legend)
-    ax.set_title(title or "t-SNE of embeddings")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
-
-
-def centre_slice(x: torch.Tensor) -> np.ndarray:
-    """(C, *S) -> the first channel's 2D image; volumes give their centre axial slice."""
-    image = x[0]
-    if image.ndim == 3:
-        image = image[image.shape[0] // 2]
-    return image.detach().float().cpu().numpy()
-
-
-def plot_reconstruction(
-    original: torch.Tensor,
-    mask: torch.Tensor,
-    reconstruction: torch.Tensor,
-    path: str | Path,
-    *,
-    title: str = "",
-) -> Path:
-    """Rows of samples, columns original | mask | reconstruction | residual; (B, C, *S) tensors, mask (B, 1, *S)."""
-    rows = min(PANEL_ROWS, original.shape[0])
-    fig = Figure(figsize=(8.4, 2.2 * rows))
-    axes = fig.subplots(rows, 4, squeeze=False)
-    for r in range(rows):
-        image, recon = centre_slice(original[r]), centre_slice(reconstruction[r])
-        low, high = float(np.percentile(image, 1)), float(np.percentile(image, 99))
-        panels = [
-            ("original", image, dict(cmap="gray", vmin=low, vmax=high)),
-            (
-                "mask" if mask.any() else "mask (none)",
-                centre_slice(mask[r]),
-                dict(cmap="magma", vmin=0, vmax=1),
-            ),
-            ("reconstruction", recon, dict(cmap="gray", vmin=low, vmax=high)),
-            ("|residual|", np.abs(image - recon), dict(cmap="inferno", vmin=0)),
-        ]
-        for c, (name, data, style) in enumerate(panels):
-            ax = axes[r][c]
-            ax.imshow(data, **style)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """The training loss and its parts per epoch (and the k-NN accuracy when it was measured)."""
-    keys = ["loss"] + sorted(
-        {k[len("train_") :] for row in history for k in row if k.startswith("train_loss_")}
-    )
-    if any("val_knn_accuracy" in row for row in history):
-        keys.append("knn_accuracy")
-    return plot_training_curves(list(history), path, keys)
-
-
 def warn_if_collapsing(
     stats: dict[str, float], reference: dict[str, float] | None, method: str, knn: float | None = None
 ) -> None:
@@ -628,31 +407,6 @@ def draw_panel(method: nn.Module, monitor: Monitor, path: Path, title: str) -> P
     if shown is None:
         return None
     return plot_reconstruction(shown["original"], shown["mask"], shown["reconstruction"], path, title=title)
-
-
-def draw_tsne(
-    train: Embeddings, val: Embeddings, targets: Sequence[TargetSpec], path: Path, title: str, seed: int = 0
-) -> Path | None:
-    """t-SNE of the train and val embeddings that exist (either may be empty), coloured by the first
-    class target's label."""
-    parts = {name: e for name, e in (("train", train), ("val", val)) if len(e.vectors)}
-    if not parts:
-        return None
-    vectors = np.concatenate([e.vectors for e in parts.values()])  # (N, D)
-    groups = np.array([name for name, e in parts.items() for _ in range(len(e.vectors))], dtype=object)
-    spec = next((t for t in targets if all(t.name in e.labels for e in parts.values())), None)
-    labels = np.concatenate([e.labels[spec.name] for e in parts.values()]) if spec is not None else None
-    classes = spec.classes if spec is not None else []
-    return plot_tsne(vectors, labels, classes, path, title=title, groups=groups, seed=seed)
-
-
-def drawn(what: str, draw: Callable[..., Path | None], *args: Any) -> Path | None:
-    """``draw(*args)``, or None with a logged warning when it fails: a figure never ends a run."""
-    try:
-        return draw(*args)
-    except Exception as exc:  # monitoring is a look at the run, not the run: say what failed, go on
-        log(f"warning: could not draw {what} ({type(exc).__name__}: {exc}); the run goes on")
-        return None
 
 
 def final_figures(

@@ -1,8 +1,8 @@
 """What a pretraining method registers: its typed ``[pretrain.<name>]`` table, its minimum batch, its module.
 
 A method is one module (``pretrain/byol.py``, ...) that defines a :class:`~medctl.config.Section` of its own
-settings (defaults and checks beside the code that reads them), an ``nn.Module`` whose keyword-only
-constructor arguments are exactly the section's fields (``Module(encoder, **fields)``), and one
+settings (defaults and checks beside the code that reads them), an ``nn.Module`` built from the encoder and
+that section, passed whole (``Module(encoder, settings)``), and one
 :class:`MethodSpec`; :data:`medctl.pretrain.METHODS` lists the specs, one line per method.
 """
 
@@ -25,8 +25,8 @@ class MethodSpec:
     min_batch_reason: str = ""  # why, for that error: "BatchNorm in the projector"
 
     def build(self, encoder: nn.Module, settings: Section) -> nn.Module:
-        """The module around ``encoder``: the table's fields are its keyword arguments, one to one."""
-        return self.module(encoder, **dict(settings))
+        """The module around ``encoder``, configured by its typed table."""
+        return self.module(encoder, settings)
 
 
 def _share_range(value: list[float]) -> list[float]:

@@ -12,6 +12,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def random_rotation(
     for k in (1, 2, 3):
         chosen = labels == k
         if chosen.any():
-            out[chosen] = torch.rot90(x[chosen], k, dims=dims)
+            out[chosen] = rotate_volume(x[chosen], k, dims)
     return out, labels
 
 
@@ -201,12 +202,6 @@ def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, 2 * depth, 2 * height, 2 * width)
 
 
-def apply_jigsaw(x: torch.Tensor, perm: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Shuffle the 8 blocks of (..., D, H, W): output block ``i`` is input block ``perm[i]``."""
-    perm = torch.as_tensor(perm, dtype=torch.long, device=x.device)
-    return _from_blocks(_to_blocks(x)[..., perm, :, :, :])
-
-
 def random_jigsaw(
     x: torch.Tensor, perms: torch.Tensor, *, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,26 +214,28 @@ def random_jigsaw(
 
 
 # -------------------------------------------------------------------------------------- BYOL views
-def byol_view(
-    x: torch.Tensor,
-    *,
-    crop_scale: Sequence[float],
-    flip_prob: float,
-    intensity_jitter: float,
-    noise_std: float,
-    blur_prob: float,
-    blur_sigma: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class ViewSettings:
+    """How a BYOL view is drawn (``[pretrain.byol] view_*``): crop-resize, flips, then :func:`photometric`."""
+
+    crop_scale: tuple[float, float]  # share of the volume a crop keeps before resizing back
+    flip_prob: float  # per spatial axis
+    intensity_jitter: float  # scale in [1-j, 1+j], shift in [-j, j]
+    noise_std: float
+    blur_prob: float
+    blur_sigma: float  # voxels
+
+
+def byol_view(x: torch.Tensor, views: ViewSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """One random view of (B, C, *spatial), same shape: crop-resize, flips, then :func:`photometric`.
 
-    The crop keeps a share ``s ~ U(crop_scale)`` of the volume (each axis ``s ** (1 / ndim)`` of its
+    The crop keeps a share ``s ~ U(views.crop_scale)`` of the volume (each axis ``s ** (1 / ndim)`` of its
     length) at a random place and resamples it back to the full size (one batched ``grid_sample``);
-    each spatial axis is flipped with probability ``flip_prob``.
+    each spatial axis is flipped with probability ``views.flip_prob``.
     """
-    low, high = crop_scale
+    low, high = views.crop_scale
     if not 0 < low <= high <= 1:
-        raise ValueError(f"pretrain.byol.view_crop_scale = {list(crop_scale)}: needs 0 < low <= high <= 1")
+        raise ValueError(f"pretrain.byol.view_crop_scale = {list(views.crop_scale)}: needs 0 < low <= high <= 1")
     batch, ndim = x.shape[0], x.ndim - 2
     share = low + (high - low) * _rand((batch,), generator, x.device)  # (B,)
     side = share ** (1.0 / ndim)  # (B,) fraction of each axis
@@ -249,40 +246,23 @@ def byol_view(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     for axis in range(2, x.ndim):
-        flipped = _rand((batch,), generator, x.device) < flip_prob
+        flipped = _rand((batch,), generator, x.device) < views.flip_prob
         out = torch.where(_per_sample(flipped, out), out.flip(axis), out)
     return photometric(
         out,
-        intensity_jitter=intensity_jitter,
-        noise_std=noise_std,
-        blur_prob=blur_prob,
-        blur_sigma=blur_sigma,
+        intensity_jitter=views.intensity_jitter,
+        noise_std=views.noise_std,
+        blur_prob=views.blur_prob,
+        blur_sigma=views.blur_sigma,
         generator=generator,
     )
 
 
 def byol_views(
-    x: torch.Tensor,
-    *,
-    crop_scale: Sequence[float],
-    flip_prob: float,
-    intensity_jitter: float,
-    noise_std: float,
-    blur_prob: float,
-    blur_sigma: float,
-    generator: torch.Generator | None = None,
+    x: torch.Tensor, views: ViewSettings, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent :func:`byol_view` s of the same batch (B, C, *spatial), drawn with the same settings."""
-    settings = dict(
-        crop_scale=crop_scale,
-        flip_prob=flip_prob,
-        intensity_jitter=intensity_jitter,
-        noise_std=noise_std,
-        blur_prob=blur_prob,
-        blur_sigma=blur_sigma,
-        generator=generator,
-    )
-    return byol_view(x, **settings), byol_view(x, **settings)
+    return byol_view(x, views, generator), byol_view(x, views, generator)
 
 
 # --------------------------------------------------------------------------------- pretext shortcuts

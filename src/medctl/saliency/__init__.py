@@ -6,7 +6,6 @@
 
 from medctl.saliency.attribution import (
     METHODS,
-    AttributionSettings,
     ClassScores,
     auto_internal_batch_size,
     compute_map,
@@ -32,7 +31,6 @@ from medctl.saliency.scoring import (
 
 __all__ = [
     "METHODS",
-    "AttributionSettings",
     "ClassScores",
     "Geometry",
     "SaliencyResult",

@@ -2,7 +2,8 @@
 
 Every method in :data:`METHODS` has one signature, ``method(scores, x, target, settings)``: ``scores`` is a
 :class:`ClassScores` (the classifier reduced to one target's per-class scores), ``x`` one input
-``(1, C, *S)`` on the model's device, ``target`` a class index, and the result a float32 numpy map of
+``(1, C, *S)`` on the model's device, ``target`` a class index, ``settings`` the ``[saliency]`` section
+(its ``gradcam_layer`` already resolved to the layer this method reads), and the result a float32 numpy map of
 shape ``S`` (2D or 3D). Channels are summed (signed methods) or max-reduced (gradient magnitude).
 
 - Integrated gradients (Sundararajan et al. 2017, Captum ``IntegratedGradients``): zero baseline,
@@ -36,7 +37,6 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -52,6 +52,7 @@ from captum.attr import (
 )
 from torch import nn
 
+from medctl.config import SaliencyConfig
 from medctl.errors import ConfigError, RunFailure, UserError
 from medctl.progress import log
 
@@ -107,46 +108,6 @@ class ClassScores(nn.Module):
         return torch.softmax(scores, dim=1)
 
 
-# ---------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class AttributionSettings:
-    """What the methods need beyond the model and the input (values from ``[saliency]``).
-
-    ``internal_batch_size`` 0 chooses it automatically; ``memory_budget_bytes`` 0 means the automatic
-    budget (:data:`CUDA_FREE_SHARE` of free CUDA memory, :data:`CPU_BUDGET_BYTES` on CPU).
-    """
-
-    ig_steps: int
-    occlusion_window: tuple[int, ...]
-    occlusion_stride: tuple[int, ...]
-    internal_batch_size: int = 0
-    memory_budget_bytes: int = 0
-    gradcam_layer: str = ""  # a module path inside the encoder; "" is the encoder's own gradcam_layer
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.ig_steps < 2:
-            problems.append(
-                f"`saliency.ig_steps` = {self.ig_steps}: integrated gradients needs at least 2 steps"
-            )
-        for key, values in (
-            ("occlusion_window", self.occlusion_window),
-            ("occlusion_stride", self.occlusion_stride),
-        ):
-            if not values or any(int(v) < 1 for v in values):
-                problems.append(
-                    f"`saliency.{key}` = {list(values)}: give one positive size per spatial axis, e.g. [4, 8, 8]"
-                )
-        if self.internal_batch_size < 0:
-            problems.append(
-                f"`saliency.internal_batch_size` = {self.internal_batch_size}: use 0 (automatic) or a positive size"
-            )
-        if self.memory_budget_bytes < 0:
-            problems.append("`saliency.memory_budget_gb` must be 0 (automatic) or positive")
-        if problems:
-            raise ConfigError(problems)
-
-
 def spatial_window(values: Sequence[int], spatial_shape: Sequence[int], key: str) -> tuple[int, ...]:
     """A window/stride for this input: one entry per spatial axis, clamped to the axis size.
 
@@ -197,6 +158,11 @@ def _forward_backward(scores: ClassScores, x: torch.Tensor, target: int) -> None
     del grad
 
 
+def configured_budget_bytes(settings: SaliencyConfig) -> int:
+    """``saliency.memory_budget_gb`` in bytes; 0 asks for the automatic budget (:func:`memory_budget`)."""
+    return int(settings.memory_budget_gb * 1024**3)
+
+
 def memory_budget(device: torch.device, budget_bytes: int = 0) -> int:
     """The bytes one attribution batch may use: the given budget, else the automatic one."""
     if budget_bytes > 0:
@@ -244,11 +210,11 @@ def integrated_gradients_attribution(
 
 
 def integrated_gradients(
-    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+    scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig
 ) -> np.ndarray:
     """Integrated gradients from a zero baseline (Captum), internal batch sized to fit memory."""
     batch = settings.internal_batch_size or auto_internal_batch_size(
-        scores, x, target, limit=settings.ig_steps, budget_bytes=settings.memory_budget_bytes
+        scores, x, target, limit=settings.ig_steps, budget_bytes=configured_budget_bytes(settings)
     )
     attributions, _delta = integrated_gradients_attribution(
         scores, x, target, n_steps=settings.ig_steps, internal_batch_size=batch
@@ -256,7 +222,7 @@ def integrated_gradients(
     return _to_map(attributions.sum(dim=1))
 
 
-def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+def gradients(scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig) -> np.ndarray:
     """Plain input gradients (Captum Saliency), absolute values."""
     attributions = Saliency(scores).attribute(x, target=target, abs=True)  # (1, C, *S)
     return _to_map(attributions.amax(dim=1))
@@ -266,7 +232,7 @@ _NO_RELU_NOTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def guided_backprop(
-    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+    scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig
 ) -> np.ndarray:
     """Guided backpropagation (Captum); changes ReLU backward passes only."""
     if scores.classifier not in _NO_RELU_NOTED and not any(isinstance(m, nn.ReLU) for m in scores.modules()):
@@ -276,18 +242,18 @@ def guided_backprop(
     return _to_map(attributions.sum(dim=1))
 
 
-def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+def gradcam(scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig) -> np.ndarray:
     """Grad-CAM on the encoder's last spatial layer (or saliency.gradcam_layer), upsampled to the input."""
     return _class_activation_map(scores, x, target, settings, elementwise=False)
 
 
-def hirescam(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+def hirescam(scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig) -> np.ndarray:
     """HiResCAM on Grad-CAM's layer: gradient times activation at each position, summed over channels."""
     return _class_activation_map(scores, x, target, settings, elementwise=True)
 
 
 def _class_activation_map(
-    scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings, *, elementwise: bool
+    scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig, *, elementwise: bool
 ) -> np.ndarray:
     """``relu(sum_c weight_c * A_c)`` on the chosen layer, upsampled to the input: ``weight_c`` is the
     gradient averaged over positions (Grad-CAM) or the gradient at each position (HiResCAM)."""
@@ -410,7 +376,7 @@ def token_gradcam(
     return cam.reshape(cam.shape[0], 1, *grid)  # (B, 1, *grid)
 
 
-def occlusion(scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings) -> np.ndarray:
+def occlusion(scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig) -> np.ndarray:
     """Occlusion with saliency.occlusion_window / occlusion_stride (Captum)."""
     spatial = tuple(x.shape[2:])
     window = spatial_window(settings.occlusion_window, spatial, "occlusion_window")
@@ -421,7 +387,7 @@ def occlusion(scores: ClassScores, x: torch.Tensor, target: int, settings: Attri
         x,
         target,
         limit=min(n_windows, MAX_PERTURBATIONS_PER_EVAL),
-        budget_bytes=settings.memory_budget_bytes,
+        budget_bytes=configured_budget_bytes(settings),
     )
     channels = x.shape[1]
     attributions = Occlusion(scores).attribute(
@@ -440,7 +406,7 @@ def _to_map(attribution: torch.Tensor) -> np.ndarray:
     return attribution[0].detach().float().cpu().numpy().astype(np.float32, copy=False)
 
 
-MethodFn = Callable[[ClassScores, torch.Tensor, int, AttributionSettings], np.ndarray]
+MethodFn = Callable[[ClassScores, torch.Tensor, int, SaliencyConfig], np.ndarray]
 
 METHODS: dict[str, MethodFn] = {
     "integrated_gradients": integrated_gradients,
@@ -472,7 +438,7 @@ def resolve_methods(names: Sequence[str]) -> list[str]:
 
 
 def compute_map(
-    method: str, scores: ClassScores, x: torch.Tensor, target: int, settings: AttributionSettings
+    method: str, scores: ClassScores, x: torch.Tensor, target: int, settings: SaliencyConfig
 ) -> np.ndarray:
     """One method's map ``(*S)`` for input ``x`` ``(1, C, *S)`` and class ``target``.
 

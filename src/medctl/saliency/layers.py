@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,8 +70,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from medctl.config import SaliencyConfig
 from medctl.evaluation.proportions import above_chance, format_p
-from medctl.saliency.attribution import AttributionSettings, ClassScores, compute_map
+from medctl.saliency.attribution import ClassScores, compute_map
 from medctl.saliency.scoring import mass_in_mask, pointing_chance, pointing_game
 
 CELLS_ACROSS_TARGET = 2  # with masks: at least two map cells across the median lesion, along every axis
@@ -213,7 +214,7 @@ def check_cam_layers(
     *,
     source: str,
     method: str,
-    settings: AttributionSettings,
+    settings: SaliencyConfig,
     tolerance: int = 0,
     alpha: float,
 ) -> CamLayerChoice:
@@ -229,7 +230,7 @@ def check_cam_layers(
     chance = float(np.mean([pointing_chance(sample.mask, tolerance=tolerance) for sample in check]))
     scored = []
     for candidate in candidates:
-        layer_settings = replace(settings, gradcam_layer=candidate["name"])
+        layer_settings = settings.model_copy(update={"gradcam_layer": candidate["name"]})
         hits, masses = [], []
         for sample in check:
             amap = compute_map(method, scores, sample.x, sample.target, layer_settings)  # (*S)

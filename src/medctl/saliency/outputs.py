@@ -22,8 +22,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from medctl.io import atomic_write, write_text_atomic
-from medctl.saliency.geometry import Geometry
+from medctl.io import MISSING, atomic_write, format_number, markdown_table, write_text_atomic
+from medctl.saliency.geometry import Geometry, resample_to_grid, resample_to_shape
 from medctl.saliency.scoring import flat_counts, hits_text, peak_voxel
 
 INDEX_COLUMNS = [
@@ -59,20 +59,20 @@ def random_weight_hits(entry: Mapping[str, Any]) -> str:
     """``1/4 (trained 3/4)``: the randomised model's pointing-game hits beside the trained model's on the same
     checked lesion samples; ``—`` when none was checked."""
     n = entry.get("random_weights_scored") or 0
-    return f"{entry['random_weights_hits']}/{n} (trained {entry['checked_hits']}/{n})" if n else "—"
+    return f"{entry['random_weights_hits']}/{n} (trained {entry['checked_hits']}/{n})" if n else MISSING
 
 
 def deletion_cell(entry: Mapping[str, Any]) -> str:
     """``0.21 (order 0.45, weights 0.40)``: the mean deletion area beside its baselines; ``—`` without."""
     deletion = entry.get("deletion") or {}
     if not deletion:
-        return "—"
+        return MISSING
     others = [
-        f"{name} {deletion[f'random_{name}_auc']:.2f}"
+        f"{name} {format_number(deletion[f'random_{name}_auc'], 2)}"
         for name in ("order", "weights")
         if f"random_{name}_auc" in deletion
     ]
-    return f"{deletion['auc']:.2f}" + (f" ({', '.join(others)})" if others else "")
+    return format_number(deletion["auc"], 2) + (f" ({', '.join(others)})" if others else "")
 
 
 def summary_lines(scores: Mapping[str, Mapping[str, Any]], alpha: float) -> list[str]:
@@ -118,24 +118,27 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     scores, baselines = report["scores"], report.get("baselines") or {}
     settings = report["settings"]
     lesions = report.get("lesions_in_split")
-    lines = [
-        f"# Saliency of `{report['target_name']}` (explaining: {report['target']})",
-        "",
-        "| map | pointing game [95% CI] (hits) | chance | mass in mask | randomisation ρ | random-weight hits | "
-        "deletion AUC (random order, weights) | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    header = [
+        "map", "pointing game [95% CI] (hits)", "chance", "mass in mask", "randomisation ρ", "random-weight hits",
+        "deletion AUC (random order, weights)", "verdict",
+    ]  # fmt: skip
+    rows = [
+        [
+            method, hits_text(entry, lesions), format_number(entry["pointing_chance"]),
+            format_number(entry["mass_in_mask"]), format_number(entry["randomisation_spearman"], 2),
+            random_weight_hits(entry), deletion_cell(entry), entry.get("verdict") or MISSING,
+        ]  # fmt: skip
+        for method, entry in scores.items()
     ]
-    for method, entry in scores.items():
-        lines.append(
-            f"| {method} | {hits_text(entry, lesions)} | {_f(entry['pointing_chance'])} | {_f(entry['mass_in_mask'])} | "
-            f"{_f(entry['randomisation_spearman'], 2)} | {random_weight_hits(entry)} | {deletion_cell(entry)} | "
-            f"{entry.get('verdict') or '—'} |"
-        )
-    for name, entry in baselines.items():
-        lines.append(
-            f"| {name.replace('_', ' ')} (no model) | {hits_text(entry, lesions)} | {_f(entry['pointing_chance'])} | "
-            f"{_f(entry['mass_in_mask'])} | | | | baseline |"
-        )
+    rows += [
+        [
+            f"{name.replace('_', ' ')} (no model)", hits_text(entry, lesions), format_number(entry["pointing_chance"]),
+            format_number(entry["mass_in_mask"]), "", "", "", "baseline",
+        ]  # fmt: skip
+        for name, entry in baselines.items()
+    ]
+    lines = [f"# Saliency of `{report['target_name']}` (explaining: {report['target']})", ""]
+    lines += markdown_table(header, rows, "lrrrrrrl")
     lines += ["", *summary_lines(scores, settings["alpha"])]
     lines += [
         "",
@@ -161,29 +164,26 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 f"Held-out check of {method}'s layer ({len(check['ids'])} lesion samples of the {check['source']}, "
                 f"not among those reported; {check['seconds']:.1f} s):",
                 "",
-                "| layer | map | check hits | check pointing game | check mass in mask |",
-                "| --- | --- | ---: | ---: | ---: |",
             ]
-            for candidate in cam["candidates"]:
-                if "check_pointing_hit_rate" in candidate:
-                    chosen = " (chosen)" if candidate["name"] == cam["name"] else ""
-                    lines.append(
-                        f"| `{candidate['name']}`{chosen} | {'x'.join(map(str, candidate['shape']))} | "
-                        f"{candidate['check_hits']}/{len(check['ids'])} | {_f(candidate['check_pointing_hit_rate'])} | "
-                        f"{_f(candidate['check_mass_in_mask'])} |"
-                    )
+            rows = [
+                [
+                    f"`{candidate['name']}`" + (" (chosen)" if candidate["name"] == cam["name"] else ""),
+                    "x".join(map(str, candidate["shape"])), f"{candidate['check_hits']}/{len(check['ids'])}",
+                    format_number(candidate["check_pointing_hit_rate"]), format_number(candidate["check_mass_in_mask"]),
+                ]  # fmt: skip
+                for candidate in cam["candidates"]
+                if "check_pointing_hit_rate" in candidate
+            ]
+            header = ["layer", "map", "check hits", "check pointing game", "check mass in mask"]
+            lines += markdown_table(header, rows, "llrrr")
             if not check["significant"]:
                 lines += [
                     "",
-                    f"Warning: the best candidate is not significantly above chance ({check['p']:.3f}); no layer "
+                    f"Warning: the best candidate is not significantly above chance ({format_number(check['p'])}); no layer "
                     f"made {method} locate the held-out lesions, so its maps here are not evidence of where the "
                     "model looks.",
                 ]
     return "\n".join(lines) + "\n"
-
-
-def _f(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def safe_name(text: str) -> str:
@@ -348,3 +348,96 @@ def _overlay(amap: np.ndarray, vmax: float, signed: bool) -> np.ndarray:
         rgba = colormaps["inferno"](np.clip(amap / vmax, 0, 1))
     rgba[..., 3] = 0.85 * np.clip(np.abs(amap) / vmax, 0, 1) ** 0.5
     return rgba
+
+
+# ------------------------------------------------------------------------------------- map files
+SPECTROGRAM_AXES = ("frequency (Hz)", "time (s)")  # EEG windows: rows are frequencies, columns times
+
+
+def write_map(
+    out_dir: Path,
+    folder: Path,
+    method: str,
+    amap: np.ndarray,
+    display: np.ndarray,
+    mask: np.ndarray | None,
+    grid: Geometry | None,
+    source: Geometry | None,
+    row: Mapping[str, Any],
+    spectrogram: bool = False,
+) -> dict[str, str]:
+    """The map as NRRD (preprocessed grid, and the source grid when known) and as a PNG panel."""
+    files = {"map_nrrd": write_nrrd(folder / f"{method}.nrrd", amap, grid)}
+    if source is not None and grid is not None:
+        original = resample_to_grid(amap, grid, source)  # (*orig_shape)
+        files["map_original_nrrd"] = write_nrrd(folder / f"{method}_original.nrrd", original, source)
+    title = (
+        f"{row['id']} | {method} | explains {row['target_class']} (p={row['target_probability']:.2f}) | "
+        f"pred {row['prediction']}" + (f" | label {row['label']}" if row["label"] else "")
+    )
+    spacing = grid.spacing if grid is not None else None
+    files["panel_png"] = save_panel(
+        folder / f"{method}.png",
+        display,
+        amap,
+        mask=mask,
+        spacing=spacing,
+        title=title,
+        axis_labels=SPECTROGRAM_AXES if spectrogram and grid is not None else None,
+        origin=grid.origin if spectrogram and grid is not None else None,
+    )
+    return {key: path.relative_to(out_dir).as_posix() for key, path in files.items()}
+
+
+class ClassMeans:
+    """Running sums of max-normalised maps (and images) per method and explained class."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def add(
+        self, method: str, class_index: int, amap: np.ndarray, image: np.ndarray, grid: Geometry | None
+    ) -> None:
+        scale = float(np.nanmax(np.abs(amap))) if amap.size else 0.0
+        normalised = np.nan_to_num(amap / scale if scale > 0 else amap).astype(np.float64)
+        entry = self.sums.get((method, class_index))
+        if entry is None:
+            self.sums[(method, class_index)] = {
+                "map": normalised,
+                "image": image.astype(np.float64),
+                "n": 1,
+                "grid": grid,
+            }
+            return
+        shape = entry["map"].shape
+        entry["map"] += resample_to_shape(normalised, shape)
+        entry["image"] += resample_to_shape(image, shape)
+        entry["n"] += 1
+        if entry["grid"] != grid:
+            entry["grid"] = None  # samples on different grids: the mean has no single world placement
+
+    def write(self, folder: Path, classes: Sequence[str]) -> list[dict[str, Any]]:
+        written = []
+        for (method, class_index), entry in sorted(self.sums.items()):
+            name = f"{method}_{safe_name(classes[class_index])}"
+            mean_map = (entry["map"] / entry["n"]).astype(np.float32)
+            mean_image = (entry["image"] / entry["n"]).astype(np.float32)
+            grid = entry["grid"]
+            nrrd_path = write_nrrd(folder / f"{name}.nrrd", mean_map, grid)
+            png_path = save_panel(
+                folder / f"{name}.png",
+                mean_image,
+                mean_map,
+                spacing=grid.spacing if grid is not None else None,
+                title=f"{method} | mean over {entry['n']} maps explaining {classes[class_index]}",
+            )
+            written.append(
+                {
+                    "method": method,
+                    "class": classes[class_index],
+                    "n": entry["n"],
+                    "nrrd": nrrd_path.relative_to(folder.parent).as_posix(),
+                    "png": png_path.relative_to(folder.parent).as_posix(),
+                }
+            )
+        return written

@@ -25,10 +25,9 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,10 @@ import torch
 from torch import nn
 
 from medctl.config import SaliencyConfig
-from medctl.errors import ConfigError, DataError, UserError
+from medctl.errors import DataError
 from medctl.io import to_jsonable, write_json, write_text_atomic
 from medctl.progress import log, progress_bar
 from medctl.saliency.attribution import (
-    AttributionSettings,
     ClassScores,
     TargetKind,
     compute_map,
@@ -51,14 +49,23 @@ from medctl.saliency.attribution import (
 )
 from medctl.saliency.deletion import curve_area, deletion_curve, patch_labels, patch_order, random_order
 from medctl.saliency.geometry import (
-    Geometry,
     cache_geometry,
-    resample_to_grid,
-    resample_to_shape,
     source_geometry,
 )
 from medctl.saliency.layers import CamLayerChoice, CheckSample, check_cam_layers, choose_cam_layer
-from medctl.saliency.outputs import report_markdown, safe_name, save_panel, write_index, write_nrrd
+from medctl.saliency.outputs import ClassMeans, report_markdown, safe_name, write_index, write_map, write_nrrd
+from medctl.saliency.samples import (
+    check_target,
+    class_to_explain,
+    has_lesion,
+    infer_kind,
+    label_text,
+    misclassified,
+    row_is_spectrogram,
+    sample_image,
+    sample_label,
+    sample_mask,
+)
 from medctl.saliency.scoring import (
     baseline_rows,
     judge,
@@ -134,7 +141,6 @@ def run_saliency(
     names = resolve_methods(settings.methods)
     classes = list(classes)
     check_target(settings.target, classes, target_name)
-    attribution = attribution_settings(settings)
     if CAM_METHODS & set(names):
         gradcam_target(classifier.encoder, settings.gradcam_layer)  # an unknown layer fails before any work
     device = resolve_device(device)
@@ -144,22 +150,22 @@ def run_saliency(
     explainers: Explainers | None = None  # built on the first sample, which sizes the model's inputs
     rows: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
-    means = _ClassMeans()
+    means = ClassMeans()
     n_seen = 0
     total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
     with progress_bar("saliency", total) as bar:
         for sample in samples:
             if "image" not in sample or "id" not in sample:
                 raise DataError(f"saliency samples need `image` and `id`; got keys {sorted(sample)}")
-            image = _image(sample, spatial_dims)  # (C, *S)
+            image = sample_image(sample, spatial_dims)  # (C, *S)
             x = image[None].to(device)  # (1, C, *S)
             if explainers is None:
                 explainers = build_explainers(
-                    classifier, x, target_name, classes, kind, names, attribution, settings,
+                    classifier, x, target_name, classes, kind, names, settings,
                     cam_target_extent=cam_target_extent, cam_check=cam_check, cam_check_source=cam_check_source,
                 )  # fmt: skip
             # the first samples for rho, and every lesion sample, where the random model's maps are scored
-            check = explainers.randomised is not None and (n_seen < settings.randomisation_samples or _has_lesion(sample))
+            check = explainers.randomised is not None and (n_seen < settings.randomisation_samples or has_lesion(sample))
             n_seen += 1
             sample_rows, sample_baselines = explain_sample(
                 sample, image, x, explainers, names, classes, target_name, out_dir, settings,
@@ -189,18 +195,6 @@ def run_saliency(
         out_dir, index, summary, class_means, explainers.reset, baseline_scores, explainers.cam_layers,
         lesions_in_split,
     )  # fmt: skip
-
-
-def attribution_settings(settings: SaliencyConfig) -> AttributionSettings:
-    """What the attribution methods read of ``[saliency]``."""
-    return AttributionSettings(
-        ig_steps=settings.ig_steps,
-        occlusion_window=tuple(settings.occlusion_window),
-        occlusion_stride=tuple(settings.occlusion_stride),
-        internal_batch_size=settings.internal_batch_size,
-        memory_budget_bytes=int(settings.memory_budget_gb * 1024**3),
-        gradcam_layer=settings.gradcam_layer,
-    )
 
 
 def write_scores(
@@ -240,17 +234,17 @@ def write_scores(
 @dataclass
 class Explainers:
     """The class scores every method explains, their randomised copy for the sanity check (None when off),
-    and the attribution settings of each method (its own CAM layer)."""
+    and the settings each method reads (a CAM method: with its own layer)."""
 
     scores: ClassScores
     randomised: ClassScores | None
     reset: list[str]  # the modules the randomised copy re-initialised
     cam_layers: dict[str, CamLayerChoice]  # CAM method -> the layer it reads
-    settings: AttributionSettings
+    settings: SaliencyConfig
 
-    def settings_for(self, method: str) -> AttributionSettings:
+    def settings_for(self, method: str) -> SaliencyConfig:
         layer = self.cam_layers.get(method)
-        return self.settings if layer is None else replace(self.settings, gradcam_layer=layer.name)
+        return self.settings if layer is None else self.settings.model_copy(update={"gradcam_layer": layer.name})
 
 
 def build_explainers(
@@ -260,7 +254,6 @@ def build_explainers(
     classes: Sequence[str],
     kind: TargetKind | None,
     names: Sequence[str],
-    attribution: AttributionSettings,
     settings: SaliencyConfig,
     *,
     cam_target_extent: Sequence[float] | None,
@@ -269,7 +262,7 @@ def build_explainers(
 ) -> Explainers:
     """:class:`Explainers` from the first sample ``x`` ``(1, C, *S)``: it fixes the target's kind, the
     randomised copy's example input and each CAM method's layer (its own held-out check)."""
-    scores = ClassScores(classifier, target_name, _infer_kind(classifier, target_name, x, classes, kind))
+    scores = ClassScores(classifier, target_name, infer_kind(classifier, target_name, x, classes, kind))
     randomised, reset = None, []
     if settings.randomisation_check:
         random_model, reset = randomised_copy(classifier, example=x, scope=settings.randomisation_scope)
@@ -285,7 +278,7 @@ def build_explainers(
         )
         for method in cam_methods:
             cam_layers[method] = check_cam_layers(
-                scores, resolution, check, source=cam_check_source, method=method, settings=attribution,
+                scores, resolution, check, source=cam_check_source, method=method, settings=settings,
                 tolerance=settings.pointing_tolerance, alpha=settings.alpha,
             )  # fmt: skip
             if settings.gradcam_layer:
@@ -295,7 +288,7 @@ def build_explainers(
             log(f"saliency: {method} reads {layer.name or 'the encoder output'}: {layer.rule}{took}")
             if layer.check and not layer.check["significant"]:
                 log(f"saliency: warning: no candidate layer made {method} locate the held-out lesions above chance")
-    return Explainers(scores, randomised, reset, cam_layers, attribution)
+    return Explainers(scores, randomised, reset, cam_layers, settings)
 
 
 def explain_sample(
@@ -310,7 +303,7 @@ def explain_sample(
     settings: SaliencyConfig,
     *,
     check: bool,
-    means: _ClassMeans,
+    means: ClassMeans,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One sample: predict, pick the class to explain, each method's map scored (and written, unless the
     sample says ``write: False``), its deletion curve, and the randomised model's map when ``check``; its
@@ -321,10 +314,10 @@ def explain_sample(
     with torch.no_grad():
         probabilities = scores.probabilities(scores(x))[0].float().cpu()  # (K,)
     predicted = int(probabilities.argmax())
-    label = _label(sample, target_name, scores.kind)
-    target_index = _choose_target(settings.target, predicted, label, classes, sample_id)
+    label = sample_label(sample, target_name, scores.kind)
+    target_index = class_to_explain(settings.target, predicted, label, classes, sample_id)
     spatial = tuple(image.shape[1:])
-    mask = _mask(sample, spatial, sample_id)  # (*S) or None
+    mask = sample_mask(sample, spatial, sample_id)  # (*S) or None
     record = sample.get("geometry")
     # an EEG spectrogram window has axes in Hz and s but no source grid (its recording is channels x samples)
     spectrogram = row_is_spectrogram(record)
@@ -349,19 +342,19 @@ def explain_sample(
             log(f"saliency: {method} gave non-finite values for {sample_id}; they are kept in the files")
         row = {
             "id": sample_id,
-            "label": _label_text(label, classes),
+            "label": label_text(label, classes),
             "prediction": classes[predicted],
             "probability": float(probabilities[predicted]),
             "target_class": classes[target_index],
             "target_probability": float(probabilities[target_index]),
-            "misclassified": _misclassified(label, predicted, scores.kind),
+            "misclassified": misclassified(label, predicted, scores.kind),
             "method": method,
             "layer": method_settings.gradcam_layer if method in CAM_METHODS else "",
             "map_flat": flatness(amap),
             "seconds": seconds,
         }
         if write:
-            row.update(_write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram))
+            row.update(write_map(out_dir, folder, method, amap, display, mask, grid, source, row, spectrogram))
             means.add(method, target_index, amap, display, grid)
         if mask is not None:
             row["pointing_hit"] = pointing_game(amap, mask, tolerance=tolerance)
@@ -412,23 +405,6 @@ def flatness(amap: np.ndarray) -> str:
     return "constant" if np.ptp(values) == 0 else ""
 
 
-def _misclassified(label: int | list[int] | None, predicted: int, kind: str) -> bool | None:
-    """True when the sample's label is not the predicted class; None without a single-class label."""
-    if label is None or isinstance(label, list) or kind == "multilabel":
-        return None
-    return label != predicted
-
-
-def check_target(target: str, classes: Sequence[str], target_name: str) -> None:
-    """``saliency.target`` must be ``pred``, ``true`` or one of the target's classes (ConfigError)."""
-    if target not in ("pred", "true") and target not in classes:
-        raise ConfigError(
-            [
-                f"`saliency.target` = {target!r}: use pred, true or a class of `{target_name}`: {', '.join(classes)}"
-            ]
-        )
-
-
 def cam_layer_for(
     classifier: nn.Module, x: torch.Tensor, gradcam_layer: str, target_extent: Sequence[float] | None
 ) -> CamLayerChoice:
@@ -453,11 +429,11 @@ def check_samples(
     check = []
     for sample in samples:
         image = torch.as_tensor(sample["image"]).float()  # (C, *S)
-        mask = _mask(sample, tuple(image.shape[1:]), str(sample["id"]))
+        mask = sample_mask(sample, tuple(image.shape[1:]), str(sample["id"]))
         if mask is None or not mask.any():
             continue
         x = image[None].to(device)  # (1, C, *S)
-        label = _label(sample, target_name, scores.kind)
+        label = sample_label(sample, target_name, scores.kind)
         if isinstance(label, list):
             label = label[0] if label else None
         if label is None or not 0 <= label < len(classes):
@@ -467,194 +443,3 @@ def check_samples(
     return check
 
 
-# ------------------------------------------------------------------------------------------ helpers
-SPECTROGRAM_AXES = ("frequency (Hz)", "time (s)")  # EEG windows: rows are frequencies, columns times
-
-
-def row_is_spectrogram(record: Mapping[str, Any] | None) -> bool:
-    """An EEG spectrogram window (:mod:`medctl.data.spectrogram`): its manifest row has a sampling rate."""
-    sfreq = record.get("sfreq") if record else None
-    return sfreq is not None and sfreq == sfreq  # image rows hold None (NaN once read back)
-
-
-def _write_map(
-    out_dir: Path,
-    folder: Path,
-    method: str,
-    amap: np.ndarray,
-    display: np.ndarray,
-    mask: np.ndarray | None,
-    grid: Geometry | None,
-    source: Geometry | None,
-    row: Mapping[str, Any],
-    spectrogram: bool = False,
-) -> dict[str, str]:
-    """The map as NRRD (preprocessed grid, and the source grid when known) and as a PNG panel."""
-    files = {"map_nrrd": write_nrrd(folder / f"{method}.nrrd", amap, grid)}
-    if source is not None and grid is not None:
-        original = resample_to_grid(amap, grid, source)  # (*orig_shape)
-        files["map_original_nrrd"] = write_nrrd(folder / f"{method}_original.nrrd", original, source)
-    title = (
-        f"{row['id']} | {method} | explains {row['target_class']} (p={row['target_probability']:.2f}) | "
-        f"pred {row['prediction']}" + (f" | label {row['label']}" if row["label"] else "")
-    )
-    spacing = grid.spacing if grid is not None else None
-    files["panel_png"] = save_panel(
-        folder / f"{method}.png",
-        display,
-        amap,
-        mask=mask,
-        spacing=spacing,
-        title=title,
-        axis_labels=SPECTROGRAM_AXES if spectrogram and grid is not None else None,
-        origin=grid.origin if spectrogram and grid is not None else None,
-    )
-    return {key: path.relative_to(out_dir).as_posix() for key, path in files.items()}
-
-
-class _ClassMeans:
-    """Running sums of max-normalised maps (and images) per method and explained class."""
-
-    def __init__(self) -> None:
-        self.sums: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def add(
-        self, method: str, class_index: int, amap: np.ndarray, image: np.ndarray, grid: Geometry | None
-    ) -> None:
-        scale = float(np.nanmax(np.abs(amap))) if amap.size else 0.0
-        normalised = np.nan_to_num(amap / scale if scale > 0 else amap).astype(np.float64)
-        entry = self.sums.get((method, class_index))
-        if entry is None:
-            self.sums[(method, class_index)] = {
-                "map": normalised,
-                "image": image.astype(np.float64),
-                "n": 1,
-                "grid": grid,
-            }
-            return
-        shape = entry["map"].shape
-        entry["map"] += resample_to_shape(normalised, shape)
-        entry["image"] += resample_to_shape(image, shape)
-        entry["n"] += 1
-        if entry["grid"] != grid:
-            entry["grid"] = None  # samples on different grids: the mean has no single world placement
-
-    def write(self, folder: Path, classes: Sequence[str]) -> list[dict[str, Any]]:
-        written = []
-        for (method, class_index), entry in sorted(self.sums.items()):
-            name = f"{method}_{safe_name(classes[class_index])}"
-            mean_map = (entry["map"] / entry["n"]).astype(np.float32)
-            mean_image = (entry["image"] / entry["n"]).astype(np.float32)
-            grid = entry["grid"]
-            nrrd_path = write_nrrd(folder / f"{name}.nrrd", mean_map, grid)
-            png_path = save_panel(
-                folder / f"{name}.png",
-                mean_image,
-                mean_map,
-                spacing=grid.spacing if grid is not None else None,
-                title=f"{method} | mean over {entry['n']} maps explaining {classes[class_index]}",
-            )
-            written.append(
-                {
-                    "method": method,
-                    "class": classes[class_index],
-                    "n": entry["n"],
-                    "nrrd": nrrd_path.relative_to(folder.parent).as_posix(),
-                    "png": png_path.relative_to(folder.parent).as_posix(),
-                }
-            )
-        return written
-
-
-def _image(sample: Mapping[str, Any], spatial_dims: int | None) -> torch.Tensor:
-    image = torch.as_tensor(sample["image"]).float()
-    if image.ndim not in (3, 4) or (spatial_dims is not None and image.ndim != spatial_dims + 1):
-        expected = (
-            f"(C, *S) with {spatial_dims} spatial axes" if spatial_dims else "(C, H, W) or (C, D, H, W)"
-        )
-        raise DataError(
-            f"sample {sample['id']}: image has shape {tuple(image.shape)}; the model needs {expected}"
-        )
-    return image
-
-
-def _has_lesion(sample: Mapping[str, Any]) -> bool:
-    mask = sample.get("mask")
-    return mask is not None and bool((mask > 0).any())
-
-
-def _mask(sample: Mapping[str, Any], spatial: tuple[int, ...], sample_id: str) -> np.ndarray | None:
-    mask = sample.get("mask")
-    if mask is None:
-        return None
-    mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
-    if mask.ndim == len(spatial) + 1:
-        mask = mask[0]  # (1, *S) -> (*S)
-    if mask.shape != spatial:
-        raise DataError(f"sample {sample_id}: mask shape {mask.shape} does not match the image's {spatial}")
-    return mask > 0
-
-
-def _infer_kind(
-    classifier: nn.Module, target_name: str, x: torch.Tensor, classes: Sequence[str], kind: TargetKind | None
-) -> TargetKind:
-    """The target's kind, checked against the head's width and the class list."""
-    with torch.no_grad():
-        outputs = classifier(x)
-    if target_name not in outputs:
-        raise UserError(
-            f"the classifier has no head `{target_name}`; its heads are: {', '.join(sorted(outputs))}"
-        )
-    width = int(outputs[target_name].shape[-1])
-    kind = kind or ("binary" if width == 1 else "multiclass")
-    expected = 1 if kind == "binary" else len(classes)
-    if kind == "binary" and len(classes) != 2:
-        raise UserError(
-            f"target `{target_name}` is binary: give its two class names (negative, positive), got {classes}"
-        )
-    if width != expected:
-        raise UserError(
-            f"target `{target_name}`: the head gives {width} logits but {len(classes)} classes were given "
-            f"({kind}); the classes must come from the same checkpoint"
-        )
-    return kind
-
-
-def _label(sample: Mapping[str, Any], target_name: str, kind: str) -> int | list[int] | None:
-    """The true class index (multilabel: indices of positive labels), or None when unlabelled."""
-    value = sample.get("label", sample.get(target_name))
-    if value is None:
-        return None
-    array = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
-    if kind == "multilabel":
-        return [int(i) for i in np.flatnonzero(array.ravel() > 0.5)]
-    if array.size != 1 or (isinstance(array.item(), float) and math.isnan(array.item())):
-        return None
-    index = int(array.item())
-    return index if index >= 0 else None
-
-
-def _choose_target(
-    target: str, predicted: int, label: int | list[int] | None, classes: Sequence[str], sample_id: str
-) -> int:
-    if target == "pred":
-        return predicted
-    if target == "true":
-        if isinstance(label, list):  # multilabel: the first positive label
-            label = label[0] if label else None
-        if label is None:
-            raise DataError(
-                f"sample {sample_id} has no label; saliency.target = 'true' needs labels (use 'pred')"
-            )
-        if not 0 <= label < len(classes):
-            raise DataError(f"sample {sample_id}: label {label} is not a class index below {len(classes)}")
-        return label
-    return list(classes).index(target)
-
-
-def _label_text(label: int | list[int] | None, classes: Sequence[str]) -> str:
-    if label is None:
-        return ""
-    if isinstance(label, list):
-        return ";".join(classes[i] for i in label if i < len(classes))
-    return classes[label] if 0 <= label < len(classes) else str(label)

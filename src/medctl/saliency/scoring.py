@@ -46,7 +46,7 @@ from medctl.evaluation.proportions import (
     rate_interval,
     sign_test,
 )
-from medctl.io import format_number
+from medctl.io import MISSING, format_number
 
 # Spearman rho of |map| between the trained and the fully re-initialised model at or above which a method
 # is flagged. Adebayo et al. (2018, Fig. 4) find methods that pass the check falling to about 0.1-0.3 once
@@ -449,11 +449,9 @@ def deletion_words(deletion: dict[str, Any], alpha: float) -> str:
 def hits_text(entry: dict[str, Any], lesions_in_split: int | None = None) -> str:
     """``0.75 [0.47, 0.91] (9/12)``, with ``; scored 6 of 20 lesion samples`` when a cap left some out."""
     if not entry.get("n_scored"):
-        return f"— (scored 0 of {lesions_in_split} lesion samples)" if lesions_in_split else "—"
-    text = (
-        f"{entry['pointing_hit_rate']:.2f} [{entry['pointing_low']:.2f}, {entry['pointing_high']:.2f}] "
-        f"({entry['pointing_hits']}/{entry['n_scored']}"
-    )
+        return f"{MISSING} (scored 0 of {lesions_in_split} lesion samples)" if lesions_in_split else MISSING
+    rate, low, high = (format_number(entry[key], 2) for key in ("pointing_hit_rate", "pointing_low", "pointing_high"))
+    text = f"{rate} [{low}, {high}] ({entry['pointing_hits']}/{entry['n_scored']}"
     if lesions_in_split and entry["n_scored"] < lesions_in_split:
         text += f"; scored {entry['n_scored']} of {lesions_in_split} lesion samples"
     return text + ")"

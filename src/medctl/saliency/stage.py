@@ -53,7 +53,8 @@ from medctl.models.checkpoints import load_classifier
 from medctl.progress import log
 from medctl.saliency.attribution import resolve_methods
 from medctl.saliency.layers import lesion_extent
-from medctl.saliency.pipeline import SaliencyResult, check_target, run_saliency
+from medctl.saliency.pipeline import SaliencyResult, run_saliency
+from medctl.saliency.samples import check_target
 from medctl.storage import fetch, is_remote
 from medctl.tracking import connect
 from medctl.training.precision import resolve_device, set_threads

@@ -17,7 +17,8 @@ Focal loss: Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,10 +27,34 @@ from torch import nn
 
 from medctl.errors import ConfigError
 
+if TYPE_CHECKING:
+    from medctl.config import TrainConfig
+
 KINDS = ("binary", "multiclass", "multilabel")
 
 ClassWeights = str | Sequence[float]  # "auto" | "none" | one weight per class
 FocalAlpha = str | float | Sequence[float] | None  # "dynamic" | "none" | None | a float | one per class
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The ``[train]`` keys that choose and weight a classification target's loss, read once and passed whole."""
+
+    loss: str  # a LOSSES name
+    class_weights: ClassWeights
+    focal_gamma: float
+    focal_alpha: FocalAlpha
+    label_smoothing: float
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> LossSettings:
+        return cls(
+            loss=train.loss,
+            class_weights=train.class_weights,
+            focal_gamma=train.focal_gamma,
+            focal_alpha=train.focal_alpha,
+            label_smoothing=train.label_smoothing,
+        )
 
 
 # ----------------------------------------------------------------------------------- class statistics
@@ -251,16 +276,10 @@ class MultiTargetLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------ builders
 def cross_entropy_loss(
-    kind: str,
-    *,
-    counts: Any,
-    class_weights: ClassWeights,
-    focal_gamma: float,
-    focal_alpha: FocalAlpha,
-    label_smoothing: float,
-    target: str = "",
+    kind: str, settings: LossSettings, counts: Any, target: str = ""
 ) -> nn.Module:
     """Cross-entropy: softmax CE (multiclass), BCE with logits (binary, multilabel); class weights."""
+    class_weights = settings.class_weights
     if kind == "multiclass":
         weight = None
         if class_weights == "auto" or (class_weights != "none" and counts is not None):
@@ -268,49 +287,35 @@ def cross_entropy_loss(
             weight = class_weights_from_counts(table, class_weights)  # checks a list's length too
         elif class_weights != "none":
             weight = _explicit_weights(class_weights)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    return BinaryCrossEntropy(_pos_weight(kind, counts, class_weights, target), label_smoothing)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
+    return BinaryCrossEntropy(_pos_weight(kind, counts, class_weights, target), settings.label_smoothing)
 
 
 def bce_loss(
-    kind: str,
-    *,
-    counts: Any,
-    class_weights: ClassWeights,
-    focal_gamma: float,
-    focal_alpha: FocalAlpha,
-    label_smoothing: float,
-    target: str = "",
+    kind: str, settings: LossSettings, counts: Any, target: str = ""
 ) -> nn.Module:
     """Binary cross-entropy with logits and pos_weight (binary and multilabel targets)."""
     if kind == "multiclass":
         raise ConfigError(
             [f'`train.loss` = "bce" does not fit multiclass target `{target}`; use cross_entropy or focal']
         )
-    return BinaryCrossEntropy(_pos_weight(kind, counts, class_weights, target), label_smoothing)
+    return BinaryCrossEntropy(_pos_weight(kind, counts, settings.class_weights, target), settings.label_smoothing)
 
 
 def focal_loss(
-    kind: str,
-    *,
-    counts: Any,
-    class_weights: ClassWeights,
-    focal_gamma: float,
-    focal_alpha: FocalAlpha,
-    label_smoothing: float,
-    target: str = "",
+    kind: str, settings: LossSettings, counts: Any, target: str = ""
 ) -> nn.Module:
     """Focal loss: softmax (multiclass) or sigmoid (binary, multilabel), alpha fixed or dynamic."""
-    alpha = _focal_alpha(kind, counts, focal_alpha, target)
+    alpha = _focal_alpha(kind, counts, settings.focal_alpha, target)
     if kind == "multiclass":
-        return FocalLoss(focal_gamma, alpha, label_smoothing)
-    if label_smoothing:
+        return FocalLoss(settings.focal_gamma, alpha, settings.label_smoothing)
+    if settings.label_smoothing:
         raise ConfigError(
             [
-                f"`train.label_smoothing` = {label_smoothing} is not defined for sigmoid focal loss; set it to 0"
+                f"`train.label_smoothing` = {settings.label_smoothing} is not defined for sigmoid focal loss; set it to 0"
             ]
         )
-    return SigmoidFocalLoss(focal_gamma, alpha)
+    return SigmoidFocalLoss(settings.focal_gamma, alpha)
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
@@ -328,35 +333,17 @@ def describe_losses() -> list[dict[str, str]]:
     ]
 
 
-def build_target_loss(
-    kind: str,
-    loss_name: str,
-    *,
-    counts: Any = None,
-    class_weights: ClassWeights,
-    focal_gamma: float,
-    focal_alpha: FocalAlpha,
-    label_smoothing: float,
-    target: str = "",
-) -> nn.Module:
-    """The loss module for one target of ``kind`` (binary | multiclass | multilabel) under ``train.loss``.
+def build_target_loss(kind: str, settings: LossSettings, counts: Any = None, target: str = "") -> nn.Module:
+    """The loss module for one target of ``kind`` (binary | multiclass | multilabel) under ``settings.loss``.
 
     ``counts`` (training-split counts, see :func:`label_counts`) are needed by ``class_weights="auto"``
     and ``focal_alpha="dynamic"``. ``target`` names the target in error messages.
     """
     if kind not in KINDS:
         raise ConfigError([f"target `{target}` kind {kind!r}: use one of {', '.join(KINDS)}"])
-    if loss_name not in LOSSES:
-        raise ConfigError([f"`train.loss` = {loss_name!r}: use one of {', '.join(LOSSES)}"])
-    return LOSSES[loss_name](
-        kind,
-        counts=counts,
-        class_weights=class_weights,
-        focal_gamma=focal_gamma,
-        focal_alpha=focal_alpha,
-        label_smoothing=label_smoothing,
-        target=target,
-    )
+    if settings.loss not in LOSSES:
+        raise ConfigError([f"`train.loss` = {settings.loss!r}: use one of {', '.join(LOSSES)}"])
+    return LOSSES[settings.loss](kind, settings, counts, target)
 
 
 # ------------------------------------------------------------------------------------------- helpers
