@@ -518,10 +518,39 @@ def load_config(
     config a checkpoint holds, for ``evaluate`` and ``saliency``. ``source`` names it in errors.
     """
     env = os.environ if env is None else env
-    problems: list[str] = []
     saved = upgrade_saved_tree(base or {})  # a checkpoint's config from before [pretrain.<method>] tables
     layered: dict[str, Any] = deep_merge(saved, read_toml_chain(Path(path)) if path else {})
     source = str(path) if path else (source or "config")
+    return _validated(layered, overrides, env, source=source, name_checks=name_checks)
+
+
+def apply_overrides(
+    config: Config,
+    overrides: Iterable[str] = (),
+    *,
+    values: Mapping[str, Any] | None = None,
+    source: str = "config",
+    name_checks: Callable[[Mapping[str, Any]], list[str]] | None = None,
+) -> Config:
+    """A copy of ``config`` with ``values`` (dotted key -> value, set by the program) and then the ``key=value``
+    ``overrides`` applied, checked as :func:`load_config` checks a file: every problem in one ConfigError."""
+    tree = config.model_dump(mode="json")
+    for dotted, value in (values or {}).items():
+        set_dotted(tree, dotted, value)
+    return _validated(tree, overrides, {}, source=source, name_checks=name_checks)
+
+
+def _validated(
+    layered: dict[str, Any],
+    overrides: Iterable[str],
+    env: Mapping[str, str],
+    *,
+    source: str,
+    name_checks: Callable[[Mapping[str, Any]], list[str]] | None,
+) -> Config:
+    """``layered`` with the ``MEDCTL_*`` variables of ``env`` and the ``key=value`` items on top, validated;
+    each problem about a key one of them set names that layer (:func:`blame_layers`)."""
+    problems: list[str] = []
     layers: dict[str, str] = {}  # dotted key -> the layer that set it last, when not the file
     for dotted, value in env_overrides(env, problems):
         set_dotted(layered, dotted, value)
@@ -558,7 +587,7 @@ def blame_layers(problems: list[str], layers: Mapping[str, str], source: str) ->
     def layer_of(problem: str) -> str:
         if problem.startswith(("override `", ENV_PREFIX)):  # about the layer itself (not key=value, ...)
             return "command line" if problem.startswith("override") else "environment"
-        named = re.findall(r"`([^`]+)`", problem)
+        named = re.findall(r"`([^`]+)`", problem.split("; did you mean")[0])  # not the key it suggests
         return next((layers[key] for key in ordered if any(same_branch(key, n) for n in named)), "")
 
     found = [layer_of(p) for p in problems]
