@@ -24,7 +24,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -387,11 +387,15 @@ MOVED_KEYS: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------------------------- sweep
+SweepMode = Literal["linear_probe", "finetune", "both"]  # a probe per checkpoint, a fine-tune, or probes then fine-tunes
+SWEEP_MODES: tuple[str, ...] = get_args(SweepMode)
+
+
 class SweepConfig(Section):
     checkpoints: list[str] = []
     checkpoint_dir: str = ""
     checkpoint_glob: str = "*.pt*"  # files in checkpoint_dir (.pt, .pth, .ckpt via "*")
-    mode: Literal["linear_probe", "finetune", "both"] = "linear_probe"
+    mode: SweepMode = "linear_probe"
     random_baseline: bool = True
     jobs: int = Field(default=1, ge=1)
     finetune_top: int = Field(default=1, ge=0)  # "both": fine-tune this many of the probe leaders

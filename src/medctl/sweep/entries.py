@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from medctl.config import Config, apply_overrides
 from medctl.errors import ConfigError, DataError, MedctlError
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from medctl.config import Config
+from medctl.config import SWEEP_MODES, Config
 from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
 from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
@@ -54,6 +54,7 @@ from medctl.runs import environment_info, held_run, redact
 from medctl.sweep.board import (
     DEFAULT_RANK,
     SELECTED_ON,
+    EntryRecord,
     RankMetric,
     build_leaderboard,
     entry_row,
@@ -81,18 +82,18 @@ from medctl.sweep.state import (
 )
 from medctl.tracking import connect
 
-MODES = ("linear_probe", "finetune", "both")
-
 
 @dataclass
 class EntryOutcome:
-    """How one entry went in this sweep: ``status`` is done (ran now), skipped (finished before) or failed."""
+    """How one entry went in this sweep: ``status`` is done (ran now), skipped (finished before) or failed;
+    a finished entry's files are read once, into ``record``."""
 
     entry: SweepEntry
     run_dir: Path
     status: str
     reason: str = ""
     wall_time_s: float = 0.0
+    record: EntryRecord | None = None  # what a finished entry wrote, read once (none when it failed)
 
 
 @dataclass
@@ -139,9 +140,9 @@ def run_sweep(
     """
     start = time.perf_counter()
     mode = mode or config.sweep.mode
-    if mode not in MODES:
+    if mode not in SWEEP_MODES:
         raise ConfigError(
-            [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(MODES)}"], "sweep.mode"
+            [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(SWEEP_MODES)}"], "sweep.mode"
         )
     jobs = jobs or config.sweep.jobs
     sweep_dir = sweep_dir_of(config)
@@ -179,7 +180,7 @@ def run_sweep(
     # 4. mode both: fine-tune the best pretrained probes
     if mode == "both":
         select_on = config.sweep.select_on
-        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top, rank, select_on)
+        chosen = top_pretrained(outcomes, manifest_hash, config.sweep.finetune_top, rank, select_on)
         pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
             f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
@@ -190,20 +191,20 @@ def run_sweep(
         outcomes += runner.run([finetune_of(e) for e in chosen])
 
     # 5. the leaderboard
-    rows, run_dirs = [], {}
+    rows, records = [], {}
     for outcome in outcomes:
-        run_dirs[outcome.entry.name] = outcome.run_dir
-        if outcome.status == "failed":
+        if outcome.record is None:
             rows.append(failed_row(outcome.entry, outcome.run_dir, outcome.reason))
         else:
-            rows.append(entry_row(outcome.entry, outcome.run_dir, manifest_hash))
+            records[outcome.entry.name] = outcome.record
+            rows.append(entry_row(outcome.entry, outcome.record, manifest_hash))
     state.entries = {
         o.entry.name: state.entries.get(o.entry.name, {}) for o in outcomes
     }  # only this sweep's entries
     state.save()
     board, csv_path, md_path = build_leaderboard(
         rows,
-        run_dirs,
+        records,
         sweep_dir,
         n_bootstrap=config.sweep.bootstrap,
         seed=config.run.seed,
@@ -234,7 +235,6 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
 
 def top_pretrained(
     outcomes: Sequence[EntryOutcome],
-    sweep_dir: Path,
     manifest_hash: str,
     k: int,
     rank: RankMetric = DEFAULT_RANK,
@@ -248,13 +248,12 @@ def top_pretrained(
     seeds: dict[str, list[SweepEntry]] = {}
     column = rank.column(SELECTED_ON)
     for outcome in outcomes:
-        if outcome.status == "failed" or not outcome.entry.checkpoint:
+        if outcome.record is None or not outcome.entry.checkpoint:
             continue
-        row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
+        row = entry_row(outcome.entry, outcome.record, manifest_hash)
         value = row.get(column)
         if select_on == "inner_val":  # the best epoch's metrics on inner val, as the entry's run recorded them
-            metrics = json.loads((outcome.run_dir / "results.json").read_text()).get("metrics") or {}
-            value = metrics.get(rank.monitored_key)
+            value = (outcome.record.results.get("metrics") or {}).get(rank.monitored_key)
         if row["status"] == "ok" and value is not None:
             values.setdefault(outcome.entry.base, []).append(float(value))
             seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
@@ -309,6 +308,9 @@ class EntryRunner:
             for outcome in run(todo):
                 outcomes[outcome.entry.name] = outcome
                 bar.advance(1, info=f"{outcome.entry.name} {outcome.status}")
+        for outcome in outcomes.values():
+            if outcome.status != "failed":
+                outcome.record = EntryRecord.read(outcome.run_dir)
         return [outcomes[e.name] for e in entries]
 
     def _foreign_run(self, entry: SweepEntry) -> bool:
