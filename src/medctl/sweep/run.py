@@ -29,7 +29,6 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -44,13 +43,11 @@ import pandas as pd
 from medctl.config import SWEEP_MODES, Config
 from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
-from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
-from medctl.evaluate import run_evaluate
+from medctl.errors import ConfigError
 from medctl.evaluation.ranking import best_first
-from medctl.finetune import run_finetune
 from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
-from medctl.runs import environment_info, held_run, redact
+from medctl.runs import environment_info, held_run, redact, run_dir_refusal
 from medctl.sweep.board import (
     DEFAULT_RANK,
     SELECTED_ON,
@@ -72,13 +69,12 @@ from medctl.sweep.entries import (
     plan_entries,
     sweep_dir_of,
 )
+from medctl.sweep.jobs import init_worker, now_s, run_entry_job, visible_gpus
 from medctl.sweep.state import (
     DONE_FILE,
     SweepState,
     finished,
     freeze_inner_split,
-    inner_split_digest,
-    write_done,
 )
 from medctl.tracking import connect
 
@@ -313,19 +309,26 @@ class EntryRunner:
                 outcome.record = EntryRecord.read(outcome.run_dir)
         return [outcomes[e.name] for e in entries]
 
+    def _run_flags(self, entry: SweepEntry) -> tuple[bool, bool]:
+        """``(resume, overwrite)`` for the entry's folder, as :func:`medctl.runs.run_dir_refusal` reads them: a
+        run this sweep left running or interrupted resumes from its ``last.ckpt``; one it left failed (or
+        interrupted before a checkpoint) is replaced, and with --fresh every one is."""
+        status = self.state.status(entry.name)
+        resume = (
+            not self.fresh
+            and status in ("running", "interrupted")
+            and (self.sweep_dir / entry.name / "checkpoints" / "last.ckpt").is_file()
+        )
+        return resume, not resume and (self.fresh or status in ("failed", "running", "interrupted"))
+
     def _foreign_run(self, entry: SweepEntry) -> bool:
-        """A run in the entry's folder that this sweep may not replace: not one it left failed or
-        interrupted (those it retries or resumes), and no --fresh/--overwrite."""
-        ours = self.state.status(entry.name) in ("failed", "running", "interrupted")
-        return not self.fresh and not ours and bool(held_run(self.sweep_dir / entry.name))
+        """A run in the entry's folder that this sweep may not replace: the one rule refuses it."""
+        resume, overwrite = self._run_flags(entry)
+        return bool(run_dir_refusal(self.sweep_dir / entry.name, resume=resume, overwrite=overwrite))
 
     def _job_args(self, entry: SweepEntry, threads: int = 0) -> dict[str, Any]:
         run_dir = self.sweep_dir / entry.name
-        resume = (
-            not self.fresh
-            and self.state.status(entry.name) in ("running", "interrupted")
-            and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        )
+        resume, overwrite = self._run_flags(entry)
         config = self.config.model_dump(mode="json")
         if threads:
             config["run"]["threads"] = threads  # this job's share of the cores
@@ -336,7 +339,7 @@ class EntryRunner:
             "manifest_hash": self.manifest_hash,
             "command": self.command,
             "resume": resume,
-            "overwrite": not resume,  # what is left in the folder is this sweep's own (see _foreign_run)
+            "overwrite": overwrite,
         }
 
     def _record(self, entry: SweepEntry, result: dict[str, Any]) -> EntryOutcome:
@@ -411,108 +414,3 @@ class EntryRunner:
         executor.shutdown(wait=True)
 
 
-def now_s() -> float:
-    return round(time.time(), 3)
-
-
-def visible_gpus() -> list[str]:
-    """The GPU indices workers are pinned to, one each round-robin (none on a CPU-only machine)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
-    return ids or [str(i) for i in range(torch.cuda.device_count())]
-
-
-def init_worker(slots: Any, devices: list[str], threads: int) -> None:
-    """In each spawned worker, before any CUDA call: pin one GPU, or limit torch to its share of the cores."""
-    slot = slots.get()
-    os.environ["MEDCTL_NO_PROGRESS"] = "1"  # one progress bar, the sweep's
-    if devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-    else:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def run_entry_job(
-    *,
-    config: dict[str, Any],
-    entry: dict[str, Any],
-    run_dir: str,
-    manifest_hash: str,
-    command: str,
-    resume: bool,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train and evaluate one entry; returns ``{"status", "reason", "wall_time_s"}`` and never raises a
-    medctl error or a failure of the run (KeyboardInterrupt passes). Picklable arguments: runs in workers."""
-    start = time.perf_counter()
-    the_entry = SweepEntry.from_dict(entry)
-    try:
-        train_and_evaluate(
-            Config.model_validate(config), the_entry, Path(run_dir), manifest_hash, command, resume, overwrite
-        )
-    except MedctlError as exc:
-        return {
-            "status": "failed",
-            "reason": first_line(str(exc)),
-            "wall_time_s": time.perf_counter() - start,
-        }
-    except Exception as exc:  # a failure inside one entry's run becomes its row; the others go on
-        return {
-            "status": "failed",
-            "reason": first_line(f"{type(exc).__name__}: {exc}"),
-            "wall_time_s": time.perf_counter() - start,
-        }
-    return {"status": "done", "reason": "", "wall_time_s": time.perf_counter() - start}
-
-
-def train_and_evaluate(
-    config: Config,
-    entry: SweepEntry,
-    run_dir: Path,
-    manifest_hash: str,
-    command: str,
-    resume: bool,
-    overwrite: bool = False,
-) -> None:
-    """run_finetune into ``run_dir``, the manifest check, run_evaluate on val and test, then ``done.json``."""
-    if entry.checkpoint and not Path(entry.checkpoint).expanduser().is_file():
-        raise CheckpointError(f"{entry.checkpoint}: no such file; fix the path in sweep.checkpoints")
-    (run_dir / DONE_FILE).unlink(missing_ok=True)
-    resolved = entry_config(config, entry)
-    result = run_finetune(resolved, command=command, resume=resume, run_dir=run_dir, overwrite=overwrite)
-    recorded = json.loads(result.results_path.read_text()).get("split_manifest_hash")
-    if recorded != manifest_hash:
-        raise RunFailure(
-            f"{result.results_path}: trained on split manifest {recorded}, not the sweep's {manifest_hash} "
-            "(the data changed during the sweep); rerun the sweep"
-        )
-    evaluated = {}
-    for split in ("val", "test"):
-        evaluated[split] = run_evaluate(
-            result.best_checkpoint,
-            split=split,
-            config_overrides=resolved,
-            out_dir=run_dir / f"eval_{split}",
-            n_bootstrap=config.sweep.bootstrap,
-            overwrite=True,  # the entry was just trained: its evaluations are redone with it
-        )
-    write_done(
-        run_dir,
-        entry,
-        manifest_hash,
-        epochs_run=result.epochs_run,
-        train_wall_time_s=round(result.wall_time_s, 3),
-        n_test=evaluated["test"].n_samples,
-        inner_split=inner_split_digest(resolved.train.inner_split),
-    )
-
-
-def first_line(text: str) -> str:
-    """A message on one line (a multi-problem ConfigError's lines joined)."""
-    return " ".join(line.strip() for line in text.strip().splitlines()) or "no reason given"
