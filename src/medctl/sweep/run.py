@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,6 @@ class SweepResult:
     cache_dir: Path
     mode: str
     wall_time_s: float
-    state_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.state_path = self.sweep_dir / "sweep_state.json"
-
-    @property
-    def leader(self) -> str | None:
-        ranked = self.leaderboard[self.leaderboard["rank"].notna()]
-        return None if ranked.empty else str(ranked.iloc[0]["entry"])
 
     @property
     def failed(self) -> list[EntryOutcome]:
