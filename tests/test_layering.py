@@ -11,6 +11,7 @@ take config sections, never the whole ``Config``.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medctl"
@@ -205,6 +206,7 @@ LONG_MODULES = {
 }
 
 
+@functools.cache  # one scan for the three tests
 def _sizes() -> tuple[dict[str, int], dict[str, int]]:
     """(module -> lines, "module:function" -> lines in a stage package), paths relative to src/medctl."""
     modules, functions = {}, {}
