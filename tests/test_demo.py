@@ -86,3 +86,24 @@ def test_demo_rerun_reuses_finished_work(demo_run):
 def test_demo_rejects_unknown_size(tmp_path):
     result = runner.invoke(app, ["demo", "--size", "huge", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "tiny, small, medium" in result.output
+
+
+def test_demo_bad_override_is_one_line_exit_2(tmp_path):
+    # the demo's own layers and the user's key=value go through config.apply_overrides / load_config:
+    # a bad key is the one-line config error every command gives, never a traceback or a silent drop
+    result = runner.invoke(app, ["demo", "--size", "tiny", "--out", str(tmp_path / "d"), "badkey=1"])
+    assert result.exit_code == 2, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error_lines == ["error: override `badkey=1`: unknown key `badkey`; known: run, data, model, train, "
+                           "pretrain, sweep, saliency, tracking"]  # fmt: skip
+    assert not (tmp_path / "d" / "pretrain").exists()  # nothing trained
+
+
+def test_demo_eeg_reads_the_config_file(tmp_path):
+    # `-c` with --eeg is the file under the demo's layers (it was dropped before): its bad key names the file
+    config = tmp_path / "mine.toml"
+    config.write_text("[train]\nlr_headd = 1e-3\n")
+    result = runner.invoke(app, ["demo", "--eeg", "--size", "tiny", "--out", str(tmp_path / "d"), "-c", str(config)])
+    assert result.exit_code == 2, result.output
+    assert f"{config}: unknown key `train.lr_headd`; did you mean `train.lr_head`?" in " ".join(result.output.split())
+    assert not (tmp_path / "d" / "finetune").exists()

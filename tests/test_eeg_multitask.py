@@ -168,7 +168,7 @@ def test_a_non_numeric_regression_value_names_its_row(study, tmp_path):
 
 def test_resume_restores_the_learned_uncertainty_weights(study, tmp_path, monkeypatch):
     """``train.task_weights = "uncertainty"`` learns log-variances in the loss; --resume must go on with them."""
-    import medctl.finetune.run as run_module
+    import medctl.finetune.metrics as metrics_module
     from medctl.training.state import read_train_state
 
     common = [*study.config_overrides(), "model.encoder=resnet_test_2d", "train.epochs=4", "train.warmup_epochs=0",
@@ -177,7 +177,7 @@ def test_resume_restores_the_learned_uncertainty_weights(study, tmp_path, monkey
     full = invoke("finetune", *common, 'run.name="full"')
     assert full.exit_code == 0, full.output
 
-    original, calls = run_module.validation_metrics, []
+    original, calls = metrics_module.validation_metrics, []
 
     def interrupt_in_epoch_3(*args, **kwargs):
         calls.append(1)
@@ -185,10 +185,10 @@ def test_resume_restores_the_learned_uncertainty_weights(study, tmp_path, monkey
             raise KeyboardInterrupt  # killed during epoch 3's validation: epochs 1 and 2 are in last.ckpt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "validation_metrics", interrupt_in_epoch_3)
+    monkeypatch.setattr(metrics_module, "validation_metrics", interrupt_in_epoch_3)
     interrupted = runner.invoke(app, ["finetune", *common, 'run.name="resumed"'])
     assert interrupted.exit_code != 0
-    monkeypatch.setattr(run_module, "validation_metrics", original)
+    monkeypatch.setattr(metrics_module, "validation_metrics", original)
     saved = read_train_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 1
     log_vars_at_2 = saved["extra_modules"]["task_weights"]["log_vars"]

@@ -11,7 +11,7 @@ import torch
 from medctl.config import load_config
 from medctl.data.tables import TargetSpec
 from medctl.finetune.augment import build_augment
-from medctl.finetune.run import check_monitor, encoder_trainable_from, wants_feature_cache
+from medctl.finetune.checks import check_monitor, encoder_trainable_from, wants_feature_cache
 from medctl.models.classifier import build_classifier
 from medctl.models.registry import build_encoder, get_spec
 from medctl.training.losses import LossSettings, build_target_loss

@@ -17,8 +17,9 @@ from medctl.errors import ConfigError
 from medctl.evaluation.metrics import target_metrics
 from medctl.finetune import run_finetune
 from medctl.finetune.augment import build_augment
-from medctl.finetune.features import data_fingerprint, encoder_fingerprint, feature_key
-from medctl.finetune.run import epoch_metrics
+from medctl.finetune.features import encoder_fingerprint, feature_key
+from medctl.finetune.metrics import epoch_metrics
+from medctl.models.preprocessing import data_fingerprint
 from medctl.training.state import read_train_state
 
 
@@ -143,10 +144,10 @@ def test_augment_builds_monai_transforms_for_2d_and_3d_and_is_seeded_per_epoch()
 
 
 def test_an_interrupted_probe_resumes_to_the_same_head(synthetic_3d, tmp_path, monkeypatch):
-    import medctl.finetune.run as run_module
+    import medctl.finetune.metrics as metrics_module
 
     full = run_finetune(probe_config(synthetic_3d, tmp_path, "full"))
-    original, calls = run_module.validation_metrics, []
+    original, calls = metrics_module.validation_metrics, []
 
     def interrupt_at_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -154,11 +155,11 @@ def test_an_interrupted_probe_resumes_to_the_same_head(synthetic_3d, tmp_path, m
             raise KeyboardInterrupt  # a kill during epoch 2's validation: epochs 0 and 1 are saved
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "validation_metrics", interrupt_at_epoch_2)
+    monkeypatch.setattr(metrics_module, "validation_metrics", interrupt_at_epoch_2)
     config = probe_config(synthetic_3d, tmp_path, "resumed")
     with pytest.raises(KeyboardInterrupt):
         run_finetune(config)
-    monkeypatch.setattr(run_module, "validation_metrics", original)
+    monkeypatch.setattr(metrics_module, "validation_metrics", original)
     assert read_train_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 1
     resumed = run_finetune(config, resume=True)
 

@@ -11,6 +11,7 @@ take config sections, never the whole ``Config``.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medctl"
@@ -174,7 +175,63 @@ def test_libraries_take_config_sections_not_the_whole_config():
         if package_of(path) in libraries
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ImportFrom)
-        and node.module == "medctl.config"
+        and (node.module or "").split(".")[:2] == ["medctl", "config"]  # the package or one of its modules
         and any(alias.name == "Config" for alias in node.names)
     ]
     assert not found, "\n".join(found)
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+# Issue 28: a stage's functions read top to bottom in one screenful or two, and no module grows past what a
+# reader holds in mind. The function limit holds in the stage packages (libraries hold long loops, e.g. fit);
+# the module limit everywhere in src/medctl.
+MAX_FUNCTION_LINES = 100
+MAX_MODULE_LINES = 500
+STAGE_PACKAGES = {"pretrain", "finetune", "evaluate", "saliency", "sweep", "demo", "demo_eeg", "cli"}
+# What may stay longer, each with why.
+LONG_FUNCTIONS = {
+    # 100 of its lines declare its 11 options (a Typer command is its options plus one call into the stage)
+    "cli/saliency.py:saliency_command": "option declarations: a Typer command is its options plus one call",
+}
+LONG_MODULES = {
+    # timm's layout, one file per model family: blocks, the model, weight adaptation, the builders
+    "models/encoders/vit3d.py": "one model family per file (STYLE.md, from timm)",
+}
+
+
+@functools.cache  # one scan for the three tests
+def _sizes() -> tuple[dict[str, int], dict[str, int]]:
+    """(module -> lines, "module:function" -> lines in a stage package), paths relative to src/medctl."""
+    modules, functions = {}, {}
+    for path in sorted(SRC.rglob("*.py")):
+        name = path.relative_to(SRC).as_posix()
+        text = path.read_text()
+        modules[name] = len(text.splitlines())
+        if package_of(path) not in STAGE_PACKAGES:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                functions[f"{name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return modules, functions
+
+
+def test_no_function_over_100_lines_in_a_stage_package():
+    _, functions = _sizes()
+    long = [f"{name}: {n} lines" for name, n in sorted(functions.items())
+            if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS]  # fmt: skip
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines; move their parts to their layers:\n" + "\n".join(long)
+
+
+def test_no_module_over_500_lines():
+    modules, _ = _sizes()
+    long = [f"{name}: {n} lines" for name, n in sorted(modules.items())
+            if n > MAX_MODULE_LINES and name not in LONG_MODULES]  # fmt: skip
+    assert not long, f"modules over {MAX_MODULE_LINES} lines; split them:\n" + "\n".join(long)
+
+
+def test_the_size_allow_lists_name_only_what_is_still_long():
+    """An entry whose file or function shrank (or moved) goes, so the lists never excuse new growth."""
+    modules, functions = _sizes()
+    stale = [name for name in LONG_MODULES if modules.get(name, 0) <= MAX_MODULE_LINES]
+    stale += [name for name in LONG_FUNCTIONS if functions.get(name, 0) <= MAX_FUNCTION_LINES]
+    assert not stale, f"remove these from the allow-lists in tests/test_layering.py: {stale}"

@@ -21,7 +21,7 @@ from medctl.errors import ConfigError
 from medctl.models.checkpoints import load_encoder_weights, read_checkpoint
 from medctl.models.registry import build_encoder
 from medctl.pretrain import METHODS
-from medctl.pretrain.run import select_subset
+from medctl.pretrain.samples import select_subset
 from medctl.training.optim import momentum_schedule
 
 runner = CliRunner()

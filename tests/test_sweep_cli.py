@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import medctl.sweep.run as sweep_run
+import medctl.sweep.jobs as sweep_jobs
 from medctl.cli.app import app
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.models.registry import build_encoder
@@ -74,7 +74,7 @@ def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
     sweep_dir = tmp_path / "runs" / "sw"
 
     # 1. killed midway: the second entry is interrupted; the first one is finished and kept
-    original = sweep_run.run_finetune
+    original = sweep_jobs.run_finetune
     calls = []
 
     def interrupt_second(config, **kwargs):
@@ -83,7 +83,7 @@ def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
             raise KeyboardInterrupt
         return original(config, **kwargs)
 
-    monkeypatch.setattr(sweep_run, "run_finetune", interrupt_second)
+    monkeypatch.setattr(sweep_jobs, "run_finetune", interrupt_second)
     result = invoke(*args)
     assert result.exit_code == 130, result.output
     state = json.loads((sweep_dir / "sweep_state.json").read_text())["entries"]
@@ -92,7 +92,7 @@ def test_sweep_leaderboard_resume_after_interrupt_and_corrupt_checkpoint(
     first = stamps(sweep_dir / "byol_a")
 
     # 2. the rerun finishes only the missing entries; the corrupt checkpoint fails alone, with the reason
-    monkeypatch.setattr(sweep_run, "run_finetune", original)
+    monkeypatch.setattr(sweep_jobs, "run_finetune", original)
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "byol_a already finished, skipped" in result.output

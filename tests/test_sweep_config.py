@@ -9,6 +9,7 @@ import pytest
 
 from medctl.config import load_config
 from medctl.errors import ConfigError, DataError
+from medctl.sweep.board import EntryRecord
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
@@ -123,13 +124,14 @@ def test_top_pretrained_skips_failures_and_the_random_baseline(tmp_path, monkeyp
     monkeypatch.setattr(
         sweep_run,
         "entry_row",
-        lambda entry, run_dir, manifest_hash: {"status": "ok", "val_balanced_accuracy": scores[entry.name]},
+        lambda entry, record, manifest_hash: {"status": "ok", "val_balanced_accuracy": scores[entry.name]},
     )
     outcomes = [
         sweep_run.EntryOutcome(
-            SweepEntry(n, "" if n == "random_init" else f"{n}.pt", PROBE), tmp_path / n, "done"
-        )
+            SweepEntry(n, "" if n == "random_init" else f"{n}.pt", PROBE), tmp_path / n, "done",
+            record=EntryRecord(tmp_path / n, {}, {}, {}, None),
+        )  # fmt: skip
         for n in scores
     ] + [sweep_run.EntryOutcome(SweepEntry("c", "c.pt", PROBE), tmp_path / "c", "failed", "broken")]
-    assert [e.name for e in top_pretrained(outcomes, tmp_path, "h", 1)] == ["b"]
-    assert [e.name for e in top_pretrained(outcomes, tmp_path, "h", 5)] == ["b", "a"]
+    assert [e.name for e in top_pretrained(outcomes, "h", 1)] == ["b"]
+    assert [e.name for e in top_pretrained(outcomes, "h", 5)] == ["b", "a"]

@@ -168,7 +168,7 @@ def test_a_file_declaring_a_model_too_big_to_build_is_refused_before_allocating(
 
 def test_finetune_and_sweep_log_the_guess_in_one_warning_line(tmp_path, caplog):
     """finetune (and each sweep entry, which runs it) builds its encoder through build_pretrained_encoder."""
-    from medctl.finetune.run import build_pretrained_encoder
+    from medctl.finetune.model import build_pretrained_encoder
 
     state = dict(fixture("vjepa2_rope")["state_dict"])
     state["module.backbone.pos_embed"] = sincos_3d((2, 2, 2), 16)

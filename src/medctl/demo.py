@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from medctl.config import Config, load_config, upgrade_saved_tree
+from medctl.config import Config, apply_overrides, load_config, upgrade_saved_tree
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import SyntheticDataset, make_synthetic_dataset
 from medctl.errors import UserError
@@ -153,7 +153,7 @@ def run_demo(
         checkpoints = pretrain_checkpoints(config, out, reused)
 
     with stage("sweep"):
-        sweep_config = with_overrides(
+        sweep_config = apply_overrides(
             config,
             [
                 'run.name="sweep"',
@@ -168,7 +168,7 @@ def run_demo(
 
     with stage("finetune"):
         ft_dir = out / "finetune"
-        ft_config = with_overrides(
+        ft_config = apply_overrides(
             config,
             [
                 'run.name="finetune"',
@@ -215,7 +215,7 @@ def pretrain_checkpoints(config: Config, out: Path, reused: list[str]) -> list[P
     interrupted one resumed), published as named files in ``out/checkpoints``."""
     checkpoints = []
     for name, subset, seed in PRETRAIN_RUNS:
-        run_config = with_overrides(
+        run_config = apply_overrides(
             config,
             [
                 f'run.name="{name}"',
@@ -269,17 +269,6 @@ def synthetic_dataset(folder: Path, settings: DemoSize, *, cache_dir: Path) -> t
     )
     write_json(described, dataset.__dict__)
     return dataset, False
-
-
-def with_overrides(config: Config, overrides: list[str]) -> Config:
-    """A copy of ``config`` with ``key=value`` items applied (validated like the command line)."""
-    from medctl.config import parse_overrides, set_dotted
-
-    tree = config.model_dump(mode="json")
-    problems: list[str] = []
-    for dotted, value in parse_overrides(overrides, problems):
-        set_dotted(tree, dotted, value)
-    return Config.model_validate(tree)
 
 
 def _leader(board: Any) -> dict[str, Any]:

@@ -62,10 +62,13 @@ class EEGDemoResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def eeg_demo_config(out: Path, study: SyntheticEEG, size: EEGDemoSize, overrides: Iterable[str]) -> Config:
-    """Defaults < the study's locations and spectrogram settings < the demo's model < the user's ``key=value``."""
+def eeg_demo_config(
+    out: Path, study: SyntheticEEG, size: EEGDemoSize, config_file: Path | None, overrides: Iterable[str]
+) -> Config:
+    """Defaults < the user's ``-c`` file < the study's locations and spectrogram settings < the demo's model <
+    the user's ``key=value``."""
     return load_config(
-        None,
+        config_file,
         [
             *study.config_overrides(),
             f"data.cache_dir={json.dumps(str(out / 'cache'))}",
@@ -91,6 +94,7 @@ def run_eeg_demo(
     *,
     size: str = "small",
     fresh: bool = False,
+    config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
 ) -> EEGDemoResult:
     """Run every step into ``out``; see the module docstring."""
@@ -116,7 +120,7 @@ def run_eeg_demo(
             recordings_per_subject=settings.recordings_per_subject,
             seconds=settings.seconds,
         )
-    config = eeg_demo_config(out, study, settings, overrides)
+    config = eeg_demo_config(out, study, settings, Path(config_file) if config_file else None, overrides)
     seconds["dataset"] = time.perf_counter() - start
 
     # 2. spectrogram windows into the cache

@@ -32,35 +32,91 @@ RESUME_FREE = ("run.device", "run.threads", "data.num_workers", "data.preprocess
 EPOCH_KEYS = ("train.epochs", "pretrain.epochs")  # changed on --resume only with --extend
 
 
-def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, act: bool = True) -> None:
-    """The one rule of every stage for ``run_dir``: a finished or started run there is continued
-    (``resume``), replaced (``overwrite``: the folder is deleted first) or refused with one line naming
-    both and a new ``run.name``. Temp files that a killed write left are removed either way.
+def run_path(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, stamp: str = "") -> Path:
+    """Where a stage's run goes: ``run_dir`` when the caller names it (a sweep entry, the demo), else
+    ``<run.root>/<run.name>``, else ``<run.root>/<stamp>`` (an unnamed new run is named by the time: under
+    torchrun pass rank 0's). ``--resume`` needs a name: the run to continue."""
+    if run_dir is not None:
+        return Path(run_dir)
+    if resume and not config.run.name:
+        raise ConfigError(["--resume needs run.name: the name of the run to continue (runs/<name>/)"], "run.name")
+    return Path(config.run.root) / (config.run.name or stamp or timestamp())
 
-    ``act=False`` (the other ranks under torchrun) only checks: rank 0 deletes."""
+
+def timestamp() -> str:
+    """The name of an unnamed run: the time it started, to the second."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_dir_refusal(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
+    """The one rule of every stage for a run folder, as the reason it refuses ("" when the run may start):
+
+    - new (neither flag): the folder may not hold a run (:func:`held_run`: a ``last.ckpt`` or ``results.json``);
+    - ``resume``: it must hold a ``checkpoints/last.ckpt`` to continue (with the run's own settings,
+      :func:`check_resume_settings`);
+    - ``overwrite``: whatever it holds is deleted first; with ``resume`` it is a contradiction."""
     if resume and overwrite:
-        raise ConfigError(["--resume continues the run and --overwrite deletes it; pass one of them"], "run.name")
+        return "--resume continues the run and --overwrite deletes it; pass one of them"
     if resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        raise ConfigError(
-            [f"--resume: {run_dir} holds no checkpoints/last.ckpt to continue; start the run without --resume "
-             "(or check run.name and run.root)"],
-            "run.name",
-        )  # fmt: skip
+        return (
+            f"--resume: {run_dir} holds no checkpoints/last.ckpt to continue; start the run without --resume "
+            "(or check run.name and run.root)"
+        )
     held = held_run(run_dir)
-    if held and not resume:
-        if not overwrite:
-            raise ConfigError(
-                [f"{run_dir} already holds a run ({held}); continue it with --resume, choose a new run.name, "
-                 "or replace it with --overwrite"],
-                "run.name",
-            )  # fmt: skip
-        if act:
-            log(f"--overwrite: deleting the earlier run in {run_dir}")
-            shutil.rmtree(run_dir)
+    if held and not resume and not overwrite:
+        return (
+            f"{run_dir} already holds a run ({held}); continue it with --resume, choose a new run.name, "
+            "or replace it with --overwrite"
+        )
+    return ""
+
+
+def claim_run_dir(
+    run_dir: Path, config: Config, *, resume: bool, overwrite: bool, extend: bool = False, act: bool = True
+) -> None:
+    """:func:`run_dir_refusal`'s rule for ``run_dir``, refused with its one line; a resumed run keeps its
+    settings (:func:`check_resume_settings`); ``overwrite`` deletes an earlier run. Temp files that a killed
+    write left are removed either way.
+
+    ``act=False`` only checks: a stage checks before its long data pass, and the other ranks under torchrun
+    leave the deleting to rank 0."""
+    if resume:
+        check_resume_settings(run_dir, config, extend=extend)
+    refusal = run_dir_refusal(run_dir, resume=resume, overwrite=overwrite)
+    if refusal:
+        raise ConfigError([refusal], "run.name")
+    if not act:
+        return
+    if overwrite and held_run(run_dir):
+        log(f"--overwrite: deleting the earlier run in {run_dir}")
+        shutil.rmtree(run_dir)
+    removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints")
+    if removed:
+        log(f"removed {len(removed)} temp file(s) left by a killed write in {run_dir}")
+
+
+def open_run_dir(
+    run_dir: Path,
+    config: Config,
+    command: str = "",
+    *,
+    resume: bool,
+    overwrite: bool,
+    extend: bool = False,
+    act: bool = True,
+) -> Path:
+    """The one run-folder opener of every stage: ``run_dir`` claimed (:func:`claim_run_dir`), then the
+    resolved ``config.toml`` and a secret-free ``env.json`` written (:func:`create_run_dir`). A new run in a
+    folder that an earlier run left without a checkpoint starts its ``metrics.jsonl`` and ``tb/`` afresh
+    (they would mix with the old run's); ``resume`` keeps them. ``act=False`` (other ranks) writes nothing."""
+    claim_run_dir(run_dir, config, resume=resume, overwrite=overwrite, extend=extend, act=act)
     if act:
-        removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints")
-        if removed:
-            log(f"removed {len(removed)} temp file(s) left by a killed write in {run_dir}")
+        create_run_dir(config, command, run_dir=run_dir)
+        if not resume:
+            for stale in ("metrics.jsonl", "checkpoints/last.ckpt", "results.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    return run_dir
 
 
 def held_run(run_dir: Path) -> str:
@@ -126,10 +182,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def create_run_dir(config: Config, command: str = "", name: str = "") -> Path:
-    """Make ``<run.root>/<name>`` and write the resolved config and the environment into it."""
-    name = name or config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.run.root) / name
+def create_run_dir(config: Config, command: str = "", run_dir: Path | None = None) -> Path:
+    """Make ``run_dir`` (default :func:`run_path`) and write the resolved config and the environment into it."""
+    run_dir = run_dir or run_path(config)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", config.to_toml())
     env = environment_info(Path(config.run.root))

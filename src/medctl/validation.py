@@ -208,7 +208,7 @@ def finetune_problems(config: Config, encoder) -> list[str]:
 
     from medctl.data.tables import TargetSpec
     from medctl.finetune.augment import check_augment
-    from medctl.finetune.run import check_monitor, encoder_trainable_from
+    from medctl.finetune.checks import check_monitor, encoder_trainable_from
     from medctl.models.classifier import build_classifier
     from medctl.models.heads import num_outputs
     from medctl.training.losses import LossSettings, build_target_loss, label_counts

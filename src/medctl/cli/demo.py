@@ -43,7 +43,7 @@ def demo_command(
       medctl demo --eeg --out runs/demo_eeg
     """
     if eeg:
-        _eeg_demo(out if out != Path("runs/demo") else Path("runs/demo_eeg"), size, fresh, overrides or [])
+        _eeg_demo(out if out != Path("runs/demo") else Path("runs/demo_eeg"), size, fresh, config, overrides or [])
         return
     from medctl.demo import STAGES, run_demo
 
@@ -90,11 +90,11 @@ def demo_command(
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")
 
 
-def _eeg_demo(out: Path, size: str, fresh: bool, overrides: list[str]) -> None:
+def _eeg_demo(out: Path, size: str, fresh: bool, config: Path | None, overrides: list[str]) -> None:
     from medctl.demo_eeg import run_eeg_demo
 
     start = time.perf_counter()
-    result = run_eeg_demo(out, size=size, fresh=fresh, overrides=overrides)
+    result = run_eeg_demo(out, size=size, fresh=fresh, config_file=config, overrides=overrides)
     table = Table(title=f"medctl demo --eeg ({size}) in {time.perf_counter() - start:.0f} s: {result.n_recordings} "
                   f"recordings, {result.n_windows} windows")  # fmt: skip
     for column in ("task", "test metric", "value", "chance", "above chance"):

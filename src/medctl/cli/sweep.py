@@ -17,16 +17,14 @@ from medctl.cli.common import (
     resolve_config,
 )
 from medctl.cli.output import JsonOption, print_json, show_table
+from medctl.config import SWEEP_MODES
 from medctl.errors import RunFailure
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-class Mode(StrEnum):
-    linear_probe = "linear_probe"
-    finetune = "finetune"
-    both = "both"
+Mode = StrEnum("Mode", {mode: mode for mode in SWEEP_MODES})  # --mode's choices: sweep.mode's values
 
 
 @handle_errors
@@ -44,7 +42,7 @@ def sweep_command(
     mode: Annotated[
         Mode | None,
         typer.Option(
-            "--mode", help="linear_probe, finetune, or both (default sweep.mode).", show_default=False
+            "--mode", help="One of the sweep.mode values (default sweep.mode).", show_default=False
         ),
     ] = None,
     jobs: Annotated[

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from medctl import __version__
-from medctl.data.dataset import CacheDataset, read_summary, split_manifest_hash
+from medctl.data.dataset import CacheDataset
 from medctl.progress import log, progress_bar
 from medctl.training.distributed import barrier, is_rank0
 from medctl.training.precision import autocast_context
@@ -74,11 +74,6 @@ def encoder_fingerprint(
     if not checkpoint or allow_partial:
         source["seed"] = seed  # random weights: the initialisation seed decides them
     return source
-
-
-def data_fingerprint(cache_dir: str | Path) -> str:
-    """The cache's settings fingerprint joined with its split-manifest hash."""
-    return f"{read_summary(cache_dir)['fingerprint']}-{split_manifest_hash(cache_dir)}"
 
 
 def feature_key(encoder: Mapping[str, Any], data: str) -> str:

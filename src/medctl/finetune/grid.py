@@ -41,6 +41,7 @@ from medctl.errors import ConfigError, RunFailure
 from medctl.finetune.modes import CachedLogits, Mode, ModeInputs, ProbeHeads
 from medctl.finetune.tokens import cached_logits
 from medctl.progress import log
+from medctl.training.distributed import is_rank0
 from medctl.training.early_stopping import EarlyStopping, lower_is_better
 from medctl.training.fit import FitResult
 from medctl.training.multitask import UncertaintyWeightedLoss
@@ -66,6 +67,14 @@ def grid_points(train: TrainConfig) -> list[GridPoint]:
     lrs = sorted(train.grid.lr_head) or [train.lr_head]
     decays = sorted(train.grid.weight_decay) or [train.weight_decay]
     return [GridPoint(lr, wd) for lr in lrs for wd in decays]
+
+
+def probe_grid(train: TrainConfig, first_trainable: int | None, mode: Mode, inputs: ModeInputs) -> Grid | None:
+    """``train.grid``'s stacked heads on ``mode``'s inputs (what a grid refuses checked first); None without one."""
+    if not train.grid.enabled:
+        return None
+    check_grid(train, first_trainable, inputs.loss_fn)
+    return build_grid(mode, inputs, grid_points(train), train.monitor, train.patience)
 
 
 def check_grid(train: TrainConfig, first_trainable: int | None, loss_fn: nn.Module) -> None:
@@ -221,7 +230,7 @@ class Grid:
 
     def optimization(self, train: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
         """One AdamW step for all members (each at its own lr and weight decay, clipped on its own) and the
-        run's cosine schedule with warmup, as a single head's :func:`~medctl.finetune.run.build_optimization`."""
+        run's cosine schedule with warmup, as a single head's :func:`~medctl.finetune.model.build_optimization`."""
         optimizer = StackedAdamW(
             self.stacked,
             [p.lr_head for p in self.points],
@@ -236,7 +245,7 @@ class Grid:
         return optimizer, scheduler
 
     def validation(self, single: Any, metrics_of: Callable[..., Any]) -> GridValidation:
-        """Every member validated as ``single`` (the run's :class:`~medctl.finetune.run.Validation`) would be."""
+        """Every member validated as ``single`` (the run's :class:`~medctl.finetune.metrics.Validation`) would be."""
         return GridValidation(
             self.mode.val_logits, single.loss_fn, single.specs, single.labels, single.targets, self.selection, metrics_of
         )
@@ -256,6 +265,17 @@ class Grid:
         value = float(self.selection.best_value[winner])
         result = replace(fitted, best_epoch=chosen["best_epoch"], best_metric=value)
         return result, {"grid": members, "selected": chosen | {"index": winner, "edge": edge}}
+
+    def export_winner(
+        self, fitted: FitResult, heads: nn.ModuleDict, validate: Callable[[int], dict[str, float]], export: Any
+    ) -> tuple[FitResult, tuple[dict[str, float], dict[str, Any]]]:
+        """The winner's best epoch into the classifier's ``heads`` (:meth:`select`), validated and exported as a
+        single head's would be: the winner's fit result, and (its metrics, what results.json records of the grid)."""
+        fitted, selected = self.select(fitted, heads)
+        metrics = validate(fitted.best_epoch - 1)
+        if is_rank0():
+            export(fitted.best_epoch - 1, {"epoch": fitted.best_epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        return fitted, (metrics, selected)
 
     def record(self, member: int, history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
         point, monitored = self.points[member], self.selection.monitor.removeprefix("val_")

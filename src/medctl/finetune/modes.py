@@ -95,7 +95,7 @@ def build_mode(
     standardize: bool = False,
 ) -> Mode:
     """The mode this run trains in: cached embeddings for a probe that may cache (``feature_cache``, see
-    :func:`medctl.finetune.run.wants_feature_cache`), cached tokens for an attentive one when they fit
+    :func:`medctl.finetune.checks.wants_feature_cache`), cached tokens for an attentive one when they fit
     ``train.feature_cache_max_gb``, otherwise the encoder every step.
 
     With ``standardize`` (a frozen encoder's linear or MLP probe) the heads read the embeddings

@@ -52,7 +52,7 @@ def method_table_problems(pretrain: Any) -> list[str]:
         problems.append(f"`pretrain.method` = {method!r} is not a pretraining method; {_known(method)}")
     for name, table in pretrain.items():
         if name in PretrainConfig.model_fields or not isinstance(table, Mapping):
-            continue  # the shared keys are config.py's
+            continue  # the shared keys are config/models.py's
         if name not in METHODS:
             problems.append(f"`[pretrain.{name}]` is not a pretraining method's table; {_known(name, 'pretrain.')}")
             continue

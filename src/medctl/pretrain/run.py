@@ -1,12 +1,18 @@
 """``medctl pretrain``: self-supervised pretraining of an encoder, read top to bottom like a recipe.
 
-1. the preprocessed cache (built once, reused after), the train split (optionally a subset) and val;
-2. the encoder (optionally initialised from ``model.checkpoint``) inside the method module
-   (``METHODS[pretrain.method]``, built from its typed table ``[pretrain.<method>]``, checked first);
-3. AdamW + cosine schedule with warmup, the EMA momentum schedule for target networks;
-4. :func:`medctl.training.fit.fit`: bf16 on CUDA, gradient clipping, ``last.ckpt`` every epoch,
+The numbers are the steps in :func:`_pretrain`:
+
+0. the method's typed table ``[pretrain.<method>]`` checked and completed;
+1. the device, and the run folder's rule (:func:`medctl.runs.claim_run_dir`: new, ``--resume`` or
+   ``--overwrite``) checked before any work;
+2. the preprocessed cache (built once, reused after), the train split (optionally a subset) and val;
+3. the encoder (optionally initialised from ``model.checkpoint``) inside the method module
+   (``METHODS[pretrain.method]``, built from its typed table);
+4. AdamW + cosine schedule with warmup, the EMA momentum schedule for target networks;
+5. the run directory (:func:`medctl.runs.open_run_dir`), monitoring and the per-epoch export;
+6. :func:`medctl.training.fit.fit`: bf16 on CUDA, gradient clipping, ``last.ckpt`` every epoch,
    ``--resume``; monitoring (collapse, k-NN, t-SNE, reconstruction panels) as its ``evaluate``;
-5. exports: ``checkpoints/encoder.ckpt`` (a medctl encoder checkpoint, every epoch and at the end, so
+7. exports: ``checkpoints/encoder.ckpt`` (a medctl encoder checkpoint, every epoch and at the end, so
    ``medctl finetune model.checkpoint=runs/<name>/checkpoints/encoder.ckpt`` takes it as is: the ONLINE
    encoder for byol and mim_contrastive; for jepa the EMA target encoder, as the loader's default entry
    of a JEPA file is ``target_encoder``, with the online one in ``context_encoder.ckpt`` and, with
@@ -25,26 +31,25 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
 
 from medctl.config import Config, PretrainConfig
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.provenance import pool_provenance
-from medctl.errors import ConfigError, DataError, RunFailure
+from medctl.errors import RunFailure
 from medctl.models.architecture import pretrained_encoder
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
-from medctl.pretrain import METHODS, build_method, method_settings, min_batch_problem, resolved_pretrain
+from medctl.models.preprocessing import preprocessing_info
+from medctl.pretrain import METHODS, build_method, method_settings, resolved_pretrain
 from medctl.pretrain import monitoring as mon
+from medctl.pretrain.samples import check_batch_size, select_subset, summary_input_size, trained_ids
 from medctl.progress import log
-from medctl.runs import check_resume_settings, claim_run_dir, create_run_dir, write_results_and_timing
+from medctl.runs import claim_run_dir, open_run_dir, run_path, timestamp, write_results_and_timing
 from medctl.tracking import connect
 from medctl.training.distributed import (
     barrier,
@@ -107,7 +112,8 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     # 1. device, threads, and the run directory (an earlier run there is never silently overwritten)
     device = resolve_device(config.run.device)
     set_threads(config.run.threads, config.data.num_workers)
-    run_dir = run_dir_for(config, resume, overwrite=overwrite, extend=extend)
+    run_dir = run_path(config, resume=resume, stamp=rank0_value(timestamp))
+    claim_run_dir(run_dir, config, resume=resume, overwrite=overwrite, extend=extend, act=False)
     start = time.perf_counter()
 
     # 2. data: the cache (rank 0 builds or reuses it), the train split or a subset of it, val
@@ -143,51 +149,30 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     target_export = exported_target_check(method, settings, ema.total_steps)
 
     # 5. the run directory (config.toml, env.json), monitoring and exports
-    if is_rank0():
-        create_run_dir(config, command, name=run_dir.name)
+    open_run_dir(run_dir, config, command, resume=resume, overwrite=overwrite, extend=extend, act=is_rank0())
     barrier()
     tracker.begin(run_dir, resume=resume)
-    preprocessing = preprocessing_info(summary)
+    preprocessing = preprocessing_info(cache)
     provenance = pool_provenance(
         trained_ids(train_set), cache_fingerprint=summary["fingerprint"], id_column=config.data.id_column,
         subset=settings.subset,
     )  # fmt: skip
     export = EncoderExport(run_dir / "checkpoints", method, config, preprocessing, provenance)
     monitor = mon.make_monitor(
-        method,
-        train_full,
-        val_set,
-        limit=settings.monitor_samples,
-        seed=config.run.seed,
-        figures=run_dir / "figures",
-        batch_size=batch_size,
-        device=device,
-        precision=settings.precision,
+        method, train_full, val_set, limit=settings.monitor_samples, seed=config.run.seed,
+        figures=run_dir / "figures", batch_size=batch_size, device=device, precision=settings.precision,
         method_name=settings.method,
-    )
+    )  # fmt: skip
     initial = calibrate_monitor(monitor, settings)
 
     # 6. train
     fitted = fit(
-        model=model,
-        train_step=method_step,
-        train_loader=loader,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        epochs=settings.epochs,
-        run_dir=run_dir,
-        device=device,
-        precision=settings.precision,
-        grad_clip=settings.grad_clip,
-        evaluate=MonitorEpochs(method, monitor, settings),
-        after_step=ema,
-        export_last=export,
-        resume=resume,
-        log_every=settings.log_every,
-        extend=extend,
-        sink=tracker,
+        model=model, train_step=method_step, train_loader=loader, optimizer=optimizer, scheduler=scheduler,
+        epochs=settings.epochs, run_dir=run_dir, device=device, precision=settings.precision,
+        grad_clip=settings.grad_clip, evaluate=MonitorEpochs(method, monitor, settings), after_step=ema,
+        export_last=export, resume=resume, log_every=settings.log_every, extend=extend, sink=tracker,
         stop_when=mon.EpochWatch(settings.method, chance_losses(method), settings.stop_on_collapse),
-    )
+    )  # fmt: skip
 
     # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
     facts = {
@@ -428,107 +413,7 @@ def finish(
     )
 
 
-# -------------------------------------------------------------------------------------------- data
-def summary_input_size(summary: dict[str, Any], cache: Path) -> tuple[int, ...]:
-    size = summary.get("spatial_size")
-    if not size:
-        raise DataError(
-            f"{cache}: its samples have different sizes; pretraining needs one input size: "
-            "set data.preprocess.spatial_size, e.g. [32, 64, 64]"
-        )
-    return tuple(int(s) for s in size)
-
-
-def select_subset(dataset: CacheDataset, subset: str, *, seed: int) -> Dataset:
-    """The items of ``dataset`` that ``pretrain.subset`` keeps (all when it is "")."""
-    if not subset:
-        return dataset
-    key, sep, value = subset.partition(":")
-    if not sep or not key or not value:
-        raise ConfigError(
-            [f'`pretrain.subset` = "{subset}": use "fraction:0.5" or "<column>:<value>"'], "pretrain"
-        )
-    n = len(dataset)
-    if key == "fraction":
-        try:
-            share = float(value)
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
-            raise ConfigError(
-                [f'`pretrain.subset` = "{subset}": the fraction must be in (0, 1], e.g. "fraction:0.5"'],
-                "pretrain",
-            )
-        keep = max(1, round(share * n))
-        indices = sorted(np.random.default_rng(seed).choice(n, size=keep, replace=False).tolist())
-    else:
-        manifest = dataset.manifest
-        if key not in manifest.columns:
-            known = ", ".join(
-                c for c in manifest.columns if c not in ("fingerprint", "cache_affine", "direction")
-            )
-            raise ConfigError(
-                [
-                    f'`pretrain.subset` = "{subset}": no column `{key}` in the cache manifest; use one of: {known}'
-                ],
-                "pretrain",
-            )
-        wanted = value
-        spec = next((t for t in dataset.targets if t.name == key and t.kind != "multilabel"), None)
-        if spec is not None and value in spec.classes:
-            wanted = str(spec.classes.index(value))  # target columns hold class indices
-        indices = [i for i, cell in enumerate(manifest[key].astype(str)) if cell == wanted]
-    if not indices:
-        raise ConfigError(
-            [f'`pretrain.subset` = "{subset}" keeps none of the {n} training samples'], "pretrain"
-        )
-    log(f"pretrain.subset {subset}: {len(indices)} of {n} training samples")
-    return Subset(dataset, indices)
-
-
-def check_batch_size(method: str, batch_size: int, n_train: int) -> int:
-    if n_train == 0:
-        raise DataError(
-            "the train split is empty: pretraining needs training samples (check data.split_column)"
-        )
-    too_small = min_batch_problem(method, batch_size)
-    if too_small:
-        raise ConfigError([too_small], "data.batch_size")
-    if n_train < batch_size:
-        raise ConfigError(
-            [f"`data.batch_size` = {batch_size} is larger than the {n_train} training samples; lower it"],
-            "data.batch_size",
-        )
-    return batch_size
-
-
-# ---------------------------------------------------------------------------------------- run dir
-def run_dir_for(config: Config, resume: bool, *, overwrite: bool = False, extend: bool = False) -> Path:
-    """``<run.root>/<run.name>`` (a timestamp when unnamed), claimed by :func:`medctl.runs.claim_run_dir`
-    (rank 0 deletes or cleans); a resumed run must keep its settings (:func:`check_resume_settings`)."""
-    if resume and not config.run.name:
-        raise ConfigError(
-            ["--resume needs run.name: the name of the run to continue (runs/<name>/)"], "run.name"
-        )
-    name = gather_objects(config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S"))[0]  # rank 0's clock
-    run_dir = Path(config.run.root) / name
-    if resume:
-        check_resume_settings(run_dir, config, extend=extend)
-    claim_run_dir(run_dir, resume=resume, overwrite=overwrite, act=is_rank0())
-    return run_dir
-
-
-def preprocessing_info(summary: dict[str, Any]) -> dict[str, Any]:
-    """What a later stage needs to feed the encoder the same inputs: sizes, channels, the cache settings."""
-    return {
-        "spatial_dims": summary["spatial_dims"],
-        "in_channels": summary["in_channels"],
-        "spatial_size": summary["spatial_size"],
-        "preprocess": summary["settings"]["preprocess"],
-        "cache_fingerprint": summary["fingerprint"],
-    }
-
-
+# ----------------------------------------------------------------------------------------- exports
 def export_encoders(
     folder: Path,
     method: nn.Module,
@@ -570,13 +455,6 @@ def export_encoder(
     if provenance is not None:
         payload["provenance"] = provenance
     return save_checkpoint(path, payload)
-
-
-def trained_ids(dataset: Dataset) -> list[str]:
-    """The sample ids a (possibly subset) train split holds: the pretraining pool."""
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.ids[i] for i in dataset.indices]
-    return list(dataset.ids)
 
 
 def last_value(history: list[dict[str, float]], key: str) -> float | None:

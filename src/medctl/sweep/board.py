@@ -151,11 +151,32 @@ def shown_columns(targets: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return shown
 
 
-def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EntryRecord:
+    """What a finished entry wrote, read once: ``results.json``, ``eval_val`` / ``eval_test`` ``metrics.json``
+    and the training wall time of ``timing.json`` (results.json holds no wall-clock figure)."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    val: dict[str, Any]
+    test: dict[str, Any]
+    wall_time_s: float | None
+
+    @classmethod
+    def read(cls, run_dir: Path) -> EntryRecord:
+        timing = run_dir / "timing.json"
+        return cls(
+            run_dir,
+            json.loads((run_dir / "results.json").read_text()),
+            json.loads((run_dir / "eval_val" / "metrics.json").read_text()),
+            json.loads((run_dir / "eval_test" / "metrics.json").read_text()),
+            json.loads(timing.read_text()).get("wall_time_s") if timing.exists() else None,
+        )
+
+
+def entry_row(entry: SweepEntry, record: EntryRecord, split_manifest_hash: str) -> dict[str, Any]:
     """The leaderboard row of a finished entry; a failed row when its split manifest is not the sweep's."""
-    results = json.loads((run_dir / "results.json").read_text())
-    val = json.loads((run_dir / "eval_val" / "metrics.json").read_text())
-    test = json.loads((run_dir / "eval_test" / "metrics.json").read_text())
+    results, val, test, run_dir = record.results, record.val, record.test, record.run_dir
     extra = {
         "mode": entry.kind,
         "architecture": results.get("architecture", ""),
@@ -184,7 +205,7 @@ def entry_row(entry: SweepEntry, run_dir: Path, split_manifest_hash: str) -> dic
         val=val["summary"],
         test=test["summary"],
         epochs=results.get("epochs_run"),
-        wall_time_s=_wall_time(run_dir),
+        wall_time_s=record.wall_time_s,
         **extra,
         **task_columns(results.get("targets") or [], {"val": val, "test": test}),
     )
@@ -215,12 +236,6 @@ def task_columns(targets: Sequence[Mapping[str, Any]], evaluated: Mapping[str, M
     return columns
 
 
-def _wall_time(run_dir: Path) -> float | None:
-    """The entry's training wall time from ``timing.json`` (results.json holds no wall-clock figure)."""
-    path = run_dir / "timing.json"
-    return json.loads(path.read_text()).get("wall_time_s") if path.exists() else None
-
-
 def failed_row(entry: SweepEntry, run_dir: Path, reason: str) -> dict[str, Any]:
     return leaderboard_row(
         entry.name,
@@ -233,18 +248,16 @@ def failed_row(entry: SweepEntry, run_dir: Path, reason: str) -> dict[str, Any]:
     )
 
 
-def test_predictions(run_dir: Path, target: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def test_predictions(record: EntryRecord, target: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """``(ids, y_true, probs, kind)`` of ``target`` (default: the primary one) from ``eval_test``.
 
     ``y_true`` is (N,) class indices, (N, L) 0/1 or (N,) values; ``probs`` (N, K) / (N, L), or a regression
     target's predictions (N, 1). Reads either predictions layout (:mod:`medctl.evaluation.columns`).
     """
-    results = json.loads((run_dir / "results.json").read_text())
-    if not target:
-        target = json.loads((run_dir / "eval_test" / "metrics.json").read_text())["primary_target"]
-    spec = next(t for t in results["targets"] if t["name"] == target)
-    n_targets = len(results["targets"])
-    path = run_dir / "eval_test" / "test_preds.parquet"
+    target = target or record.test["primary_target"]
+    spec = next(t for t in record.results["targets"] if t["name"] == target)
+    n_targets = len(record.results["targets"])
+    path = record.run_dir / "eval_test" / "test_preds.parquet"
     frame = pd.read_parquet(path)
     y = np.stack([np.asarray(v) for v in frame[truth_column(frame.columns, target, n_targets, str(path))]])
     if spec["kind"] == "regression":
@@ -259,7 +272,7 @@ def test_predictions(run_dir: Path, target: str = "") -> tuple[np.ndarray, np.nd
 
 
 def add_p_values(
-    board: pd.DataFrame, run_dirs: Mapping[str, Path], n: int, seed: int, rank: RankMetric = DEFAULT_RANK
+    board: pd.DataFrame, records: Mapping[str, EntryRecord], n: int, seed: int, rank: RankMetric = DEFAULT_RANK
 ) -> pd.DataFrame:
     """``p_vs_leader`` for every ranked entry scored on the leader's test samples (NaN otherwise), paired
     bootstrap on the ranking metric of its target."""
@@ -269,13 +282,13 @@ def add_p_values(
     if ranked.empty or n == 0:
         return board
     leader = str(ranked.iloc[0]["entry"])
-    ids, y_true, leader_probs, kind = test_predictions(run_dirs[leader], rank.target)
+    ids, y_true, leader_probs, kind = test_predictions(records[leader], rank.target)
     order = pd.Index(ids)
     probs_by_entry = {leader: leader_probs}
     for name in ranked["entry"].astype(str):
         if name == leader:
             continue
-        other_ids, _, probs, _ = test_predictions(run_dirs[name], rank.target)
+        other_ids, _, probs, _ = test_predictions(records[name], rank.target)
         position = pd.Index(other_ids).get_indexer(order)
         if len(other_ids) != len(ids) or (position < 0).any():
             log(f"sweep: {name} was tested on other samples than the leader {leader}; no p-value")
@@ -421,7 +434,7 @@ def ranking_note(
 
 def build_leaderboard(
     rows: Sequence[Mapping[str, Any]],
-    run_dirs: Mapping[str, Path],
+    records: Mapping[str, EntryRecord],
     out_dir: Path,
     *,
     n_bootstrap: int,
@@ -443,7 +456,7 @@ def build_leaderboard(
         write_text_atomic(out_dir / "leaderboard_seeds.csv", per_seed.to_csv(index=False))
         board = add_seed_tests(leaderboard(seed_summary_rows(rows), sort_by=sort_by), rows, sort_by)
     else:
-        board = add_p_values(leaderboard(rows, sort_by=sort_by), run_dirs, n_bootstrap, seed, rank)
+        board = add_p_values(leaderboard(rows, sort_by=sort_by), records, n_bootstrap, seed, rank)
     board.insert(board.columns.get_loc("reason") + 1, "selected_on", selected_on)
     board.insert(board.columns.get_loc("selected_on") + 1, "ranked_on", rank_on)
     board.insert(board.columns.get_loc("ranked_on") + 1, "ranked_by", rank.key)

@@ -23,15 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from medctl.config import (
-    Config,
-    describe_validation_errors,
-    parse_overrides,
-    set_dotted,
-    unknown_key_problems,
-)
+from medctl.config import Config, apply_overrides
 from medctl.errors import ConfigError, DataError, MedctlError
 
 PROBE, FINETUNE = "linear_probe", "finetune"
@@ -194,35 +186,33 @@ def entry_config(config: Config, entry: SweepEntry) -> Config:
     Fine-tunes: ``model.unfreeze_at_epoch = sweep.finetune_unfreeze_at_epoch`` then
     ``sweep.finetune_overrides``. Every problem is one ConfigError naming the sweep key.
     """
-    tree = config.model_dump(mode="json")
-    set_dotted(tree, "model.checkpoint", entry.checkpoint)
+    values: dict[str, Any] = {"model.checkpoint": entry.checkpoint, "model.freeze_encoder": True}
     if entry.architecture_of:
-        set_dotted(tree, "model.architecture_from", entry.architecture_of)
-    set_dotted(tree, "model.freeze_encoder", True)
+        values["model.architecture_from"] = entry.architecture_of
     if entry.seed is not None:
-        set_dotted(tree, "run.seed", entry.seed)
+        values["run.seed"] = entry.seed
     if config.sweep.select_on == "inner_val":
-        set_dotted(tree, "train.inner_split", str(sweep_dir_of(config) / INNER_SPLIT_FILE))
+        values["train.inner_split"] = str(sweep_dir_of(config) / INNER_SPLIT_FILE)
     problems: list[str] = []
+    overrides: list[str] = []
     if entry.kind == FINETUNE:
-        set_dotted(tree, "model.unfreeze_at_epoch", config.sweep.finetune_unfreeze_at_epoch)
-        set_dotted(tree, "train.grid", {})  # a grid selects probe heads; a fine-tune trains its encoder with one
-        for dotted, value in parse_overrides(config.sweep.finetune_overrides, problems):
-            if dotted.split(".")[0] in ("data", "run", "sweep"):
+        values["model.unfreeze_at_epoch"] = config.sweep.finetune_unfreeze_at_epoch
+        values["train.grid"] = {}  # a grid selects probe heads; a fine-tune trains its encoder with one
+        for item in config.sweep.finetune_overrides:
+            if item.partition("=")[0].strip().split(".")[0] in ("data", "run", "sweep"):
                 problems.append(
-                    f"`{dotted}`: fine-tune overrides may not change data.*, run.* or sweep.* (every entry reads "
-                    "the same cache); set it for the whole sweep instead"
+                    f"`{item.partition('=')[0].strip()}`: fine-tune overrides may not change data.*, run.* or "
+                    "sweep.* (every entry reads the same cache); set it for the whole sweep instead"
                 )
-                continue
-            set_dotted(tree, dotted, value)
+            else:
+                overrides.append(item)
     else:
-        set_dotted(tree, "model.unfreeze_at_epoch", -1)
-    problems += unknown_key_problems(tree, Config)
+        values["model.unfreeze_at_epoch"] = -1
     resolved = None
     try:
-        resolved = Config.model_validate(tree)
-    except ValidationError as exc:
-        problems += describe_validation_errors(exc)
+        resolved = apply_overrides(config, overrides, values=values)
+    except ConfigError as exc:
+        problems += exc.problems
     if (
         resolved is not None
         and entry.kind == FINETUNE

@@ -29,31 +29,29 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from medctl.config import Config
+from medctl.config import SWEEP_MODES, Config
 from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
-from medctl.errors import CheckpointError, ConfigError, MedctlError, RunFailure
-from medctl.evaluate import run_evaluate
+from medctl.errors import ConfigError
 from medctl.evaluation.ranking import best_first
-from medctl.finetune import run_finetune
 from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
-from medctl.runs import environment_info, held_run, redact
+from medctl.runs import environment_info, held_run, redact, run_dir_refusal
 from medctl.sweep.board import (
     DEFAULT_RANK,
     SELECTED_ON,
+    EntryRecord,
     RankMetric,
     build_leaderboard,
     entry_row,
@@ -71,28 +69,27 @@ from medctl.sweep.entries import (
     plan_entries,
     sweep_dir_of,
 )
+from medctl.sweep.jobs import init_worker, now_s, run_entry_job, visible_gpus
 from medctl.sweep.state import (
     DONE_FILE,
     SweepState,
     finished,
     freeze_inner_split,
-    inner_split_digest,
-    write_done,
 )
 from medctl.tracking import connect
-
-MODES = ("linear_probe", "finetune", "both")
 
 
 @dataclass
 class EntryOutcome:
-    """How one entry went in this sweep: ``status`` is done (ran now), skipped (finished before) or failed."""
+    """How one entry went in this sweep: ``status`` is done (ran now), skipped (finished before) or failed;
+    a finished entry's files are read once, into ``record``."""
 
     entry: SweepEntry
     run_dir: Path
     status: str
     reason: str = ""
     wall_time_s: float = 0.0
+    record: EntryRecord | None = None  # what a finished entry wrote, read once (none when it failed)
 
 
 @dataclass
@@ -108,15 +105,6 @@ class SweepResult:
     cache_dir: Path
     mode: str
     wall_time_s: float
-    state_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.state_path = self.sweep_dir / "sweep_state.json"
-
-    @property
-    def leader(self) -> str | None:
-        ranked = self.leaderboard[self.leaderboard["rank"].notna()]
-        return None if ranked.empty else str(ranked.iloc[0]["entry"])
 
     @property
     def failed(self) -> list[EntryOutcome]:
@@ -139,9 +127,9 @@ def run_sweep(
     """
     start = time.perf_counter()
     mode = mode or config.sweep.mode
-    if mode not in MODES:
+    if mode not in SWEEP_MODES:
         raise ConfigError(
-            [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(MODES)}"], "sweep.mode"
+            [f"--mode {mode!r} is not a sweep mode; use one of {', '.join(SWEEP_MODES)}"], "sweep.mode"
         )
     jobs = jobs or config.sweep.jobs
     sweep_dir = sweep_dir_of(config)
@@ -179,7 +167,7 @@ def run_sweep(
     # 4. mode both: fine-tune the best pretrained probes
     if mode == "both":
         select_on = config.sweep.select_on
-        chosen = top_pretrained(outcomes, sweep_dir, manifest_hash, config.sweep.finetune_top, rank, select_on)
+        chosen = top_pretrained(outcomes, manifest_hash, config.sweep.finetune_top, rank, select_on)
         pretrained = sum(bool(o.entry.checkpoint) for o in outcomes)
         log(
             f"sweep: fine-tuning {', '.join(e.name for e in chosen) or 'nothing'}: the best {len(chosen)} of the "
@@ -190,20 +178,20 @@ def run_sweep(
         outcomes += runner.run([finetune_of(e) for e in chosen])
 
     # 5. the leaderboard
-    rows, run_dirs = [], {}
+    rows, records = [], {}
     for outcome in outcomes:
-        run_dirs[outcome.entry.name] = outcome.run_dir
-        if outcome.status == "failed":
+        if outcome.record is None:
             rows.append(failed_row(outcome.entry, outcome.run_dir, outcome.reason))
         else:
-            rows.append(entry_row(outcome.entry, outcome.run_dir, manifest_hash))
+            records[outcome.entry.name] = outcome.record
+            rows.append(entry_row(outcome.entry, outcome.record, manifest_hash))
     state.entries = {
         o.entry.name: state.entries.get(o.entry.name, {}) for o in outcomes
     }  # only this sweep's entries
     state.save()
     board, csv_path, md_path = build_leaderboard(
         rows,
-        run_dirs,
+        records,
         sweep_dir,
         n_bootstrap=config.sweep.bootstrap,
         seed=config.run.seed,
@@ -234,7 +222,6 @@ def write_sweep_files(config: Config, sweep_dir: Path, command: str) -> None:
 
 def top_pretrained(
     outcomes: Sequence[EntryOutcome],
-    sweep_dir: Path,
     manifest_hash: str,
     k: int,
     rank: RankMetric = DEFAULT_RANK,
@@ -248,13 +235,12 @@ def top_pretrained(
     seeds: dict[str, list[SweepEntry]] = {}
     column = rank.column(SELECTED_ON)
     for outcome in outcomes:
-        if outcome.status == "failed" or not outcome.entry.checkpoint:
+        if outcome.record is None or not outcome.entry.checkpoint:
             continue
-        row = entry_row(outcome.entry, outcome.run_dir, manifest_hash)
+        row = entry_row(outcome.entry, outcome.record, manifest_hash)
         value = row.get(column)
         if select_on == "inner_val":  # the best epoch's metrics on inner val, as the entry's run recorded them
-            metrics = json.loads((outcome.run_dir / "results.json").read_text()).get("metrics") or {}
-            value = metrics.get(rank.monitored_key)
+            value = (outcome.record.results.get("metrics") or {}).get(rank.monitored_key)
         if row["status"] == "ok" and value is not None:
             values.setdefault(outcome.entry.base, []).append(float(value))
             seeds.setdefault(outcome.entry.base, []).append(outcome.entry)
@@ -309,21 +295,31 @@ class EntryRunner:
             for outcome in run(todo):
                 outcomes[outcome.entry.name] = outcome
                 bar.advance(1, info=f"{outcome.entry.name} {outcome.status}")
+        for outcome in outcomes.values():
+            if outcome.status != "failed":
+                outcome.record = EntryRecord.read(outcome.run_dir)
         return [outcomes[e.name] for e in entries]
 
+    def _run_flags(self, entry: SweepEntry) -> tuple[bool, bool]:
+        """``(resume, overwrite)`` for the entry's folder, as :func:`medctl.runs.run_dir_refusal` reads them: a
+        run this sweep left running or interrupted resumes from its ``last.ckpt``; one it left failed (or
+        interrupted before a checkpoint) is replaced, and with --fresh every one is."""
+        status = self.state.status(entry.name)
+        resume = (
+            not self.fresh
+            and status in ("running", "interrupted")
+            and (self.sweep_dir / entry.name / "checkpoints" / "last.ckpt").is_file()
+        )
+        return resume, not resume and (self.fresh or status in ("failed", "running", "interrupted"))
+
     def _foreign_run(self, entry: SweepEntry) -> bool:
-        """A run in the entry's folder that this sweep may not replace: not one it left failed or
-        interrupted (those it retries or resumes), and no --fresh/--overwrite."""
-        ours = self.state.status(entry.name) in ("failed", "running", "interrupted")
-        return not self.fresh and not ours and bool(held_run(self.sweep_dir / entry.name))
+        """A run in the entry's folder that this sweep may not replace: the one rule refuses it."""
+        resume, overwrite = self._run_flags(entry)
+        return bool(run_dir_refusal(self.sweep_dir / entry.name, resume=resume, overwrite=overwrite))
 
     def _job_args(self, entry: SweepEntry, threads: int = 0) -> dict[str, Any]:
         run_dir = self.sweep_dir / entry.name
-        resume = (
-            not self.fresh
-            and self.state.status(entry.name) in ("running", "interrupted")
-            and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        )
+        resume, overwrite = self._run_flags(entry)
         config = self.config.model_dump(mode="json")
         if threads:
             config["run"]["threads"] = threads  # this job's share of the cores
@@ -334,7 +330,7 @@ class EntryRunner:
             "manifest_hash": self.manifest_hash,
             "command": self.command,
             "resume": resume,
-            "overwrite": not resume,  # what is left in the folder is this sweep's own (see _foreign_run)
+            "overwrite": overwrite,
         }
 
     def _record(self, entry: SweepEntry, result: dict[str, Any]) -> EntryOutcome:
@@ -409,108 +405,3 @@ class EntryRunner:
         executor.shutdown(wait=True)
 
 
-def now_s() -> float:
-    return round(time.time(), 3)
-
-
-def visible_gpus() -> list[str]:
-    """The GPU indices workers are pinned to, one each round-robin (none on a CPU-only machine)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
-    return ids or [str(i) for i in range(torch.cuda.device_count())]
-
-
-def init_worker(slots: Any, devices: list[str], threads: int) -> None:
-    """In each spawned worker, before any CUDA call: pin one GPU, or limit torch to its share of the cores."""
-    slot = slots.get()
-    os.environ["MEDCTL_NO_PROGRESS"] = "1"  # one progress bar, the sweep's
-    if devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-    else:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def run_entry_job(
-    *,
-    config: dict[str, Any],
-    entry: dict[str, Any],
-    run_dir: str,
-    manifest_hash: str,
-    command: str,
-    resume: bool,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train and evaluate one entry; returns ``{"status", "reason", "wall_time_s"}`` and never raises a
-    medctl error or a failure of the run (KeyboardInterrupt passes). Picklable arguments: runs in workers."""
-    start = time.perf_counter()
-    the_entry = SweepEntry.from_dict(entry)
-    try:
-        train_and_evaluate(
-            Config.model_validate(config), the_entry, Path(run_dir), manifest_hash, command, resume, overwrite
-        )
-    except MedctlError as exc:
-        return {
-            "status": "failed",
-            "reason": first_line(str(exc)),
-            "wall_time_s": time.perf_counter() - start,
-        }
-    except Exception as exc:  # a failure inside one entry's run becomes its row; the others go on
-        return {
-            "status": "failed",
-            "reason": first_line(f"{type(exc).__name__}: {exc}"),
-            "wall_time_s": time.perf_counter() - start,
-        }
-    return {"status": "done", "reason": "", "wall_time_s": time.perf_counter() - start}
-
-
-def train_and_evaluate(
-    config: Config,
-    entry: SweepEntry,
-    run_dir: Path,
-    manifest_hash: str,
-    command: str,
-    resume: bool,
-    overwrite: bool = False,
-) -> None:
-    """run_finetune into ``run_dir``, the manifest check, run_evaluate on val and test, then ``done.json``."""
-    if entry.checkpoint and not Path(entry.checkpoint).expanduser().is_file():
-        raise CheckpointError(f"{entry.checkpoint}: no such file; fix the path in sweep.checkpoints")
-    (run_dir / DONE_FILE).unlink(missing_ok=True)
-    resolved = entry_config(config, entry)
-    result = run_finetune(resolved, command=command, resume=resume, run_dir=run_dir, overwrite=overwrite)
-    recorded = json.loads(result.results_path.read_text()).get("split_manifest_hash")
-    if recorded != manifest_hash:
-        raise RunFailure(
-            f"{result.results_path}: trained on split manifest {recorded}, not the sweep's {manifest_hash} "
-            "(the data changed during the sweep); rerun the sweep"
-        )
-    evaluated = {}
-    for split in ("val", "test"):
-        evaluated[split] = run_evaluate(
-            result.best_checkpoint,
-            split=split,
-            config_overrides=resolved,
-            out_dir=run_dir / f"eval_{split}",
-            n_bootstrap=config.sweep.bootstrap,
-            overwrite=True,  # the entry was just trained: its evaluations are redone with it
-        )
-    write_done(
-        run_dir,
-        entry,
-        manifest_hash,
-        epochs_run=result.epochs_run,
-        train_wall_time_s=round(result.wall_time_s, 3),
-        n_test=evaluated["test"].n_samples,
-        inner_split=inner_split_digest(resolved.train.inner_split),
-    )
-
-
-def first_line(text: str) -> str:
-    """A message on one line (a multi-problem ConfigError's lines joined)."""
-    return " ".join(line.strip() for line in text.strip().splitlines()) or "no reason given"
