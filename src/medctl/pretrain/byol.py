@@ -85,6 +85,8 @@ class ByolSettings(Section):
     view_noise_std: float = Field(default=0.05, ge=0)
     view_blur_prob: float = Field(default=0.2, ge=0, le=1)
     view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
+    # a random smooth multiplicative field per view, exp(quadratic), coefficients up to this; 0: none
+    view_bias_field: float = Field(default=0.0, ge=0)
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -158,6 +160,7 @@ class BYOL(nn.Module):
         view_noise_std: float,
         view_blur_prob: float,
         view_blur_sigma: float,
+        view_bias_field: float = 0.0,
     ):
         super().__init__()
         size = tuple(encoder.input_size)  # (D, H, W) or (H, W)
@@ -189,6 +192,7 @@ class BYOL(nn.Module):
             noise_std=view_noise_std,
             blur_prob=view_blur_prob,
             blur_sigma=view_blur_sigma,
+            bias_field=view_bias_field,
         )
 
 

@@ -82,6 +82,24 @@ def photometric(
     return out
 
 
+def random_bias_field(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each sample's intensity above its minimum times a random smooth field, (B, C, *spatial) -> same.
+
+    The field is ``exp(sum_k c_k * P_k)`` over the centred coordinates' monomials of degree 1 and 2 (a receive
+    coil's profile; MONAI's ``RandBiasField`` draws the same family from Legendre polynomials, one sample at a
+    time), ``c_k ~ U(-strength, strength)`` per sample. Two views then disagree on the bias field, so a volume's
+    own field stops being a fingerprint that the views share.
+    """
+    batch, ndim = x.shape[0], x.ndim - 2
+    ramps = _ramps(x)  # (ndim, *S)
+    monomials = [*ramps] + [ramps[i] * ramps[j] for i in range(ndim) for j in range(i, ndim)]
+    basis = torch.stack(monomials)  # (K, *S)
+    coefficients = strength * (2.0 * _rand((batch, len(monomials)), generator, x.device) - 1.0)  # (B, K)
+    log_field = torch.einsum("bk,k...->b...", coefficients.to(x.dtype), basis).unsqueeze(1)  # (B, 1, *S)
+    floor = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)  # (B, 1, 1, ...)
+    return floor + (x - floor) * log_field.exp()
+
+
 # ------------------------------------------------------------------------------------------ halves
 def split_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left and right halves of slices (B, C, H, W) -> two (B, C, H, W / 2); the right is not mirrored."""
@@ -228,9 +246,11 @@ def byol_view(
     noise_std: float,
     blur_prob: float,
     blur_sigma: float,
+    bias_field: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One random view of (B, C, *spatial), same shape: crop-resize, flips, then :func:`photometric`.
+    """One random view of (B, C, *spatial), same shape: crop-resize, flips, a random bias field
+    (:func:`random_bias_field`, when ``bias_field`` > 0), then :func:`photometric`.
 
     The crop keeps a share ``s ~ U(crop_scale)`` of the volume (each axis ``s ** (1 / ndim)`` of its
     length) at a random place and resamples it back to the full size (one batched ``grid_sample``);
@@ -251,6 +271,8 @@ def byol_view(
     for axis in range(2, x.ndim):
         flipped = _rand((batch,), generator, x.device) < flip_prob
         out = torch.where(_per_sample(flipped, out), out.flip(axis), out)
+    if bias_field > 0:
+        out = random_bias_field(out, bias_field, generator)
     return photometric(
         out,
         intensity_jitter=intensity_jitter,
@@ -270,6 +292,7 @@ def byol_views(
     noise_std: float,
     blur_prob: float,
     blur_sigma: float,
+    bias_field: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent :func:`byol_view` s of the same batch (B, C, *spatial), drawn with the same settings."""
@@ -280,6 +303,7 @@ def byol_views(
         noise_std=noise_std,
         blur_prob=blur_prob,
         blur_sigma=blur_sigma,
+        bias_field=bias_field,
         generator=generator,
     )
     return byol_view(x, **settings), byol_view(x, **settings)
