@@ -8,7 +8,9 @@ train/val/test volume, and each gets:
 
 - spread: the mean per-dimension std of the L2-normalised embeddings (monitoring's ``collapse_stats``),
   and its ratio to the random initialisation's;
-- 5-fold logistic regression (standardised features) and 5-fold cosine 5-NN accuracy over all volumes.
+- 5-fold logistic regression (standardised features) and 5-fold cosine 5-NN accuracy over all volumes;
+- a held-out probe: standardised logistic regression, C by 5-fold CV on train + val, accuracy on test, and the
+  exact McNemar test of its per-volume hits against the random initialisation's on the same test volumes.
 
     uv run python benchmarks/bench_byol_collapse.py --label defaults
     uv run python benchmarks/bench_byol_collapse.py --label no_ema_end --set pretrain.ema_momentum_end=0.99
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -36,6 +38,7 @@ from medctl.config import load_config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
+from medctl.evaluation.proportions import paired_hits_test
 from medctl.models.architecture import pretrained_encoder
 from medctl.pretrain.embeddings import collapse_stats, embed_items
 from medctl.pretrain.run import run_pretrain
@@ -56,36 +59,58 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
     parser.add_argument("--root", default="/tmp/bench_byol_collapse")
     parser.add_argument("--log", default="/tmp/bench_byol_collapse.jsonl")
+    parser.add_argument(
+        "--judge-only", action="store_true", help="judge the run's last exported encoder (a stopped run) without training"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (two runs side by side: 1 each)")
     return parser.parse_args()
 
 
-def embeddings(encoder: torch.nn.Module, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every train/val/test volume's embedding (N, D) and label (N,)."""
+SPLITS = ("train", "val", "test")
+
+
+def embeddings(encoder: torch.nn.Module, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each split's embeddings (N, D) and labels (N,)."""
     encoder.eval()
-    vectors, labels = [], []
-    for split in ("train", "val", "test"):
+    out = {}
+    for split in SPLITS:
         data = CacheDataset(cache, split)
         with torch.no_grad():
             got = embed_items(encoder, data, range(len(data)), data.targets, batch_size=8, device=torch.device("cpu"))
-        vectors.append(got.vectors)
-        labels.append(got.labels["label"])
-    return np.concatenate(vectors), np.concatenate(labels)
+        out[split] = (got.vectors, got.labels["label"])
+    return out
 
 
-def judge(vectors: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+def held_out_probe(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> np.ndarray:
+    """A standardised logistic probe, its C picked by 5-fold CV on train + val, judged on test: hit per test volume."""
+    fit_x = np.concatenate([splits["train"][0], splits["val"][0]])
+    fit_y = np.concatenate([splits["train"][1], splits["val"][1]])
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=3000))
+    probe.fit(fit_x, fit_y)
+    test_x, test_y = splits["test"]
+    return probe.predict(test_x) == test_y
+
+
+def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[str, float]:
+    vectors = np.concatenate([splits[s][0] for s in SPLITS])
+    labels = np.concatenate([splits[s][1] for s in SPLITS])
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     knn = KNeighborsClassifier(5, metric="cosine", algorithm="brute")
+    test_hits = held_out_probe(splits, seed)
     return {
         "spread": collapse_stats(vectors)["embed_std_mean"],
         "linear": float(cross_val_score(linear, vectors, labels, cv=folds).mean()),
         "knn": float(cross_val_score(knn, vectors, labels, cv=folds).mean()),
+        "test_probe": float(test_hits.mean()),
+        "test_hits": test_hits.astype(int).tolist(),
     }
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = Path(args.root) / f"{args.family}_{args.n}_{'x'.join(map(str, args.size))}_ob{args.oriented_bias:g}"
     if not (root / "participants.tsv").exists():
         make_synthetic_dataset(root, n=args.n, size=args.size, family=args.family, oriented_bias=args.oriented_bias)
@@ -109,23 +134,35 @@ def main() -> None:
     cache = preprocess(config.data).cache_dir
     summary = read_summary(cache)
     start = time.perf_counter()
-    result = run_pretrain(config, overwrite=True)
+    if args.judge_only:
+        encoder_checkpoint = Path(root) / "runs" / f"{args.label}_s{args.seed}" / "checkpoints" / "encoder.ckpt"
+        history = [json.loads(line) for line in (encoder_checkpoint.parents[1] / "metrics.jsonl").open()]
+        history = [row for row in history if row.get("phase") == "train"]
+        history = [{f"train_{k}" if k.startswith("loss") else k: v for k, v in row.items()} for row in history]
+    else:
+        result = run_pretrain(config, overwrite=True)
+        encoder_checkpoint, history = result.encoder_checkpoint, result.history
     wall = time.perf_counter() - start
     size = tuple(int(s) for s in summary["spatial_size"])
     shape = dict(in_channels=int(summary["in_channels"]), input_size=size, spatial_dims=int(summary["spatial_dims"]))
     set_seed(args.seed)
     random_init = pretrained_encoder(config.model, **shape).encoder  # the weights pretraining started from
     trained = pretrained_encoder(
-        config.model.model_copy(update={"checkpoint": str(result.encoder_checkpoint), "checkpoint_key": ""}), **shape
+        config.model.model_copy(update={"checkpoint": str(encoder_checkpoint), "checkpoint_key": ""}), **shape
     ).encoder
-    before, after = judge(*embeddings(random_init, cache), args.seed), judge(*embeddings(trained, cache), args.seed)
-    history = result.history
+    before, after = judge(embeddings(random_init, cache), args.seed), judge(embeddings(trained, cache), args.seed)
+    versus_random = paired_hits_test(after["test_hits"], before["test_hits"])
     row = {
-        "label": args.label, "seed": args.seed, "family": args.family, "set": args.set, "wall_s": round(wall),
+        "label": args.label, "seed": args.seed, "epochs_done": len(history), "family": args.family, "set": args.set, "wall_s": round(wall),
         "loss_first": history[0]["train_loss"], "loss_last": history[-1]["train_loss"],
         "byol_first": history[0].get("train_loss_byol"), "byol_last": history[-1].get("train_loss_byol"),
         "spread_ratio": after["spread"] / before["spread"], "random": before, "trained": after,
+        "test_vs_random": versus_random.to_dict(),
         "monitor": {k: v for k, v in history[-1].items() if k.startswith("val_")},
+        "per_epoch": [
+            {k: round(v, 4) for k, v in record.items() if k.startswith(("val_", "train_loss")) and isinstance(v, float)}
+            for record in history
+        ],
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     with open(args.log, "a") as fh:

@@ -128,7 +128,7 @@ def test_fixed_subsets_and_schedules():
     assert math.isclose(embeddings.collapse_stats(np.eye(4))["embed_std_reference"], 0.5)
 
 
-def test_collapse_verdict_fails_on_spread_or_a_knn_that_falls_to_or_stays_at_chance():
+def test_collapse_verdict_fails_on_spread_or_a_knn_that_falls_to_or_stays_at_chance_from_above():
     reference = {"embed_std_mean": 0.01, "knn_accuracy": 0.45}
     figures = {"embed_std_mean": 0.0005, "knn_accuracy": 0.5, "knn_chance": 0.25, "knn_margin": 0.09}
     collapsed = mon.collapse_verdict(figures, reference, epoch=3, share=0.1, knn_was_at_chance=False)
@@ -140,8 +140,14 @@ def test_collapse_verdict_fails_on_spread_or_a_knn_that_falls_to_or_stays_at_cha
     assert not healthy.failed and healthy.line("byol").endswith(": not collapsed")
     fell = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, reference, 3, 0.1, False)
     assert fell.failed and "k-NN fell to chance" in fell.line("byol")  # the untrained encoder was above chance
-    hard_task = {"embed_std_mean": 0.01, "knn_accuracy": 0.27}
-    first = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, hard_task, 3, 0.1, False)
-    assert first.knn_at_chance and not first.failed  # at chance like its untrained encoder: no verdict yet
-    stays = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, hard_task, 30, 0.1, True)
+    stays = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, reference, 4, 0.1, True)
     assert stays.failed and "k-NN stays at chance" in stays.line("byol")
+    # a task no k-NN reads, random weights included: at chance verdict after verdict is no collapse
+    hard_task = {"embed_std_mean": 0.01, "knn_accuracy": 0.27}
+    for epoch, was_at_chance in ((3, False), (30, True)):
+        blind = mon.collapse_verdict({**figures, "embed_std_mean": 0.012, "knn_accuracy": 0.3}, hard_task, epoch, 0.1,
+                                     was_at_chance)  # fmt: skip
+        assert blind.knn_at_chance and not blind.failed
+        assert blind.line("byol").endswith("not collapsed (k-NN at chance like the untrained encoder's: spread alone)")
+    shrunk = mon.collapse_verdict({**figures, "embed_std_mean": 0.0005, "knn_accuracy": 0.3}, hard_task, 30, 0.1, True)
+    assert shrunk.failed and "COLLAPSED below 0.1x" in shrunk.line("byol")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -17,6 +18,7 @@ from medctl.pretrain.views import (
     halves_views,
     jigsaw_permutations,
     photometric,
+    random_bias_field,
     random_jigsaw,
     random_rotation,
     rotate_volume,
@@ -188,3 +190,20 @@ def test_a_small_crop_zooms_in(seed):
     assert zoomed.mean() > x.mean()  # half of each axis, resized back: the cube fills more of the view
     with pytest.raises(ValueError, match="view_crop_scale"):
         byol_view(x, plain_view((0.0, 1.0), 0.0))
+
+
+def test_random_bias_field_is_a_smooth_positive_field_that_differs_per_view(seed):
+    x = torch.rand(2, 1, 8, 16, 16) + 0.5  # (B, C, D, H, W), all above the background
+    floor = x.amin(dim=(1, 2, 3, 4), keepdim=True)
+    view_a, view_b = (random_bias_field(x, 0.3, generator(s)) for s in (seed, seed + 1))
+    field_a, field_b = (((view - floor) / (x - floor)).log() for view in (view_a, view_b))
+    inside = (x - floor) > 0.1  # the ratio is ill-defined at the minimum itself
+    assert view_a.shape == x.shape
+    assert torch.allclose(view_a.amin(dim=(1, 2, 3, 4), keepdim=True), floor)  # the background stays put
+    # a quadratic in each axis: neighbouring voxels differ by far less than the field's range
+    both = inside[..., 1:] & inside[..., :-1]
+    assert (field_a[..., 1:] - field_a[..., :-1])[both].abs().max() < 0.2
+    assert field_a[inside].std() > 0.05 and (field_a - field_b)[inside].abs().mean() > 0.05
+    assert torch.equal(random_bias_field(x, 0.3, generator(seed)), view_a)  # the generator decides
+    biased = byol_view(x, dataclasses.replace(plain_view((1.0, 1.0), 0.0), bias_field=0.3), generator(seed))
+    assert not torch.allclose(biased, x, atol=1e-2)  # the view setting reaches the view

@@ -87,6 +87,8 @@ class ByolSettings(Section):
     view_noise_std: float = Field(default=0.05, ge=0)
     view_blur_prob: float = Field(default=0.2, ge=0, le=1)
     view_blur_sigma: float = Field(default=1.0, ge=0)  # voxels
+    # a random smooth multiplicative field per view, exp(quadratic), coefficients up to this; 0: none
+    view_bias_field: float = Field(default=0.0, ge=0)
 
     def views(self) -> ViewSettings:
         """The ``view_*`` keys as the one object the view functions take."""
@@ -98,6 +100,7 @@ class ByolSettings(Section):
             noise_std=self.view_noise_std,
             blur_prob=self.view_blur_prob,
             blur_sigma=self.view_blur_sigma,
+            bias_field=self.view_bias_field,
         )
 
 

@@ -83,6 +83,24 @@ def photometric(
     return out
 
 
+def random_bias_field(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each sample's intensity above its minimum times a random smooth field, (B, C, *spatial) -> same.
+
+    The field is ``exp(sum_k c_k * P_k)`` over the centred coordinates' monomials of degree 1 and 2 (a receive
+    coil's profile; MONAI's ``RandBiasField`` draws the same family from Legendre polynomials, one sample at a
+    time), ``c_k ~ U(-strength, strength)`` per sample. Two views then disagree on the bias field, so a volume's
+    own field stops being a fingerprint that the views share.
+    """
+    batch, ndim = x.shape[0], x.ndim - 2
+    ramps = _ramps(x)  # (ndim, *S)
+    monomials = [*ramps] + [ramps[i] * ramps[j] for i in range(ndim) for j in range(i, ndim)]
+    basis = torch.stack(monomials)  # (K, *S)
+    coefficients = strength * (2.0 * _rand((batch, len(monomials)), generator, x.device) - 1.0)  # (B, K)
+    log_field = torch.einsum("bk,k...->b...", coefficients.to(x.dtype), basis).unsqueeze(1)  # (B, 1, *S)
+    floor = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)  # (B, 1, 1, ...)
+    return floor + (x - floor) * log_field.exp()
+
+
 # ------------------------------------------------------------------------------------------ halves
 def split_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left and right halves of slices (B, C, H, W) -> two (B, C, H, W / 2); the right is not mirrored."""
@@ -216,7 +234,8 @@ def random_jigsaw(
 # -------------------------------------------------------------------------------------- BYOL views
 @dataclass(frozen=True)
 class ViewSettings:
-    """How a BYOL view is drawn (``[pretrain.byol] view_*``): crop-resize, flips, then :func:`photometric`."""
+    """How a BYOL view is drawn (``[pretrain.byol] view_*``): crop-resize, flips, a bias field, then
+    :func:`photometric`."""
 
     crop_scale: tuple[float, float]  # share of the volume a crop keeps before resizing back
     flip_prob: float  # per spatial axis
@@ -224,6 +243,7 @@ class ViewSettings:
     noise_std: float
     blur_prob: float
     blur_sigma: float  # voxels
+    bias_field: float = 0.0  # a random smooth field per view (:func:`random_bias_field`); 0: none
 
 
 def byol_view(x: torch.Tensor, views: ViewSettings, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -248,6 +268,8 @@ def byol_view(x: torch.Tensor, views: ViewSettings, generator: torch.Generator |
     for axis in range(2, x.ndim):
         flipped = _rand((batch,), generator, x.device) < views.flip_prob
         out = torch.where(_per_sample(flipped, out), out.flip(axis), out)
+    if views.bias_field > 0:
+        out = random_bias_field(out, views.bias_field, generator)
     return photometric(
         out,
         intensity_jitter=views.intensity_jitter,
