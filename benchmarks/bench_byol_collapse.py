@@ -34,11 +34,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from medctl.analysis.proportions import paired_hits_test
 from medctl.config import load_config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
-from medctl.evaluation.proportions import paired_hits_test
 from medctl.models.architecture import pretrained_encoder
 from medctl.pretrain.embeddings import collapse_stats, embed_items
 from medctl.pretrain.run import run_pretrain

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from medctl.analysis.leaderboard import paired_seed_test
 from medctl.config import load_config
 from medctl.data.dataset import CacheDataset
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import make_synthetic_dataset
 from medctl.evaluate import run_evaluate
-from medctl.evaluation.leaderboard import paired_seed_test
 from medctl.finetune import run_finetune
 from medctl.models.registry import build_encoder
 from medctl.training.precision import resolve_device

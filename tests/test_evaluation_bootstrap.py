@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from medctl.errors import DataError
-from medctl.evaluation.bootstrap import (
+from medctl.analysis.bootstrap import (
     bootstrap_ci,
     bootstrap_many,
     draw_counts,
@@ -21,6 +20,7 @@ from medctl.evaluation.bootstrap import (
     paired_bootstrap_pvalue,
     resample_indices,
 )
+from medctl.errors import DataError
 
 
 def make_predictions(n: int, k: int = 3, signal: float = 1.5, seed: int = 0):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from medctl.analysis.metrics import classification_metrics, multilabel_metrics
 from medctl.errors import DataError
-from medctl.evaluation.metrics import classification_metrics, multilabel_metrics
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

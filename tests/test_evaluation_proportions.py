@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medctl.evaluation.proportions import (
+from medctl.analysis.proportions import (
     above_chance,
     comparison_words,
     paired_hits_test,

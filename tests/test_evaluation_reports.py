@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from medctl.errors import DataError
-from medctl.evaluation.bootstrap import headline_metrics
-from medctl.evaluation.leaderboard import (
+from medctl.analysis.bootstrap import headline_metrics
+from medctl.analysis.leaderboard import (
     format_ci,
     leaderboard,
     leaderboard_markdown,
@@ -22,9 +21,10 @@ from medctl.evaluation.leaderboard import (
     p_values_vs_leader,
     write_leaderboard,
 )
-from medctl.evaluation.markdown import markdown_to_html
-from medctl.evaluation.plots import plot_confusion_matrix, plot_training_curves
-from medctl.evaluation.reports import evaluate_predictions
+from medctl.analysis.markdown import markdown_to_html
+from medctl.analysis.plots import plot_confusion_matrix, plot_training_curves
+from medctl.analysis.reports import evaluate_predictions
+from medctl.errors import DataError
 
 CLASSES = ["healthy", "pre_diabetes", "oral_med", "insulin"]
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from medctl.analysis.metrics import target_metrics
 from medctl.config import AugmentConfig, load_config
 from medctl.data.dataset import split_manifest_hash
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError
-from medctl.evaluation.metrics import target_metrics
 from medctl.finetune import run_finetune
 from medctl.finetune.augment import build_augment
 from medctl.finetune.features import encoder_fingerprint, feature_key

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from medctl.analysis.reports import evaluate_predictions
 from medctl.errors import ConfigError
-from medctl.evaluation.reports import evaluate_predictions
 from medctl.io import (
     MISSING,
     atomic_write,

@@ -30,7 +30,7 @@ RANKS = {
     # libraries (preprocess, the stage, lives in data/ with the cache it makes)
     "data": 2,
     "models": 2,
-    "evaluation": 2,
+    "analysis": 2,
     "training": 2,
     # experiment tracking (MLflow, W&B) of run folders; the fit loop knows it only as a ScalarSink
     "tracking": 2,
@@ -44,7 +44,7 @@ RANKS = {
     # what runs several stages or checks a config against all of them
     "demo": 5,
     "demo_eeg": 5,
-    "validation": 5,
+    "preflight": 5,
     # the command line
     "cli": 6,
     "__main__": 7,
@@ -162,12 +162,12 @@ def test_library_imports_neither_typer_nor_rich_console():
 
 
 def test_the_contract_sees_function_level_imports():
-    """The scanner itself: cli/check.py imports medctl.validation only inside a function, and that counts."""
-    assert ("cli", "validation") in package_edges()
+    """The scanner itself: cli/check.py imports medctl.preflight only inside a function, and that counts."""
+    assert ("cli", "preflight") in package_edges()
 
 
 def test_libraries_take_config_sections_not_the_whole_config():
-    """STYLE: data, models, training and evaluation get the values or the section they need, never ``Config``."""
+    """STYLE: data, models, training and analysis get the values or the section they need, never ``Config``."""
     libraries = {name for name, rank in RANKS.items() if rank == 2}
     found = [
         f"{path.relative_to(SRC.parent)}:{node.lineno} imports the whole Config"

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from medctl.evaluation.bootstrap import draw_counts, headline_metrics, resample_indices
-from medctl.evaluation.regression import regression_metrics
+from medctl.analysis.bootstrap import draw_counts, headline_metrics, resample_indices
+from medctl.analysis.regression import regression_metrics
 from medctl.training.early_stopping import EarlyStopping, lower_is_better
 from medctl.training.multitask import RegressionLoss, UncertaintyWeightedLoss
 

@@ -313,7 +313,7 @@ def test_an_inner_split_file_from_other_data_is_one_line(synthetic_3d, tmp_path)
 def test_paired_seed_test_matches_scipy():
     from scipy import stats
 
-    from medctl.evaluation.leaderboard import paired_seed_test
+    from medctl.analysis.leaderboard import paired_seed_test
 
     a = {0: 0.71, 1: 0.64, 2: 0.80, 3: 0.55}
     b = {0: 0.52, 1: 0.58, 2: 0.61, 3: 0.50, 9: 0.9}  # seed 9 has no pair

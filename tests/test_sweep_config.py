@@ -9,7 +9,6 @@ import pytest
 
 from medctl.config import load_config
 from medctl.errors import ConfigError, DataError
-from medctl.sweep.board import EntryRecord
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
@@ -19,6 +18,7 @@ from medctl.sweep.entries import (
     find_checkpoints,
     plan_entries,
 )
+from medctl.sweep.records import EntryRecord
 from medctl.sweep.run import top_pretrained
 from medctl.sweep.state import SweepState, finished, write_done
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from medctl.analysis.bootstrap import headline_metrics, paired_bootstrap_pvalue
+from medctl.analysis.columns import prediction_column, truth_column
 from medctl.cli.app import app
 from medctl.data.synthetic_eeg import make_eeg_dataset
-from medctl.evaluation.bootstrap import headline_metrics, paired_bootstrap_pvalue
-from medctl.evaluation.columns import prediction_column, truth_column
 from medctl.models.checkpoints import encoder_payload, save_checkpoint
 from medctl.models.registry import build_encoder
-from medctl.sweep.board import rank_metric
+from medctl.sweep.records import rank_metric
 
 runner = CliRunner()
 ENCODER = "resnet_test_2d"

@@ -30,12 +30,12 @@ from typing import Any
 
 import pandas as pd
 
+from medctl.analysis.markdown import write_report
 from medctl.config import Config, apply_overrides, load_config, upgrade_saved_tree
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic import SyntheticDataset, make_synthetic_dataset
 from medctl.errors import UserError
 from medctl.evaluate import run_evaluate
-from medctl.evaluation.markdown import write_report
 from medctl.finetune.run import run_finetune
 from medctl.io import format_number, write_json
 from medctl.pretrain.run import run_pretrain
@@ -321,7 +321,7 @@ def demo_report(
     commands: list[str],
 ) -> str:
     """The report a person wants to read: data, pretraining, leaderboard, test metrics, saliency, next steps."""
-    from medctl.evaluation.leaderboard import leaderboard_markdown
+    from medctl.analysis.leaderboard import leaderboard_markdown
 
     counts = manifest[manifest["status"] == "ok"].groupby("split").size().to_dict()
     lines = [

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medctl.analysis.markdown import write_report
 from medctl.config import Config, load_config
 from medctl.data.preprocess import preprocess
 from medctl.data.synthetic_eeg import SyntheticEEG, make_eeg_dataset
 from medctl.errors import UserError
 from medctl.evaluate import run_evaluate
-from medctl.evaluation.markdown import write_report
 from medctl.finetune.run import run_finetune
 from medctl.progress import log
 

@@ -29,7 +29,7 @@ def check_config(config: ConfigOption = None, overrides: OverridesArgument = Non
 
     Example: medctl check config -c config/finetune/linear_probe.toml
     """
-    from medctl.validation import registry_problems, stages_of, validate_config  # torch loads only here
+    from medctl.preflight import registry_problems, stages_of, validate_config  # torch loads only here
 
     resolved = load_config(config, overrides or [], name_checks=registry_problems)
     stages = sorted(stages_of(resolved))

@@ -107,8 +107,8 @@ def handle_errors(fn: F) -> F:
 def resolve_config(config: Path | None, overrides: list[str] | None, stages: Iterable[str] = ()) -> Config:
     """The one config loader of every command: the layers (:func:`medctl.config.load_config`), then the
     registry names and the settings of ``stages`` checked against the models they build
-    (:func:`medctl.validation.validate_config`), every problem at once, before any work."""
-    from medctl.validation import registry_problems, validate_config  # torch loads only when needed
+    (:func:`medctl.preflight.validate_config`), every problem at once, before any work."""
+    from medctl.preflight import registry_problems, validate_config  # torch loads only when needed
 
     resolved = load_config(config, overrides or [], name_checks=registry_problems)
     return validate_config(resolved, stages, str(config) if config else "config")

@@ -123,7 +123,7 @@ def sweep_command(
 
 def metric_label(key: str) -> str:
     """``balanced_accuracy`` -> ``bal. acc.``, ``age_mae`` -> ``age MAE``: a leaderboard column for a reader."""
-    from medctl.evaluation.leaderboard import REGRESSION_SHOWN, SHOWN
+    from medctl.analysis.leaderboard import REGRESSION_SHOWN, SHOWN
 
     for metric, label in (*SHOWN, *REGRESSION_SHOWN, ("accuracy", "accuracy")):
         if key == metric or key.endswith(f"_{metric}"):
@@ -136,7 +136,7 @@ def print_leaderboard(board: pd.DataFrame, title: str, ranked_by: str = "balance
     target's other test headline metrics); failed entries below it, one line each with the reason."""
     import pandas as pd
 
-    from medctl.evaluation.leaderboard import format_duration, format_metric, format_p, shown_metrics
+    from medctl.analysis.leaderboard import format_duration, format_metric, format_p, shown_metrics
 
     seeded = "n_seeds" in board.columns
     table = Table(title=title)

@@ -3,7 +3,7 @@
 - :mod:`~medctl.evaluate.stage`: ``run_evaluate(checkpoint, ...) -> EvaluateResult`` (read its docstring).
 
 The metrics, bootstrap intervals, figures and reports it writes come from the library
-:mod:`medctl.evaluation`; logits and probabilities from :mod:`medctl.training.predict`.
+:mod:`medctl.analysis`; logits and probabilities from :mod:`medctl.training.predict`.
 """
 
 from medctl.evaluate.stage import EvaluateResult, run_evaluate

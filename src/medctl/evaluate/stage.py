@@ -6,7 +6,7 @@ run, whose ``[data]`` section says where the cache is and how it was made. A con
 cache on this machine); the cache must have been made with the same size, channels and classes.
 
 Steps: load the classifier -> resolve the data settings -> the cache (built when missing) -> logits on
-the split -> :func:`medctl.evaluation.reports.evaluate_predictions`, which writes ``<split>_preds.parquet``,
+the split -> :func:`medctl.analysis.reports.evaluate_predictions`, which writes ``<split>_preds.parquet``,
 ``metrics.json`` (with bootstrap CIs), confusion matrices (CSV + PNG), ROC curves, ``report.md`` and
 ``report.html`` into ``<run dir>/eval_<split>/`` unless ``out_dir`` says otherwise, with ``env.json``
 (versions, device, git state, command, seed; no secrets) beside them. ``metrics.json`` and
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medctl.analysis.reports import evaluate_predictions
 from medctl.config import Config, checkpoint_config
 from medctl.data.dataset import CacheDataset, check_cache_fits, read_summary, split_manifest_hash
 from medctl.data.preprocess import ensure_cache
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
-from medctl.evaluation.reports import evaluate_predictions
 from medctl.io import write_json
 from medctl.models.checkpoints import load_classifier
 from medctl.progress import log

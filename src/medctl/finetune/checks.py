@@ -10,10 +10,10 @@ from typing import Any
 
 import pandas as pd
 
+from medctl.analysis.regression import REGRESSION_HEADLINE
 from medctl.config import Config, DataConfig, ModelConfig, TrainConfig
 from medctl.data.tables import TargetSpec
 from medctl.errors import ConfigError, DataError
-from medctl.evaluation.regression import REGRESSION_HEADLINE
 from medctl.finetune.augment import ImageAugment
 from medctl.finetune.metrics import VAL_METRICS
 from medctl.models.architecture import choose_encoder

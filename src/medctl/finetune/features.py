@@ -124,7 +124,7 @@ def split_features(
     *,
     key: str,
     encoder_info: Mapping[str, Any],
-    data_print: str,
+    data_fingerprint: str,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -153,7 +153,7 @@ def split_features(
             "ids": list(dataset.ids),
             "embeddings": embeddings,
             "encoder": json.loads(json.dumps(dict(encoder_info), default=str)),
-            "data_fingerprint": data_print,
+            "data_fingerprint": data_fingerprint,
             "split": split,
         }
         atomic_torch_save(payload, path)

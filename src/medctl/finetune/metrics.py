@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from medctl.analysis.bootstrap import headline_metrics
+from medctl.analysis.metrics import class_probs
 from medctl.data.dataset import (
     CacheDataset,
 )
 from medctl.data.tables import TargetSpec
-from medctl.evaluation.bootstrap import headline_metrics
-from medctl.evaluation.metrics import class_probs
 from medctl.training.predict import labels_of, probabilities
 
 VAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "loss")
@@ -80,8 +80,8 @@ def validation_metrics(
 def epoch_metrics(y_true: np.ndarray, probs: np.ndarray, spec: TargetSpec) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and AUROC of one target (``nan`` where undefined).
 
-    The vectorised forms from :mod:`medctl.evaluation.bootstrap` on one "resample" that holds every
-    sample once: the values of :func:`medctl.evaluation.metrics.target_metrics` (scikit-learn) at a
+    The vectorised forms from :mod:`medctl.analysis.bootstrap` on one "resample" that holds every
+    sample once: the values of :func:`medctl.analysis.metrics.target_metrics` (scikit-learn) at a
     fraction of the cost, which matters when a probe validates every few milliseconds.
     """
     p = probs if spec.kind in ("multilabel", "regression") else class_probs(probs, len(spec.classes))  # (N, K)

@@ -91,7 +91,7 @@ def build_mode(
     train: TrainConfig,
     in_channels: int,
     spatial_size: Sequence[int],
-    data_print: str,
+    data_fingerprint: str,
     standardize: bool = False,
 ) -> Mode:
     """The mode this run trains in: cached embeddings for a probe that may cache (``feature_cache``, see
@@ -102,7 +102,7 @@ def build_mode(
     standardised on the training split, from the same feature cache in every mode (so a probe that runs
     the encoder each step standardises exactly as a cached one)."""
     shared = cache_args(
-        encoder, model, seed=inputs.seed, data_print=data_print, batch_size=inputs.batch_size,
+        encoder, model, seed=inputs.seed, data_fingerprint=data_fingerprint, batch_size=inputs.batch_size,
         num_workers=inputs.num_workers, device=inputs.device, precision=inputs.precision,
     )  # fmt: skip
     train_features = None  # the training split's embeddings, once, when standardising
@@ -183,7 +183,7 @@ def cache_args(
     model: ModelConfig,
     *,
     seed: int,
-    data_print: str,
+    data_fingerprint: str,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -200,7 +200,7 @@ def cache_args(
         seed=seed,
     )
     return dict(
-        key=feature_key(info, data_print), encoder_info=info, data_print=data_print, batch_size=batch_size,
+        key=feature_key(info, data_fingerprint), encoder_info=info, data_fingerprint=data_fingerprint, batch_size=batch_size,
         num_workers=num_workers, device=device, precision=precision,
     )  # fmt: skip
 

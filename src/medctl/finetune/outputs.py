@@ -11,10 +11,10 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from medctl.analysis.plots import plot_training_curves
 from medctl.config import Config
 from medctl.data.preprocess import missing_ids
 from medctl.data.tables import TargetSpec
-from medctl.evaluation.plots import plot_training_curves
 from medctl.finetune.metrics import Validation
 from medctl.io import atomic_write
 from medctl.models.architecture import describe_encoder
@@ -65,7 +65,7 @@ def finetune_result(
     mode: str,
     feature_cache: bool,
     cache: Path,
-    data_print: str,
+    data_fingerprint: str,
     warnings: list[str],
     overlap: dict[str, Any],
     encoder: Encoder,
@@ -89,7 +89,7 @@ def finetune_result(
         mode=mode,
         feature_cache=feature_cache,
         cache_dir=cache,
-        data_fingerprint=data_print,
+        data_fingerprint=data_fingerprint,
         warnings=warnings,
         pretraining_overlap=overlap,
         encoder=encoder.name,

@@ -173,7 +173,7 @@ def _finetune(
     mode = build_mode(
         inputs, feature_cache=use_feature_cache, encoder=encoder, model=model_cfg, train=train,
         in_channels=int(summary["in_channels"]), spatial_size=spatial_size,
-        data_print=preprocessing["data_fingerprint"],
+        data_fingerprint=preprocessing["data_fingerprint"],
         standardize=standardizes_inputs(model_cfg, first_trainable),
     )  # fmt: skip
     grid = probe_grid(train, first_trainable, mode, inputs)  # train.grid: one head per (lr_head, weight_decay)
@@ -209,7 +209,7 @@ def _finetune(
     # 8. results.json and the curves
     result = finetune_result(
         fitted, config, run_dir=run_dir, mode=kind, feature_cache=bool(mode.feature_cache), cache=cache,
-        data_print=preprocessing["data_fingerprint"], warnings=warnings, overlap=overlap.to_dict(), encoder=encoder,
+        data_fingerprint=preprocessing["data_fingerprint"], warnings=warnings, overlap=overlap.to_dict(), encoder=encoder,
         wall_time_s=time.perf_counter() - start, grid=chosen,
     )  # fmt: skip
     if is_rank0():

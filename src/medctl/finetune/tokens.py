@@ -180,7 +180,7 @@ def split_tokens(
     key: str,
     shape: tuple[int, int],
     encoder_info: Mapping[str, Any],
-    data_print: str,
+    data_fingerprint: str,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -204,7 +204,7 @@ def split_tokens(
             "ids": list(dataset.ids),
             "shape": [len(dataset), *shape],
             "encoder": json.loads(json.dumps(dict(encoder_info), default=str)),
-            "data_fingerprint": data_print,
+            "data_fingerprint": data_fingerprint,
             "split": split,
         }
         write_text_atomic(meta_path, dumps_json(meta, indent=None) + "\n")

@@ -16,8 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
+from medctl.analysis.plots import plot_training_curves, save_figure
 from medctl.data.tables import TargetSpec
-from medctl.evaluation.plots import plot_training_curves, save_figure
 from medctl.pretrain.embeddings import Embeddings
 from medctl.progress import log
 

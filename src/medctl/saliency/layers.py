@@ -70,8 +70,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from medctl.analysis.proportions import above_chance, format_p
 from medctl.config import SaliencyConfig
-from medctl.evaluation.proportions import above_chance, format_p
 from medctl.saliency.attribution import ClassScores, compute_map
 from medctl.saliency.scoring import mass_in_mask, pointing_chance, pointing_game
 

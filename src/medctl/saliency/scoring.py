@@ -17,7 +17,7 @@
   after. The paired test is the stronger: a method is flagged as input-driven only when rho is at or above
   :data:`RANDOMISATION_THRESHOLD` *and* it does not beat random weights, so the two never contradict.
 - Verdicts (:func:`judge`): every hit rate carries its Wilson interval and every "beats" an exact paired
-  test at ``saliency.alpha`` (:mod:`medctl.evaluation.proportions`); otherwise "not distinguishable". A
+  test at ``saliency.alpha`` (:mod:`medctl.analysis.proportions`); otherwise "not distinguishable". A
   method not above chance, or significantly below an input baseline, failed to locate the lesion; empty
   and constant maps are counted.
 """
@@ -35,8 +35,7 @@ import torch
 from scipy import ndimage, stats
 from torch import nn
 
-from medctl.errors import RunFailure
-from medctl.evaluation.proportions import (
+from medctl.analysis.proportions import (
     PairedTest,
     SignTest,
     above_chance,
@@ -46,6 +45,7 @@ from medctl.evaluation.proportions import (
     rate_interval,
     sign_test,
 )
+from medctl.errors import RunFailure
 from medctl.io import MISSING, format_number
 
 # Spearman rho of |map| between the trained and the fully re-initialised model at or above which a method

@@ -18,8 +18,8 @@ The recipe, top to bottom:
 4. mode ``both``: the probes first, then fine-tunes of the ``sweep.finetune_top`` pretrained checkpoints
    best on the selection split (val, or the inner val of ``select_on = "inner_val"``) by the ranking metric
    (mean over seeds);
-5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.board`) with every target's headline metrics,
-   ranked on the ranking metric (``sweep.rank_by``, else ``train.monitor``'s; :func:`medctl.sweep.board.rank_metric`)
+5. ``leaderboard.csv`` and ``leaderboard.md`` (:mod:`medctl.sweep.records`) with every target's headline metrics,
+   ranked on the ranking metric (``sweep.rank_by``, else ``train.monitor``'s; :func:`medctl.sweep.records.rank_metric`)
    on ``sweep.rank_on`` (test by default: val already picked each probe's epoch; with ``select_on = "inner_val"``,
    ``rank_on = "val"`` ranks on samples that selected nothing and leaves test untouched), in its direction
    (errors: lower first), and ``sweep_state.json``. With ``sweep.seeds`` each
@@ -40,24 +40,14 @@ from typing import Any
 
 import pandas as pd
 
+from medctl.analysis.ranking import best_first
 from medctl.config import SWEEP_MODES, Config
 from medctl.data.dataset import split_manifest_hash
 from medctl.data.preprocess import preprocess
 from medctl.errors import ConfigError
-from medctl.evaluation.ranking import best_first
 from medctl.io import write_json, write_text_atomic
 from medctl.progress import log, progress_bar
 from medctl.runs import environment_info, held_run, redact, run_dir_refusal
-from medctl.sweep.board import (
-    DEFAULT_RANK,
-    SELECTED_ON,
-    EntryRecord,
-    RankMetric,
-    build_leaderboard,
-    entry_row,
-    failed_row,
-    rank_metric,
-)
 from medctl.sweep.entries import (
     FINETUNE,
     PROBE,
@@ -70,6 +60,16 @@ from medctl.sweep.entries import (
     sweep_dir_of,
 )
 from medctl.sweep.jobs import init_worker, now_s, run_entry_job, visible_gpus
+from medctl.sweep.records import (
+    DEFAULT_RANK,
+    SELECTED_ON,
+    EntryRecord,
+    RankMetric,
+    build_leaderboard,
+    entry_row,
+    failed_row,
+    rank_metric,
+)
 from medctl.sweep.state import (
     DONE_FILE,
     SweepState,

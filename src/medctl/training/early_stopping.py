@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from medctl.evaluation.ranking import LOWER_IS_BETTER, lower_is_better  # the sweep ranks the same way
+from medctl.analysis.ranking import LOWER_IS_BETTER, lower_is_better  # the sweep ranks the same way
 
 __all__ = ["LOWER_IS_BETTER", "EarlyStopping", "lower_is_better"]
 

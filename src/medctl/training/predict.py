@@ -1,7 +1,7 @@
 """Predictions of a classifier: logits over a dataset, probabilities per target kind, a predictions table.
 
 Shared by the stages fine-tune (validation every epoch, ``val_preds.parquet``) and evaluate, hence below both.
-Probabilities follow :mod:`medctl.evaluation.metrics`: binary ``(N, 1)`` = p(classes[1]) from a sigmoid,
+Probabilities follow :mod:`medctl.analysis.metrics`: binary ``(N, 1)`` = p(classes[1]) from a sigmoid,
 multiclass ``(N, K)`` from a softmax, multilabel ``(N, L)`` independent sigmoids.
 """
 
@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medctl.analysis.columns import pred_name, true_name
+from medctl.analysis.columns import prefix as column_prefix
+from medctl.analysis.metrics import class_probs
 from medctl.data.dataset import CacheDataset
 from medctl.data.tables import TargetSpec
-from medctl.evaluation.columns import pred_name, true_name
-from medctl.evaluation.columns import prefix as column_prefix
-from medctl.evaluation.metrics import class_probs
 from medctl.progress import progress_bar
 from medctl.training.precision import autocast_context
 
@@ -91,8 +91,8 @@ def predictions_frame(
     """``id``, then per target its true and predicted values and one ``prob_<class>`` column per class.
 
     One target: ``y_true``, ``y_pred``, ``prob_<class>``; several: ``<target>_true``, ``<target>_pred``,
-    ``<target>_prob_<class>`` (:mod:`medctl.evaluation.columns`, the layout of
-    :func:`medctl.evaluation.reports.evaluate_predictions`). Multilabel true/pred values are 0/1 lists.
+    ``<target>_prob_<class>`` (:mod:`medctl.analysis.columns`, the layout of
+    :func:`medctl.analysis.reports.evaluate_predictions`). Multilabel true/pred values are 0/1 lists.
     """
     columns: dict[str, object] = {"id": [str(i) for i in ids]}
     n = len(specs)

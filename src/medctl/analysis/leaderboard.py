@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from medctl.analysis.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
+from medctl.analysis.proportions import p_cell, sign_test_counts
+from medctl.analysis.ranking import higher_is_better
 from medctl.errors import DataError
-from medctl.evaluation.bootstrap import Metric, MetricFn, paired_bootstrap_pvalue
-from medctl.evaluation.proportions import p_cell, sign_test_counts
-from medctl.evaluation.ranking import higher_is_better
 from medctl.io import MISSING, format_number, markdown_table, write_text_atomic
 
 SPLITS = ("val", "test")
@@ -98,7 +98,7 @@ def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def leaderboard(rows: Sequence[Mapping[str, Any]], sort_by: str = "val_balanced_accuracy") -> pd.DataFrame:
     """Rows ranked by ``sort_by`` (higher first unless it is a loss or an error such as ``test_age_mae``:
-    :func:`medctl.evaluation.ranking.higher_is_better`); failed rows last, unranked.
+    :func:`medctl.analysis.ranking.higher_is_better`); failed rows last, unranked.
 
     Entries that succeeded but lack a value for ``sort_by`` come after the ranked ones. ``rank`` is
     1..k over the ranked entries (nullable Int64, empty for the rest); CIs become ``_low``/``_high``.

@@ -5,9 +5,9 @@
 - ``<split>_preds.parquet``: ``id``, then per target ``y_true``, ``y_pred``, ``true_label``,
   ``pred_label`` and one ``prob_<class>`` column per class (multilabel: ``y_true`` / ``y_pred`` are
   0/1 lists, labels joined by ``;``). With several targets the pair is ``<target>_true`` /
-  ``<target>_pred`` and every other column is prefixed ``<target>_`` (:mod:`medctl.evaluation.columns`).
+  ``<target>_pred`` and every other column is prefixed ``<target>_`` (:mod:`medctl.analysis.columns`).
 - ``metrics.json``: the split, ``n_samples``, bootstrap settings, and per target every metric of
-  :func:`~medctl.evaluation.metrics.target_metrics` plus a 95% (``1 - alpha``) percentile interval for
+  :func:`~medctl.analysis.metrics.target_metrics` plus a 95% (``1 - alpha``) percentile interval for
   accuracy, balanced_accuracy, macro_f1 and auroc with the number of usable resamples; ``summary`` holds
   the first (primary) target's headline numbers, ``<metric>`` and ``<metric>_ci``, for leaderboards;
   ``provenance`` what the caller says the numbers come from (checkpoint, training run, data, code; see
@@ -30,25 +30,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medctl.errors import DataError
-from medctl.evaluation.bootstrap import BootstrapResult, bootstrap_many, headline_metrics, interval_cells
-from medctl.evaluation.columns import pred_name, true_name
-from medctl.evaluation.columns import prefix as column_prefix
-from medctl.evaluation.leaderboard import (
+from medctl.analysis.bootstrap import BootstrapResult, bootstrap_many, headline_metrics, interval_cells
+from medctl.analysis.columns import pred_name, true_name
+from medctl.analysis.columns import prefix as column_prefix
+from medctl.analysis.leaderboard import (
     leaderboard,
     leaderboard_markdown,
     leaderboard_row,
     write_leaderboard,
 )
-from medctl.evaluation.markdown import markdown_to_html, write_report
-from medctl.evaluation.metrics import KINDS, class_probs, target_metrics
-from medctl.evaluation.plots import plot_confusion_matrix, plot_multilabel_confusion, plot_roc
-from medctl.evaluation.regression import (
+from medctl.analysis.markdown import markdown_to_html, write_report
+from medctl.analysis.metrics import KINDS, class_probs, target_metrics
+from medctl.analysis.plots import plot_confusion_matrix, plot_multilabel_confusion, plot_roc
+from medctl.analysis.regression import (
     REGRESSION_HEADLINE,
     plot_regression_scatter,
     regression_metrics,
     regression_report_lines,
 )
+from medctl.errors import DataError
 from medctl.io import (
     MISSING,
     atomic_write,
@@ -147,7 +147,7 @@ def evaluate_predictions(
                 f"target {name!r}: {len(ids)} ids, {len(y)} labels and {len(p)} predictions; they must match"
             )
         prefix, true, pred = column_prefix(name, len(specs)), true_name(name, len(specs)), pred_name(name, len(specs))
-        if kind == "regression":  # MAE, RMSE, R², r with CIs, and a scatter plot (medctl.evaluation.regression)
+        if kind == "regression":  # MAE, RMSE, R², r with CIs, and a scatter plot (medctl.analysis.regression)
             y, p = y.astype(np.float64), p.reshape(len(ids), -1)[:, :1]  # (N,), (N, 1)
             intervals = bootstrap_many(headline_metrics(kind), y, p, n=n_bootstrap, alpha=alpha, seed=seed)
             scatter = f"figures/{split}_scatter_{file_stem(name)}.png"

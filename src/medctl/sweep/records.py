@@ -11,7 +11,7 @@ Rows are ranked on one metric of one target (:class:`RankMetric`, from ``sweep.r
 primary target's balanced accuracy, or MAE for a regression target) on the ``sweep.rank_on`` split (each probe
 picked its epoch on val, so test is the unbiased default, or on an inner val carved from train under
 ``sweep.select_on = "inner_val"``, so that val ranks without bias), in that metric's direction (errors and losses:
-lower is better; :mod:`medctl.evaluation.ranking`). The rows say so in ``selected_on`` / ``ranked_on`` /
+lower is better; :mod:`medctl.analysis.ranking`). The rows say so in ``selected_on`` / ``ranked_on`` /
 ``ranked_by`` / ``better``. The p-value of each entry against the leader is the paired bootstrap on the same
 test samples (``eval_test/test_preds.parquet``), on the ranking metric.
 
@@ -36,12 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medctl.data.provenance import Overlap
-from medctl.errors import ConfigError
-from medctl.evaluation.bootstrap import headline_metrics
-from medctl.evaluation.columns import prediction_column, truth_column
-from medctl.evaluation.columns import prefix as column_prefix
-from medctl.evaluation.leaderboard import (
+from medctl.analysis.bootstrap import headline_metrics
+from medctl.analysis.columns import prediction_column, truth_column
+from medctl.analysis.columns import prefix as column_prefix
+from medctl.analysis.leaderboard import (
     CLASSIFICATION_METRICS,
     REGRESSION_METRICS,
     REGRESSION_SHOWN,
@@ -54,7 +52,9 @@ from medctl.evaluation.leaderboard import (
     paired_seed_test,
     write_leaderboard,
 )
-from medctl.evaluation.ranking import direction, higher_is_better
+from medctl.analysis.ranking import direction, higher_is_better
+from medctl.data.provenance import Overlap
+from medctl.errors import ConfigError
 from medctl.io import write_text_atomic
 from medctl.progress import log
 from medctl.sweep.entries import RANDOM_INIT, SweepEntry
@@ -252,7 +252,7 @@ def test_predictions(record: EntryRecord, target: str = "") -> tuple[np.ndarray,
     """``(ids, y_true, probs, kind)`` of ``target`` (default: the primary one) from ``eval_test``.
 
     ``y_true`` is (N,) class indices, (N, L) 0/1 or (N,) values; ``probs`` (N, K) / (N, L), or a regression
-    target's predictions (N, 1). Reads either predictions layout (:mod:`medctl.evaluation.columns`).
+    target's predictions (N, 1). Reads either predictions layout (:mod:`medctl.analysis.columns`).
     """
     target = target or record.test["primary_target"]
     spec = next(t for t in record.results["targets"] if t["name"] == target)

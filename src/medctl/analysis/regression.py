@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medctl.evaluation.bootstrap import Metric, interval_cells
+from medctl.analysis.bootstrap import Metric, interval_cells
 from medctl.io import format_number, markdown_table
 
 REGRESSION_HEADLINE = ("mae", "rmse", "r2", "pearson_r")
@@ -121,7 +121,7 @@ def plot_regression_scatter(y_true: Any, pred: Any, path: str | Path, *, title: 
     """Predicted against true values with the identity line; MAE and r in the title."""
     from matplotlib.figure import Figure
 
-    from medctl.evaluation.plots import save_figure
+    from medctl.analysis.plots import save_figure
 
     y, p = np.asarray(y_true, dtype=np.float64).reshape(-1), _flat(pred)
     fig = Figure(figsize=(4.5, 4.5))

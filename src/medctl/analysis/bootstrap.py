@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from medctl.analysis.metrics import binary_auroc, macro_auroc
 from medctl.errors import DataError
-from medctl.evaluation.metrics import binary_auroc, macro_auroc
 from medctl.io import MISSING, format_number
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -103,12 +103,12 @@ def headline_metrics(kind: str, threshold: float = 0.5) -> dict[str, Metric]:
     Binary / multiclass: ``y`` (N,) class indices, ``probs`` (N, K) (binary (N,) is p(class 1)).
     Multilabel: ``y`` (N, L) 0/1, ``probs`` (N, L); accuracy is subset accuracy, balanced accuracy the
     mean per-label balanced accuracy, F1 and AUROC macro over labels; a label is on when
-    ``prob >= threshold``. These match :func:`medctl.evaluation.metrics.target_metrics`.
+    ``prob >= threshold``. These match :func:`medctl.analysis.metrics.target_metrics`.
     """
     if kind == "multilabel":
         return _multilabel_metrics(threshold)
     if kind == "regression":  # MAE, RMSE, R², Pearson r on (N,) truths and (N, 1) predictions
-        from medctl.evaluation.regression import REGRESSION_METRICS
+        from medctl.analysis.regression import REGRESSION_METRICS
 
         return dict(REGRESSION_METRICS)
     if kind not in ("binary", "multiclass"):
