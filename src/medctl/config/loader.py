@@ -170,8 +170,13 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 # Keys added after runs were already written, with the value that reproduces how those runs behaved: a probe
 # read raw embeddings before model.head.standardize, and BYOL's pretext views kept their intensity trend
-# before pretrain.byol.pretext_reorient. --resume then names the one setting that continues such a run.
-ADDED_KEYS: dict[str, Any] = {"model.head.standardize": False, "pretrain.byol.pretext_reorient": 0.0}
+# before pretrain.byol.pretext_reorient, and its views had no bias field before pretrain.byol.view_bias_field.
+# --resume then names the one setting that continues such a run.
+ADDED_KEYS: dict[str, Any] = {
+    "model.head.standardize": False,
+    "pretrain.byol.pretext_reorient": 0.0,
+    "pretrain.byol.view_bias_field": 0.0,
+}
 
 
 def upgrade_saved_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
