@@ -105,18 +105,21 @@ def main() -> None:
     start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench_ssl_seeds_"))
     try:
+        methods = {m: v for m, v in METHODS.items() if not args.only or m in args.only}
         volumes = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=args.size, seed=0, family=args.family)
-        images = make_synthetic_dataset(
-            root / "data_2d", n=args.n_2d, dims=2, size=SIZE_2D, seed=0, distractors=DISTRACTORS_2D, family=args.family
-        )
         runs = [*COMMON, f'run.root="{root / "runs"}"']
-        datasets = {"images": [*images.config_overrides(), *runs]}
+        datasets = {}
+        if any(group == "images" for group, _ in methods.values()):  # the 2D set only for the 2D method
+            images = make_synthetic_dataset(
+                root / "data_2d", n=args.n_2d, dims=2, size=SIZE_2D, seed=0, distractors=DISTRACTORS_2D,
+                family=args.family,
+            )  # fmt: skip
+            datasets["images"] = [*images.config_overrides(), *runs]
         ckpts = root / "ckpts"
         ckpts.mkdir()
 
         # 1. pretraining: every method, every seed
         pretrain_results: dict[str, list[dict]] = {}
-        methods = {m: v for m, v in METHODS.items() if not args.only or m in args.only}
         for method, (group, overrides) in methods.items():
             for seed in SEEDS:
                 name = f"{method}_{seed}"
