@@ -112,9 +112,8 @@ def open_run_dir(
     claim_run_dir(run_dir, config, resume=resume, overwrite=overwrite, extend=extend, act=act)
     if act:
         create_run_dir(config, command, run_dir=run_dir)
-        if not resume:
-            for stale in ("metrics.jsonl", "checkpoints/last.ckpt", "results.json"):
-                (run_dir / stale).unlink(missing_ok=True)
+        if not resume:  # the rule above leaves no last.ckpt or results.json here; the logs of a run without them go
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
     return run_dir
 
