@@ -9,9 +9,11 @@ import pytest
 from PIL import Image as PILImage
 from scipy.ndimage import gaussian_filter
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_score
 
 from medctl.config import load_config
+from medctl.data.preprocess import preprocess
 from medctl.data.readers import read_image
 from medctl.data.synthetic import make_synthetic_dataset
 
@@ -97,6 +99,37 @@ def test_two_dimensional_distractors_are_not_clipped_to_the_lesions_level(tmp_pa
         assert image.max() < 255, sample_id  # nothing clipped
         if mask.any():
             assert image[mask].max() < image[~mask].max(), sample_id  # a distractor is strictly brighter
+
+
+def distractor_level_auroc(ds, intensity: str, tmp_path) -> float:
+    """AUROC of the class against the cached level of the distractors (the 4 brightest pixels outside the
+    lesion mask), folded so that 0.5 is no information and 1.0 is all of it."""
+    overrides = [*ds.config_overrides(), f'data.preprocess.intensity="{intensity}"', "data.preprocess.workers=1"]
+    config = load_config(None, [*overrides, f'data.cache_dir="{tmp_path / intensity}"'], env={})
+    cache = preprocess(config.data, workers=1).cache_dir
+    manifest = pd.read_parquet(cache / "manifest.parquet").query("status == 'ok'")
+    labels = pd.read_csv(ds.table, sep="\t").set_index("participant_id")["label"]
+    levels, lesion = [], []
+    for sample_id in manifest["id"]:
+        image = np.load(cache / "images" / f"{sample_id}.npy")[0]
+        mask = np.load(cache / "masks" / f"{sample_id}.npy")[0] > 0
+        levels.append(np.sort(image[~mask])[-4:].mean())
+        lesion.append(labels[sample_id] != "healthy")
+    auroc = roc_auc_score(lesion, levels)
+    return max(auroc, 1 - auroc)
+
+
+def test_z_scoring_hands_the_class_to_the_distractors_and_min_max_does_not(tmp_path):
+    """A lesion widens the image's intensity spread, so dividing by each image's standard deviation dims
+    everything else in lesion images, the distractors included: their z-scored level tells the class
+    (AUROC 0.94 on these 80 images; 0.93 on 200, 0.74 on 100 volumes of 16x32x32), and a classifier can
+    learn the class from them without looking at a lesion. Min-max scaling takes its range from the
+    background and the distractors, which every class shares, and leaves them little to tell (0.60 here,
+    0.51 on 200 images). So the saliency fixture on distractor data preprocesses with
+    ``intensity = "minmax"``."""
+    ds = make_synthetic_dataset(tmp_path / "data", n=80, dims=2, size=(32, 32), seed=0, distractors=2)
+    assert distractor_level_auroc(ds, "zscore", tmp_path) > 0.85
+    assert distractor_level_auroc(ds, "minmax", tmp_path) < 0.7
 
 
 def test_a_linear_probe_on_local_features_separates_the_classes(tmp_path):

@@ -11,7 +11,9 @@ With ``distractors=k`` every sample, healthy or not, also carries ``k`` small ba
 lesion and outside the masks: the class evidence is then no longer the brightest structure, so a map
 that merely follows the image's intensity points at the distractors, and one that explains the model
 has to find the (dimmer, larger) lesions. (2D images are then scaled into [0, 1] by 1/8 instead of 1/3, so
-that the distractors are not clipped to the lesions' level.)
+that the distractors are not clipped to the lesions' level.) Preprocess such data with ``intensity = "minmax"``:
+a lesion widens its image's spread, so z-scoring dims the distractors of lesion images and their level alone
+tells the class (AUROC 0.94 on 80 2D images, against 0.60 min-max scaled; tests/test_data_synthetic.py).
 
 Layout under ``out_dir``::
 
