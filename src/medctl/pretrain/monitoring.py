@@ -97,9 +97,9 @@ class CollapseVerdict:
     while the untrained encoder's was significantly above it (pretraining lost what random weights saw;
     "stays" when it was at chance at the previous verdict too). When the untrained encoder was not above
     chance either, k-NN cannot tell a collapse on this task (a healthy BYOL run on the count family sits there
-    for 30 epochs, RESULTS.md): the line says so and the spread alone decides. (The rule used one standard
-    error before: 9 of 24 val votes then counted as "above chance" and 8 of 24 as "at chance", so one vote
-    could stop a healthy run.)"""
+    for 30 epochs, RESULTS.md): the line says so and the spread alone decides. (The rule was chance plus one
+    standard error before: with 24 val votes, 9 right counted as above chance, and two healthy runs whose
+    untrained encoder had 10 of 24 by luck were failed while their spread grew; RESULTS.md.)"""
 
     epoch: int  # 1-based
     spread_ratio: float
@@ -115,7 +115,8 @@ class CollapseVerdict:
         return self.spread_ratio < self.share
 
     def p_above_chance(self, accuracy: float | None) -> float | None:
-        """One-sided exact binomial p that ``accuracy`` of the ``knn_n`` votes beats chance; None untested."""
+        """One-sided exact binomial p that ``accuracy`` of the ``knn_n`` votes beats chance (several class
+        targets: their mean accuracy, counted as votes); None when untested."""
         if accuracy is None or self.knn_chance is None or self.knn_n < 1:
             return None
         return above_chance(round(accuracy * self.knn_n), self.knn_n, self.knn_chance)
