@@ -124,7 +124,7 @@ def knn_metrics(train: Embeddings, val: Embeddings, k: int = 5) -> dict[str, flo
     }
     chance = [majority_share(val.labels[name]) for name in names]
     out = {"knn_accuracy": float(np.mean(list(per_target.values()))), "knn_chance": float(np.mean(chance))}
-    out["knn_margin"] = math.sqrt(out["knn_chance"] * (1.0 - out["knn_chance"]) / len(val.vectors))
+    out["knn_n"] = float(len(val.vectors))  # the votes, for the collapse verdict's exact test against chance
     if len(per_target) > 1:
         out |= {f"knn_accuracy_{name}": value for name, value in per_target.items()}
     return out

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medctl.analysis.proportions import above_chance, format_p
 from medctl.pretrain.embeddings import (
     Embeddings,
     collapse_stats,
@@ -83,18 +84,22 @@ def collapse_warning(
 
 # ------------------------------------------------------------------------------------------ verdict
 KNN_BLIND = " (k-NN at chance like the untrained encoder's: spread alone)"
+KNN_ALPHA = 0.05  # a k-NN is "above chance" when its one-sided exact binomial p is below this
 
 
 @dataclass
 class CollapseVerdict:
     """The collapse check's verdict after an epoch: spread against the encoder before pretraining, and the
-    online k-NN against chance (``knn_chance`` + one binomial standard error ``knn_margin`` of the val set).
+    online k-NN against chance (``knn_chance``, the majority share), each k-NN by the one-sided exact binomial
+    test of its ``knn_n`` votes at :data:`KNN_ALPHA`.
 
-    Failed: the spread fell below ``share`` of its value before (collapsed), or the k-NN is at chance while
-    the untrained encoder's was above it (pretraining lost what random weights saw; "stays" when it was at
-    chance at the previous verdict too). When the untrained encoder was at chance as well, k-NN cannot tell a
-    collapse on this task (a healthy BYOL run on the count family sits there for 30 epochs, RESULTS.md): the
-    line says so and the spread alone decides."""
+    Failed: the spread fell below ``share`` of its value before (collapsed), or the k-NN is not above chance
+    while the untrained encoder's was significantly above it (pretraining lost what random weights saw;
+    "stays" when it was at chance at the previous verdict too). When the untrained encoder was not above
+    chance either, k-NN cannot tell a collapse on this task (a healthy BYOL run on the count family sits there
+    for 30 epochs, RESULTS.md): the line says so and the spread alone decides. (The rule was chance plus one
+    standard error before: with 24 val votes, 9 right counted as above chance, and two healthy runs whose
+    untrained encoder had 10 of 24 by luck were failed while their spread grew; RESULTS.md.)"""
 
     epoch: int  # 1-based
     spread_ratio: float
@@ -102,28 +107,29 @@ class CollapseVerdict:
     knn_accuracy: float | None = None
     knn_before: float | None = None
     knn_chance: float | None = None
-    knn_margin: float = 0.0
+    knn_n: int = 0  # val votes behind each k-NN accuracy; 0 (unknown): k-NN decides nothing
     knn_was_at_chance: bool = False  # at the previous verdict of this run
 
     @property
     def collapsed(self) -> bool:
         return self.spread_ratio < self.share
 
+    def p_above_chance(self, accuracy: float | None) -> float | None:
+        """One-sided exact binomial p that ``accuracy`` of the ``knn_n`` votes beats chance (several class
+        targets: their mean accuracy, counted as votes); None when untested."""
+        if accuracy is None or self.knn_chance is None or self.knn_n < 1:
+            return None
+        return above_chance(round(accuracy * self.knn_n), self.knn_n, self.knn_chance)
+
     @property
     def knn_at_chance(self) -> bool:
-        return (
-            self.knn_accuracy is not None
-            and self.knn_chance is not None
-            and (self.knn_accuracy <= self.knn_chance + self.knn_margin)
-        )
+        p = self.p_above_chance(self.knn_accuracy)
+        return p is not None and p >= KNN_ALPHA
 
     @property
     def knn_before_above_chance(self) -> bool:
-        return (
-            self.knn_before is not None
-            and self.knn_chance is not None
-            and (self.knn_before > self.knn_chance + self.knn_margin)
-        )
+        p = self.p_above_chance(self.knn_before)
+        return p is not None and p < KNN_ALPHA
 
     @property
     def knn_failed(self) -> bool:
@@ -138,9 +144,10 @@ class CollapseVerdict:
         knn = ""
         if self.knn_accuracy is not None:
             knn = f", online k-NN {self.knn_accuracy:.2f}"
-            if self.knn_chance is not None:
-                knn += f" (chance {self.knn_chance:.2f} + {self.knn_margin:.2f}"
-                knn += f", untrained {self.knn_before:.2f})" if self.knn_before is not None else ")"
+            p_now, p_before = self.p_above_chance(self.knn_accuracy), self.p_above_chance(self.knn_before)
+            if p_now is not None:
+                knn += f" (chance {self.knn_chance:.2f}, {format_p(p_now)} above it"
+                knn += f"; untrained {self.knn_before:.2f}, {format_p(p_before)})" if p_before is not None else ")"
         head = f"collapse check after epoch {self.epoch}: spread {self.spread_ratio:.2f}x the untrained encoder's{knn}"
         if not self.failed:
             knn_blind = self.knn_at_chance and not self.knn_before_above_chance
@@ -172,7 +179,7 @@ def collapse_verdict(
         knn_accuracy=metrics.get("knn_accuracy"),
         knn_before=reference.get("knn_accuracy"),
         knn_chance=metrics.get("knn_chance"),
-        knn_margin=metrics.get("knn_margin", 0.0),
+        knn_n=int(metrics.get("knn_n", 0)),
         knn_was_at_chance=knn_was_at_chance,
     )
 
