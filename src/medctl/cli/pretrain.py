@@ -44,7 +44,9 @@ def pretrain_command(
         table.add_column(column, justify="left" if column == "encoder.ckpt" else "right")
     knn = "-" if result.knn_accuracy is None else f"{result.knn_accuracy:.3f}"
     spread, failed = result.monitoring.get("collapse_spread_ratio"), result.monitoring.get("collapse_failed")
-    verdict = "-" if spread is None else f"spread {spread:.2f}x untrained, " + ("FAILED" if failed else "ok")
+    shrunk = result.monitoring.get("collapse_shrunk")
+    outcome = "FAILED" if failed else ("shrunk" if shrunk else "ok")
+    verdict = "-" if spread is None else f"spread {spread:.2f}x untrained, {outcome}"
     table.add_row(
         str(result.epochs_run),
         f"{result.final_loss:.4f}",

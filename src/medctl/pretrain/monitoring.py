@@ -85,6 +85,10 @@ def collapse_warning(
 # ------------------------------------------------------------------------------------------ verdict
 KNN_BLIND = " (k-NN at chance like the untrained encoder's: spread alone)"
 KNN_ALPHA = 0.05  # a k-NN is "above chance" when its one-sided exact binomial p is below this
+# A spread below this share of the untrained encoder's, yet above pretrain.collapse_ratio, is not a collapse
+# but is named (issue 29's bar for a healthy run): BYOL's defaults at the reporter's size settled at 0.33x on
+# one seed of three for the last 14 of 30 epochs, and nothing said so (RESULTS.md).
+SHRUNK_SHARE = 0.5
 
 
 @dataclass
@@ -113,6 +117,11 @@ class CollapseVerdict:
     @property
     def collapsed(self) -> bool:
         return self.spread_ratio < self.share
+
+    @property
+    def shrunk(self) -> bool:
+        """Not collapsed, but below :data:`SHRUNK_SHARE` of the untrained spread: a warning, never a failure."""
+        return not self.collapsed and self.spread_ratio < SHRUNK_SHARE
 
     def p_above_chance(self, accuracy: float | None) -> float | None:
         """One-sided exact binomial p that ``accuracy`` of the ``knn_n`` votes beats chance (several class
@@ -151,7 +160,8 @@ class CollapseVerdict:
         head = f"collapse check after epoch {self.epoch}: spread {self.spread_ratio:.2f}x the untrained encoder's{knn}"
         if not self.failed:
             knn_blind = self.knn_at_chance and not self.knn_before_above_chance
-            return f"{head}: not collapsed" + (KNN_BLIND if knn_blind else "")
+            shrunk = f", but shrunk below {SHRUNK_SHARE:g}x (a partial collapse)" if self.shrunk else ""
+            return f"{head}: not collapsed{shrunk}" + (KNN_BLIND if knn_blind else "")
         what = [f"COLLAPSED below {self.share:g}x" if self.collapsed else "",
                 "k-NN fell to chance" if self.knn_failed and not self.knn_was_at_chance else "",
                 "k-NN stays at chance" if self.knn_failed and self.knn_was_at_chance else ""]  # fmt: skip
@@ -164,6 +174,7 @@ class CollapseVerdict:
             "collapse_spread_ratio": self.spread_ratio,
             "collapse_collapsed": float(self.collapsed),
             "collapse_knn_at_chance": float(self.knn_at_chance),
+            "collapse_shrunk": float(self.shrunk),
             "collapse_failed": float(self.failed),
         }
 
@@ -227,7 +238,10 @@ class CollapseCheck:
         verdict = collapse_verdict(metrics, reference, epoch + 1, self.share, self.knn_was_at_chance)
         self.knn_was_at_chance = verdict.knn_at_chance
         line = verdict.line(self.method)
-        if not verdict.failed:
+        if verdict.shrunk and not verdict.failed:
+            advice = COLLAPSE_ADVICE.get(self.method, "lower pretrain.lr or check the augmentations")
+            log(f"warning: {line}; {advice}")
+        elif not verdict.failed:
             log(line)
         elif self.stop:
             log(f"warning: !!! {line}; stopping here: pretrain.stop_on_collapse = true")
