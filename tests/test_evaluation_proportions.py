@@ -9,6 +9,7 @@ import pytest
 from medctl.analysis.proportions import (
     above_chance,
     comparison_words,
+    fewest_pairs_to_decide,
     paired_hits_test,
     rate_interval,
     sign_test,
@@ -96,3 +97,13 @@ def test_sign_test_drops_ties_and_counts_directions():
     test = sign_test(x, y)
     assert (test.n, test.lower, test.higher) == (6, 5, 1)
     assert test.p == pytest.approx(exact_mcnemar(5, 1))
+
+
+def test_fewest_pairs_an_exact_paired_test_needs_to_decide():
+    """Every discordant pair won by one side: two-sided p = 2 * 0.5**k, written out here."""
+    for alpha in (0.1, 0.05, 0.01):
+        k = fewest_pairs_to_decide(alpha)
+        assert 2 * 0.5**k < alpha <= 2 * 0.5 ** (k - 1)
+        assert paired_hits_test([True] * k, [False] * k).p < alpha
+        assert paired_hits_test([True] * (k - 1), [False] * (k - 1)).p >= alpha
+    assert fewest_pairs_to_decide(0.05) == 6

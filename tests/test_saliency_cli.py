@@ -676,10 +676,12 @@ def test_on_distractor_data_a_random_weight_model_is_flagged(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_brightest(tmp_path):
-    """Two distractors brighter than any lesion in every volume: the image's own intensity map points at
-    them, so it misses the lesions; a trained classifier's IG has to find the lesions to beat it. About 10
-    minutes on 2 busy cores (measured with these settings: IG 2/4, intensity 0/4, edges 1/4)."""
+def test_a_3d_test_split_too_small_to_decide_is_reported_as_such(tmp_path):
+    """Two distractors brighter than any lesion in every volume, 48 volumes: the test split holds 4 lesion
+    volumes. This test used to require a method that beats the input baseline there, which no map can: 4 of 4
+    against 0 of 4 is an exact McNemar p of 0.125 (measured: IG, Grad-CAM and HiResCAM 1/4 each, intensity and
+    edges 0/4; about 40 s on 2 quiet cores). What the run must do instead is say that its "not
+    distinguishable" decides nothing."""
     from medctl.data.synthetic import make_synthetic_dataset
 
     dataset = make_synthetic_dataset(
@@ -695,10 +697,9 @@ def test_a_trained_model_beats_the_input_baseline_where_the_lesions_are_not_the_
     assert out.exit_code == 0, out.output
     report = json.loads((out_dir / "scores.json").read_text())
     intensity = report["baselines"]["input_intensity"]
-    assert intensity["n_scored"] >= 3 and intensity["pointing_hit_rate"] == 0.0  # the distractors win it
-    beating = [m for m, e in report["scores"].items() if e["beats_input_baseline"]]
-    assert beating, report["scores"]
-    line = f"Beat the input baseline (paired exact test, p < 0.05): {', '.join(beating)}."
+    assert intensity["n_scored"] == report["lesions_in_split"] < 6 and intensity["pointing_hit_rate"] == 0.0
+    assert not any(entry["beats_input_baseline"] for entry in report["scores"].values())
+    line = f"Too few to decide: {intensity['n_scored']} lesion samples scored"
     assert line in (out_dir / "report.md").read_text() and line in " ".join(out.output.split())
 
 

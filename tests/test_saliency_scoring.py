@@ -252,6 +252,12 @@ def test_beats_needs_a_paired_test_and_three_of_twenty_against_two_is_not_distin
     assert "The maps failed to locate the lesion: cam" in " ".join(lines)
     assert "Maps that point nowhere (all zero or constant): cam (12 of 20 maps empty)." in lines
     assert "says nothing about the model" not in " ".join(lines)
+    assert not any(line.startswith("Too few to decide") for line in lines)  # 20 lesion samples can decide
+    few = {method: {**entry, "n_scored": 4} for method, entry in judged.items()}
+    assert (
+        "Too few to decide: 4 lesion samples scored, and a paired exact test reaches p < 0.05 only when at least 6 "
+        "samples are hit by one map and missed by the other"
+    ) in " ".join(summary_lines(few, 0.05))
     line = describe("ig", ig_, lesions_in_split=40)
     assert line.startswith("ig: pointing game 0.60 [0.39, 0.78] (12/20; scored 20 of 40 lesion samples), chance 0.010 — beats")
     unchecked = judge(summarise([lesion_row("ig", True)]), {}, alpha=0.05, threshold=0.5)["ig"]

@@ -83,6 +83,15 @@ def sign_test_counts(wins: int, losses: int) -> float:
     return float(stats.binomtest(wins, wins + losses, 0.5).pvalue)
 
 
+def fewest_pairs_to_decide(alpha: float) -> int:
+    """The fewest samples on which an exact paired test (McNemar, sign test) can reach ``p < alpha``: every
+    one of them won by the same side, two-sided p = 2 * 0.5**k. 6 at alpha 0.05 (p = 0.031; 5 give 0.0625)."""
+    pairs = 1
+    while sign_test_counts(pairs, 0) >= alpha:
+        pairs += 1
+    return pairs
+
+
 @dataclass(frozen=True)
 class SignTest:
     """Paired scores ``x`` vs ``y``: how often ``x`` is lower, higher, the median difference and the p."""

@@ -22,6 +22,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from medctl.analysis.proportions import fewest_pairs_to_decide
 from medctl.io import MISSING, atomic_write, format_number, markdown_table, write_text_atomic
 from medctl.saliency.geometry import Geometry, resample_to_grid, resample_to_shape
 from medctl.saliency.scoring import flat_counts, hits_text, peak_voxel
@@ -108,6 +109,14 @@ def summary_lines(scores: Mapping[str, Mapping[str, Any]], alpha: float) -> list
     flat = [f"{method} ({flat_counts(entry)})" for method, entry in scores.items() if entry.get("flat_maps")]
     if flat:
         lines.append(f"Maps that point nowhere (all zero or constant): {', '.join(flat)}.")
+    scored = max((entry.get("n_scored") or 0 for entry in scores.values()), default=0)
+    needed = fewest_pairs_to_decide(alpha)
+    if 0 < scored < needed:
+        lines.append(
+            f"Too few to decide: {scored} lesion samples scored, and a paired exact test reaches p < {alpha:g} only "
+            f"when at least {needed} samples are hit by one map and missed by the other; so \"not distinguishable\" "
+            "here says nothing either way: score more lesion samples (a split that holds more of them)."
+        )
     return lines
 
 
