@@ -55,6 +55,13 @@ COLLAPSE_ADVICE = {
     "mim_contrastive": "InfoNCE spreads the projections, not the pooled embedding: raise pretrain.mim_contrastive.contrastive_weight "
     "relative to pretrain.mim_contrastive.mim_weight, raise data.batch_size (more negatives) or lower pretrain.lr",
 }
+
+
+def collapse_advice(method: str) -> str:
+    """What controls a shrinking representation in ``method``, for the warning and the verdict lines."""
+    return COLLAPSE_ADVICE.get(method, "lower pretrain.lr or check the augmentations")
+
+
 def collapse_warning(
     stats: dict[str, float], reference: dict[str, float] | None, method: str, knn: float | None = None
 ) -> str:
@@ -75,7 +82,7 @@ def collapse_warning(
         if knn is not None and knn_before is not None
         else ""
     )
-    advice = COLLAPSE_ADVICE.get(method, "lower pretrain.lr or check the augmentations")
+    advice = collapse_advice(method)
     return (
         f"embeddings are collapsing: mean per-dimension std {stats['embed_std_mean']:.2e} is {ratio:.2f}x that of "
         f"the encoder before pretraining ({reference['embed_std_mean']:.2e}){knn_text}; {advice}"
@@ -165,7 +172,7 @@ class CollapseVerdict:
         what = [f"COLLAPSED below {self.share:g}x" if self.collapsed else "",
                 "k-NN fell to chance" if self.knn_failed and not self.knn_was_at_chance else "",
                 "k-NN stays at chance" if self.knn_failed and self.knn_was_at_chance else ""]  # fmt: skip
-        advice = COLLAPSE_ADVICE.get(method, "lower pretrain.lr or check the augmentations")
+        advice = collapse_advice(method)
         return f"{head}: {' and '.join(w for w in what if w)}; {advice}"
 
     def metrics(self) -> dict[str, float]:
@@ -239,7 +246,7 @@ class CollapseCheck:
         self.knn_was_at_chance = verdict.knn_at_chance
         line = verdict.line(self.method)
         if verdict.shrunk and not verdict.failed:
-            advice = COLLAPSE_ADVICE.get(self.method, "lower pretrain.lr or check the augmentations")
+            advice = collapse_advice(self.method)
             log(f"warning: {line}; {advice}")
         elif not verdict.failed:
             log(line)
