@@ -69,6 +69,29 @@ def parse_args() -> argparse.Namespace:
 SPLITS = ("train", "val", "test")
 
 
+def dataset_root(base: str | Path, family: str, n: int, size: list[int], oriented_bias: float = 0.0) -> Path:
+    """The synthetic dataset of these settings under ``base``, written the first time it is asked for."""
+    root = Path(base) / f"{family}_{n}_{'x'.join(map(str, size))}_ob{oriented_bias:g}"
+    if not (root / "participants.tsv").exists():
+        make_synthetic_dataset(root, n=n, size=size, family=family, oriented_bias=oriented_bias)
+    return root
+
+
+def data_overrides(root: Path, family: str, size: list[int]) -> list[str]:
+    """The ``data.*`` settings that read the synthetic dataset at ``root`` into its cache, on the CPU."""
+    classes = {"count": '["one", "two", "three", "four"]', "shape": '["round", "elongated"]',
+               "texture": '["coarse", "fine"]', "lesion": '["healthy", "edema"]'}[family]  # fmt: skip
+    kind = "multiclass" if family == "count" else "binary"
+    return [
+        f'data.table="{root}/participants.tsv"', 'data.id_column="participant_id"',
+        f'data.source.root="{root}/images"', 'data.source.pattern="{participant_id}.nrrd"',
+        'data.split_column="recommended_split"', 'data.filter="retinal_oct == True"',
+        f'data.targets=[{{name="label", kind="{kind}", classes={classes}}}]',
+        f"data.preprocess.spatial_size={list(size)}", f'data.cache_dir="{root}/cache"',
+        "data.preprocess.workers=1", "data.num_workers=0", 'run.device="cpu"',
+    ]  # fmt: skip
+
+
 def embeddings(encoder: torch.nn.Module, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each split's embeddings (N, D) and labels (N,)."""
     encoder.eval()
@@ -111,20 +134,9 @@ def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[s
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.root) / f"{args.family}_{args.n}_{'x'.join(map(str, args.size))}_ob{args.oriented_bias:g}"
-    if not (root / "participants.tsv").exists():
-        make_synthetic_dataset(root, n=args.n, size=args.size, family=args.family, oriented_bias=args.oriented_bias)
-    data = root
-    classes = {"count": '["one", "two", "three", "four"]', "shape": '["round", "elongated"]',
-               "texture": '["coarse", "fine"]', "lesion": '["healthy", "edema"]'}[args.family]  # fmt: skip
-    kind = "multiclass" if args.family == "count" else "binary"
+    root = dataset_root(args.root, args.family, args.n, args.size, args.oriented_bias)
     overrides = [
-        f'data.table="{data}/participants.tsv"', 'data.id_column="participant_id"',
-        f'data.source.root="{data}/images"', 'data.source.pattern="{participant_id}.nrrd"',
-        'data.split_column="recommended_split"', 'data.filter="retinal_oct == True"',
-        f'data.targets=[{{name="label", kind="{kind}", classes={classes}}}]',
-        f"data.preprocess.spatial_size={list(args.size)}", f'data.cache_dir="{data}/cache"',
-        "data.preprocess.workers=1", "data.num_workers=0", 'run.device="cpu"',
+        *data_overrides(root, args.family, args.size),
         f'run.root="{root}/runs"', f'run.name="{args.label}_s{args.seed}"', f"run.seed={args.seed}",
         f'model.encoder="{args.encoder}"', f"data.batch_size={args.batch}", f"pretrain.epochs={args.epochs}",
         "pretrain.monitor_every=0", "pretrain.knn_every=0",

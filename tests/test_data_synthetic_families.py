@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from medctl.data.readers import read_image
 from medctl.data.synthetic import make_synthetic_dataset
-from medctl.data.synthetic_families import ELONGATION
+from medctl.data.synthetic_families import ELONGATION, read_count
 
 
 def samples(ds):
@@ -73,3 +73,17 @@ def test_oriented_bias_brightens_one_side_in_every_sample_and_lesion_default_is_
         assert image[:, rows // 2 :].mean() > 1.3 * image[:, : rows // 2].mean()  # brighter towards +H
     with pytest.raises(ValueError, match="family"):
         make_synthetic_dataset(tmp_path / "bad", n=8, family="stripes")
+
+
+def test_the_count_is_in_the_image_for_a_reader_without_masks_or_labels(tmp_path):
+    """The family's reference reader counts the blobs from the image alone, so a network at chance on this
+    family has not been handed an impossible task (benchmarks/bench_count_ceiling.py)."""
+    ds = make_synthetic_dataset(tmp_path / "count", n=24, size=(16, 64, 64), family="count", seed=5)
+    truth, read = [], []
+    for label, image, _ in samples(ds):
+        truth.append(ds.classes.index(label) + 1)
+        read.append(read_count(image, ds.spacing))
+    truth, read = np.asarray(truth), np.asarray(read)
+    assert (truth == read).mean() >= 0.7 and (np.abs(truth - read) <= 1).mean() >= 0.85  # chance: 0.25 exact
+    flat = np.full((16, 64, 64), 1000.0)  # no organ, no blobs
+    assert read_count(flat, ds.spacing) == 0
