@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from bench_byol_collapse import data_overrides, dataset_root, embeddings, judge
-from machine_info import machine
+from machine_info import machine, publish
 
 from medctl.config import load_config
 from medctl.data.preprocess import preprocess
@@ -38,8 +38,6 @@ from medctl.evaluate.stage import run_evaluate
 from medctl.finetune.run import run_finetune
 from medctl.models.architecture import pretrained_encoder
 from medctl.training.seed import set_seed
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,10 +137,7 @@ def main() -> None:
     print(f"reference reader: exact {reader[0]:.2f}, within one {reader[1]:.2f}", flush=True)
     rows = [row for encoder in args.encoder or ["mt3", "resnet_test_3d"] for row in encoder_rows(args, root, encoder)]
     lines = report(args, reader, rows, time.perf_counter() - start)
-    print("\n".join(lines))
-    if not args.no_append:
-        with RESULTS.open("a") as fh:
-            fh.write("\n" + "\n".join(lines) + "\n")
+    publish(lines, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, as the rows of its RESULTS.md table (shared by bench_probe / bench_sweep)."""
+"""The machine a benchmark ran on, as the rows of its RESULTS.md table (shared by bench_probe / bench_sweep), and
+the one way an entry is printed and appended to RESULTS.md."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ def machine() -> dict[str, str]:
         "platform": platform.platform(),
         "python / torch": f"{sys.version.split()[0]} / {torch.__version__}",
     }
+
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def publish(lines: list[str], append: bool = True) -> None:
+    """Print a RESULTS.md entry and, unless ``append`` is false, add it to the end of the file."""
+    print("\n".join(lines))
+    if append:
+        with RESULTS.open("a") as fh:
+            fh.write("\n" + "\n".join(lines) + "\n")
