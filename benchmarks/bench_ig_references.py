@@ -1,6 +1,7 @@
 """Which integrated-gradients reference finds a lesion that is not the brightest thing in the image? (issue 24)
 
-The 2D distractor fixture of ``tests/test_saliency_cli.py``: 160 synthetic 32x32 images, two round distractors
+The 2D distractor classifier of ``medctl demo`` (``medctl.demo_saliency``, also the fixture of
+``tests/test_saliency_cli.py``): 160 synthetic 32x32 images, two round distractors
 brighter than any lesion in every image, min-max scaled (z-scoring leaks the class into the distractors' level),
 ``resnet_test_2d`` without max-pool fine-tuned from scratch. Every test lesion is explained for its labelled
 class by each variant below, and the pointing game (peak of the map inside the mask, tolerance 0) is compared
@@ -22,7 +23,6 @@ Prints a RESULTS.md entry and appends it (``--no-append``: print only).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,10 +36,8 @@ from machine_info import machine, publish
 from scipy import ndimage
 
 from medctl.analysis.proportions import paired_hits_test, rate_interval
-from medctl.config import load_config
 from medctl.data.dataset import CacheDataset
-from medctl.data.synthetic import make_synthetic_dataset
-from medctl.finetune.run import run_finetune
+from medctl.demo_saliency import train_on_distractors
 from medctl.models.checkpoints import load_classifier
 from medctl.saliency.attribution import ClassScores
 from medctl.saliency.stage import CachedSamples
@@ -57,24 +55,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-append", action="store_true")
     return parser.parse_args()
-
-
-def train_fixture(root: Path, epochs: int, seed: int):
-    """The saliency tests' 2D distractor fixture, fine-tuned for ``epochs``: its FinetuneResult."""
-    dataset = make_synthetic_dataset(root / "data", n=160, dims=2, size=(32, 32), seed=0, distractors=2)
-    config = load_config(
-        None,
-        [
-            *dataset.config_overrides(), "data.preprocess.workers=1", 'data.preprocess.intensity="minmax"',
-            "data.batch_size=8", 'run.device="cpu"', 'model.encoder="resnet_test_2d"',
-            "model.encoder_args={no_max_pool=true, conv1_t_stride=1}", "model.freeze_encoder=false",
-            f"train.epochs={epochs}", "train.lr_head=1e-2", "train.lr_encoder=3e-3", "train.warmup_epochs=1",
-            "train.patience=0", "train.log_every=0", f"run.root={json.dumps(str(root / 'runs'))}",
-            'run.name="ft"', f"run.seed={seed}",
-        ],
-        env={},
-    )  # fmt: skip
-    return run_finetune(config)
 
 
 def healthy_references(cache: Path, count: int) -> torch.Tensor:
@@ -185,7 +165,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_ig_") as folder:
-        trained = train_fixture(Path(folder), args.epochs, args.seed)
+        trained = train_on_distractors(Path(folder), 160, args.epochs, [f"run.seed={args.seed}"])
         hits = hits_of(trained.cache_dir, trained.best_checkpoint, args)
         lines = report(hits, float(trained.metrics["balanced_accuracy"]), args, time.perf_counter() - start)
     publish(lines, append=not args.no_append)

@@ -6,8 +6,10 @@ import json
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image as PILImage
 from typer.testing import CliRunner
 
 from medctl.cli.app import app
@@ -33,7 +35,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_every_stage(demo_run):
     out, output = demo_run
-    assert "[8/8] report" in output
+    assert "[8/9] saliency_2d" in output and "[9/9] report" in output
     # dataset + cache
     assert (out / "data" / "participants.tsv").exists() and any((out / "data" / "masks").iterdir())
     manifest = pd.read_parquet(next((out / "cache").glob("*/manifest.parquet")))
@@ -67,10 +69,24 @@ def test_demo_writes_every_stage(demo_run):
     for entry in scores["scores"].values():  # every rate with its interval, every verdict from a test
         assert entry["n_scored"] == 0 or entry["pointing_low"] <= entry["pointing_hit_rate"] <= entry["pointing_high"]
         assert "beats" not in entry["verdict"] or any(c["p"] < 0.05 for c in entry["comparisons"].values())
+    # the 2D check whose lesions are not the brightest thing: every test lesion scored, both methods, each
+    # against the input baselines and its random-weight copy; too few lesions at this size to call a beat
+    distractors = out / "distractors_2d"
+    scored = json.loads((distractors / "saliency_test" / "scores.json").read_text())
+    assert set(scored["scores"]) == {"integrated_gradients", "hirescam"}
+    lesion_ids = {p.stem for p in (distractors / "data" / "masks").iterdir() if np.asarray(PILImage.open(p)).any()}
+    test_ids = set(pd.read_parquet(next((distractors / "data" / "cache").glob("*/manifest.parquet"))).query("split == 'test'")["id"])
+    assert scored["lesions_in_split"] == len(lesion_ids & test_ids) > 0
+    for entry in scored["scores"].values():
+        assert entry["n_scored"] == entry["random_weights_scored"] == scored["lesions_in_split"]
+    assert scored["baselines"]["input_intensity"]["pointing_hit_rate"] == 0.0  # the distractors are brighter
+    assert "saliency, 2D, lesions not the brightest: hirescam: pointing game" in " ".join(output.split())
     # the report embeds its figures
     html = (out / "report.html").read_text()
     report = (out / "report.md").read_text()
     assert "## Leaderboard" in report and "pointing game [95% CI]" in report and "medctl sweep" in report
+    section = report.split("## Saliency where the lesion is not the brightest thing (2D)")[1]
+    assert "Too few to decide" in section and "input intensity (no model)" in section
     assert html.count("data:image/png;base64") >= 2
 
 
@@ -79,7 +95,7 @@ def test_demo_rerun_reuses_finished_work(demo_run):
     board_mtime = (out / "sweep" / "byol_all" / "results.json").stat().st_mtime
     again = runner.invoke(app, ["demo", "--size", "tiny", "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert "reused" in again.output and "pretrain byol_all" in again.output
+    assert "reused" in again.output and "pretrain byol_all" in again.output and "saliency_2d" in again.output
     assert (out / "sweep" / "byol_all" / "results.json").stat().st_mtime == board_mtime
 
 

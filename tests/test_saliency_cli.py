@@ -546,25 +546,13 @@ def test_gradcam_points_at_the_lesions_and_a_finer_layer_points_inside_them(lesi
 
 # ------------------------------------------------------ class evidence that is not the brightest structure
 def finetune_on_distractors(root: Path, epochs: int):
-    """A 2D resnet (no max-pool, conv1 stride 1) fine-tuned on 160 synthetic 32x32 images with two distractors
-    each, brighter than any lesion and in every class; min-max scaled, since z-scoring would let the class
-    leak into the distractors' level (tests/test_data_synthetic.py)."""
-    from medctl.data.synthetic import make_synthetic_dataset
+    """The demo's 2D distractor classifier (``medctl.demo_saliency``): a 2D resnet (no max-pool, conv1 stride 1)
+    trained from scratch on 160 synthetic 32x32 images with two distractors each, brighter than any lesion and
+    in every class; min-max scaled, since z-scoring would let the class leak into the distractors' level
+    (tests/test_data_synthetic.py)."""
+    from medctl.demo_saliency import train_on_distractors
 
-    dataset = make_synthetic_dataset(root / "data", n=160, dims=2, size=(32, 32), seed=0, distractors=2)
-    config = load_config(
-        None,
-        [
-            *dataset.config_overrides(), "data.preprocess.workers=1", 'data.preprocess.intensity="minmax"',
-            "data.batch_size=8", 'run.device="cpu"', 'model.encoder="resnet_test_2d"',
-            "model.encoder_args={no_max_pool=true, conv1_t_stride=1}",
-            "model.freeze_encoder=false", f"train.epochs={epochs}", "train.lr_head=1e-2", "train.lr_encoder=3e-3",
-            "train.warmup_epochs=1", "train.patience=0", f"run.root={json.dumps(str(root / 'runs'))}",
-            'run.name="ft"', "run.seed=0",
-        ],
-        env={},
-    )  # fmt: skip
-    return run_finetune(config)
+    return train_on_distractors(root, n=160, epochs=epochs, overrides=['run.device="cpu"'])
 
 
 @pytest.fixture(scope="module")

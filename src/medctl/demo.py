@@ -11,7 +11,9 @@ writes an ordinary run directory, so any step can be rerun by hand with the conf
 5. ``finetune`` of the leader (head first, then the encoder);
 6. ``evaluate`` on the test split;
 7. ``saliency`` on test samples, scored against the masks (pointing game);
-8. ``report.md`` and a self-contained ``report.html``.
+8. ``saliency`` again, on a small 2D classifier whose lesions are not the brightest thing in the image, so that
+   a map can beat the image's own intensity (:mod:`medctl.demo_saliency`);
+9. ``report.md`` and a self-contained ``report.html``.
 
 A second run reuses the cache and every finished run (and says so); ``fresh=True`` starts over.
 """
@@ -33,11 +35,12 @@ import pandas as pd
 from medctl.analysis.markdown import write_report
 from medctl.config import Config, apply_overrides, load_config, upgrade_saved_tree
 from medctl.data.preprocess import preprocess
-from medctl.data.synthetic import SyntheticDataset, make_synthetic_dataset
+from medctl.data.synthetic import SyntheticDataset, described_synthetic_dataset
+from medctl.demo_saliency import run_distractor_saliency
 from medctl.errors import UserError
 from medctl.evaluate import run_evaluate
 from medctl.finetune.run import run_finetune
-from medctl.io import format_number, write_json
+from medctl.io import format_number
 from medctl.pretrain.run import run_pretrain
 from medctl.progress import log
 from medctl.saliency.outputs import deletion_cell, random_weight_hits, summary_lines
@@ -71,7 +74,7 @@ SIZES = {
 # (run name, pretrain.subset, run.seed): the two halves differ by their seed
 PRETRAIN_RUNS = (("byol_all", "", 0), ("byol_half_a", "fraction:0.5", 1), ("byol_half_b", "fraction:0.5", 2))
 
-STAGES = ("dataset", "preprocess", "pretrain", "sweep", "finetune", "evaluate", "saliency", "report")
+STAGES = ("dataset", "preprocess", "pretrain", "sweep", "finetune", "evaluate", "saliency", "saliency_2d", "report")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class DemoResult:
     leaderboard: list[dict[str, Any]]
     test_metrics: dict[str, Any]
     saliency_scores: dict[str, dict[str, float]]
+    distractor_scores: dict[str, dict[str, float]]  # the 2D check whose lesions are not the brightest thing
     reused: list[str] = field(default_factory=list)  # steps skipped because they had finished before
     stage_seconds: dict[str, float] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
@@ -139,7 +143,9 @@ def run_demo(
     stage = _stage_counter(on_stage, seconds)
 
     with stage("dataset"):
-        dataset, was_there = synthetic_dataset(out / "data", settings, cache_dir=out / "cache")
+        dataset, was_there = described_synthetic_dataset(
+            out / "data", n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=out / "cache"
+        )
         if was_there:
             reused.append("dataset")
         config = demo_config(out, dataset, settings, Path(config_file) if config_file else None, overrides)
@@ -191,9 +197,14 @@ def run_demo(
     with stage("saliency"):
         saliency = run_saliency_stage(best, split="test", out_dir=ft_dir / "saliency_test")
 
+    with stage("saliency_2d"):
+        distractors = run_distractor_saliency(out / "distractors_2d", size, config.run.device, reused)
+
     with stage("report"):
         commands = rerun_commands(out, leader)
-        markdown = demo_report(out, dataset, prepared.manifest, board, evaluation.metrics, saliency, commands)
+        markdown = demo_report(
+            out, dataset, prepared.manifest, board, evaluation.metrics, saliency, commands, distractors
+        )
         report_md, report_html = write_report(markdown, out, name="report")
 
     log("demo: reused " + ", ".join(reused) if reused else "demo: every step ran fresh")
@@ -204,6 +215,7 @@ def run_demo(
         leaderboard=board.to_dict("records"),
         test_metrics=evaluation.summary,
         saliency_scores=saliency.result.scores,
+        distractor_scores=distractors.result.scores,
         reused=reused,
         stage_seconds=seconds,
         commands=commands,
@@ -252,25 +264,6 @@ def publish_checkpoint(source: Path, target: Path) -> Path:
     return target
 
 
-def synthetic_dataset(folder: Path, settings: DemoSize, *, cache_dir: Path) -> tuple[SyntheticDataset, bool]:
-    """The demo's dataset, made once: a rerun reads its description instead of rewriting the volumes
-    (rewritten files would change their fingerprints and force the cache to decode them again)."""
-    described = folder / "dataset.json"
-    if described.exists():
-        fields = json.loads(described.read_text())
-        paths = ("root", "table", "image_root", "mask_root", "cache_dir", "png_root", "png_mask_root")
-        for key in paths:
-            fields[key] = Path(fields[key]) if fields.get(key) else None
-        for key in ("size", "spacing"):
-            fields[key] = tuple(fields[key])
-        return SyntheticDataset(**fields), True
-    dataset = make_synthetic_dataset(
-        folder, n=settings.n, dims=3, size=settings.volume, seed=0, cache_dir=cache_dir
-    )
-    write_json(described, dataset.__dict__)
-    return dataset, False
-
-
 def _leader(board: Any) -> dict[str, Any]:
     """The best pretrained entry: the random baseline may lead on a bad day, but it is no encoder."""
     rows = [r for r in board.to_dict("records") if r.get("status") == "ok" and r.get("checkpoint")]
@@ -308,6 +301,8 @@ def rerun_commands(out: Path, leader: dict[str, Any]) -> list[str]:
         f"medctl finetune -c {out}/finetune/config.toml run.name=finetune_again model.checkpoint={leader['checkpoint']}",
         f"medctl evaluate --ckpt {ckpt} --split test",
         f"medctl saliency --ckpt {ckpt} --split test",
+        f"medctl saliency --ckpt {out}/distractors_2d/finetune/checkpoints/best.ckpt --split test"
+        " --method integrated_gradients --method hirescam",
     ]
 
 
@@ -319,6 +314,7 @@ def demo_report(
     test_metrics: dict[str, Any],
     saliency: Any,
     commands: list[str],
+    distractors: Any,
 ) -> str:
     """The report a person wants to read: data, pretraining, leaderboard, test metrics, saliency, next steps."""
     from medctl.analysis.leaderboard import leaderboard_markdown
@@ -355,30 +351,9 @@ def demo_report(
     confusion = _first_figure(out / "finetune" / "eval_test" / "figures", ("confusion",))
     if confusion:
         lines += ["", f"![confusion matrix]({confusion.relative_to(out)})"]
+    lines += ["", "## Saliency on test samples", "", *saliency_lines(saliency.result)]
+    alpha = next(iter(saliency.result.scores.values()))["alpha"]
     lines += [
-        "",
-        "## Saliency on test samples",
-        "",
-        "| map | pointing game [95% CI] (hits) | chance (mask share) | mass in mask | randomisation ρ | random-weight hits | deletion AUC (random order, weights) | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    result = saliency.result
-    lesions = result.lesions_in_split
-    for method, scores in result.scores.items():
-        lines.append(
-            f"| {method} | {hits_text(scores, lesions)} | {format_number(scores.get('mask_share'), 2)} | "
-            f"{format_number(scores.get('mass_in_mask'), 2)} | {format_number(scores.get('randomisation_spearman'), 2)} | "
-            f"{random_weight_hits(scores)} | {deletion_cell(scores)} | {scores.get('verdict') or '—'} |"
-        )
-    for name, scores in result.baselines.items():
-        lines.append(
-            f"| {name.replace('_', ' ')} (no model) | {hits_text(scores, lesions)} | "
-            f"{format_number(scores.get('mask_share'), 2)} | {format_number(scores.get('mass_in_mask'), 2)} | | | | baseline |"
-        )
-    alpha = next(iter(result.scores.values()))["alpha"]
-    lines += [
-        "",
-        *summary_lines(result.scores, alpha),
         "",
         "Pointing game: the share of lesion samples whose map peaks inside the lesion, with its 95% Wilson "
         "interval; chance is the hit rate of a random peak; the input baselines score the image's own intensity "
@@ -391,12 +366,26 @@ def demo_report(
         "map; HiResCAM keeps the gradient at each voxel, which matters for encoders that max-pool (MT3's plane "
         "projections).",
     ]
-    for method, cam in result.cam_layers.items():
-        lines += ["", f"{method} reads `{cam.name}`: {cam.rule}."]
+    lines += cam_layer_lines(saliency.result)
     lines += [""] + [
         f"![{path.parent.name} {path.stem}]({path.relative_to(out)})"
         for path in lesion_panels(saliency.out_dir)
     ]
+    lines += [
+        "",
+        "## Saliency where the lesion is not the brightest thing (2D)",
+        "",
+        "On the volumes above the lesions are the brightest structure, so the image alone finds them and no map "
+        "can beat it. Here a 2D ResNet is trained from scratch on synthetic images in which two round "
+        "distractors, brighter than any lesion, sit in every image of both classes (min-max scaled): the "
+        "intensity map points at a distractor, and a map that finds the lesion has it from the model "
+        f"({distractor_summary(distractors)}).",
+        "",
+        *saliency_lines(distractors.result),
+        *cam_layer_lines(distractors.result),
+        "",
+    ]
+    lines += [f"![{p.parent.name} {p.stem}]({p.relative_to(out)})" for p in lesion_panels(distractors.out_dir)]
     lines += ["", "## Rerun each step, or point it at your own data", "", "```", *commands, "```", ""]
     lines += [
         "Next: copy a config from `config/` (e.g. `config/finetune/oct_vjepa2.toml`), point `data.table` and "
@@ -405,6 +394,38 @@ def demo_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def saliency_lines(result: Any) -> list[str]:
+    """The saliency table of a run (every method, then the input baselines) and its verdict lines."""
+    lesions = result.lesions_in_split
+    lines = [
+        "| map | pointing game [95% CI] (hits) | chance (mask share) | mass in mask | randomisation ρ | random-weight hits | deletion AUC (random order, weights) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, scores in result.scores.items():
+        lines.append(
+            f"| {method} | {hits_text(scores, lesions)} | {format_number(scores.get('mask_share'), 2)} | "
+            f"{format_number(scores.get('mass_in_mask'), 2)} | {format_number(scores.get('randomisation_spearman'), 2)} | "
+            f"{random_weight_hits(scores)} | {deletion_cell(scores)} | {scores.get('verdict') or '—'} |"
+        )
+    for name, scores in result.baselines.items():
+        lines.append(
+            f"| {name.replace('_', ' ')} (no model) | {hits_text(scores, lesions)} | "
+            f"{format_number(scores.get('mask_share'), 2)} | {format_number(scores.get('mass_in_mask'), 2)} | | | | baseline |"
+        )
+    alpha = next(iter(result.scores.values()))["alpha"]
+    return [*lines, "", *summary_lines(result.scores, alpha)]
+
+
+def cam_layer_lines(result: Any) -> list[str]:
+    """Which layer each CAM method read, and by which rule (its own held-out check, or a pinned layer)."""
+    return [line for method, cam in result.cam_layers.items() for line in ("", f"{method} reads `{cam.name}`: {cam.rule}.")]
+
+
+def distractor_summary(distractors: Any) -> str:
+    """'16 lesion images in its test split, every one scored' for the 2D check's intro."""
+    return f"{distractors.result.lesions_in_split or 0} lesion images in its test split, every one scored"
 
 
 def lesion_panels(saliency_dir: Path, limit: int = 2) -> list[Path]:

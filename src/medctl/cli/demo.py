@@ -85,6 +85,8 @@ def demo_command(
 
     for method, scores in result.saliency_scores.items():
         console.print(f"saliency {describe(method, scores)}", soft_wrap=True, highlight=False)
+    for method, scores in result.distractor_scores.items():
+        console.print(f"saliency, 2D, lesions not the brightest: {describe(method, scores)}", soft_wrap=True, highlight=False)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")

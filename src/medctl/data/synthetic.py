@@ -32,6 +32,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from medctl.data.synthetic_families import (
 )
 from medctl.data.synthetic_parts import acquire, coordinates, smooth_noise
 from medctl.data.synthetic_parts import organ as make_organ
+from medctl.io import write_json
 
 CLASS_NAMES = {
     2: ["healthy", "edema"],
@@ -186,6 +188,24 @@ def make_synthetic_dataset(
         dims=dims, ids=ids, size=size, spacing=spacing, pattern="{participant_id}" + suffix, cache_dir=cache,
         png_root=png_root, png_mask_root=png_mask_root,
     )  # fmt: skip
+
+
+def described_synthetic_dataset(folder: str | Path, **settings: Any) -> tuple[SyntheticDataset, bool]:
+    """:func:`make_synthetic_dataset` into ``folder`` once, and whether it was there already: a second call reads
+    the ``dataset.json`` the first wrote instead of rewriting the files (rewritten files would change their
+    fingerprints and force the cache to decode them again)."""
+    described = Path(folder) / "dataset.json"
+    if described.exists():
+        fields = json.loads(described.read_text())
+        paths = ("root", "table", "image_root", "mask_root", "cache_dir", "png_root", "png_mask_root")
+        for key in paths:
+            fields[key] = Path(fields[key]) if fields.get(key) else None
+        for key in ("size", "spacing"):
+            fields[key] = tuple(fields[key])
+        return SyntheticDataset(**fields), True
+    dataset = make_synthetic_dataset(folder, **settings)
+    write_json(described, dataset.__dict__)
+    return dataset, False
 
 
 def _participants(n: int, n_classes: int, n_excluded: int, rng: np.random.Generator) -> list[dict]:
