@@ -62,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--judge-only", action="store_true", help="judge the run's last exported encoder (a stopped run) without training"
     )
+    parser.add_argument(
+        "--export", default="encoder.ckpt", help="the run's file to judge (JEPA: context_encoder.ckpt, the online encoder)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (two runs side by side: 1 each)")
     return parser.parse_args()
 
@@ -147,13 +150,13 @@ def main() -> None:
     summary = read_summary(cache)
     start = time.perf_counter()
     if args.judge_only:
-        encoder_checkpoint = Path(root) / "runs" / f"{args.label}_s{args.seed}" / "checkpoints" / "encoder.ckpt"
+        encoder_checkpoint = Path(root) / "runs" / f"{args.label}_s{args.seed}" / "checkpoints" / args.export
         history = [json.loads(line) for line in (encoder_checkpoint.parents[1] / "metrics.jsonl").open()]
         history = [row for row in history if row.get("phase") == "train"]
         history = [{f"train_{k}" if k.startswith("loss") else k: v for k, v in row.items()} for row in history]
     else:
         result = run_pretrain(config, overwrite=True)
-        encoder_checkpoint, history = result.encoder_checkpoint, result.history
+        encoder_checkpoint, history = result.run_dir / "checkpoints" / args.export, result.history
     wall = time.perf_counter() - start
     size = tuple(int(s) for s in summary["spatial_size"])
     shape = dict(in_channels=int(summary["in_channels"]), input_size=size, spatial_dims=int(summary["spatial_dims"]))
@@ -165,7 +168,7 @@ def main() -> None:
     before, after = judge(embeddings(random_init, cache), args.seed), judge(embeddings(trained, cache), args.seed)
     versus_random = paired_hits_test(after["test_hits"], before["test_hits"])
     row = {
-        "label": args.label, "seed": args.seed, "epochs_done": len(history), "family": args.family, "set": args.set, "wall_s": round(wall),
+        "label": args.label, "export": args.export, "seed": args.seed, "epochs_done": len(history), "family": args.family, "set": args.set, "wall_s": round(wall),
         "loss_first": history[0]["train_loss"], "loss_last": history[-1]["train_loss"],
         "byol_first": history[0].get("train_loss_byol"), "byol_last": history[-1].get("train_loss_byol"),
         "spread_ratio": after["spread"] / before["spread"], "random": before, "trained": after,
