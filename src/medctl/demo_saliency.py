@@ -8,6 +8,9 @@ lets the class leak into the distractors' level (``tests/test_data_synthetic.py`
 first max-pool is trained from scratch; ``medctl saliency`` then scores integrated gradients and HiResCAM on
 every test lesion, each against the input baselines and its random-weight copy by exact paired tests.
 
+Its settings are its own: of the demo's config and ``key=value`` overrides only ``run.device`` reaches it (the
+check is meant to show the verdicts on data where a map can win, whatever the 3D run was asked to do).
+
 Measured at the small size (160 images, 6 epochs, 16 test lesions): HiResCAM hits 8 of 16 where both input
 baselines hit none (p = 0.008); integrated gradients, whose path from a black image dims each distractor into a
 lesion look-alike, is not distinguishable from them (benchmarks/RESULTS.md, issue 24).
