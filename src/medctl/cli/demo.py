@@ -33,8 +33,7 @@ def demo_command(
 ) -> None:
     """Every stage on a built-in synthetic 3D lesion dataset, on CPU, into report.html.
 
-    Preprocess, pretrain three encoders, sweep a linear probe over them and a random baseline,
-    fine-tune the leader, evaluate on test, saliency scored against the masks, then the report.
+    Preprocess, pretrain three encoders, sweep a linear probe over them and a random baseline, fine-tune the leader, evaluate on test, saliency scored against the masks, saliency on a 2D classifier whose lesions are not the brightest thing (where a map can beat the image), then the report.
 
     Examples:
       medctl demo
