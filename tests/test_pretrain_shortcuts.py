@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from medctl.data.synthetic import synthetic_sample
@@ -102,3 +103,31 @@ def test_shortcut_warning_on_volumes_with_an_oriented_bias_field():
     warnings = [line for row in rows for line in watch.warn_shortcuts(row)]
     assert len(warnings) == 1 and "bias field" in warnings[0], rows
     assert rows[-1]["train_loss_rotation"] < 0.5 * math.log(4) < rows[0]["train_loss_rotation"]
+
+
+def test_the_predictor_can_learn_faster_than_the_encoder():
+    """`pretrain.byol.predictor_lr_scale` (one of issue 29's collapse candidates): the predictor's parameters get
+    groups of their own at that multiple of pretrain.lr, every trainable parameter sits in exactly one group,
+    and at 1 the optimizer is the one it always was."""
+    from medctl.config.models import PretrainConfig
+    from medctl.pretrain.run import build_optimization
+
+    def optimizer_of(scale: float) -> torch.optim.Optimizer:
+        torch.manual_seed(0)
+        encoder = build_encoder("mt3_tiny", input_size=(8, 16, 16))
+        settings = ByolSettings(projector_dim=16, projector_hidden=32, predictor_lr_scale=scale)
+        method = BYOL(encoder, settings)
+        optimizer, _ = build_optimization(method, PretrainConfig(lr=1e-3), steps_per_epoch=4)
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        grouped = [p for group in optimizer.param_groups for p in group["params"]]
+        assert len(grouped) == len(set(map(id, grouped))) == len(trainable)
+        predictor = {id(p) for p in method.predictor.parameters()}
+        for group in optimizer.param_groups:
+            inside = {id(p) in predictor for p in group["params"]}
+            assert scale == 1.0 or len(inside) == 1  # split off: a group is all predictor or none of it
+            assert group["initial_lr"] == pytest.approx(1e-3 * scale if inside == {True} else 1e-3)
+        return optimizer
+
+    assert [g["name"] for g in optimizer_of(1.0).param_groups] == ["decay", "no_decay"]
+    names = [g["name"] for g in optimizer_of(10.0).param_groups]
+    assert names == ["decay", "no_decay", "predictor.decay", "predictor.no_decay"]

@@ -71,6 +71,9 @@ class ByolSettings(Section):
 
     projector_dim: int = Field(default=128, ge=1)
     projector_hidden: int = Field(default=512, ge=1)
+    # the predictor's learning rate as a multiple of pretrain.lr (SimSiam and DirectPred keep the predictor
+    # learning faster than the encoder, against collapse); 1 trains everything at one rate
+    predictor_lr_scale: float = Field(default=1.0, gt=0)
     # auxiliary heads; a weight of 0 switches the head off
     reconstruction_weight: float = Field(default=1.0, ge=0)
     rotation_weight: float = Field(default=0.5, ge=0)
@@ -167,6 +170,7 @@ class BYOL(nn.Module):
         self.predictor = projection_mlp(settings.projector_dim, settings.projector_hidden, settings.projector_dim)
         self.target_encoder = frozen_copy(encoder)
         self.target_projector = frozen_copy(self.projector)
+        self.lr_scales = {"predictor": settings.predictor_lr_scale}  # submodule -> multiple of pretrain.lr
         self.weights = {
             "reconstruction": settings.reconstruction_weight,
             "rotation": settings.rotation_weight,

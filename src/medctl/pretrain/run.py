@@ -343,8 +343,19 @@ def build_encoder(config: Config, summary: dict[str, Any], input_size: tuple[int
 def build_optimization(
     method: nn.Module, settings: PretrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the method's online (trainable) parameters, cosine schedule with warmup per step."""
-    groups = param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
+    """AdamW over the method's online (trainable) parameters, cosine schedule with warmup per step. A method's
+    ``lr_scales`` ({submodule name: multiple of pretrain.lr}) gives those submodules groups of their own."""
+    scaled = {name: scale for name, scale in getattr(method, "lr_scales", {}).items() if scale != 1.0}
+    own = {id(p) for name in scaled for p in getattr(method, name).parameters()}
+    groups = [
+        {**group, "params": [p for p in group["params"] if id(p) not in own]}
+        for group in param_groups_with_decay(method, settings.lr, settings.weight_decay, include_frozen=False)
+    ]
+    for name, scale in scaled.items():
+        groups += param_groups_with_decay(
+            getattr(method, name), settings.lr * scale, settings.weight_decay, name=name, include_frozen=False
+        )
+    groups = [group for group in groups if group["params"]]
     return adamw_with_cosine(
         groups, weight_decay=settings.weight_decay, steps_per_epoch=steps_per_epoch,
         warmup_epochs=settings.warmup_epochs, epochs=settings.epochs, min_lr_ratio=settings.min_lr_ratio,
