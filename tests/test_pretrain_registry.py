@@ -175,7 +175,7 @@ def test_resume_of_a_run_saved_with_flat_keys_sees_no_change(tmp_path):
     now = resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.pretext_reorient=0")
     flat = tomllib.loads(now.to_toml())
     byol = flat["pretrain"].pop("byol")
-    for added in ("pretext_reorient", "view_bias_field"):  # added after the tables: an older config.toml lacks them
+    for added in ("pretext_reorient", "view_bias_field", "predictor_lr_scale"):  # added after the tables: an older config.toml lacks them
         del byol[added]
     flat["pretrain"] |= byol  # the layout of a config.toml written before the tables
     (tmp_path / "config.toml").write_text(dump_toml(flat))
