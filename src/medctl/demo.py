@@ -367,10 +367,7 @@ def demo_report(
         "projections).",
     ]
     lines += cam_layer_lines(saliency.result)
-    lines += [""] + [
-        f"![{path.parent.name} {path.stem}]({path.relative_to(out)})"
-        for path in lesion_panels(saliency.out_dir)
-    ]
+    lines += ["", *panel_lines(out, saliency.out_dir)]
     lines += [
         "",
         "## Saliency where the lesion is not the brightest thing (2D)",
@@ -385,7 +382,7 @@ def demo_report(
         *cam_layer_lines(distractors.result),
         "",
     ]
-    lines += [f"![{p.parent.name} {p.stem}]({p.relative_to(out)})" for p in lesion_panels(distractors.out_dir)]
+    lines += panel_lines(out, distractors.out_dir)
     lines += ["", "## Rerun each step, or point it at your own data", "", "```", *commands, "```", ""]
     lines += [
         "Next: copy a config from `config/` (e.g. `config/finetune/oct_vjepa2.toml`), point `data.table` and "
@@ -426,6 +423,11 @@ def cam_layer_lines(result: Any) -> list[str]:
 def distractor_summary(distractors: Any) -> str:
     """'16 lesion images in its test split, every one scored' for the 2D check's intro."""
     return f"{distractors.result.lesions_in_split or 0} lesion images in its test split, every one scored"
+
+
+def panel_lines(out: Path, saliency_dir: Path) -> list[str]:
+    """Markdown images of :func:`lesion_panels`, relative to the report in ``out``."""
+    return [f"![{path.parent.name} {path.stem}]({path.relative_to(out)})" for path in lesion_panels(saliency_dir)]
 
 
 def lesion_panels(saliency_dir: Path, limit: int = 2) -> list[Path]:
