@@ -50,6 +50,30 @@ def test_shape_family_differs_by_elongation_not_brightness(tmp_path):
     assert min(brightness["elongated"]) < max(brightness["round"]) and min(brightness["round"]) < max(brightness["elongated"])
 
 
+@pytest.mark.parametrize(("dims", "size"), [(3, (16, 48, 48)), (2, (32, 32))])
+def test_rod_family_is_a_thin_rod_dimmer_than_every_distractor(tmp_path, dims, size):
+    """Class "present" holds one thin rod (the mask), "absent" none; in every image the brightest structures are
+    the three round distractors, so the image's own peak never falls on the evidence."""
+    ds = make_synthetic_dataset(tmp_path / "rod", n=12, dims=dims, size=size, family="rod", seed=5)
+    assert ds.classes == ["absent", "present"]
+    table = pd.read_csv(ds.table, sep="\t")
+    for row in table.itertuples():
+        name = ds.pattern.format(participant_id=row.participant_id)
+        image = read_image(ds.image_root / name).array[0].astype(float)
+        mask = read_image(ds.mask_root / name).array[0] > 0
+        assert bool(mask.any()) is (row.label == "present"), name
+        organ = np.percentile(image, 90)  # the organ fills a fifth of a volume, two fifths of an image
+        bright = (image > organ + 0.4 * (image.max() - organ)) & ~mask
+        assert ndimage.label(bright)[1] == 3  # the distractors, in both classes, apart
+        assert not mask.flat[int(np.argmax(image))]  # the brightest voxel is a distractor
+        if mask.any():
+            points = np.argwhere(mask) * np.asarray(ds.spacing)  # mm
+            eigen = np.sort(np.linalg.eigvalsh(np.cov(points.T)))
+            assert np.sqrt(eigen[-1] / eigen[-2]) > 3  # long against its width: a rod, not a ball
+            ring = ndimage.binary_dilation(mask, iterations=2) & ~mask
+            assert image[mask].mean() > 1.5 * image[ring].mean()  # yet visible against the organ
+
+
 def test_texture_family_differs_by_spatial_frequency(tmp_path):
     ds = make_synthetic_dataset(tmp_path / "texture", n=12, size=(16, 32, 32), family="texture", seed=3)
     lag3 = {"coarse": [], "fine": []}  # the correlation of the texture with itself 3 voxels along W

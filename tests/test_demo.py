@@ -69,8 +69,8 @@ def test_demo_writes_every_stage(demo_run):
     for entry in scores["scores"].values():  # every rate with its interval, every verdict from a test
         assert entry["n_scored"] == 0 or entry["pointing_low"] <= entry["pointing_hit_rate"] <= entry["pointing_high"]
         assert "beats" not in entry["verdict"] or any(c["p"] < 0.05 for c in entry["comparisons"].values())
-    # the 2D check whose lesions are not the brightest thing: every test lesion scored, both methods, each
-    # against the input baselines and its random-weight copy; too few lesions at this size to call a beat
+    # the 2D check whose evidence (a rod) is not the brightest thing: every test rod scored, both methods, each
+    # against the input baselines and its random-weight copy; too few rods at this size to call a beat
     distractors = out / "distractors_2d"
     scored = json.loads((distractors / "saliency_test" / "scores.json").read_text())
     assert set(scored["scores"]) == {"integrated_gradients", "hirescam"}
@@ -80,12 +80,12 @@ def test_demo_writes_every_stage(demo_run):
     for entry in scored["scores"].values():
         assert entry["n_scored"] == entry["random_weights_scored"] == scored["lesions_in_split"]
     assert scored["baselines"]["input_intensity"]["pointing_hit_rate"] == 0.0  # the distractors are brighter
-    assert "saliency, 2D, lesions not the brightest: hirescam: pointing game" in " ".join(output.split())
+    assert "saliency, 2D, evidence not the brightest: hirescam: pointing game" in " ".join(output.split())
     # the report embeds its figures
     html = (out / "report.html").read_text()
     report = (out / "report.md").read_text()
     assert "## Leaderboard" in report and "pointing game [95% CI]" in report and "medctl sweep" in report
-    section = report.split("## Saliency where the lesion is not the brightest thing (2D)")[1]
+    section = report.split("## Saliency where the evidence is not the brightest thing (2D)")[1]
     assert "Too few to decide" in section and "input intensity (no model)" in section
     assert html.count("data:image/png;base64") >= 2
 

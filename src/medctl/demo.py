@@ -11,8 +11,8 @@ writes an ordinary run directory, so any step can be rerun by hand with the conf
 5. ``finetune`` of the leader (head first, then the encoder);
 6. ``evaluate`` on the test split;
 7. ``saliency`` on test samples, scored against the masks (pointing game);
-8. ``saliency`` again, on a small 2D classifier whose lesions are not the brightest thing in the image, so that
-   a map can beat the image's own intensity (:mod:`medctl.demo_saliency`);
+8. ``saliency`` again, on a small 2D classifier whose evidence (a thin rod) is not the brightest thing in the
+   image, so that a map can beat the image's own intensity (:mod:`medctl.demo_saliency`);
 9. ``report.md`` and a self-contained ``report.html``.
 
 A second run reuses the cache and every finished run (and says so); ``fresh=True`` starts over.
@@ -85,7 +85,7 @@ class DemoResult:
     leaderboard: list[dict[str, Any]]
     test_metrics: dict[str, Any]
     saliency_scores: dict[str, dict[str, float]]
-    distractor_scores: dict[str, dict[str, float]]  # the 2D check whose lesions are not the brightest thing
+    distractor_scores: dict[str, dict[str, float]]  # the 2D check whose evidence (a rod) is not the brightest thing
     reused: list[str] = field(default_factory=list)  # steps skipped because they had finished before
     stage_seconds: dict[str, float] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
@@ -370,13 +370,13 @@ def demo_report(
     lines += ["", *panel_lines(out, saliency.out_dir)]
     lines += [
         "",
-        "## Saliency where the lesion is not the brightest thing (2D)",
+        "## Saliency where the evidence is not the brightest thing (2D)",
         "",
         "On the volumes above the lesions are the brightest structure, so the image alone finds them and no map "
-        "can beat it. Here a 2D ResNet is trained from scratch on synthetic images in which two round "
-        "distractors, brighter than any lesion, sit in every image of both classes (min-max scaled): the "
-        "intensity map points at a distractor, and a map that finds the lesion has it from the model "
-        f"({distractor_summary(distractors)}).",
+        "can beat it. Here a 2D ResNet is trained from scratch on synthetic images whose class is a thin rod, "
+        "present or absent, while three round distractors brighter than the rod sit in every image of both "
+        "classes (min-max scaled): the intensity map points at a distractor, and a map that finds the rod has "
+        f"it from the model ({distractor_summary(distractors)}).",
         "",
         *saliency_lines(distractors.result),
         *cam_layer_lines(distractors.result),
@@ -421,8 +421,8 @@ def cam_layer_lines(result: Any) -> list[str]:
 
 
 def distractor_summary(distractors: Any) -> str:
-    """'16 lesion images in its test split, every one scored' for the 2D check's intro."""
-    return f"{distractors.result.lesions_in_split or 0} lesion images in its test split, every one scored"
+    """'32 rod images in its test split, every one scored' for the 2D check's intro."""
+    return f"{distractors.result.lesions_in_split or 0} rod images in its test split, every one scored"
 
 
 def panel_lines(out: Path, saliency_dir: Path) -> list[str]:

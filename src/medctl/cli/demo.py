@@ -33,7 +33,7 @@ def demo_command(
 ) -> None:
     """Every stage on a built-in synthetic 3D lesion dataset, on CPU, into report.html.
 
-    Preprocess, pretrain three encoders, sweep a linear probe over them and a random baseline, fine-tune the leader, evaluate on test, saliency scored against the masks, saliency on a 2D classifier whose lesions are not the brightest thing (where a map can beat the image), then the report.
+    Preprocess, pretrain three encoders, sweep a linear probe over them and a random baseline, fine-tune the leader, evaluate on test, saliency scored against the masks, saliency on a 2D classifier whose evidence, a thin rod, is not the brightest thing (where a map can beat the image), then the report.
 
     Examples:
       medctl demo
@@ -85,7 +85,8 @@ def demo_command(
     for method, scores in result.saliency_scores.items():
         console.print(f"saliency {describe(method, scores)}", soft_wrap=True, highlight=False)
     for method, scores in result.distractor_scores.items():
-        console.print(f"saliency, 2D, lesions not the brightest: {describe(method, scores)}", soft_wrap=True, highlight=False)
+        line = f"saliency, 2D, evidence not the brightest: {describe(method, scores)}"
+        console.print(line, soft_wrap=True, highlight=False)
     if result.reused:
         console.print(f"reused from an earlier run: {', '.join(result.reused)} (--fresh starts over)")
     console.print(f"report: [bold]{result.report_html}[/] (and {result.report_md.name})")

@@ -39,9 +39,11 @@ import numpy as np
 from medctl.data.readers import write_nrrd
 from medctl.data.synthetic_families import (
     COUNT_CLASSES,
+    ROD_CLASSES,
     SHAPE_CLASSES,
     TEXTURE_CLASSES,
     count_sample,
+    rod_sample,
     shape_sample,
     texture_sample,
 )
@@ -124,7 +126,7 @@ def make_synthetic_dataset(
     None leaves data.cache_dir alone.
     distractors: bright non-lesion balls per sample, in every class (see the module docstring).
     family: what carries the class: "lesion" (above; ``n_classes`` default 2) or one of
-    :mod:`medctl.data.synthetic_families` ("count", "shape", "texture"), whose classes are fixed.
+    :mod:`medctl.data.synthetic_families` ("count", "shape", "texture", "rod"), whose classes are fixed.
     oriented_bias: > 0 multiplies every sample by the same ramp ``exp(oriented_bias * y)`` along H, as a
     receive coil on one side does (what lets a rotation head cheat); 0 leaves it out.
     """
@@ -331,4 +333,5 @@ FAMILIES = {
     "count": (COUNT_CLASSES, count_sample),
     "shape": (SHAPE_CLASSES, shape_sample),
     "texture": (TEXTURE_CLASSES, texture_sample),
+    "rod": (ROD_CLASSES, rod_sample),
 }

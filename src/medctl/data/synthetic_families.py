@@ -11,7 +11,10 @@ field, per-volume scale and offset, noise) and its smooth organ, so no global st
   0 is asked for) round balls of random brightness: the brightest thing says nothing of the class (the masks
   hold the structure);
 - ``texture``: 2 classes, the organ's texture is coarse (about 3 cells per axis) or fine (6 to 12), of the
-  same amplitude: only its spatial frequency differs (the masks hold the organ).
+  same amplitude: only its spatial frequency differs (the masks hold the organ);
+- ``rod``: 2 classes, a thin rod (a needle-like ellipsoid along a random direction) absent or present, among
+  ``distractors`` (3 when 0 is asked for) round balls brighter than the rod in every sample: the brightest
+  thing is never the evidence, and dimming the image does not turn a ball into a rod (the masks hold the rod).
 
 Each sample function takes ``(size, spacing, class_index, rng, distractors=, oriented_bias=)`` and returns
 the image and its uint8 mask, as :func:`medctl.data.synthetic.synthetic_sample` does.
@@ -30,6 +33,9 @@ TEXTURE_CLASSES = ["coarse", "fine"]
 TEXTURE_CELLS = (3.0, 12.0)  # cells per axis of the organ's texture: coarse, fine (its upper half only)
 ELONGATION = 2.5  # long over short radius of the elongated structure (its volume equals the ball's)
 SHAPE_DISTRACTORS = 2  # round balls of random brightness when the caller asks for none
+ROD_CLASSES = ["absent", "present"]
+ROD_RADII = (0.22, 0.035)  # the rod's long and short radius, shares of the smallest extent (32 px: 14 x 2 px)
+ROD_DISTRACTORS = 3  # balls brighter than the rod when the caller asks for none
 
 
 def _base(size: tuple[int, ...], spacing: tuple[float, ...], rng: np.random.Generator, texture_cells: float = 4.0,
@@ -128,3 +134,24 @@ def texture_sample(
     lowest = 0.5 if class_index else 0.0  # fine: frequencies in the upper half of the band only
     *_, inside, _centre, _radius, tissue = _base(size, spacing, rng, TEXTURE_CELLS[class_index], 0.25, lowest)
     return acquire(tissue, rng, oriented_bias=oriented_bias), inside.astype(np.uint8)
+
+
+def rod_sample(
+    size: tuple[int, ...], spacing: tuple[float, ...], class_index: int, rng: np.random.Generator, *,
+    distractors: int = 0, oriented_bias: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """No rod (class 0) or one thin rod (class 1), among round distractors brighter than it in both classes."""
+    grids, extent, inside, centre, radius, tissue = _base(size, spacing, rng)
+    dims = len(size)
+    rod = np.zeros(size, dtype=bool)
+    if class_index == 1:
+        axis = rng.normal(size=dims)
+        radii = np.array(ROD_RADII) * extent.min()
+        rod = _place(grids, extent, inside, centre, radius, rng, radii, rod, axis / np.linalg.norm(axis), spread=0.3)
+        tissue = np.where(rod, tissue + rng.uniform(1.0, 1.4), tissue)
+    taken = rod.copy()
+    for _ in range(distractors or ROD_DISTRACTORS):
+        ball = _place(grids, extent, inside, centre, radius, rng, np.array([0.06 * extent.min()]), taken)
+        taken |= ball
+        tissue = np.where(ball, tissue + rng.uniform(2.6, 3.0), tissue)
+    return acquire(tissue, rng, oriented_bias=oriented_bias, image_top=8.0), rod.astype(np.uint8)
