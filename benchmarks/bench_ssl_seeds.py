@@ -183,7 +183,7 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         "",
         f"- setting: synthetic {args.family} volumes ({args.n}, {n_classes} classes, {'x'.join(map(str, args.size))}; mim_contrastive on "
         f"{args.n_2d} synthetic 2D {args.family} images of {SIZE_2D[0]}x{SIZE_2D[1]}"
-        f"{f' with {DISTRACTORS_2D} bright distractors each' if args.family == 'lesion' else ''}), methods {', '.join(args.only or METHODS)}, pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
+        f"{f' with {DISTRACTORS_2D} bright distractors each' if args.family in ('lesion', 'rod') else ''}), methods {', '.join(args.only or METHODS)}, pretraining {args.epochs} epochs at batch 8 for seeds {SEEDS}; "
         f"linear probe 30 epochs on {'raw embeddings' if args.raw_probe else 'embeddings standardised on train'} "
         "(`model.head.standardize`), epoch picked on "
         "val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "

@@ -58,9 +58,13 @@ def test_collapse_verdict_stops_a_collapsing_objective_early_not_byol(synthetic_
     (verdict,) = healthy["collapse_check"]["verdicts"]
     assert verdict["epoch"] == 2 and verdict["collapse_failed"] == 0.0 and verdict["collapse_spread_ratio"] > 0.5
     assert healthy["collapse_check"]["ratio_below"] == 0.1 and "stopped" not in healthy
-    assert "before pretraining: mean per-dimension std" in healthy_out
+    assert "before pretraining: mean per-dimension std" in healthy_out and ", effective rank " in healthy_out
     initial = healthy["initial_monitoring"]
     assert initial["embed_std_mean"] > 0 and 0 <= initial["knn_accuracy"] <= 1
+    # the effective rank beside the spread, against the same untrained encoder
+    assert verdict["collapse_rank_ratio"] == pytest.approx(verdict["embed_rank"] / initial["embed_rank"])
+    assert verdict["collapse_rank_ratio"] > 0.1
+    assert f"effective rank {verdict['embed_rank']:.1f} ({verdict['collapse_rank_ratio']:.2f}x)" in healthy_out
     last = healthy["history"][-1]
     assert last["val_embed_std_ratio"] == pytest.approx(
         last["val_embed_std_mean"] / initial["embed_std_mean"]

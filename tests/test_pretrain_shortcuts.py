@@ -12,7 +12,7 @@ import torch
 from medctl.data.synthetic import synthetic_sample
 from medctl.models.registry import build_encoder
 from medctl.pretrain.byol import BYOL, ByolSettings
-from medctl.pretrain.monitoring import EpochWatch
+from medctl.pretrain.verdict import EpochWatch
 from medctl.pretrain.views import reorient_intensity, rotate_volume
 
 

@@ -46,7 +46,9 @@ def pretrain_command(
     spread, failed = result.monitoring.get("collapse_spread_ratio"), result.monitoring.get("collapse_failed")
     shrunk = result.monitoring.get("collapse_shrunk")
     outcome = "FAILED" if failed else ("shrunk" if shrunk else "ok")
-    verdict = "-" if spread is None else f"spread {spread:.2f}x untrained, {outcome}"
+    rank = result.monitoring.get("collapse_rank_ratio")
+    rank_text = "" if rank is None else f", rank {rank:.2f}x"
+    verdict = "-" if spread is None else f"spread {spread:.2f}x untrained{rank_text}, {outcome}"
     table.add_row(
         str(result.epochs_run),
         f"{result.final_loss:.4f}",

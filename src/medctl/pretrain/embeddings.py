@@ -2,7 +2,13 @@
 
 - collapse: the per-dimension standard deviation of the L2-normalised embeddings, mean and min; spread out
   unit vectors in D dimensions have a std near ``1 / sqrt(D)`` per dimension, a collapsed encoder drives it
-  to 0 (:mod:`medctl.pretrain.monitoring` compares it with the encoder before pretraining).
+  to 0 (:mod:`medctl.pretrain.monitoring` compares it with the encoder before pretraining). Beside it, the
+  effective rank of the mean-centred embeddings (RankMe, Garrido et al., ICML 2023: the exponential of the
+  entropy of the normalised singular values), which sees a dimensional collapse the spread misses. An untrained
+  encoder's embeddings share one large mean direction (99.7% of their energy for ``mt3`` on the count family),
+  so the spread of unit vectors measures the angles around it, not how many directions vary: BYOL on ``mt3``
+  at batch 8 kept a spread of 0.37-5.7x its untrained encoder's while its rank fell from 66-71 to 3-4, on
+  every seed (benchmarks/RESULTS.md, issue 29). Centring first keeps that mean out of the rank.
 - k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
   embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
   Discrimination", CVPR 2018); the accuracy, per binary/multiclass target, beside the majority-class chance.
@@ -79,7 +85,8 @@ def embed_items(
 
 # --------------------------------------------------------------------------------------- collapse
 def collapse_stats(vectors: np.ndarray) -> dict[str, float]:
-    """Per-dimension std of L2-normalised embeddings (N, D): its mean and min, and 1/sqrt(D) for scale."""
+    """Per-dimension std of L2-normalised embeddings (N, D): its mean and min, and 1/sqrt(D) for scale; the
+    effective rank of the centred embeddings (:func:`effective_rank`)."""
     if len(vectors) < 2:
         raise ValueError("the collapse check needs at least 2 embeddings")
     unit = F.normalize(torch.as_tensor(vectors, dtype=torch.float64), dim=1)  # (N, D)
@@ -88,13 +95,35 @@ def collapse_stats(vectors: np.ndarray) -> dict[str, float]:
         "embed_std_mean": float(std.mean()),
         "embed_std_min": float(std.min()),
         "embed_std_reference": 1.0 / math.sqrt(unit.shape[1]),
+        "embed_rank": effective_rank(vectors),
     }
+
+
+def effective_rank(vectors: np.ndarray) -> float:
+    """RankMe of the mean-centred embeddings (N, D): ``exp(-sum p log p)`` over the singular values ``s`` as
+    shares ``p = s / sum(s)``; from 1 (one direction varies) to ``min(N - 1, D)`` (all vary alike); 0 when
+    nothing varies. (RankMe adds 1e-7 to each share; here zero shares are left out, the same to 1e-5.)"""
+    centred = torch.as_tensor(vectors, dtype=torch.float64)
+    centred = centred - centred.mean(dim=0)
+    singular = torch.linalg.svdvals(centred)  # (min(N, D),)
+    if float(singular.sum()) <= 1e-12 * max(1.0, float(torch.as_tensor(vectors).abs().max())):
+        return 0.0
+    shares = singular / singular.sum()
+    shares = shares[shares > 0]
+    return float(torch.exp(-(shares * shares.log()).sum()))
 
 
 def std_ratio(stats: dict[str, float], reference: dict[str, float]) -> float:
     """Mean per-dimension std now over the same before pretraining (inf when the reference is 0)."""
     before = reference.get("embed_std_mean", 0.0)
     return stats["embed_std_mean"] / before if before > 0 else math.inf
+
+
+def rank_ratio(stats: dict[str, float], reference: dict[str, float]) -> float:
+    """Effective rank now over the same before pretraining (inf when the reference has none: a run calibrated
+    before the rank was measured, or an untrained encoder whose embeddings did not vary)."""
+    before = reference.get("embed_rank", 0.0)
+    return stats.get("embed_rank", 0.0) / before if before > 0 else math.inf
 
 
 # -------------------------------------------------------------------------------------------- k-NN

@@ -48,6 +48,7 @@ from medctl.models.preprocessing import preprocessing_info
 from medctl.pretrain import METHODS, build_method, method_settings, resolved_pretrain
 from medctl.pretrain import monitoring as mon
 from medctl.pretrain.samples import check_batch_size, select_subset, summary_input_size, trained_ids
+from medctl.pretrain.verdict import CollapseCheck, EpochWatch, verdicts_in
 from medctl.progress import log
 from medctl.runs import claim_run_dir, open_run_dir, run_path, timestamp, write_results_and_timing
 from medctl.tracking import connect
@@ -171,7 +172,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
         epochs=settings.epochs, run_dir=run_dir, device=device, precision=settings.precision,
         grad_clip=settings.grad_clip, evaluate=MonitorEpochs(method, monitor, settings), after_step=ema,
         export_last=export, resume=resume, log_every=settings.log_every, extend=extend, sink=tracker,
-        stop_when=mon.EpochWatch(settings.method, chance_losses(method), settings.stop_on_collapse),
+        stop_when=EpochWatch(settings.method, chance_losses(method), settings.stop_on_collapse),
     )  # fmt: skip
 
     # 7. final exports (rank 0): encoder.ckpt with the final figures, t-SNE, loss curve, results.json
@@ -183,7 +184,7 @@ def _pretrain(config: Config, *, command: str, resume: bool, overwrite: bool, ex
     pretext = pretext_vs_chance(method, settings.method, fitted.history)
     if pretext:
         facts["pretext_vs_chance"] = pretext
-    facts["collapse_check"] = {"ratio_below": settings.collapse_ratio, "verdicts": mon.verdicts_in(fitted.history)}
+    facts["collapse_check"] = {"ratio_below": settings.collapse_ratio, "verdicts": verdicts_in(fitted.history)}
     if fitted.stop_reason:
         facts["stopped"] = fitted.stop_reason
     result = finish(fitted, run_dir, export, monitor, facts, seed=config.run.seed, start=start)
@@ -288,7 +289,7 @@ class MonitorEpochs:
     settings: PretrainConfig
 
     def __post_init__(self) -> None:
-        self.check = mon.CollapseCheck.from_settings(self.settings)
+        self.check = CollapseCheck.from_settings(self.settings)
 
     def __call__(self, epoch: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -369,7 +370,8 @@ def calibrate_monitor(monitor: Any, settings: Any) -> dict[str, float]:
         return {}
     initial = mon.calibrate(monitor)
     log(
-        f"before pretraining: mean per-dimension std {initial['embed_std_mean']:.2e}"
+        f"before pretraining: mean per-dimension std {initial['embed_std_mean']:.2e}, "
+        f"effective rank {initial['embed_rank']:.1f}"
         + (f", k-NN accuracy {initial['knn_accuracy']:.3f}" if "knn_accuracy" in initial else "")
     )
     return initial
