@@ -43,19 +43,20 @@ class DistractorSize:
     epochs: int
 
 
-DISTRACTOR_SIZES = {"tiny": DistractorSize(40, 2), "small": DistractorSize(320, 24), "medium": DistractorSize(320, 24)}
+DISTRACTOR_SIZES = {
+    "tiny": DistractorSize(40, 2), "small": DistractorSize(320, 24), "medium": DistractorSize(320, 24)
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DistractorData:
-    family: str  # make_synthetic_dataset's: what carries the class
     distractors: int  # round balls brighter than the evidence, in every image
     flips: bool  # random flips while training
 
 
-DISTRACTOR_DATA = {
-    "rod": DistractorData("rod", 3, flips=True),  # the demo's
-    "lesion": DistractorData("lesion", 2, flips=False),  # round lesions: the earlier demo, where IG fails
+DISTRACTOR_DATA = {  # make_synthetic_dataset's family -> how the check uses it
+    "rod": DistractorData(3, flips=True),  # the demo's
+    "lesion": DistractorData(2, flips=False),  # round lesions: the earlier demo, where IG fails
 }
 
 
@@ -67,7 +68,7 @@ def distractor_config(
     goes to ``root/finetune``."""
     data = DISTRACTOR_DATA[family]
     dataset, _ = described_synthetic_dataset(
-        root / "data", n=n, dims=2, size=IMAGE_SIZE, seed=0, family=data.family, distractors=data.distractors
+        root / "data", n=n, dims=2, size=IMAGE_SIZE, seed=0, family=family, distractors=data.distractors
     )
     flips = ["train.augment.enabled=true", "train.augment.flip_axes=[0, 1]"] if data.flips else []
     overrides = [

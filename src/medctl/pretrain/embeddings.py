@@ -7,7 +7,7 @@
   entropy of the normalised singular values), which sees a dimensional collapse the spread misses. An untrained
   encoder's embeddings share one large mean direction (99.7% of their energy for ``mt3`` on the count family),
   so the spread of unit vectors measures the angles around it, not how many directions vary: BYOL on ``mt3``
-  at batch 8 kept a spread of 0.37-5.7x its untrained encoder's while its rank fell from 66-71 to 3-4, on
+  at batch 8 kept a spread of 0.37-5.7x its untrained encoder's while its rank fell from 66-71 to 2.6-3.7, on
   every seed (benchmarks/RESULTS.md, issue 29). Centring first keeps that mean out of the rank.
 - k-NN: each val embedding takes the majority label of its ``k = min(5, N_train)`` nearest train
   embeddings by cosine similarity (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
@@ -103,10 +103,9 @@ def effective_rank(vectors: np.ndarray) -> float:
     """RankMe of the mean-centred embeddings (N, D): ``exp(-sum p log p)`` over the singular values ``s`` as
     shares ``p = s / sum(s)``; from 1 (one direction varies) to ``min(N - 1, D)`` (all vary alike); 0 when
     nothing varies. (RankMe adds 1e-7 to each share; here zero shares are left out, the same to 1e-5.)"""
-    centred = torch.as_tensor(vectors, dtype=torch.float64)
-    centred = centred - centred.mean(dim=0)
-    singular = torch.linalg.svdvals(centred)  # (min(N, D),)
-    if float(singular.sum()) <= 1e-12 * max(1.0, float(torch.as_tensor(vectors).abs().max())):
+    data = torch.as_tensor(vectors, dtype=torch.float64)  # (N, D)
+    singular = torch.linalg.svdvals(data - data.mean(dim=0))  # (min(N, D),)
+    if float(singular.sum()) <= 1e-12 * max(1.0, float(data.abs().max())):
         return 0.0
     shares = singular / singular.sum()
     shares = shares[shares > 0]

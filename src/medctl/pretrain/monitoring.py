@@ -8,9 +8,9 @@ reconstruction panels, the loss curve) :mod:`medctl.pretrain.figures`.
 - collapse: an absolute threshold on the embeddings' spread cannot tell a good encoder from a bad one
   (mean-pooled tokens, or GroupNorm + ReLU maps, sit far below ``1 / sqrt(D)`` at any stage), so the check
   is calibrated: :func:`calibrate` measures the same encoder before pretraining (its random initialisation,
-  or ``model.checkpoint``), every check reports ``embed_std_ratio`` (now / before) and ``embed_rank``, and a warning is logged
-  only when the representation is worse than before: the ratio below ``COLLAPSE_RATIO`` and, where labels
-  allow a k-NN, its accuracy no better than before. The advice names what controls collapse in that method
+  or ``model.checkpoint``), every check reports ``embed_std_ratio`` (now / before) and ``embed_rank``, and a
+  warning is logged only when the representation is worse than before: the ratio below ``COLLAPSE_RATIO``
+  and, where labels allow a k-NN, its accuracy no better than before. The advice names what controls collapse in that method
   (:data:`medctl.pretrain.verdict.COLLAPSE_ADVICE`).
 - the collapse verdict after an epoch (spread, effective rank, k-NN) and the shortcut watch:
   :mod:`medctl.pretrain.verdict`.

@@ -44,7 +44,8 @@ KNN_ALPHA = 0.05  # a k-NN is "above chance" when its one-sided exact binomial p
 SHRUNK_SHARE = 0.5
 # An effective rank below this share of the untrained encoder's, yet above pretrain.collapse_ratio, is named a
 # dimensional collapse (a warning). Measured on 24 val volumes: BYOL on mt3 at the reporter's size fell to
-# 0.10-0.18x from epoch 3 to 30 while its spread read 0.27-6.8x; the demo's BYOL runs keep 0.69-0.81x (RESULTS.md).
+# 0.10-0.18x from epoch 3 to 30 while its spread read 0.27-6.8x; the demo's BYOL runs keep 0.69-0.81x
+# (RESULTS.md).
 RANK_SHRUNK_SHARE = 0.25
 
 
@@ -55,12 +56,12 @@ class CollapseVerdict:
     one-sided exact binomial test of its ``knn_n`` votes at :data:`KNN_ALPHA`.
 
     Failed: the spread or the effective rank fell below ``share`` of its value before (collapsed: the rank
-    catches a dimensional collapse whose spread looks healthy, :mod:`medctl.pretrain.embeddings`), or the k-NN is not above chance
-    while the untrained encoder's was significantly above it (pretraining lost what random weights saw;
-    "stays" when it was at chance at the previous verdict too). When the untrained encoder was not above
-    chance either, k-NN cannot tell a collapse on this task (a healthy BYOL run on the count family sits there
-    for 30 epochs, RESULTS.md): the line says so and the spread and rank alone decide. (The rule was chance plus one
-    standard error before: with 24 val votes, 9 right counted as above chance, and two healthy runs whose
+    catches a dimensional collapse whose spread looks healthy, :mod:`medctl.pretrain.embeddings`), or the k-NN
+    is not above chance while the untrained encoder's was significantly above it (pretraining lost what random
+    weights saw; "stays" when it was at chance at the previous verdict too). When the untrained encoder was not
+    above chance either, k-NN cannot tell a collapse on this task (a healthy BYOL run on the count family sits
+    there for 30 epochs, RESULTS.md): the line says so and the spread and rank alone decide. (The rule was
+    chance plus one standard error before: with 24 val votes, 9 right counted as above chance, and two healthy runs whose
     untrained encoder had 10 of 24 by luck were failed while their spread grew; RESULTS.md.)"""
 
     epoch: int  # 1-based
