@@ -1,13 +1,14 @@
-"""BYOL and InfoNCE against loops written out here."""
+"""BYOL, InfoNCE and the decorrelation term against references written out here."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from medctl.training.ssl_losses import byol_loss, byol_symmetric_loss, info_nce
+from medctl.training.ssl_losses import byol_loss, byol_symmetric_loss, decorrelation_loss, info_nce
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -56,3 +57,18 @@ def test_byol_loss_matches_two_minus_two_cosine_and_stops_the_target_gradient(se
     assert byol_loss(z.detach(), z.detach()).item() == pytest.approx(0.0, abs=1e-6)
     p1, p2, z1, z2 = (torch.randn(3, 5) for _ in range(4))
     assert torch.allclose(byol_symmetric_loss(p1, p2, z1, z2), byol_loss(p1, z2) + byol_loss(p2, z1))
+
+
+def test_decorrelation_is_numpy_s_mean_squared_off_diagonal_correlation_and_scale_free(seed):
+    y = torch.randn(16, 12) @ torch.randn(12, 40)  # (16, 40), correlated dimensions
+    correlation = np.corrcoef(y.numpy(), rowvar=False)  # (40, 40)
+    off = correlation[~np.eye(40, dtype=bool)]
+    assert decorrelation_loss(y).item() == pytest.approx(float((off**2).mean()), rel=1e-3)
+    assert decorrelation_loss(1e-3 * y + 5.0).item() == pytest.approx(decorrelation_loss(y).item(), rel=1e-3)
+
+
+def test_decorrelation_rises_as_the_embeddings_lose_directions(seed):
+    losses = [decorrelation_loss(torch.randn(64, rank) @ torch.randn(rank, 128)).item() for rank in (64, 8, 2, 1)]
+    assert losses == sorted(losses)
+    assert losses[-1] > 0.9  # one direction: every pair of dimensions correlates (the guard against 0 variance eases it)
+    assert losses[0] < 0.05  # independent dimensions: about 1 / (N - 1)

@@ -12,6 +12,7 @@ from medctl.errors import ConfigError
 from medctl.models.registry import build_encoder
 from medctl.pretrain import METHODS, build_method, method_settings
 from medctl.pretrain.byol import ByolSettings, EmbeddingDecoder
+from medctl.pretrain.embeddings import effective_rank
 from medctl.pretrain.jepa import JepaSettings
 from medctl.pretrain.mim_contrastive import MIMContrastiveSettings, masked_l1
 
@@ -80,10 +81,11 @@ def test_loss_on_a_fixed_batch_falls(make, shape, steps, lr, seed):
 
 
 def test_byol_reports_every_active_head_and_drops_switched_off_ones(seed):
-    out = byol()(torch.randn(2, 1, 8, 8, 8))
+    out = byol(decorrelation_weight=2.0)(torch.randn(2, 1, 8, 8, 8))
     assert {
         "loss",
         "loss_byol",
+        "loss_decorrelation",
         "loss_reconstruction",
         "loss_rotation",
         "acc_rotation",
@@ -92,15 +94,40 @@ def test_byol_reports_every_active_head_and_drops_switched_off_ones(seed):
     } == set(out)
     expected = (
         out["loss_byol"]
+        + 2.0 * out["loss_decorrelation"]
         + 1.0 * out["loss_reconstruction"]
         + 0.5 * out["loss_rotation"]
         + 0.5 * out["loss_jigsaw"]
     )
     torch.testing.assert_close(out["loss"], expected)
-    plain = byol(reconstruction_weight=0, rotation_weight=0, jigsaw_weight=0)
+    plain = byol(decorrelation_weight=0, reconstruction_weight=0, rotation_weight=0, jigsaw_weight=0)
     assert plain.decoder is None and plain.rotation_head is None and plain.jigsaw_head is None
     assert set(plain(torch.randn(2, 1, 8, 8, 8))) == {"loss", "loss_byol"}
     assert plain.reconstruct(torch.randn(2, 1, 8, 8, 8)) is None
+
+
+def held_rank(method, held: torch.Tensor) -> float:
+    """Effective rank of the online encoder's embeddings of ``held`` (N, C, *S), in eval mode."""
+    method.eval()
+    with torch.no_grad():
+        rank = effective_rank(method.embed(held).numpy())
+    method.train()
+    return rank
+
+
+def test_byol_s_decorrelation_term_keeps_the_rank_plain_byol_loses(seed):
+    """mt3 has no batch statistics: plain BYOL at a high learning rate lets its embedding's directions go (the
+    count family's collapse, RESULTS.md, in miniature); with the term on, the same steps keep them."""
+    x, held = torch.randn(8, 1, 8, 16, 16), torch.randn(32, 1, 8, 16, 16)
+    ranks = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        method = byol((8, 16, 16), reconstruction_weight=0, rotation_weight=0, jigsaw_weight=0, decorrelation_weight=weight)
+        before = held_rank(method, held)
+        train(method, x, 40, 1e-2)
+        ranks[weight] = held_rank(method, held) / before
+    assert ranks[0.0] < 0.6, ranks  # plain BYOL: measured 0.43x
+    assert ranks[5.0] > 0.85, ranks  # measured 0.98x
 
 
 def test_byol_target_is_an_ema_of_the_online_network_and_takes_no_gradient(seed):

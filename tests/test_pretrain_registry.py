@@ -172,16 +172,24 @@ def test_resume_of_a_run_saved_with_flat_keys_sees_no_change(tmp_path):
         config = load_config(None, list(overrides))
         return config.model_copy(update={"pretrain": resolved_pretrain(config.pretrain)})
 
-    now = resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.pretext_reorient=0")
+    now = resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.pretext_reorient=0", "pretrain.byol.decorrelation_weight=0")
     flat = tomllib.loads(now.to_toml())
     byol = flat["pretrain"].pop("byol")
-    for added in ("pretext_reorient", "view_bias_field", "predictor_lr_scale"):  # added after the tables: an older config.toml lacks them
+    added_later = ("pretext_reorient", "view_bias_field", "predictor_lr_scale", "decorrelation_weight")
+    for added in added_later:  # added after the tables: an older config.toml lacks them
         del byol[added]
     flat["pretrain"] |= byol  # the layout of a config.toml written before the tables
     (tmp_path / "config.toml").write_text(dump_toml(flat))
     check_resume_settings(tmp_path, now, extend=False)  # the same settings: no error
     # its pretext views kept their intensity trend: resuming at today's default names the one setting that differs
     with pytest.raises(ConfigError, match=r"differ: pretrain.byol.pretext_reorient 0.0 -> 1.0; resume"):
-        check_resume_settings(tmp_path, resolved("pretrain.byol.rotation_weight=0"), extend=False)
+        check_resume_settings(
+            tmp_path, resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.decorrelation_weight=0"), extend=False
+        )
+    # its loss had no decorrelation term: today's default of 5 is named as the change
+    with pytest.raises(ConfigError, match=r"differ: pretrain.byol.decorrelation_weight 0.0 -> 5.0; resume"):
+        check_resume_settings(
+            tmp_path, resolved("pretrain.byol.rotation_weight=0", "pretrain.byol.pretext_reorient=0"), extend=False
+        )
     with pytest.raises(ConfigError, match=r"pretrain.byol.rotation_weight 0.0 -> 0.5"):
         check_resume_settings(tmp_path, resolved(), extend=False)

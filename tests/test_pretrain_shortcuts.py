@@ -55,11 +55,14 @@ def test_epoch_watch_names_the_shortcut_only_when_the_head_wins_while_byol_stall
 
 
 def rotation_epochs(volumes: torch.Tensor, reorient: float, epochs: int = 3, steps: int = 40) -> list[dict]:
-    """Epoch means of BYOL's losses with the rotation head on, as ``fit`` records them, for a tiny mt3."""
+    """Epoch means of BYOL's losses with the rotation head on, as ``fit`` records them, for a tiny mt3.
+
+    The decorrelation term is off: with it (weight 5), this mt3 at lr 1e-2 and batch 4 learns no rotation at all
+    in 6 epochs (1.40-1.51 against ln 4 = 1.39), shortcut or not, and the watch needs a run that learns one."""
     torch.manual_seed(0)
     encoder = build_encoder("mt3_tiny", input_size=tuple(volumes.shape[2:]))
     settings = ByolSettings(projector_dim=16, projector_hidden=32, reconstruction_weight=0, rotation_weight=1.0,
-                            jigsaw_weight=0, pretext_reorient=reorient)  # fmt: skip
+                            jigsaw_weight=0, pretext_reorient=reorient, decorrelation_weight=0)  # fmt: skip
     method = BYOL(encoder, settings)
     optimizer = torch.optim.AdamW(
         [p for p in method.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05

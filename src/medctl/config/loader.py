@@ -170,14 +170,16 @@ def read_toml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 # Keys added after runs were already written, with the value that reproduces how those runs behaved: a probe
 # read raw embeddings before model.head.standardize, and BYOL's pretext views kept their intensity trend
-# before pretrain.byol.pretext_reorient, its views had no bias field before pretrain.byol.view_bias_field, and
-# its predictor learned at pretrain.lr before pretrain.byol.predictor_lr_scale.
+# before pretrain.byol.pretext_reorient, its views had no bias field before pretrain.byol.view_bias_field, its
+# predictor learned at pretrain.lr before pretrain.byol.predictor_lr_scale, and its loss had no decorrelation
+# term before pretrain.byol.decorrelation_weight.
 # --resume then names the one setting that continues such a run.
 ADDED_KEYS: dict[str, Any] = {
     "model.head.standardize": False,
     "pretrain.byol.pretext_reorient": 0.0,
     "pretrain.byol.view_bias_field": 0.0,
     "pretrain.byol.predictor_lr_scale": 1.0,
+    "pretrain.byol.decorrelation_weight": 0.0,
 }
 
 

@@ -12,11 +12,16 @@ One step on a batch x (B, C, *S):
 1. two random views v1, v2 (crop-resize, flips, intensity jitter, blur, noise: ``views.byol_views``);
 2. online: encoder -> projector -> predictor gives p1, p2; target (an EMA copy of encoder and
    projector, no gradient) gives z1, z2; ``loss_byol = (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1))``;
-3. ``reconstruction`` (weight > 0): a light decoder maps each view's pooled embedding back to the view
+3. ``decorrelation`` (weight > 0): the mean squared off-diagonal correlation of the online encoder's
+   embeddings over the 2B views (``ssl_losses.decorrelation_loss``, Barlow Twins' redundancy term within a
+   batch). BYOL alone keeps the projections apart through the projector's BatchNorm, but an encoder with no
+   batch statistics of its own (``mt3``: GroupNorm, LayerNorm) can let all but a few of its embedding's
+   directions go (a dimensional collapse, from its CNN stem on); this term makes those directions cost;
+4. ``reconstruction`` (weight > 0): a light decoder maps each view's pooled embedding back to the view
    (Linear to a coarse grid, transposed convs up to the input size), MSE;
-4. ``rotation``: a pretext view rotated by k * 90 degrees in ``rotation_plane``; a linear head on the
+5. ``rotation``: a pretext view rotated by k * 90 degrees in ``rotation_plane``; a linear head on the
    pooled embedding predicts k (cross-entropy);
-5. ``jigsaw`` (3D only): the pretext view's 2x2x2 blocks shuffled by one of K fixed, far-apart
+6. ``jigsaw`` (3D only): the pretext view's 2x2x2 blocks shuffled by one of K fixed, far-apart
    permutations; a linear head predicts which one.
 
 The pretext view is a BYOL view without flips (crop-resize and photometric jitter only), whose linear
@@ -29,8 +34,8 @@ two tell-apart classes out of four; a flip also swaps the blocks along its axis,
 volume is another permutation of the unflipped one. Rotations and block orders only mean something
 relative to the data's own orientation, which the pretext view keeps.
 
-``loss = loss_byol + w_rec * loss_reconstruction + w_rot * loss_rotation + w_jig * loss_jigsaw``. The
-caller moves the target after each optimizer step with ``update_target(momentum)``.
+``loss = loss_byol + w_dec * loss_decorrelation + w_rec * loss_reconstruction + w_rot * loss_rotation
++ w_jig * loss_jigsaw``. The caller moves the target after each optimizer step with ``update_target(momentum)``.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from medctl.pretrain.views import (
     reorient_intensity,
 )
 from medctl.training.ema import ema_update
-from medctl.training.ssl_losses import byol_symmetric_loss
+from medctl.training.ssl_losses import byol_symmetric_loss, decorrelation_loss
 
 JIGSAW_SEED = 0  # the permutation set is part of the task: fixed, so resumed and repeated runs agree
 
@@ -76,6 +81,10 @@ class ByolSettings(Section):
     predictor_lr_scale: float = Field(default=1.0, gt=0)
     # auxiliary heads; a weight of 0 switches the head off
     reconstruction_weight: float = Field(default=1.0, ge=0)
+    # the encoder's embeddings' mean squared off-diagonal correlation in each batch, against a dimensional
+    # collapse (training.ssl_losses.decorrelation_loss): at 5, mt3 at batch 8 on the count family keeps
+    # 0.49-0.78x of its untrained effective rank where plain BYOL keeps 0.04-0.05x (3 seeds, RESULTS.md); 0: off
+    decorrelation_weight: float = Field(default=5.0, ge=0)
     rotation_weight: float = Field(default=0.5, ge=0)
     jigsaw_weight: float = Field(default=0.5, ge=0)
     jigsaw_permutations: int = Field(default=24, ge=2, le=40320)
@@ -173,6 +182,7 @@ class BYOL(nn.Module):
         self.lr_scales = {"predictor": settings.predictor_lr_scale}  # submodule -> multiple of pretrain.lr
         self.weights = {
             "reconstruction": settings.reconstruction_weight,
+            "decorrelation": settings.decorrelation_weight,
             "rotation": settings.rotation_weight,
             "jigsaw": settings.jigsaw_weight,
         }
@@ -201,6 +211,9 @@ class BYOL(nn.Module):
         out = {"loss_byol": byol_symmetric_loss(p1, p2, z1, z2)}
         loss = out["loss_byol"]
 
+        if self.weights["decorrelation"] > 0:
+            out["loss_decorrelation"] = decorrelation_loss(y)
+            loss = loss + self.weights["decorrelation"] * out["loss_decorrelation"]
         if self.decoder is not None:
             out["loss_reconstruction"] = F.mse_loss(self.decoder(y).float(), views.float())
             loss = loss + self.weights["reconstruction"] * out["loss_reconstruction"]

@@ -31,6 +31,23 @@ def byol_symmetric_loss(
     return byol_loss(p1, z2) + byol_loss(p2, z1)
 
 
+def decorrelation_loss(y: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal correlation of a batch of embeddings (N, D): Barlow Twins' redundancy reduction
+    (Zbontar et al., ICML 2021) within one batch, scale-free, so it works whatever the embeddings' scale.
+
+    About ``1 / r`` when the embeddings vary along r equally strong directions (1 when one direction carries all
+    the variation), and at least about ``1 / (N - 1)``: it rises as a dimensional collapse sets in.
+    """
+    y = y.float()
+    centred = y - y.mean(dim=0)  # (N, D)
+    variance = centred.pow(2).mean(dim=0)  # (D,)
+    standard = centred / torch.sqrt(variance + 1e-4 * variance.mean() + 1e-12)  # (N, D), unit variance
+    correlation = standard.T @ standard / y.shape[0]  # (D, D)
+    off_diagonal = correlation - torch.diag(torch.diagonal(correlation))
+    dims = y.shape[1]
+    return off_diagonal.pow(2).sum() / max(1, dims * (dims - 1))
+
+
 def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric NT-Xent over 2N embeddings: (z_a[i], z_b[i]) are positives, the other 2N - 2 negatives.
 
