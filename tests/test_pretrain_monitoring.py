@@ -257,6 +257,13 @@ def test_a_spread_shrunk_to_a_third_is_named_but_not_failed(caplog):
     assert "!!!" not in logged and "stopping" not in logged
     healthy = verdict_of({**figures, "embed_std_mean": 0.006}, reference, 17, 0.1, True)
     assert not healthy.shrunk and "shrunk" not in healthy.line("byol")
+    # the same spread with the rank kept (BYOL with its decorrelation term on mt3, epoch 20: 0.30x, rank 0.82x)
+    ranked = {"embed_rank": 0.82 * 19.7}
+    kept = verdict_of({**figures, **ranked}, {**reference, "embed_rank": 19.7}, 20, 0.1, True)
+    assert not kept.shrunk and not kept.failed and kept.metrics()["collapse_shrunk"] == 0.0
+    assert ": not collapsed (the spread is below 0.5x, but the rank held" in kept.line("byol")
+    fallen = verdict_of({**figures, "embed_rank": 0.4 * 19.7}, {**reference, "embed_rank": 19.7}, 20, 0.1, True)
+    assert fallen.spread_shrunk and "shrunk below 0.5x (a partial collapse)" in fallen.line("byol")
 
 
 def test_a_rank_fallen_to_a_sixth_is_named_a_dimensional_collapse_but_not_failed(caplog):
