@@ -10,7 +10,9 @@ print per run:
   untrained -> trained, and its ratio;
 - the share of the embeddings' energy in their common mean direction, untrained -> trained: when it is near 1,
   unit vectors differ only by small angles around the mean, and their spread says little about how many
-  directions vary.
+  directions vary;
+- for encoders with a CNN stem (``stem_features``: mt3), the same effective rank of the stem's globally pooled
+  feature map, to tell where in the network the directions are lost.
 
     uv run python benchmarks/bench_embedding_rank.py defaults30_s0:mt3 resnet_defaults_s0:resnet_test_3d \
         jepa_defaults_s0:vit3d_test:context_encoder.ckpt supervised_mt3_s0:mt3:best.ckpt
@@ -60,6 +62,25 @@ def every_volume(encoder: torch.nn.Module, cache: Path) -> np.ndarray:
     return np.concatenate([vectors for vectors, _ in embeddings(encoder, cache).values()])
 
 
+class PooledStem(torch.nn.Module):
+    """An encoder's CNN stem, globally average-pooled: (B, C_in, *S) -> (B, C)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder.stem_features(x)  # (B, C, d, h, w)
+        return features.flatten(2).mean(dim=2)  # (B, C)
+
+
+def stem_rank(encoder: torch.nn.Module, cache: Path) -> float | None:
+    """Effective rank of the pooled stem features over every volume; None for encoders without a stem."""
+    if not hasattr(encoder, "stem_features"):
+        return None
+    return collapse_stats(every_volume(PooledStem(encoder), cache))["embed_rank"]
+
+
 def run_row(root: Path, args: argparse.Namespace, item: str) -> str:
     run, encoder, *rest = item.split(":")
     checkpoint = root / "runs" / run / "checkpoints" / (rest[0] if rest else "encoder.ckpt")
@@ -68,12 +89,15 @@ def run_row(root: Path, args: argparse.Namespace, item: str) -> str:
     cache = preprocess(config.data).cache_dir
     shape = dict(in_channels=1, input_size=tuple(args.size), spatial_dims=3)
     set_seed(seed)
-    untrained = figures(every_volume(pretrained_encoder(config.model, **shape).encoder, cache))
+    random_encoder = pretrained_encoder(config.model, **shape).encoder
     update = {"checkpoint": str(checkpoint), "checkpoint_key": ""}
-    trained = figures(every_volume(pretrained_encoder(config.model.model_copy(update=update), **shape).encoder, cache))
+    trained_encoder = pretrained_encoder(config.model.model_copy(update=update), **shape).encoder
+    untrained, trained = (figures(every_volume(e, cache)) for e in (random_encoder, trained_encoder))
+    stems = [stem_rank(e, cache) for e in (random_encoder, trained_encoder)]
+    stem = "—" if stems[0] is None else f"{stems[0]:.1f} → {stems[1]:.1f} ({stems[1] / stems[0]:.2f}x)"
     return (
         f"| {run} | {checkpoint.name} | {trained['spread'] / untrained['spread']:.2f}x | "
-        f"{untrained['rank']:.1f} → {trained['rank']:.1f} ({trained['rank'] / untrained['rank']:.2f}x) | "
+        f"{untrained['rank']:.1f} → {trained['rank']:.1f} ({trained['rank'] / untrained['rank']:.2f}x) | {stem} | "
         f"{untrained['mean_share']:.3f} → {trained['mean_share']:.3f} |"
     )
 
@@ -92,8 +116,9 @@ def main() -> None:
         f"- machine: {info['cpu']}, {info['cores']} cores, gpu {info['gpu']}; wall time"
         f" {(time.perf_counter() - start) / 60:.1f} min",
         "",
-        "| run | encoder file | spread vs untrained | effective rank, untrained → trained | mean direction's energy share |",
-        "| --- | --- | --- | --- | --- |",
+        "| run | encoder file | spread vs untrained | effective rank, untrained → trained | pooled stem's rank |"
+        " mean direction's energy share |",
+        "| --- | --- | --- | --- | --- | --- |",
         *rows,
     ], append=not args.no_append)  # fmt: skip
 

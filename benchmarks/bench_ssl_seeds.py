@@ -86,6 +86,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--raw-probe", action="store_true", help="probe raw embeddings (model.head.standardize = false), for comparison"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="extra key=value overrides for every pretraining run (a setting against its default)"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     return parser.parse_args()
 
@@ -131,6 +134,7 @@ def main() -> None:
                     "data.batch_size=8", f"pretrain.monitor_every={args.epochs}", f"pretrain.knn_every={args.epochs}",
                     "pretrain.byol.projector_dim=32", "pretrain.byol.projector_hidden=64",
                     "pretrain.mim_contrastive.projector_dim=32", "pretrain.mim_contrastive.projector_hidden=64",
+                    *args.set,
                 )  # fmt: skip
                 results = json.loads((root / "runs" / name / "results.json").read_text())
                 pretrain_results.setdefault(method, []).append(results)
@@ -187,7 +191,8 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         f"linear probe 30 epochs on {'raw embeddings' if args.raw_probe else 'embeddings standardised on train'} "
         "(`model.head.standardize`), epoch picked on "
         "val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
-        "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI",
+        "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI"
+        + (f"; every pretraining run with {', '.join(f'`{o}`' for o in args.set)}" if args.set else ""),
         f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
         f"load average {info['load average (1 min) at the end']}; wall time {wall / 60:.1f} min",
         "",
