@@ -161,10 +161,13 @@ class CollapseVerdict:
             named = [f"shrunk below {SHRUNK_SHARE:g}x (a partial collapse)" if self.spread_shrunk else "",
                      f"its effective rank fell below {RANK_SHRUNK_SHARE:g}x (a dimensional collapse)"
                      if self.rank_shrunk else ""]  # fmt: skip
-            shrunk = ", but " + " and ".join(n for n in named if n) if self.shrunk else ""
-            if self.spread_low and self.rank_held:
+            if self.shrunk:
+                shrunk = ", but " + " and ".join(n for n in named if n)
+            elif self.spread_low and self.rank_held:
                 shrunk = (f" (the spread is below {SHRUNK_SHARE:g}x, but the rank held: as many directions vary, "
                           "less against the embeddings' common mean, which a standardised probe does not see)")  # fmt: skip
+            else:
+                shrunk = ""
             return f"{head}: not collapsed{shrunk}" + (KNN_BLIND if knn_blind else "")
         what = [f"COLLAPSED below {self.share:g}x" if self.spread_collapsed else "",
                 f"COLLAPSED to {self.rank:.1f} effective dimensions, below {self.share:g}x the untrained rank"
