@@ -9,8 +9,9 @@ train/val/test volume, and each gets:
 - spread: the mean per-dimension std of the L2-normalised embeddings (monitoring's ``collapse_stats``),
   and its ratio to the random initialisation's;
 - 5-fold logistic regression (standardised features) and 5-fold cosine 5-NN accuracy over all volumes;
-- a held-out probe: standardised logistic regression, C by 5-fold CV on train + val, accuracy on test, and the
-  exact McNemar test of its per-volume hits against the random initialisation's on the same test volumes.
+- a held-out probe: standardised logistic regression, C by 5-fold CV on train + val, accuracy on test with its
+  95% Wilson interval, and the exact McNemar test of its per-volume hits against the random initialisation's on
+  the same test volumes.
 
     uv run python benchmarks/bench_byol_collapse.py --label defaults
     uv run python benchmarks/bench_byol_collapse.py --label no_ema_end --set pretrain.ema_momentum_end=0.99
@@ -34,7 +35,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medctl.analysis.proportions import paired_hits_test
+from medctl.analysis.proportions import paired_hits_test, rate_interval
 from medctl.config import load_config
 from medctl.data.dataset import CacheDataset, read_summary
 from medctl.data.preprocess import preprocess
@@ -130,6 +131,7 @@ def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[s
         "linear": float(cross_val_score(linear, vectors, labels, cv=folds).mean()),
         "knn": float(cross_val_score(knn, vectors, labels, cv=folds).mean()),
         "test_probe": float(test_hits.mean()),
+        "test_rate": rate_interval(int(test_hits.sum()), len(test_hits)).text(),  # with its 95% Wilson interval
         "test_hits": test_hits.astype(int).tolist(),
     }
 
