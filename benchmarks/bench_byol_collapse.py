@@ -11,7 +11,10 @@ train/val/test volume, and each gets:
 - 5-fold logistic regression (standardised features) and 5-fold cosine 5-NN accuracy over all volumes;
 - a held-out probe: standardised logistic regression, C by 5-fold CV on train + val, accuracy on test with its
   95% Wilson interval, and the exact McNemar test of its per-volume hits against the random initialisation's on
-  the same test volumes.
+  the same test volumes;
+- with ``--extra-test N``: the same probe (fitted on train + val as above) judged on N more volumes that the
+  generator draws at another seed, which no run has seen: 24 test volumes cannot tell a gain of 0.1 from
+  luck, N = 480 can (paired hits, exact McNemar, as above).
 
     uv run python benchmarks/bench_byol_collapse.py --label defaults
     uv run python benchmarks/bench_byol_collapse.py --label no_ema_end --set pretrain.ema_momentum_end=0.99
@@ -67,17 +70,21 @@ def parse_args() -> argparse.Namespace:
         "--export", default="encoder.ckpt", help="the run's file to judge (JEPA: context_encoder.ckpt, the online encoder)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (two runs side by side: 1 each)")
+    parser.add_argument("--extra-test", type=int, default=0, help="judge on this many more unseen volumes too")
     return parser.parse_args()
 
 
 SPLITS = ("train", "val", "test")
+EXTRA_TEST_SEED = 1  # the generator's seed of the --extra-test volumes (the runs' data is seed 0)
 
 
-def dataset_root(base: str | Path, family: str, n: int, size: list[int], oriented_bias: float = 0.0) -> Path:
+def dataset_root(
+    base: str | Path, family: str, n: int, size: list[int], oriented_bias: float = 0.0, seed: int = 0
+) -> Path:
     """The synthetic dataset of these settings under ``base``, written the first time it is asked for."""
-    root = Path(base) / f"{family}_{n}_{'x'.join(map(str, size))}_ob{oriented_bias:g}"
+    root = Path(base) / f"{family}_{n}_{'x'.join(map(str, size))}_ob{oriented_bias:g}{f'_seed{seed}' if seed else ''}"
     if not (root / "participants.tsv").exists():
-        make_synthetic_dataset(root, n=n, size=size, family=family, oriented_bias=oriented_bias)
+        make_synthetic_dataset(root, n=n, size=size, family=family, oriented_bias=oriented_bias, seed=seed)
     return root
 
 
@@ -96,27 +103,42 @@ def data_overrides(root: Path, family: str, size: list[int]) -> list[str]:
     ]  # fmt: skip
 
 
-def embeddings(encoder: torch.nn.Module, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each split's embeddings (N, D) and labels (N,)."""
+def embed_split(encoder: torch.nn.Module, cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's embeddings (N, D) and labels (N,)."""
+    data = CacheDataset(cache, split)
+    with torch.no_grad():
+        got = embed_items(encoder, data, range(len(data)), data.targets, batch_size=8, device=torch.device("cpu"))
+    return got.vectors, got.labels["label"]
+
+
+def embeddings(
+    encoder: torch.nn.Module, cache: Path, extra_cache: Path | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each split's embeddings (N, D) and labels (N,); every volume of ``extra_cache`` as ``extra_test``."""
     encoder.eval()
-    out = {}
-    for split in SPLITS:
-        data = CacheDataset(cache, split)
-        with torch.no_grad():
-            got = embed_items(encoder, data, range(len(data)), data.targets, batch_size=8, device=torch.device("cpu"))
-        out[split] = (got.vectors, got.labels["label"])
+    out = {split: embed_split(encoder, cache, split) for split in SPLITS}
+    if extra_cache is not None:
+        parts = [embed_split(encoder, extra_cache, split) for split in SPLITS]
+        out["extra_test"] = (np.concatenate([v for v, _ in parts]), np.concatenate([y for _, y in parts]))
     return out
 
 
-def held_out_probe(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> np.ndarray:
-    """A standardised logistic probe, its C picked by 5-fold CV on train + val, judged on test: hit per test volume."""
+def extra_test_data(base: str | Path, family: str, n: int, size: list[int], oriented_bias: float = 0.0) -> tuple[Path, Path]:
+    """The root and cache of ``n`` volumes drawn at ``EXTRA_TEST_SEED``, same family, size and scanner."""
+    root = dataset_root(base, family, n, size, oriented_bias, EXTRA_TEST_SEED)
+    config = load_config(None, data_overrides(root, family, size), env={})
+    return root, preprocess(config.data).cache_dir
+
+
+def held_out_probe(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[str, np.ndarray]:
+    """A standardised logistic probe, its C picked by 5-fold CV on train + val, judged on test (and on the
+    ``extra_test`` volumes where ``splits`` has them): a hit per judged volume, by split."""
     fit_x = np.concatenate([splits["train"][0], splits["val"][0]])
     fit_y = np.concatenate([splits["train"][1], splits["val"][1]])
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=folds, max_iter=3000))
     probe.fit(fit_x, fit_y)
-    test_x, test_y = splits["test"]
-    return probe.predict(test_x) == test_y
+    return {split: probe.predict(x) == y for split, (x, y) in splits.items() if split in ("test", "extra_test")}
 
 
 def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[str, float]:
@@ -125,7 +147,15 @@ def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[s
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     knn = KNeighborsClassifier(5, metric="cosine", algorithm="brute")
-    test_hits = held_out_probe(splits, seed)
+    hits = held_out_probe(splits, seed)
+    test_hits = hits["test"]
+    extra = {}
+    if "extra_test" in hits:
+        extra_hits = hits["extra_test"]
+        extra = {
+            "extra_rate": rate_interval(int(extra_hits.sum()), len(extra_hits)).text(),
+            "extra_hits": extra_hits.astype(int).tolist(),
+        }
     return {
         "spread": collapse_stats(vectors)["embed_std_mean"],
         "linear": float(cross_val_score(linear, vectors, labels, cv=folds).mean()),
@@ -133,6 +163,7 @@ def judge(splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict[s
         "test_probe": float(test_hits.mean()),
         "test_rate": rate_interval(int(test_hits.sum()), len(test_hits)).text(),  # with its 95% Wilson interval
         "test_hits": test_hits.astype(int).tolist(),
+        **extra,
     }
 
 
@@ -149,6 +180,8 @@ def main() -> None:
     ]  # fmt: skip
     config = load_config(None, overrides, env={})
     cache = preprocess(config.data).cache_dir
+    extra = extra_test_data(args.root, args.family, args.extra_test, args.size, args.oriented_bias) if args.extra_test else None
+    extra_cache = extra[1] if extra else None
     summary = read_summary(cache)
     start = time.perf_counter()
     if args.judge_only:
@@ -167,14 +200,18 @@ def main() -> None:
     trained = pretrained_encoder(
         config.model.model_copy(update={"checkpoint": str(encoder_checkpoint), "checkpoint_key": ""}), **shape
     ).encoder
-    before, after = judge(embeddings(random_init, cache), args.seed), judge(embeddings(trained, cache), args.seed)
+    before = judge(embeddings(random_init, cache, extra_cache), args.seed)
+    after = judge(embeddings(trained, cache, extra_cache), args.seed)
     versus_random = paired_hits_test(after["test_hits"], before["test_hits"])
+    if extra_cache is not None:
+        extra_vs_random = paired_hits_test(after["extra_hits"], before["extra_hits"]).to_dict()
     row = {
         "label": args.label, "export": args.export, "seed": args.seed, "epochs_done": len(history), "family": args.family, "set": args.set, "wall_s": round(wall),
         "loss_first": history[0]["train_loss"], "loss_last": history[-1]["train_loss"],
         "byol_first": history[0].get("train_loss_byol"), "byol_last": history[-1].get("train_loss_byol"),
         "spread_ratio": after["spread"] / before["spread"], "random": before, "trained": after,
         "test_vs_random": versus_random.to_dict(),
+        **({"extra_test_vs_random": extra_vs_random} if extra_cache is not None else {}),
         "monitor": {k: v for k, v in history[-1].items() if k.startswith("val_")},
         "per_epoch": [
             {k: round(v, 4) for k, v in record.items() if k.startswith(("val_", "train_loss")) and isinstance(v, float)}

@@ -22,6 +22,11 @@ Everything runs through the real CLI (``python -m medctl``), on the synthetic vo
     uv run python benchmarks/bench_ssl_seeds.py              # ~25 min on 2 cores; appends to RESULTS.md
     uv run python benchmarks/bench_ssl_seeds.py --no-append  # print only
     uv run python benchmarks/bench_ssl_seeds.py --family count --n 120 --size 16 64 64 --epochs 30 --only byol
+    uv run python benchmarks/bench_ssl_seeds.py --family shape --only byol --extra-test 480
+
+``--extra-test N`` adds N volumes, drawn by the generator at another seed, to the volumes' test split only:
+pretraining and the probes see the same train and val volumes as without it, and each seed's test figure
+rests on ~12 + N volumes instead of ~12, where one volume moves balanced accuracy by 0.08.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ from pathlib import Path
 import pandas as pd
 from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from medctl.analysis.proportions import paired_hits_test
 from medctl.data.synthetic import FAMILIES, make_synthetic_dataset
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SEEDS = [0, 1, 2]
 SIZE = (16, 32, 32)
 SIZE_2D = (32, 32)
+EXTRA_TEST_SEED = 1  # the generator's seed of the --extra-test volumes (the benchmark's data is seed 0)
 DISTRACTORS_2D = 2  # bright balls in every image: without them a random unet2d_tiny already reaches ~0.9 k-NN
 COMMON = ["data.preprocess.workers=1", 'run.device="cpu"', "data.num_workers=0"]
 MT3 = ['model.encoder="mt3_tiny"']
@@ -89,8 +96,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--set", nargs="*", default=[], help="extra key=value overrides for every pretraining run (a setting against its default)"
     )
+    parser.add_argument(
+        "--extra-test", type=int, default=0, help="add this many unseen volumes to the volumes' test split only"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; leave RESULTS.md alone")
     return parser.parse_args()
+
+
+def append_test_volumes(volumes, n: int, family: str, size: list[int]) -> int:
+    """Add ``n`` volumes drawn at ``EXTRA_TEST_SEED`` to the test split of ``volumes`` (a SyntheticDataset of
+    NRRD volumes), under their own ids and subjects; train and val stay as they were. Returns the test split's
+    size."""
+    extra = make_synthetic_dataset(
+        volumes.root.parent / "extra_test", n=n, dims=3, size=size, seed=EXTRA_TEST_SEED, family=family,
+        n_excluded=0, cache_dir=None,
+    )  # fmt: skip
+    added = pd.read_csv(extra.table, sep="\t", dtype=str)
+    for old in added["participant_id"]:
+        shutil.move(extra.image_root / f"{old}.nrrd", volumes.image_root / f"x{old}.nrrd")
+        shutil.move(extra.mask_root / f"{old}.nrrd", volumes.mask_root / f"x{old}.nrrd")
+    added = added.assign(
+        participant_id="x" + added["participant_id"], subject_id="x" + added["subject_id"], recommended_split="test"
+    )
+    table = pd.concat([pd.read_csv(volumes.table, sep="\t", dtype=str), added], ignore_index=True)
+    table.to_csv(volumes.table, sep="\t", index=False)
+    return int((table["recommended_split"] == "test").sum())
 
 
 def medctl(*args: str) -> None:
@@ -110,6 +140,7 @@ def main() -> None:
     try:
         methods = {m: v for m, v in METHODS.items() if not args.only or m in args.only}
         volumes = make_synthetic_dataset(root / "data", n=args.n, dims=3, size=args.size, seed=0, family=args.family)
+        n_test = append_test_volumes(volumes, args.extra_test, args.family, args.size) if args.extra_test else None
         runs = [*COMMON, f'run.root="{root / "runs"}"']
         datasets = {}
         if any(group == "images" for group, _ in methods.values()):  # the 2D set only for the 2D method
@@ -167,7 +198,7 @@ def main() -> None:
             per_seed.append(pd.read_csv(sweep_dir / "leaderboard_seeds.csv").assign(encoder=name))
         board, seeds = pd.concat(boards), pd.concat(per_seed)
         wall = time.perf_counter() - start
-        lines = report(board, seeds, pretrain_results, args, wall, len(volumes.classes))
+        lines = report(board, seeds, pretrain_results, args, wall, len(volumes.classes), n_test)
         print("\n".join(lines))
         if not args.no_append:
             with RESULTS.open("a") as fh:
@@ -180,8 +211,35 @@ def fmt(value: float, digits: int = 3) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall: float, n_classes: int) -> list[str]:
+def paired_vs_random(seeds: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Per (encoder, entry): each seed's test hits against its random baseline's on the same volumes, as
+    "won–lost, p" of the exact McNemar test (``eval_test/test_preds.parquet`` of the sweep's runs)."""
+
+    def hits(run_dir: str) -> pd.Series:
+        preds = pd.read_parquet(Path(run_dir) / "eval_test" / "test_preds.parquet")
+        return (preds["y_true"] == preds["y_pred"]).set_axis(preds["id"].astype(str))
+
+    done = seeds[seeds["status"] == "ok"].assign(base=seeds["entry"].astype(str).str.split("/").str[0])
+    out = {}
+    for (encoder, entry), runs in done[done["base"] != "random_init"].groupby(["encoder", "base"]):
+        cells = []
+        for _, run in runs.sort_values("seed").iterrows():
+            random = done[(done["encoder"] == encoder) & (done["base"] == "random_init") & (done["seed"] == run["seed"])]
+            if random.empty:
+                continue
+            mine, theirs = hits(run["run_dir"]), hits(random.iloc[0]["run_dir"])
+            test = paired_hits_test(mine.to_numpy(), theirs.reindex(mine.index).to_numpy())
+            p = "p < 0.001" if test.p < 0.001 else f"p = {test.p:.3f}"
+            cells.append(f"{test.only_method}–{test.only_other}, {p}")
+        out[(encoder, entry)] = "; ".join(cells) or "—"
+    return out
+
+
+def report(
+    board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall: float, n_classes: int, n_test: int | None
+) -> list[str]:
     info = machine()
+    extra = f"; the volumes' test split holds {n_test} (`--extra-test {args.extra_test}`)" if n_test else ""
     lines = [
         f"## bench_ssl_seeds.py — {datetime.now():%Y-%m-%d %H:%M}",
         "",
@@ -192,13 +250,16 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         "(`model.head.standardize`), epoch picked on "
         "val, ranked on test (`sweep.rank_on`), `sweep.seeds` pairs "
         "pretraining seed s with probe seed s and the random baseline's seed s; all through the CLI"
-        + (f"; every pretraining run with {', '.join(f'`{o}`' for o in args.set)}" if args.set else ""),
+        + (f"; every pretraining run with {', '.join(f'`{o}`' for o in args.set)}" if args.set else "")
+        + extra,
         f"- machine: {info['cpu']}, {info['cores']} cores (shared), gpu {info['gpu']}; {info['python / torch']}; "
         f"load average {info['load average (1 min) at the end']}; wall time {wall / 60:.1f} min",
         "",
-        "| encoder | entry | test bal. acc. mean ± std | per seed | Δ vs random (mean ± std) | p vs random (paired t) | val bal. acc. mean |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+        "| encoder | entry | test bal. acc. mean ± std | per seed | Δ vs random (mean ± std) | p vs random (paired t) | val bal. acc. mean "
+        "| per seed vs random on the same test volumes (hits won–lost, exact McNemar) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
+    paired = paired_vs_random(seeds)
     seeds = seeds.assign(base=seeds["entry"].astype(str).str.split("/").str[0])
     for _, row in board.iterrows():
         values = seeds[
@@ -213,7 +274,7 @@ def report(board: pd.DataFrame, seeds: pd.DataFrame, pretrain: dict, args, wall:
         lines.append(
             f"| {row['encoder']} | {row['entry']} | {fmt(row['test_balanced_accuracy'])} ± "
             f"{fmt(row['test_balanced_accuracy_std'])} | {per} | {delta} | {fmt(row.get('p_vs_random'))} | "
-            f"{fmt(row['val_balanced_accuracy'])} |"
+            f"{fmt(row['val_balanced_accuracy'])} | {paired.get((row['encoder'], row['entry']), '—')} |"
         )
     lines += ["", "Pretraining, last epoch (mean over seeds):", ""]
     for method, runs in pretrain.items():
