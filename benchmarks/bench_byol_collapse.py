@@ -203,15 +203,16 @@ def main() -> None:
     before = judge(embeddings(random_init, cache, extra_cache), args.seed)
     after = judge(embeddings(trained, cache, extra_cache), args.seed)
     versus_random = paired_hits_test(after["test_hits"], before["test_hits"])
-    if extra_cache is not None:
-        extra_vs_random = paired_hits_test(after["extra_hits"], before["extra_hits"]).to_dict()
+    extra_vs_random = (
+        {"extra_test_vs_random": paired_hits_test(after["extra_hits"], before["extra_hits"]).to_dict()} if extra else {}
+    )
     row = {
         "label": args.label, "export": args.export, "seed": args.seed, "epochs_done": len(history), "family": args.family, "set": args.set, "wall_s": round(wall),
         "loss_first": history[0]["train_loss"], "loss_last": history[-1]["train_loss"],
         "byol_first": history[0].get("train_loss_byol"), "byol_last": history[-1].get("train_loss_byol"),
         "spread_ratio": after["spread"] / before["spread"], "random": before, "trained": after,
         "test_vs_random": versus_random.to_dict(),
-        **({"extra_test_vs_random": extra_vs_random} if extra_cache is not None else {}),
+        **extra_vs_random,
         "monitor": {k: v for k, v in history[-1].items() if k.startswith("val_")},
         "per_epoch": [
             {k: round(v, 4) for k, v in record.items() if k.startswith(("val_", "train_loss")) and isinstance(v, float)}

@@ -213,13 +213,14 @@ def fmt(value: float, digits: int = 3) -> str:
 
 def paired_vs_random(seeds: pd.DataFrame) -> dict[tuple[str, str], str]:
     """Per (encoder, entry): each seed's test hits against its random baseline's on the same volumes, as
-    "won–lost, p" of the exact McNemar test (``eval_test/test_preds.parquet`` of the sweep's runs)."""
+    "won–lost, p" of the exact McNemar test (``eval_test/test_preds.parquet`` of the sweep's runs). ``seeds``:
+    the per-seed rows with their entry's ``base`` name."""
 
     def hits(run_dir: str) -> pd.Series:
         preds = pd.read_parquet(Path(run_dir) / "eval_test" / "test_preds.parquet")
         return (preds["y_true"] == preds["y_pred"]).set_axis(preds["id"].astype(str))
 
-    done = seeds[seeds["status"] == "ok"].assign(base=seeds["entry"].astype(str).str.split("/").str[0])
+    done = seeds[seeds["status"] == "ok"]
     out = {}
     for (encoder, entry), runs in done[done["base"] != "random_init"].groupby(["encoder", "base"]):
         cells = []
@@ -259,8 +260,8 @@ def report(
         "| per seed vs random on the same test volumes (hits won–lost, exact McNemar) |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
-    paired = paired_vs_random(seeds)
     seeds = seeds.assign(base=seeds["entry"].astype(str).str.split("/").str[0])
+    paired = paired_vs_random(seeds)
     for _, row in board.iterrows():
         values = seeds[
             (seeds["encoder"] == row["encoder"]) & (seeds["base"] == row["entry"]) & (seeds["status"] == "ok")
